@@ -1,0 +1,33 @@
+-- Provenance for `tidemark rollback`: for every domain row a run inserted, changed or
+-- deleted, the row as it was before the run first touched it (NULL = the run inserted it)
+-- and a hash of the row as the run left it (NULL = the run deleted it). Written in the
+-- same transaction as the rows. Rows a run left unchanged are not recorded. Domain tables
+-- carry no provenance columns: the new application owns them.
+CREATE TABLE IF NOT EXISTS tidemark_provenance (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id        TEXT NOT NULL,
+    table_name    TEXT NOT NULL,
+    pk            TEXT NOT NULL,
+    before_image  TEXT,
+    after_hash    TEXT,
+    written_at_ms INTEGER NOT NULL,
+    UNIQUE (run_id, table_name, pk)
+);
+
+CREATE INDEX IF NOT EXISTS tidemark_provenance_row ON tidemark_provenance (table_name, pk);
+
+-- The checkpoint of every lane a run moved, as it was before the run first moved it
+-- (existed = false: the lane had no checkpoint), so a rollback can rewind the lane.
+CREATE TABLE IF NOT EXISTS tidemark_run_lanes (
+    run_id       TEXT NOT NULL,
+    lane         TEXT NOT NULL,
+    entity       TEXT NOT NULL,
+    existed      INTEGER NOT NULL,
+    watermark_ms INTEGER,
+    open_from_ms INTEGER,
+    open_to_ms   INTEGER,
+    last_ts      TEXT,
+    last_id      TEXT,
+    prev_run_id  TEXT,
+    PRIMARY KEY (run_id, lane)
+);

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite against real services: MongoDB (SecantusDB started locally unless
+# MONGO_URI is set), PostgreSQL (TIDEMARK_TEST_PG_URL or DATABASE_URL, default
+# postgres://postgres@127.0.0.1:5432/postgres) and SQLite (temporary files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }
+
+export TIDEMARK_TEST_PG_URL="${TIDEMARK_TEST_PG_URL:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}}"
+if command -v pg_isready >/dev/null && ! pg_isready -q -d "$TIDEMARK_TEST_PG_URL"; then
+  echo "PostgreSQL is not reachable at TIDEMARK_TEST_PG_URL=$TIDEMARK_TEST_PG_URL." >&2
+  echo "Start it (e.g. pg_ctlcluster 15 main start) or point TIDEMARK_TEST_PG_URL at a server." >&2
+  exit 1
+fi
+export MONGO_URI="$(scripts/ensure-mongo.sh)"
+echo "== MongoDB: $MONGO_URI  PostgreSQL: ${TIDEMARK_TEST_PG_URL%%@*}@..." >&2
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo test" >&2
+cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"

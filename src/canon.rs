@@ -1,0 +1,195 @@
+//! Canonical form of target rows, shared by provenance (before-images, after-hashes),
+//! rollback and verify. A row mapped from a document and the same row read back from
+//! PostgreSQL or SQLite must give the same canonical JSON and hash, whatever small
+//! differences the round trip introduces (int vs bigint, jsonb key order, timestamp text).
+
+use crate::mapping::{ColumnType, TableRef, Value};
+use anyhow::{anyhow, Result};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Map, Value as J};
+use sha2::{Digest, Sha256};
+
+/// JSON with object keys sorted at every level (jsonb reorders keys).
+fn sorted(j: &J) -> J {
+    match j {
+        J::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            let mut m = Map::new();
+            for k in keys {
+                m.insert(k.clone(), sorted(&o[k]));
+            }
+            J::Object(m)
+        }
+        J::Array(a) => J::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// The canonical JSON of one value stored in a column of type `ty`.
+pub fn value(v: &Value, ty: ColumnType) -> J {
+    match (v, ty) {
+        (Value::Null, _) => J::Null,
+        (Value::Int(x), ColumnType::Double) => json!(*x as f64),
+        (Value::BigInt(x), ColumnType::Double) => json!(*x as f64),
+        (Value::Int(x), _) => json!(*x as i64),
+        (Value::BigInt(x), _) => json!(*x),
+        (Value::Double(x), _) => json!(*x),
+        (Value::Bool(b), _) => json!(*b),
+        (Value::Timestamp(t), _) => J::String(ts(t)),
+        (Value::Json(j), _) => sorted(j),
+        (Value::Text(s), ColumnType::Json) => serde_json::from_str::<J>(s)
+            .map(|j| sorted(&j))
+            .unwrap_or_else(|_| J::String(s.clone())),
+        (Value::Text(s), ColumnType::Timestamptz) => DateTime::parse_from_rfc3339(s)
+            .map(|d| J::String(ts(&d.with_timezone(&Utc))))
+            .unwrap_or_else(|_| J::String(s.clone())),
+        (Value::Text(s), _) => J::String(s.clone()),
+    }
+}
+
+/// A row as a JSON object `{column: value}` (the stored before-image). Unlike the hash,
+/// JSON values keep their stored key order, so a restore gives back the exact same text.
+pub fn row_json(t: TableRef<'_>, row: &[Value]) -> J {
+    let mut m = Map::new();
+    for (c, v) in t.columns.iter().zip(row) {
+        let j = match v {
+            Value::Json(j) => j.clone(),
+            other => value(other, c.ty),
+        };
+        m.insert(c.name.clone(), j);
+    }
+    J::Object(m)
+}
+
+/// A short, order-independent-friendly hash of a row's canonical content.
+pub fn row_hash(t: TableRef<'_>, row: &[Value]) -> String {
+    let vals: Vec<J> = t
+        .columns
+        .iter()
+        .zip(row)
+        .map(|(c, v)| value(v, c.ty))
+        .collect();
+    hash_text(&J::Array(vals).to_string())
+}
+
+/// Hex of the first 16 bytes of SHA-256.
+pub fn hash_text(s: &str) -> String {
+    hex::encode(&Sha256::digest(s.as_bytes())[..16])
+}
+
+/// The primary key of `row` as canonical JSON text (stable across runs and backends).
+pub fn key_of_row(t: TableRef<'_>, row: &[Value]) -> String {
+    let vals: Vec<J> =
+        t.pk.iter()
+            .map(|&i| value(&row[i], t.columns[i].ty))
+            .collect();
+    J::Array(vals).to_string()
+}
+
+/// A key given as values in primary-key order, as canonical JSON text.
+pub fn key_text(t: TableRef<'_>, key: &[Value]) -> String {
+    let vals: Vec<J> =
+        t.pk.iter()
+            .zip(key)
+            .map(|(&i, v)| value(v, t.columns[i].ty))
+            .collect();
+    J::Array(vals).to_string()
+}
+
+/// Back from canonical JSON to a value bindable into a column of type `ty`.
+pub fn from_json(j: &J, ty: ColumnType) -> Result<Value> {
+    let bad = || anyhow!("stored value {j} does not fit a {ty:?} column");
+    Ok(match (j, ty) {
+        (J::Null, _) => Value::Null,
+        (J::Number(n), ColumnType::Integer) => Value::Int(
+            n.as_i64()
+                .and_then(|x| i32::try_from(x).ok())
+                .ok_or_else(bad)?,
+        ),
+        (J::Number(n), ColumnType::Bigint) => Value::BigInt(n.as_i64().ok_or_else(bad)?),
+        (J::Number(n), ColumnType::Double) => Value::Double(n.as_f64().ok_or_else(bad)?),
+        (J::Bool(b), ColumnType::Boolean) => Value::Bool(*b),
+        (J::String(s), ColumnType::Timestamptz) => DateTime::parse_from_rfc3339(s)
+            .map(|d| Value::Timestamp(d.with_timezone(&Utc)))
+            .unwrap_or_else(|_| Value::Text(s.clone())),
+        (other, ColumnType::Json) => Value::Json(other.clone()),
+        (J::String(s), _) => Value::Text(s.clone()),
+        _ => return Err(bad()),
+    })
+}
+
+/// A stored before-image back to a row in the table's current column order
+/// (columns added to the mapping since are NULL).
+pub fn row_from_json(t: TableRef<'_>, j: &J) -> Result<Vec<Value>> {
+    let o = j
+        .as_object()
+        .ok_or_else(|| anyhow!("before-image of {} is not a JSON object", t.name))?;
+    t.columns
+        .iter()
+        .map(|c| from_json(o.get(&c.name).unwrap_or(&J::Null), c.ty))
+        .collect()
+}
+
+/// A key stored by [`key_of_row`] back to values in primary-key order.
+pub fn key_from_json(t: TableRef<'_>, s: &str) -> Result<Vec<Value>> {
+    let j: J = serde_json::from_str(s)?;
+    let a = j
+        .as_array()
+        .filter(|a| a.len() == t.pk.len())
+        .ok_or_else(|| {
+            anyhow!(
+                "stored key {s} does not match the primary key of {}",
+                t.name
+            )
+        })?;
+    t.pk.iter()
+        .zip(a)
+        .map(|(&i, v)| from_json(v, t.columns[i].ty))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int_and_bigint_and_key_order_agree() {
+        assert_eq!(
+            value(&Value::Int(3), ColumnType::Bigint),
+            value(&Value::BigInt(3), ColumnType::Bigint)
+        );
+        let a = Value::Json(serde_json::from_str(r#"{"b":1,"a":{"d":2,"c":3}}"#).unwrap());
+        let b = Value::Text(r#"{"a":{"c":3,"d":2},"b":1}"#.into());
+        assert_eq!(
+            value(&a, ColumnType::Json).to_string(),
+            value(&b, ColumnType::Json).to_string()
+        );
+        let t: DateTime<Utc> = "2020-01-02T03:04:05.120Z".parse().unwrap();
+        assert_eq!(
+            value(&Value::Timestamp(t), ColumnType::Timestamptz),
+            value(
+                &Value::Text("2020-01-02T03:04:05.120Z".into()),
+                ColumnType::Timestamptz
+            )
+        );
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        for (v, ty) in [
+            (Value::Int(-7), ColumnType::Integer),
+            (Value::BigInt(1 << 40), ColumnType::Bigint),
+            (Value::Double(0.1), ColumnType::Double),
+            (Value::Bool(true), ColumnType::Boolean),
+            (Value::Text("x".into()), ColumnType::Text),
+            (Value::Null, ColumnType::Text),
+        ] {
+            assert_eq!(from_json(&value(&v, ty), ty).unwrap(), v);
+        }
+    }
+}

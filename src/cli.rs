@@ -1,0 +1,293 @@
+//! Command-line interface. Each doc comment is the command's `--help`.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// tidemark: incremental, time-window sync from a legacy MongoDB store into PostgreSQL or SQLite.
+///
+/// Exit codes: 0 ok, 1 failure, 2 usage error, 3 partial (dead letters over budget),
+/// 4 another process holds the lane, 5 invalid settings or mapping, 6 source or target unreachable.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version, about, long_about)]
+pub struct Cli {
+    /// Settings file layered over the built-in defaults (TIDEMARK__SECTION__KEY variables still win).
+    #[arg(long, global = true, env = "TIDEMARK_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Catch every entity up from its watermark to the source clock minus the settle delay.
+    ///
+    /// Resumes an interrupted window from its last committed batch. Prints a summary per entity.
+    Run(RunArgs),
+    /// Create the tool's tables and the mapped tables; apply additive changes.
+    ///
+    /// Destructive differences are printed with the SQL to run by hand, never applied.
+    Migrate {
+        /// Only print the DDL that would run; change nothing.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Validate settings and mapping and print what was resolved (secrets redacted).
+    CheckConfig,
+    /// Show per entity the watermark, lag, backlog and dead letters.
+    ///
+    /// Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Lag above which the status is WARNING (e.g. 26h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        warn: Option<std::time::Duration>,
+        /// Lag above which the status is CRITICAL (e.g. 48h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        crit: Option<std::time::Duration>,
+    },
+    /// Backfill a time range by hand, in chunks, without moving the nightly watermark.
+    ///
+    /// Each (entity, chunk) has its own checkpoint and is claimed from a ledger in the target,
+    /// so an interrupted backfill resumes where it stopped and several processes, on one host
+    /// or many, can share one backfill. Running the same command again resumes (or joins) the
+    /// same backfill; relative times (-7d) change with the clock, so resume those with --resume.
+    Backfill(BackfillArgs),
+    /// Run the catch-up on the cron schedule of [daemon] in the settings, until SIGTERM.
+    ///
+    /// Runs never overlap; failed runs are retried with capped, jittered backoff. SIGTERM or
+    /// SIGINT: the current batch commits and the daemon exits. SIGHUP: settings are re-read
+    /// for the next run. Serves /metrics and /health on daemon.metrics_listen when set.
+    Daemon,
+    /// Demo data: generate the VizHub-V2-shaped legacy data set into the source.
+    #[command(subcommand)]
+    Demo(DemoCommand),
+    /// List recent runs from the runs ledger; `runs show ID` prints one run's report.
+    ///
+    /// Every run, backfill, sweep, rollback and dead-letter retry has a row in tidemark_runs
+    /// and a JSON report under reports_dir (dry runs: only the file).
+    Runs(RunsArgs),
+    /// Compare source and target for a time range: counts and an order-independent hash per
+    /// time bucket of the mapped content, down to the ids missing, extra or different.
+    ///
+    /// Source documents in [--from, --to) are mapped with the current mapping and compared
+    /// with the target rows of the same keys (child rows included); target rows whose time
+    /// column lies in the range without a source document are extra. Exit codes: 0 no
+    /// difference, 7 differences found, others as for `run`.
+    Verify(VerifyArgs),
+    /// Undo one run: delete the rows it inserted, restore the rows it changed or deleted,
+    /// rewind the checkpoints it moved (so the next run repeats its windows).
+    ///
+    /// Uses the provenance kept in tidemark_provenance (sync.provenance); rows the tool did not
+    /// write are never touched. If a row was changed by someone else since the run, nothing
+    /// is changed and the conflicts are listed (exit 3) unless --force. Later runs that
+    /// touched the same rows or lanes must be rolled back first.
+    Rollback(RollbackArgs),
+    /// Inspect, retry or discard dead letters (documents that could not be mapped).
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+    /// Find target rows whose source document was hard-deleted, and apply the entity's
+    /// deleted rule to them (delete, or soft-delete); without a rule only report them.
+    ///
+    /// Compares id sets in bounded chunks: target keys paged by a keyset on the key column,
+    /// each chunk looked up in the source with one `$in` query.
+    Sweep(SweepArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Only these entities (repeatable); default: all.
+    #[arg(long = "entity", value_name = "NAME")]
+    pub entities: Vec<String>,
+    /// Stop windows at this time instead of now minus settle (RFC 3339, date, or -7d).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub until: Option<String>,
+    /// If another process holds an entity's lane, wait for it instead of exiting with code 4.
+    #[arg(long)]
+    pub wait: bool,
+    /// Read, map and resolve dependencies, then roll every batch back: nothing is written,
+    /// not even checkpoints or the runs ledger. Prints (and reports) what would be inserted,
+    /// updated, unchanged, dead-lettered and pulled. The target must already be migrated.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Migrate only the record whose id_field is ID (repeatable), with what it depends on,
+    /// regardless of windows and without moving the checkpoint. Needs exactly one --entity.
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<String>,
+    /// After the run, write Prometheus metrics to this node_exporter textfile (atomically).
+    #[arg(long, value_name = "PATH", env = "TIDEMARK_TEXTFILE")]
+    pub textfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// Start of the range, inclusive (RFC 3339, date, or relative like -30d).
+    #[arg(
+        long,
+        value_name = "TIME",
+        required_unless_present = "resume",
+        allow_hyphen_values = true
+    )]
+    pub from: Option<String>,
+    /// End of the range, exclusive (RFC 3339, date, or relative like -1d).
+    #[arg(
+        long,
+        value_name = "TIME",
+        required_unless_present = "resume",
+        allow_hyphen_values = true
+    )]
+    pub to: Option<String>,
+    /// Only these entities (repeatable); default: sync.entities, else every windowed entity.
+    #[arg(long = "entity", value_name = "NAME")]
+    pub entities: Vec<String>,
+    /// Length of one chunk (one checkpoint lane, one unit of work), e.g. 6h, 1d, 7d.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
+    pub chunk: std::time::Duration,
+    /// Chunks run at the same time by this process.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub parallel: usize,
+    /// Resume or join the backfill with this id (printed at start and by `tidemark status`).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["from", "to", "entities"])]
+    pub resume: Option<String>,
+    /// Read, map and resolve every chunk but write nothing (no ledger, no checkpoints);
+    /// chunks run one after another in this process. Prints what would be written.
+    #[arg(long, conflicts_with = "resume")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub command: Option<RunsCommand>,
+    /// Only runs of this kind: run, record, backfill, sweep, rollback, retry.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// How many runs to list, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Print one run's full report (JSON).
+    Show {
+        /// The run id (first column of `tidemark runs`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Start of the range, inclusive (RFC 3339, date, or relative like -1d).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub from: String,
+    /// End of the range, exclusive.
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub to: String,
+    /// Only these entities (repeatable); default: every windowed entity.
+    #[arg(long = "entity", value_name = "NAME")]
+    pub entities: Vec<String>,
+    /// Width of a hash bucket.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub bucket: std::time::Duration,
+    /// Ids listed per kind of difference (all are counted).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The run to undo (see `tidemark runs`).
+    #[arg(long = "run", value_name = "ID")]
+    pub run: String,
+    /// Do everything in a transaction that is rolled back: report what would happen.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also overwrite rows that were changed by someone else since the run.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only dead letters of this entity.
+    #[arg(long)]
+    pub entity: Option<String>,
+    /// Only dead letters written by this run.
+    #[arg(long = "run", value_name = "ID")]
+    pub run: Option<String>,
+    /// Only these source ids (relaxed extended JSON of _id, as listed; repeatable).
+    #[arg(long = "id", value_name = "SOURCE_ID")]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters: entity, source id, run, error.
+    List {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print dead letters in full, with the raw document.
+    Show {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+    },
+    /// Map the documents again with the current mapping (after a fix) and write what now
+    /// succeeds; the source document is fetched again by _id (the stored copy is used if the
+    /// source lost it). What still fails stays, with the new error.
+    Retry {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// Map and write in transactions that are rolled back: report only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters (they are gone for good; the documents stay in the source).
+    Discard {
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// Required when no filter is given: discard every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Only these entities (repeatable); default: every windowed entity with a key column.
+    #[arg(long = "entity", value_name = "NAME")]
+    pub entities: Vec<String>,
+    /// Find and report, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Target keys compared per source query.
+    #[arg(long, default_value_t = 1000)]
+    pub chunk: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DemoCommand {
+    /// Drop and re-create the demo collections in source.database (deterministic for a seed).
+    Seed {
+        /// Number of vizzes (documentInfo documents); other collections scale with it.
+        #[arg(long, default_value_t = 10_000)]
+        vizzes: usize,
+        /// Random seed; the same seed and size give the same documents.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}

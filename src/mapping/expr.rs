@@ -1,0 +1,266 @@
+//! Computed columns and rules, written in CEL (Common Expression Language).
+//!
+//! Why CEL (`cel-interpreter`): it is built for exactly this — small, safe, per-record
+//! policy rules. It is not Turing-complete (every expression terminates, no loops, no
+//! I/O), it is typed, and its syntax (`size(doc.upvotes) >= 2 ? "pool" : "gold"`) reads
+//! like the rules operators already write. Rhai is Turing-complete (a runaway rule could
+//! hang a run); jaq is excellent for reshaping JSON but clumsy for boolean classification.
+//!
+//! Variables: `doc` (the source document), and inside exploded arrays `element` (the array
+//! element), `parent` (the parent document) and `index` (the element's position).
+
+use super::value::{self, ColumnType, Value};
+use bson::raw::RawBsonRef;
+use bson::RawDocument;
+use cel_interpreter::objects::{Key, Map};
+use cel_interpreter::{Context, Program, Value as Cel};
+use chrono::{DateTime, Utc};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+thread_local! {
+    /// The built-in function registry, built once per thread; each evaluation gets a child scope.
+    static ROOT: Context<'static> = Context::default();
+}
+
+/// A compiled expression.
+pub struct Expr {
+    pub source: String,
+    program: Program,
+    /// Top-level fields of each variable the expression reads (None = the whole value).
+    fields: HashMap<&'static str, Option<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expr({:?})", self.source)
+    }
+}
+
+impl Clone for Expr {
+    fn clone(&self) -> Self {
+        Expr::compile(&self.source).expect("an expression that compiled once compiles again")
+    }
+}
+
+const VARS: [&str; 4] = ["doc", "element", "parent", "index"];
+
+impl Expr {
+    /// Compile once at start-up; the error text is CEL's parse error.
+    pub fn compile(source: &str) -> Result<Expr, String> {
+        let program = Program::compile(source)
+            .map_err(|e| format!("expression `{source}` does not compile: {e}"))?;
+        let refs = program.references();
+        let mut fields = HashMap::new();
+        for v in VARS {
+            if refs.has_variable(v) {
+                fields.insert(v, referenced_fields(source, v));
+            }
+        }
+        for v in refs.variables() {
+            if !VARS.contains(&v) {
+                return Err(format!(
+                    "expression `{source}` uses unknown variable `{v}`; available: doc, element, parent, index"
+                ));
+            }
+        }
+        Ok(Expr {
+            source: source.to_owned(),
+            program,
+            fields,
+        })
+    }
+
+    pub fn uses(&self, var: &str) -> bool {
+        self.fields.contains_key(var)
+    }
+
+    /// Evaluate against a document scope.
+    pub fn eval(&self, scope: &Scope<'_>) -> Result<Cel, String> {
+        ROOT.with(|root| {
+            let mut ctx = root.new_inner_scope();
+            for (var, fields) in &self.fields {
+                let v = match *var {
+                    "doc" => scope.doc.map(|d| doc_to_cel(d, fields.as_ref())),
+                    "parent" => scope.parent.map(|d| doc_to_cel(d, fields.as_ref())),
+                    "element" => scope.element.map(to_cel),
+                    "index" => scope.index.map(|i| Cel::Int(i as i64)),
+                    _ => None,
+                };
+                ctx.add_variable_from_value(*var, v.unwrap_or(Cel::Null));
+            }
+            self.program
+                .execute(&ctx)
+                .map_err(|e| format!("expression `{}` failed: {e}", self.source))
+        })
+    }
+}
+
+/// What an expression can see.
+#[derive(Default, Clone, Copy)]
+pub struct Scope<'a> {
+    pub doc: Option<&'a RawDocument>,
+    pub element: Option<RawBsonRef<'a>>,
+    pub parent: Option<&'a RawDocument>,
+    pub index: Option<usize>,
+}
+
+/// `doc.title`, `has(doc.title)` → {"title"}; any other use of `doc` → None (convert everything).
+fn referenced_fields(src: &str, var: &str) -> Option<HashSet<String>> {
+    let bytes = src.as_bytes();
+    let mut out = HashSet::new();
+    let mut i = 0;
+    while let Some(pos) = src[i..].find(var) {
+        let at = i + pos;
+        let end = at + var.len();
+        i = end;
+        let before_ok = at == 0
+            || !(bytes[at - 1].is_ascii_alphanumeric()
+                || bytes[at - 1] == b'_'
+                || bytes[at - 1] == b'.');
+        let after_ident =
+            end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_');
+        if !before_ok || after_ident {
+            continue;
+        }
+        if end < bytes.len() && bytes[end] == b'.' {
+            let field: String = src[end + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if field.is_empty() {
+                return None;
+            }
+            out.insert(field);
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+fn doc_to_cel(d: &RawDocument, only: Option<&HashSet<String>>) -> Cel {
+    let mut map: HashMap<Key, Cel> = HashMap::new();
+    for (k, v) in d.into_iter().flatten() {
+        if only.is_none_or(|f| f.contains(k)) {
+            map.insert(Key::String(Arc::new(k.to_owned())), to_cel(v));
+        }
+    }
+    Cel::Map(Map { map: Arc::new(map) })
+}
+
+/// BSON to CEL: documents → maps, arrays → lists, dates → timestamps, ObjectIds → hex strings.
+pub fn to_cel(v: RawBsonRef<'_>) -> Cel {
+    match v {
+        RawBsonRef::Document(d) => doc_to_cel(d, None),
+        RawBsonRef::Array(a) => Cel::List(Arc::new(a.into_iter().flatten().map(to_cel).collect())),
+        RawBsonRef::String(s) => Cel::String(Arc::new(s.to_owned())),
+        RawBsonRef::Int32(i) => Cel::Int(i as i64),
+        RawBsonRef::Int64(i) => Cel::Int(i),
+        RawBsonRef::Double(d) => Cel::Float(d),
+        RawBsonRef::Boolean(b) => Cel::Bool(b),
+        RawBsonRef::Null | RawBsonRef::Undefined => Cel::Null,
+        RawBsonRef::ObjectId(o) => Cel::String(Arc::new(o.to_hex())),
+        RawBsonRef::DateTime(d) => {
+            match DateTime::<Utc>::from_timestamp_millis(d.timestamp_millis()) {
+                Some(t) => Cel::Timestamp(t.fixed_offset()),
+                None => Cel::Null,
+            }
+        }
+        RawBsonRef::Decimal128(d) => Cel::String(Arc::new(d.to_string())),
+        RawBsonRef::Binary(b) => Cel::Bytes(Arc::new(b.bytes.to_vec())),
+        other => match value::raw_to_json(other) {
+            Ok(j) => Cel::String(Arc::new(j.to_string())),
+            Err(_) => Cel::Null,
+        },
+    }
+}
+
+/// A CEL result as a column value of type `ty`.
+pub fn from_cel(v: Cel, ty: ColumnType) -> Result<Value, String> {
+    use ColumnType as T;
+    Ok(match (v, ty) {
+        (Cel::Null, _) => Value::Null,
+        (Cel::String(s), T::Text) => Value::Text(value::sanitize(&s)),
+        (Cel::Int(i), T::Text) => Value::Text(i.to_string()),
+        (Cel::UInt(i), T::Text) => Value::Text(i.to_string()),
+        (Cel::Float(f), T::Text) => Value::Text(f.to_string()),
+        (Cel::Bool(b), T::Text) => Value::Text(b.to_string()),
+        (Cel::Int(i), T::Integer) => {
+            Value::Int(i32::try_from(i).map_err(|_| format!("{i} is out of range for integer"))?)
+        }
+        (Cel::UInt(i), T::Integer) => {
+            Value::Int(i32::try_from(i).map_err(|_| format!("{i} is out of range for integer"))?)
+        }
+        (Cel::Int(i), T::Bigint) => Value::BigInt(i),
+        (Cel::UInt(i), T::Bigint) => {
+            Value::BigInt(i64::try_from(i).map_err(|_| format!("{i} is out of range for bigint"))?)
+        }
+        (Cel::Int(i), T::Double) => Value::Double(i as f64),
+        (Cel::Float(f), T::Double) if f.is_finite() => Value::Double(f),
+        (Cel::Bool(b), T::Boolean) => Value::Bool(b),
+        (Cel::Timestamp(t), T::Timestamptz) => Value::Timestamp(t.with_timezone(&Utc)),
+        (Cel::String(s), T::Timestamptz) => Value::Timestamp(
+            DateTime::parse_from_rfc3339(&s)
+                .map_err(|e| format!("`{s}` is not a timestamp: {e}"))?
+                .with_timezone(&Utc),
+        ),
+        (v, T::Json) => Value::Json(
+            v.json()
+                .map_err(|e| format!("result cannot be JSON: {e:?}"))?,
+        ),
+        (v, t) => return value::from_text_like(v, t),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{doc, RawDocumentBuf};
+
+    fn eval(src: &str, d: bson::Document) -> Cel {
+        let raw = RawDocumentBuf::from_document(&d).unwrap();
+        Expr::compile(src)
+            .unwrap()
+            .eval(&Scope {
+                doc: Some(&raw),
+                ..Default::default()
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn classification_rule() {
+        let rule = r#"size(doc.annotators) == 1 ? "gold" : "pool""#;
+        assert_eq!(
+            eval(rule, doc! { "annotators": ["a"] }),
+            Cel::String(Arc::new("gold".into()))
+        );
+        assert_eq!(
+            eval(rule, doc! { "annotators": ["a", "b"] }),
+            Cel::String(Arc::new("pool".into()))
+        );
+    }
+
+    #[test]
+    fn fallback_and_field_pruning() {
+        let e = r#"has(doc.fullName) && doc.fullName != "" ? doc.fullName : doc.userName"#;
+        assert_eq!(
+            eval(e, doc! { "userName": "ann", "big": "x" }),
+            Cel::String(Arc::new("ann".into()))
+        );
+        assert_eq!(
+            referenced_fields(e, "doc"),
+            Some(["fullName".to_string(), "userName".to_string()].into())
+        );
+        assert_eq!(referenced_fields("size(doc)", "doc"), None);
+    }
+
+    #[test]
+    fn bad_expressions_fail_to_compile() {
+        assert!(Expr::compile("size(doc.upvotes").is_err());
+        assert!(Expr::compile("row.x + 1")
+            .unwrap_err()
+            .contains("unknown variable `row`"));
+    }
+}

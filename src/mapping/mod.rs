@@ -1,0 +1,434 @@
+//! The mapping: compiled once from the mapping file, then turns one source document
+//! into a row (plus child rows for exploded arrays). Knows neither MongoDB connections
+//! nor SQL. Compile errors name the file, entity, column and the fix.
+
+mod compile;
+pub mod expr;
+pub mod spec;
+pub mod value;
+
+use bson::{raw::RawBsonRef, Document, RawDocument};
+use chrono::{DateTime, Utc};
+use expr::{Expr, Scope};
+use spec::{DeleteAction, DependentSpec, MissingPolicy, TimeEncoding, Transform};
+use std::collections::HashSet;
+pub use value::{ColumnType, SourceFormat, Value};
+
+/// A compiled mapping file.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// `version` from the file plus a content hash, e.g. `v3-demo+1a2b3c4d`.
+    pub version: String,
+    pub entities: Vec<Entity>,
+}
+
+/// One compiled entity (a source collection and its target table).
+#[derive(Debug, Clone)]
+pub struct Entity {
+    pub name: String,
+    pub collection: String,
+    pub id_field: String,
+    pub time_field: String,
+    pub time_encoding: TimeEncoding,
+    pub filter: Document,
+    pub table: String,
+    pub columns: Vec<Column>,
+    /// Indexes into `columns`.
+    pub pk: Vec<usize>,
+    /// The column holding the value of `id_field` (how references find rows), if any.
+    pub key_column: Option<usize>,
+    pub deleted: Option<Deleted>,
+    pub skip_when: Option<Expr>,
+    pub children: Vec<Child>,
+    pub dependents: Vec<DependentSpec>,
+    /// Has its own time-window lane (false: only pulled on demand).
+    pub windowed: bool,
+}
+
+/// A compiled deleted-document rule.
+#[derive(Debug, Clone)]
+pub struct Deleted {
+    pub when: Expr,
+    pub action: DeleteAction,
+    /// Column set by a soft delete.
+    pub column: Option<usize>,
+}
+
+/// An embedded array exploded into a child table.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub name: String,
+    pub path: Vec<String>,
+    pub table: String,
+    pub columns: Vec<Column>,
+    pub pk: Vec<usize>,
+    /// `(child column, parent column)` pairs linking a child row to its parent.
+    pub parent_links: Vec<(usize, usize)>,
+}
+
+/// A borrowed view of a target table, shared by entities and children.
+#[derive(Debug, Clone, Copy)]
+pub struct TableRef<'a> {
+    pub name: &'a str,
+    pub columns: &'a [Column],
+    pub pk: &'a [usize],
+}
+
+/// One compiled column.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+    pub required: bool,
+    /// The entity this column references (by its source key), if any.
+    pub references: Option<String>,
+    pub on_missing: MissingPolicy,
+    source: ColumnSource,
+    format: Option<SourceFormat>,
+    transforms: Vec<Transform>,
+    default: Option<Value>,
+    enum_map: Option<Vec<(String, Value)>>,
+}
+
+#[derive(Debug, Clone)]
+enum ColumnSource {
+    Path(Vec<String>),
+    Whole,
+    Remainder(HashSet<String>),
+    Constant(Value),
+    Expr(Expr),
+    Parent(usize),
+    Ordinal,
+}
+
+/// Why a document could not be mapped.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("column `{column}`: {message}")]
+pub struct MapError {
+    pub column: String,
+    pub message: String,
+}
+
+/// What one document becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A row, and per child table (in `Entity::children` order) its rows.
+    Row {
+        row: Vec<Value>,
+        children: Vec<Vec<Vec<Value>>>,
+    },
+    /// The deleted rule matched; `key` is the row's primary key when it can be derived.
+    Deleted {
+        key: Option<Vec<Value>>,
+        at: Option<DateTime<Utc>>,
+    },
+    /// `skip_when` matched.
+    Filtered,
+}
+
+impl Mapping {
+    pub fn entity(&self, name: &str) -> anyhow::Result<&Entity> {
+        self.entities
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = self.entities.iter().map(|e| e.name.as_str()).collect();
+                anyhow::anyhow!(
+                    "unknown entity `{name}`; the mapping defines: {}",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
+/// Follow a dotted path from `base` through documents and (numeric segments) arrays.
+pub fn lookup_in<'a>(
+    base: RawBsonRef<'a>,
+    path: &[String],
+) -> Result<Option<RawBsonRef<'a>>, String> {
+    let mut cur = base;
+    for (i, seg) in path.iter().enumerate() {
+        let next = match cur {
+            RawBsonRef::Document(d) => d
+                .get(seg)
+                .map_err(|e| format!("undecodable field `{seg}`: {e}"))?,
+            RawBsonRef::Array(a) => match seg.parse::<usize>() {
+                Ok(n) => a
+                    .into_iter()
+                    .nth(n)
+                    .transpose()
+                    .map_err(|e| format!("undecodable array: {e}"))?,
+                Err(_) => {
+                    return Err(format!(
+                        "`{}` is an array; index it with a number",
+                        path[..i].join(".")
+                    ))
+                }
+            },
+            RawBsonRef::Null | RawBsonRef::Undefined => return Ok(None),
+            _ => {
+                return Err(format!(
+                    "`{}` is a scalar, not a document",
+                    path[..i].join(".")
+                ))
+            }
+        };
+        match next {
+            Some(v) => cur = v,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(cur))
+}
+
+/// Follow a dotted path through a document.
+pub fn lookup<'a>(doc: &'a RawDocument, path: &[String]) -> Result<Option<RawBsonRef<'a>>, String> {
+    lookup_in(RawBsonRef::Document(doc), path)
+}
+
+/// Everything a column may read.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    /// The document, or the array element for child columns.
+    base: RawBsonRef<'a>,
+    parent_row: Option<&'a [Value]>,
+    index: Option<usize>,
+    scope: Scope<'a>,
+}
+
+impl Column {
+    /// The dotted source path this column copies, when it reads one directly.
+    pub fn source_path(&self) -> Option<&[String]> {
+        match &self.source {
+            ColumnSource::Path(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn extract(&self, input: &Input<'_>) -> Result<Value, String> {
+        let raw = match &self.source {
+            ColumnSource::Constant(v) => return Ok(v.clone()),
+            ColumnSource::Whole => Some(input.base),
+            ColumnSource::Remainder(used) => return remainder(input.base, used).map(Value::Json),
+            ColumnSource::Parent(i) => {
+                return Ok(input.parent_row.map_or(Value::Null, |r| r[*i].clone()))
+            }
+            ColumnSource::Ordinal => return Ok(Value::Int(input.index.unwrap_or(0) as i32)),
+            ColumnSource::Expr(e) => {
+                let v = expr::from_cel(e.eval(&input.scope)?, self.ty)?;
+                return self.finish(v);
+            }
+            ColumnSource::Path(p) => lookup_in(input.base, p)?,
+        };
+        let v = match (raw, &self.enum_map) {
+            (None | Some(RawBsonRef::Null), _) => Value::Null,
+            (Some(r), Some(map)) => {
+                let key = match r {
+                    RawBsonRef::String(s) => s.to_owned(),
+                    other => value::raw_to_json(other)?.to_string(),
+                };
+                match map.iter().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.clone(),
+                    None if self.default.is_some() => Value::Null,
+                    None => {
+                        return Err(format!("value `{key}` is not in the column's map; add it to `map` or set a `default`"))
+                    }
+                }
+            }
+            (Some(r), None) => value::coerce(&r, self.ty, self.format)?,
+        };
+        self.finish(v)
+    }
+
+    /// Transforms, default, required.
+    fn finish(&self, mut v: Value) -> Result<Value, String> {
+        if let Value::Text(s) = &mut v {
+            for t in &self.transforms {
+                match t {
+                    Transform::Trim => *s = s.trim().to_owned(),
+                    Transform::Lower => *s = s.to_lowercase(),
+                    Transform::Upper => *s = s.to_uppercase(),
+                    Transform::EmptyToNull => {}
+                }
+            }
+            if self.transforms.contains(&Transform::EmptyToNull) && s.is_empty() {
+                v = Value::Null;
+            }
+        }
+        if v == Value::Null {
+            if let Some(d) = &self.default {
+                v = d.clone();
+            } else if self.required {
+                return Err("required value is missing or null".into());
+            }
+        }
+        Ok(v)
+    }
+}
+
+fn remainder(base: RawBsonRef<'_>, used: &HashSet<String>) -> Result<serde_json::Value, String> {
+    let RawBsonRef::Document(doc) = base else {
+        return Ok(serde_json::Value::Null);
+    };
+    let mut out = serde_json::Map::new();
+    for el in doc {
+        let (k, v) = el.map_err(|e| format!("undecodable document: {e}"))?;
+        if k != "_id" && !used.contains(k) {
+            out.insert(value::sanitize(k), value::raw_to_json(v)?);
+        }
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn map_columns(columns: &[Column], input: &Input<'_>) -> Result<Vec<Value>, MapError> {
+    columns
+        .iter()
+        .map(|c| {
+            c.extract(input).map_err(|message| MapError {
+                column: c.name.clone(),
+                message,
+            })
+        })
+        .collect()
+}
+
+fn rule(e: &Expr, doc: &RawDocument, what: &str) -> Result<bool, MapError> {
+    match e.eval(&Scope {
+        doc: Some(doc),
+        ..Default::default()
+    }) {
+        Ok(cel_interpreter::Value::Bool(b)) => Ok(b),
+        Ok(other) => Err(MapError {
+            column: what.into(),
+            message: format!("rule returned {other:?}, not a boolean"),
+        }),
+        Err(message) => Err(MapError {
+            column: what.into(),
+            message,
+        }),
+    }
+}
+
+impl Entity {
+    /// Map one document: a row with its child rows, a deletion, or filtered.
+    pub fn map(&self, doc: &RawDocument) -> Result<Outcome, MapError> {
+        let input = Input {
+            base: RawBsonRef::Document(doc),
+            parent_row: None,
+            index: None,
+            scope: Scope {
+                doc: Some(doc),
+                ..Default::default()
+            },
+        };
+        if let Some(d) = &self.deleted {
+            if rule(&d.when, doc, "deleted.when")? {
+                let key: Option<Vec<Value>> = self
+                    .pk
+                    .iter()
+                    .map(|&i| {
+                        self.columns[i]
+                            .extract(&input)
+                            .ok()
+                            .filter(|v| *v != Value::Null)
+                    })
+                    .collect();
+                let at = lookup(doc, std::slice::from_ref(&self.time_field))
+                    .ok()
+                    .flatten()
+                    .and_then(|v| value::to_timestamp(&v, Some(self.time_format())).ok());
+                return Ok(Outcome::Deleted { key, at });
+            }
+        }
+        if let Some(s) = &self.skip_when {
+            if rule(s, doc, "skip_when")? {
+                return Ok(Outcome::Filtered);
+            }
+        }
+        let row = map_columns(&self.columns, &input)?;
+        let mut children = Vec::with_capacity(self.children.len());
+        for c in &self.children {
+            children.push(c.map(doc, &row)?);
+        }
+        Ok(Outcome::Row { row, children })
+    }
+
+    /// Map only the main row (errors for deleted or filtered documents).
+    pub fn map_row(&self, doc: &RawDocument) -> Result<Vec<Value>, MapError> {
+        match self.map(doc)? {
+            Outcome::Row { row, .. } => Ok(row),
+            other => Err(MapError {
+                column: "-".into(),
+                message: format!("document is {other:?}"),
+            }),
+        }
+    }
+
+    pub fn table_ref(&self) -> TableRef<'_> {
+        TableRef {
+            name: &self.table,
+            columns: &self.columns,
+            pk: &self.pk,
+        }
+    }
+
+    pub fn column_names(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|c| c.name.as_str())
+    }
+
+    /// The source format of the time field, for decoding its values.
+    pub fn time_format(&self) -> SourceFormat {
+        match self.time_encoding {
+            TimeEncoding::Date => SourceFormat::Date,
+            TimeEncoding::EpochSeconds => SourceFormat::EpochSeconds,
+            TimeEncoding::EpochMillis => SourceFormat::EpochMillis,
+            TimeEncoding::Iso8601 => SourceFormat::Iso8601,
+        }
+    }
+}
+
+impl Child {
+    fn map(&self, doc: &RawDocument, parent_row: &[Value]) -> Result<Vec<Vec<Value>>, MapError> {
+        let err = |message: String| MapError {
+            column: format!("{}.{}", self.name, self.path.join(".")),
+            message,
+        };
+        let arr = match lookup(doc, &self.path).map_err(err)? {
+            None | Some(RawBsonRef::Null) => return Ok(Vec::new()),
+            Some(RawBsonRef::Array(a)) => a,
+            Some(_) => return Err(err("expected an array".into())),
+        };
+        let mut rows = Vec::new();
+        for (i, el) in arr.into_iter().enumerate() {
+            let el = el.map_err(|e| err(format!("undecodable element {i}: {e}")))?;
+            let input = Input {
+                base: el,
+                parent_row: Some(parent_row),
+                index: Some(i),
+                scope: Scope {
+                    doc: Some(doc),
+                    element: Some(el),
+                    parent: Some(doc),
+                    index: Some(i),
+                },
+            };
+            let row = map_columns(&self.columns, &input).map_err(|e| MapError {
+                column: format!("{}[{i}].{}", self.name, e.column),
+                message: e.message,
+            })?;
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    pub fn table_ref(&self) -> TableRef<'_> {
+        TableRef {
+            name: &self.table,
+            columns: &self.columns,
+            pk: &self.pk,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,236 @@
+use super::*;
+use bson::{doc, RawDocumentBuf};
+
+const MAPPING: &str = r#"
+version = "t1"
+[entities.vizzes]
+collection = "documentInfo"
+id_field = "id"
+time_field = "lastUpdatedTimestamp"
+time_encoding = "epoch_seconds"
+table = "vizzes"
+primary_key = ["id"]
+[entities.vizzes.columns]
+id = { path = "id", type = "text", required = true }
+title = { path = "title", type = "text", transform = ["trim", "empty_to_null"], default = "Untitled" }
+updated_at = { path = "lastUpdatedTimestamp", type = "timestamptz", from = "epoch_seconds", required = true }
+privacy = { path = "privacy", type = "text", map = { public = "public", private = "private" }, default = "public" }
+first_file = { path = "files.0.name", type = "text" }
+source = { value = "v2", type = "text" }
+extra = { remainder = true, type = "json" }
+"#;
+
+fn raw(d: bson::Document) -> RawDocumentBuf {
+    RawDocumentBuf::from_document(&d).unwrap()
+}
+
+#[test]
+fn maps_paths_transforms_defaults_and_remainder() {
+    let m = Mapping::parse(MAPPING, "test").unwrap();
+    let e = m.entity("vizzes").unwrap();
+    let row = e
+        .map_row(&raw(
+            doc! { "_id": 1, "id": "abc", "title": "  ", "lastUpdatedTimestamp": 1_600_000_000i64,
+            "files": [{"name": "index.html"}], "privacy": "private", "kept": {"x": 1} },
+        ))
+        .unwrap();
+    assert_eq!(row[0], Value::Text("abc".into()));
+    assert_eq!(row[1], Value::Text("Untitled".into()));
+    assert_eq!(row[3], Value::Text("private".into()));
+    assert_eq!(row[4], Value::Text("index.html".into()));
+    assert_eq!(row[5], Value::Text("v2".into()));
+    assert_eq!(row[6], Value::Json(serde_json::json!({"kept": {"x": 1}})));
+}
+
+#[test]
+fn missing_required_value_names_the_column() {
+    let m = Mapping::parse(MAPPING, "test").unwrap();
+    let err = m.entities[0]
+        .map_row(&raw(doc! { "_type": null, "lastUpdatedTimestamp": 5 }))
+        .unwrap_err();
+    assert_eq!(err.column, "id");
+}
+
+#[test]
+fn unknown_keys_and_bad_identifiers_fail_with_location() {
+    let typo = MAPPING.replace("time_encoding", "time_encodng");
+    let err = Mapping::parse(&typo, "m.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("m.toml") && err.contains("time_encodng"),
+        "{err}"
+    );
+    let evil = MAPPING.replace("table = \"vizzes\"", "table = \"v; DROP TABLE x\"");
+    let err = Mapping::parse(&evil, "m.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("vizzes") && err.contains("not allowed"),
+        "{err}"
+    );
+    let bad_type = MAPPING.replace("type = \"json\"", "type = \"jsn\"");
+    assert!(Mapping::parse(&bad_type, "m.toml").is_err());
+}
+
+#[test]
+fn array_where_scalar_expected_is_an_error() {
+    let m = Mapping::parse(MAPPING, "test").unwrap();
+    let err = m.entities[0]
+        .map_row(&raw(doc! { "id": ["a"], "lastUpdatedTimestamp": 5 }))
+        .unwrap_err();
+    assert_eq!(err.column, "id");
+}
+
+const CHILDREN: &str = r#"
+version = "t2"
+[entities.vizzes]
+collection = "documentInfo"
+id_field = "id"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "vizzes"
+primary_key = ["id"]
+skip_when = 'has(doc.documentType) && doc.documentType != "viz"'
+[entities.vizzes.deleted]
+when = 'has(doc._type) && doc._type == null'
+action = "delete"
+[entities.vizzes.columns]
+id = { path = "id", type = "text", required = true }
+upvotes_count = { expr = "has(doc.upvotes) ? size(doc.upvotes) : 0", type = "integer" }
+[entities.vizzes.children.upvotes]
+path = "upvotes"
+table = "upvotes"
+primary_key = ["id"]
+[entities.vizzes.children.upvotes.columns]
+id = { expr = 'element.userId + "-" + parent.id', type = "text" }
+viz_id = { parent = "id", type = "text" }
+user_id = { path = "userId", type = "text", required = true }
+position = { ordinal = true, type = "integer" }
+"#;
+
+#[test]
+fn arrays_explode_into_child_rows_with_derived_keys() {
+    let m = Mapping::parse(CHILDREN, "test").unwrap();
+    let out = m.entities[0]
+        .map(&raw(
+            doc! { "id": "v1", "t": 1, "upvotes": [{"userId": "a"}, {"userId": "b"}] },
+        ))
+        .unwrap();
+    let Outcome::Row { row, children } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(row[1], Value::Int(2));
+    assert_eq!(children[0].len(), 2);
+    assert_eq!(children[0][1][0], Value::Text("b-v1".into()));
+    assert_eq!(children[0][1][1], Value::Text("v1".into()));
+    assert_eq!(children[0][1][3], Value::Int(1));
+}
+
+#[test]
+fn deleted_and_filtered_documents_are_classified() {
+    let m = Mapping::parse(CHILDREN, "test").unwrap();
+    let e = &m.entities[0];
+    assert!(matches!(
+        e.map(&raw(doc! { "_type": null, "t": 1 })).unwrap(),
+        Outcome::Deleted { key: None, .. }
+    ));
+    assert!(matches!(
+        e.map(&raw(doc! { "_type": null, "id": "v9", "t": 1 }))
+            .unwrap(),
+        Outcome::Deleted { key: Some(_), .. }
+    ));
+    assert_eq!(
+        e.map(&raw(doc! { "documentType": "folder", "id": "f", "t": 1 }))
+            .unwrap(),
+        Outcome::Filtered
+    );
+}
+
+#[test]
+fn bad_child_element_names_the_array_position() {
+    let m = Mapping::parse(CHILDREN, "test").unwrap();
+    let err = m.entities[0]
+        .map(&raw(
+            doc! { "id": "v1", "t": 1, "upvotes": [{"userId": "a"}, {"x": 1}] },
+        ))
+        .unwrap_err();
+    assert!(err.column.contains("upvotes[1]"), "{err}");
+}
+
+#[test]
+fn expression_errors_point_at_entity_and_column() {
+    let bad = CHILDREN.replace("size(doc.upvotes) : 0", "size(doc.upvotes : 0");
+    let err = Mapping::parse(&bad, "vizhub.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("vizhub.toml") && err.contains("vizzes") && err.contains("upvotes_count"),
+        "{err}"
+    );
+}
+
+#[test]
+fn parent_links_and_ordinals_only_in_children() {
+    let bad = CHILDREN.replace(
+        "id = { path = \"id\", type = \"text\", required = true }",
+        "id = { path = \"id\", type = \"text\", required = true }\nn = { ordinal = true, type = \"integer\" }",
+    );
+    assert!(Mapping::parse(&bad, "m")
+        .unwrap_err()
+        .to_string()
+        .contains("only allowed in child tables"));
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_bson() -> impl Strategy<Value = bson::Bson> {
+        let leaf = prop_oneof![
+            Just(bson::Bson::Null),
+            any::<bool>().prop_map(bson::Bson::Boolean),
+            any::<i32>().prop_map(bson::Bson::Int32),
+            any::<i64>().prop_map(bson::Bson::Int64),
+            any::<f64>().prop_map(bson::Bson::Double),
+            ".{0,12}".prop_map(bson::Bson::String),
+            any::<i64>().prop_map(|ms| bson::Bson::DateTime(bson::DateTime::from_millis(ms))),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(bson::Bson::Array),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("userId".to_string()),
+                            "[a-z]{1,6}".prop_map(String::from)
+                        ],
+                        inner
+                    ),
+                    0..4
+                )
+                .prop_map(|kv| bson::Bson::Document(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_doc() -> impl Strategy<Value = bson::Document> {
+        let keys = prop_oneof![
+            Just("id".to_string()),
+            Just("t".to_string()),
+            Just("upvotes".to_string()),
+            Just("_type".to_string()),
+            Just("documentType".to_string()),
+            "[a-z]{1,5}".prop_map(String::from),
+        ];
+        prop::collection::vec((keys, arb_bson()), 0..6).prop_map(|kv| kv.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Mapping never panics, and every document is exactly one of row / deleted / filtered / error.
+        #[test]
+        fn mapping_never_panics_and_accounts_for_every_document(docs in prop::collection::vec(arb_doc(), 1..20)) {
+            let m = Mapping::parse(CHILDREN, "p").unwrap();
+            let e = &m.entities[0];
+            let raws: Vec<_> = docs.iter().map(|d| raw(d.clone())).collect();
+            let page = crate::pipeline::map_page(e, &raws, false);
+            let accounted = page.rows.len() as u64 + page.duplicates + page.dead.len() as u64 + page.deleted + page.filtered;
+            prop_assert_eq!(accounted, raws.len() as u64);
+        }
+    }
+}

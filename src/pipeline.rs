@@ -1,0 +1,641 @@
+//! One window of one entity: read pages, map, de-duplicate, write rows, dead letters
+//! and checkpoint in one transaction per batch. `run`, tests and (later) backfill and
+//! the daemon all go through [`catch_up`] / [`run_window`].
+
+use crate::exit::Failure;
+use crate::mapping::{Entity, Mapping, Outcome, Value};
+use crate::settings::Settings;
+use crate::sink::{BatchWrite, Checkpoint, DeadLetter, Sink};
+use crate::source::{Position, Source};
+use crate::window::{self, LaneState, PlanInput, Window};
+use anyhow::Result;
+use bson::Bson;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Everything a run needs, shared by all entities of the run.
+pub struct Ctx {
+    pub settings: Settings,
+    pub mapping: Mapping,
+    pub source: Source,
+    pub sink: Sink,
+    pub run_id: String,
+    /// Dead letters written by this run so far (checked against the error budget).
+    pub dead_total: AtomicU64,
+    /// Set by a shutdown signal; checked between batches so the current batch commits first.
+    pub stop: Arc<AtomicBool>,
+    /// What reference resolution learned this run (each key fetched at most once per run).
+    /// A mutex because backfill chunks of one run resolve concurrently.
+    pub memo: tokio::sync::Mutex<crate::resolve::Memo>,
+    /// Every batch is rolled back instead of committed and no checkpoint is saved.
+    pub dry_run: bool,
+    /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
+    pub provenance: bool,
+}
+
+impl Ctx {
+    pub fn new(
+        settings: Settings,
+        mapping: Mapping,
+        source: Source,
+        sink: Sink,
+        run_id: String,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Ctx {
+            mapping,
+            source,
+            sink,
+            run_id,
+            dead_total: AtomicU64::new(0),
+            stop,
+            memo: Default::default(),
+            dry_run: false,
+            provenance: settings.sync.provenance,
+            settings,
+        }
+    }
+}
+
+/// Document counts: `read = written + unchanged + dead_lettered + duplicates + deleted + filtered`.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub read: u64,
+    pub written: u64,
+    /// Of `written`: new rows, and rows that existed with other content (counted when
+    /// provenance is on or in a dry run; otherwise 0).
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub dead_lettered: u64,
+    /// Earlier versions of a key superseded inside the same batch.
+    pub duplicates: u64,
+    /// Documents whose time field is missing or mistyped (dead-lettered by the scan).
+    pub invalid_time: u64,
+    /// Documents matching the deleted rule.
+    pub deleted: u64,
+    /// Documents matching `skip_when`.
+    pub filtered: u64,
+    /// Child rows inserted or changed, and removed (element gone from the source array).
+    pub child_written: u64,
+    pub child_removed: u64,
+    /// Documents pulled on demand (references and dependents), and their rows written.
+    pub pulled: u64,
+    pub pulled_written: u64,
+    /// References that could not be resolved (recorded in tidemark_missing_refs).
+    pub missing_refs: u64,
+    /// Documents held back for a later run (on_missing = defer, or over a limit).
+    pub deferred: u64,
+    /// Batches where max_depth or max_pulled_per_batch stopped resolution.
+    pub limit_hits: u64,
+    /// Round-trips to the source.
+    pub source_queries: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.read += o.read;
+        self.written += o.written;
+        self.inserted += o.inserted;
+        self.updated += o.updated;
+        self.unchanged += o.unchanged;
+        self.dead_lettered += o.dead_lettered;
+        self.duplicates += o.duplicates;
+        self.invalid_time += o.invalid_time;
+        self.deleted += o.deleted;
+        self.filtered += o.filtered;
+        self.child_written += o.child_written;
+        self.child_removed += o.child_removed;
+        self.pulled += o.pulled;
+        self.pulled_written += o.pulled_written;
+        self.missing_refs += o.missing_refs;
+        self.deferred += o.deferred;
+        self.limit_hits += o.limit_hits;
+        self.source_queries += o.source_queries;
+    }
+}
+
+/// The outcome of one window.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowReport {
+    pub entity: String,
+    pub window: Window,
+    pub resumed: bool,
+    pub batches: u64,
+    pub counts: Counts,
+    pub elapsed_ms: u64,
+}
+
+/// The outcome of catching one entity up.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntityReport {
+    pub entity: String,
+    pub windows: usize,
+    pub counts: Counts,
+    pub watermark: Option<DateTime<Utc>>,
+    pub warnings: Vec<String>,
+    pub elapsed_ms: u64,
+}
+
+/// The nightly lane of an entity.
+pub fn nightly_lane(entity: &str) -> String {
+    format!("nightly:{entity}")
+}
+
+/// Source id used for dead letters: relaxed extended JSON of `_id`.
+pub fn source_id(doc: &bson::RawDocument) -> String {
+    match doc.get("_id") {
+        Ok(Some(v)) => Bson::try_from(v)
+            .map(|b| b.into_relaxed_extjson().to_string())
+            .unwrap_or_else(|_| "<undecodable _id>".into()),
+        _ => "<missing _id>".into(),
+    }
+}
+
+pub fn raw_json(doc: &bson::RawDocument) -> String {
+    // Too deep for the recursive converters: keep the exact bytes instead.
+    if crate::mapping::value::nested_deeper_than(
+        bson::raw::RawBsonRef::Document(doc),
+        crate::mapping::value::MAX_NESTING,
+    ) {
+        return serde_json::json!({ "$nestedTooDeep": true, "$hex": hex::encode(doc.as_bytes()) })
+            .to_string();
+    }
+    match bson::Document::try_from(doc) {
+        Ok(d) => Bson::Document(d).into_relaxed_extjson().to_string(),
+        Err(e) => serde_json::json!({ "$undecodable": e.to_string(), "$hex": hex::encode(doc.as_bytes()) }).to_string(),
+    }
+}
+
+/// A mapped page: rows de-duplicated on the primary key (last version wins).
+#[derive(Default)]
+pub struct MappedPage {
+    pub rows: Vec<Vec<Value>>,
+    /// For each row, the index of its document in the page.
+    pub row_docs: Vec<usize>,
+    /// Per child table: rows of the kept parents, de-duplicated on the child key.
+    pub children: Vec<Vec<Vec<Value>>>,
+    pub deletes: Vec<Vec<Value>>,
+    pub soft_deletes: Vec<(Vec<Value>, Value)>,
+    pub dead: Vec<DeadLetter>,
+    pub resolved: Vec<String>,
+    pub duplicates: u64,
+    /// Documents matching the deleted rule (with or without a derivable key).
+    pub deleted: u64,
+    pub filtered: u64,
+}
+
+fn key_text(row: &[Value], cols: &[usize]) -> String {
+    cols.iter()
+        .map(|&i| row[i].key_text())
+        .collect::<Vec<_>>()
+        .join("\u{1f}")
+}
+
+type RowWithChildren = (Vec<Value>, Vec<Vec<Vec<Value>>>, usize);
+type Deletion = (Vec<Value>, Option<DateTime<Utc>>);
+
+/// Map every document of a page; failures become dead letters, nothing is dropped.
+/// Within a page the last event per key wins: a later version replaces an earlier one,
+/// a deletion cancels an earlier row and a row cancels an earlier deletion.
+pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool) -> MappedPage {
+    let mut out = MappedPage::default();
+    let mut rows: Vec<Option<RowWithChildren>> = Vec::with_capacity(docs.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(docs.len());
+    let mut deletes: Vec<Option<Deletion>> = Vec::new();
+    let mut del_index: HashMap<String, usize> = HashMap::new();
+    let soft = e
+        .deleted
+        .as_ref()
+        .is_some_and(|d| d.action == crate::mapping::spec::DeleteAction::SoftDelete);
+    for (di, doc) in docs.iter().enumerate() {
+        let outcome = match e.map(doc) {
+            Ok(o) => o,
+            Err(err) => {
+                out.dead.push(DeadLetter {
+                    source_id: source_id(doc),
+                    error: err.to_string(),
+                    document: raw_json(doc),
+                });
+                continue;
+            }
+        };
+        if track_resolved {
+            out.resolved.push(source_id(doc));
+        }
+        match outcome {
+            Outcome::Row { row, children } => {
+                let key = key_text(&row, &e.pk);
+                if let Some(at) = del_index.remove(&key) {
+                    deletes[at] = None;
+                    out.duplicates += 1;
+                    out.deleted -= 1;
+                }
+                match index.get(&key) {
+                    Some(&at) => {
+                        rows[at] = Some((row, children, di));
+                        out.duplicates += 1;
+                    }
+                    None => {
+                        index.insert(key, rows.len());
+                        rows.push(Some((row, children, di)));
+                    }
+                }
+            }
+            Outcome::Deleted { key, at } => {
+                out.deleted += 1;
+                let Some(k) = key else { continue };
+                let kt = k
+                    .iter()
+                    .map(Value::key_text)
+                    .collect::<Vec<_>>()
+                    .join("\u{1f}");
+                if let Some(i) = index.remove(&kt) {
+                    rows[i] = None;
+                    out.duplicates += 1;
+                }
+                match del_index.get(&kt) {
+                    Some(&i) => {
+                        deletes[i] = Some((k, at));
+                        out.duplicates += 1;
+                        out.deleted -= 1;
+                    }
+                    None => {
+                        del_index.insert(kt, deletes.len());
+                        deletes.push(Some((k, at)));
+                    }
+                }
+            }
+            Outcome::Filtered => out.filtered += 1,
+        }
+    }
+    for (k, at) in deletes.into_iter().flatten() {
+        if soft {
+            out.soft_deletes
+                .push((k, at.map_or(Value::Null, Value::Timestamp)));
+        } else {
+            out.deletes.push(k);
+        }
+    }
+    let mut parent_children = Vec::with_capacity(rows.len());
+    for (row, children, di) in rows.into_iter().flatten() {
+        out.rows.push(row);
+        out.row_docs.push(di);
+        parent_children.push(children);
+    }
+    out.children = e
+        .children
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            let mut rows: Vec<Vec<Value>> = Vec::new();
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for pc in &parent_children {
+                for r in &pc[ci] {
+                    let k = key_text(r, &c.pk);
+                    match seen.get(&k) {
+                        Some(&at) => rows[at] = r.clone(),
+                        None => {
+                            seen.insert(k, rows.len());
+                            rows.push(r.clone());
+                        }
+                    }
+                }
+            }
+            rows
+        })
+        .collect();
+    out
+}
+
+/// Map, resolve and write one page of documents of `e` (with `cp`, when given, in the same
+/// transaction). Used by windows, pending retries and single-record runs.
+pub async fn write_docs(
+    ctx: &Ctx,
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    cp: Option<&Checkpoint>,
+    track_ids: bool,
+) -> Result<Counts> {
+    let mut mapped = map_page(e, docs, true);
+    let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
+    if let Some(l) = &res.limit_hit {
+        warn!(entity = %e.name, "{l}");
+    }
+    let deferred: std::collections::HashSet<&str> =
+        res.deferred.iter().map(|(id, _)| id.as_str()).collect();
+    let clear: Vec<String> = if track_ids || !res.missing.is_empty() || !res.deferred.is_empty() {
+        mapped
+            .resolved
+            .iter()
+            .filter(|id| !deferred.contains(id.as_str()))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut dead = mapped.dead;
+    dead.extend(res.dead);
+    let out = ctx
+        .sink
+        .write_batch(&BatchWrite {
+            entity: Some(e),
+            rows: &mapped.rows,
+            children: &mapped.children,
+            deletes: &mapped.deletes,
+            soft_deletes: &mapped.soft_deletes,
+            dead: &dead,
+            resolved: if track_ids { &mapped.resolved } else { &[] },
+            checkpoint: cp,
+            run_id: &ctx.run_id,
+            mapping_version: &ctx.mapping.version,
+            before: &res.before,
+            after: &res.after,
+            other_dead: &res.other_dead,
+            missing: &res.missing,
+            deferred: &res.deferred,
+            clear_refs: &clear,
+            dry_run: ctx.dry_run,
+            provenance: ctx.provenance,
+        })
+        .await?;
+    Ok(Counts {
+        read: docs.len() as u64,
+        written: out.written,
+        inserted: out.inserted,
+        updated: out.updated,
+        unchanged: out.unchanged,
+        dead_lettered: dead.len() as u64,
+        duplicates: mapped.duplicates,
+        invalid_time: 0,
+        deleted: mapped.deleted,
+        filtered: mapped.filtered,
+        child_written: out.child_written,
+        child_removed: out.child_removed,
+        pulled: res.pulled,
+        pulled_written: out.pulled_written,
+        missing_refs: res.missing.len() as u64,
+        deferred: res.deferred.len() as u64,
+        limit_hits: res.limit_hit.is_some() as u64,
+        source_queries: 0,
+    })
+}
+
+/// Read and write one window, resuming after `after` when given.
+pub async fn run_window(
+    ctx: &Ctx,
+    e: &Entity,
+    lane: &str,
+    watermark: Option<DateTime<Utc>>,
+    w: Window,
+    after: Option<Position>,
+    has_dead: bool,
+) -> Result<WindowReport> {
+    let started = Instant::now();
+    let resumed = after.is_some();
+    let mut counts = Counts::default();
+    let mut batches = 0;
+    let mut rx = ctx.source.stream_window(e, w, after);
+    while let Some(page) = rx.recv().await {
+        let page = page?;
+        let cp = Checkpoint {
+            lane: lane.to_owned(),
+            entity: e.name.clone(),
+            state: LaneState {
+                watermark,
+                open: Some(w),
+            },
+            last: Some(page.last.clone()),
+            run_id: ctx.run_id.clone(),
+        };
+        let before_queries = ctx.source.queries.load(Ordering::Relaxed);
+        let c = write_docs(ctx, e, &page.docs, Some(&cp), has_dead).await?;
+        batches += 1;
+        counts.add(&c);
+        counts.source_queries += ctx
+            .source
+            .queries
+            .load(Ordering::Relaxed)
+            .saturating_sub(before_queries);
+        let out = c;
+        let mapped_dead = c.dead_lettered;
+        debug!(entity = %e.name, batch = batches, docs = page.docs.len(), written = out.written, "batch committed");
+        let dead_total = ctx.dead_total.fetch_add(mapped_dead, Ordering::SeqCst) + mapped_dead;
+        if dead_total > ctx.settings.sync.error_budget {
+            return Err(Failure::Partial(format!(
+                "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
+                 stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
+                ctx.settings.sync.error_budget
+            ))
+            .into());
+        }
+        if ctx.stop.load(Ordering::SeqCst) {
+            anyhow::bail!("stopped by signal after a committed batch; the next run resumes from the checkpoint");
+        }
+    }
+    let done = Checkpoint {
+        lane: lane.to_owned(),
+        entity: e.name.clone(),
+        state: LaneState {
+            watermark: Some(watermark.map_or(w.to, |m| m.max(w.to))),
+            open: None,
+        },
+        last: None,
+        run_id: ctx.run_id.clone(),
+    };
+    if !ctx.dry_run {
+        ctx.sink.save_checkpoint(&done).await?;
+    }
+    let report = WindowReport {
+        entity: e.name.clone(),
+        window: w,
+        resumed,
+        batches,
+        counts,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
+          dead = counts.dead_lettered, ms = report.elapsed_ms, "window done");
+    Ok(report)
+}
+
+/// Catch an entity's nightly lane up to `min(source clock - settle, until)`.
+pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Result<EntityReport> {
+    let started = Instant::now();
+    let lane = nightly_lane(&e.name);
+    let mut warnings = Vec::new();
+    if let Some(w) = ctx.source.missing_index_warning(e).await? {
+        warn!(entity = %e.name, "{w}");
+        warnings.push(w);
+    }
+    let mut counts = retry_pending(ctx, e).await?;
+    let cp = ctx.sink.load_checkpoint(&lane).await?;
+    let (state, last) = cp.map(|c| (c.state, c.last)).unwrap_or_default();
+    let s = &ctx.settings.sync;
+    let input = PlanInput {
+        start: s.start,
+        overlap: s.overlap,
+        max_window: s.max_window,
+        source_now: ctx.source.server_time().await?,
+        settle: s.settle,
+        until,
+    };
+    let plan = window::plan(&state, &input);
+    let mut has_dead = ctx.sink.dead_letter_count(&e.name).await? > 0;
+    let mut watermark = state.watermark;
+    let mut windows = 0;
+    if let Some(w) = plan.resume {
+        let r = run_window(ctx, e, &lane, watermark, w, last, has_dead).await?;
+        counts.add(&r.counts);
+        has_dead |= r.counts.dead_lettered > 0;
+        watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
+        windows += 1;
+    }
+    let mut cursor = plan.fresh_from;
+    // After an empty window (and at the start) one indexed query finds the next document, so a
+    // quiet stretch costs one window. The probe looks a growing number of windows ahead: some
+    // servers scan the whole index range even for `limit 1`. Dense data needs no probe.
+    let mut probe_span: i32 = 1;
+    let mut probe = true;
+    while cursor < plan.upper {
+        let w = if probe {
+            let span = chrono::TimeDelta::from_std(s.max_window)
+                .ok()
+                .and_then(|d| d.checked_mul(probe_span));
+            let end = span
+                .and_then(|d| cursor.checked_add_signed(d))
+                .map_or(plan.upper, |t| t.min(plan.upper));
+            match ctx.source.next_time(e, cursor, end).await? {
+                None => Some(Window::new(cursor, end)),
+                first => window::next(cursor, first, s.max_window, plan.upper),
+            }
+        } else {
+            window::next(cursor, Some(cursor), s.max_window, plan.upper)
+        };
+        let Some(w) = w else { break };
+        let r = run_window(ctx, e, &lane, watermark, w, None, has_dead).await?;
+        probe = r.counts.read == 0;
+        // Quiet stretches are skipped in exponentially growing steps; data resets the step.
+        probe_span = if probe {
+            probe_span.saturating_mul(2).min(1 << 20)
+        } else {
+            1
+        };
+        counts.add(&r.counts);
+        has_dead |= r.counts.dead_lettered > 0;
+        watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
+        windows += 1;
+        cursor = w.to;
+    }
+    if s.scan_invalid_time {
+        counts.invalid_time = scan_invalid_time(ctx, e).await?;
+        if counts.invalid_time > 0 {
+            let msg = format!(
+                "{} documents in {} have a missing or mistyped {} (expected {:?}); they are in tidemark_dead_letters",
+                counts.invalid_time, e.collection, e.time_field, e.time_encoding
+            );
+            warn!(entity = %e.name, "{msg}");
+            warnings.push(msg);
+        }
+    }
+    Ok(EntityReport {
+        entity: e.name.clone(),
+        windows,
+        counts,
+        watermark,
+        warnings,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Retry documents held back by earlier runs (`on_missing = "defer"` or a pull limit): fetch
+/// them again by `_id` and write what now resolves; after `sync.defer_attempts` runs a
+/// document still held back becomes a dead letter.
+pub async fn retry_pending(ctx: &Ctx, e: &Entity) -> Result<Counts> {
+    let pending = ctx.sink.pending(&e.name).await?;
+    if pending.is_empty() {
+        return Ok(Counts::default());
+    }
+    let ids: Vec<Bson> = pending
+        .iter()
+        .filter_map(|(id, _)| serde_json::from_str::<serde_json::Value>(id).ok())
+        .filter_map(|j| Bson::try_from(j).ok())
+        .collect();
+    let docs = ctx.source.fetch_in(e, "_id", ids).await?;
+    let found: std::collections::HashSet<String> = docs.iter().map(|d| source_id(d)).collect();
+    let vanished: Vec<String> = pending
+        .iter()
+        .map(|(id, _)| id.clone())
+        .filter(|id| !found.contains(id))
+        .collect();
+    let mut counts = write_docs(ctx, e, &docs, None, true).await?;
+    let limit = ctx.settings.sync.defer_attempts as i64;
+    let exhausted: Vec<String> = ctx
+        .sink
+        .pending(&e.name)
+        .await?
+        .into_iter()
+        .filter(|(_, n)| *n > limit)
+        .map(|(id, _)| id)
+        .collect();
+    let dead: Vec<DeadLetter> = docs
+        .iter()
+        .filter(|d| exhausted.contains(&source_id(d)))
+        .map(|d| DeadLetter {
+            source_id: source_id(d),
+            error: format!("a reference stayed unresolved for {limit} runs (sync.defer_attempts); see tidemark_missing_refs"),
+            document: raw_json(d),
+        })
+        .collect();
+    let clear: Vec<String> = vanished.into_iter().chain(exhausted).collect();
+    if !clear.is_empty() {
+        ctx.sink
+            .write_batch(&BatchWrite {
+                entity: Some(e),
+                dead: &dead,
+                clear_refs: &clear,
+                run_id: &ctx.run_id,
+                mapping_version: &ctx.mapping.version,
+                ..Default::default()
+            })
+            .await?;
+        counts.dead_lettered += dead.len() as u64;
+    }
+    info!(entity = %e.name, retried = docs.len(), written = counts.written, still_deferred = counts.deferred, "pending documents retried");
+    Ok(counts)
+}
+
+/// Dead-letter documents that no window can ever select (time field missing or mistyped).
+async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
+    let docs = ctx.source.invalid_time_docs(e, 10_000).await?;
+    if docs.is_empty() {
+        return Ok(0);
+    }
+    let dead: Vec<DeadLetter> = docs
+        .iter()
+        .map(|d| DeadLetter {
+            source_id: source_id(d),
+            error: format!(
+                "time field `{}` is missing or not {:?}; no window can select this document. Fix the document or the mapping's time_encoding",
+                e.time_field, e.time_encoding
+            ),
+            document: raw_json(d),
+        })
+        .collect();
+    ctx.sink
+        .write_batch(&BatchWrite {
+            entity: Some(e),
+            dead: &dead,
+            run_id: &ctx.run_id,
+            mapping_version: &ctx.mapping.version,
+            dry_run: ctx.dry_run,
+            ..Default::default()
+        })
+        .await?;
+    Ok(dead.len() as u64)
+}

@@ -1,0 +1,239 @@
+//! Run reports: every run, backfill, sweep, rollback and dead-letter retry leaves a row in
+//! `tidemark_runs` and a JSON file under `reports_dir` (dry runs only the file: they write
+//! nothing to the target). `tidemark runs` lists the ledger, `tidemark runs show ID` prints
+//! one report. Error texts pass through `redact_uri`, so no secret reaches a report.
+
+use crate::lock::with_pool;
+use crate::secret::redact_uri;
+use crate::sink::{from_ms, ms, RunRecord, Sink};
+use crate::window::fmt_ts;
+use anyhow::{anyhow, Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value as J};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One row of the runs ledger.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: String,
+    pub kind: String,
+    pub dry_run: bool,
+    pub status: String,
+    pub host: String,
+    pub pid: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub settings_fingerprint: String,
+    pub mapping_version: String,
+    pub report: Option<J>,
+}
+
+type RawRow = (
+    String,
+    String,
+    bool,
+    String,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    String,
+    String,
+    Option<String>,
+);
+
+const COLUMNS: &str = "id, kind, dry_run, status, host, pid, started_at_ms, finished_at_ms, \
+    settings_fingerprint, mapping_version, report";
+
+fn to_row(r: RawRow) -> RunRow {
+    RunRow {
+        id: r.0,
+        kind: r.1,
+        dry_run: r.2,
+        status: r.3,
+        host: r.4,
+        pid: r.5,
+        started_at: fmt_ts(from_ms(r.6)),
+        finished_at: r.7.map(|t| fmt_ts(from_ms(t))),
+        settings_fingerprint: r.8,
+        mapping_version: r.9,
+        report: r.10.and_then(|t| serde_json::from_str(&t).ok()),
+    }
+}
+
+/// The latest runs, newest first (optionally of one kind).
+pub async fn list(sink: &Sink, kind: Option<&str>, limit: i64) -> Result<Vec<RunRow>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM tidemark_runs WHERE ($1 IS NULL OR kind = $1) \
+         ORDER BY started_at_ms DESC, id LIMIT $2"
+    );
+    let kind = kind.map(str::to_owned);
+    let rows: Vec<RawRow> =
+        with_pool!(sink, p => sqlx::query_as(&sql).bind(kind).bind(limit).fetch_all(p).await?);
+    Ok(rows.into_iter().map(to_row).collect())
+}
+
+/// One run of the ledger.
+pub async fn get(sink: &Sink, id: &str) -> Result<Option<RunRow>> {
+    let sql = format!("SELECT {COLUMNS} FROM tidemark_runs WHERE id = $1");
+    let row: Option<RawRow> =
+        with_pool!(sink, p => sqlx::query_as(&sql).bind(id).fetch_optional(p).await?);
+    Ok(row.map(to_row))
+}
+
+/// Write `doc` as `<dir>/<start>-<kind>-<id>.json` (temp file, fsync, rename).
+pub fn write_file(dir: &Path, row: &RunRow) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the reports directory {}", dir.display()))?;
+    let stamp = row.started_at.replace([':', '-'], "").replace('.', "_");
+    let path = dir.join(format!("{stamp}-{}-{}.json", row.kind, row.id));
+    let text = redact_uri(&serde_json::to_string_pretty(row)?);
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)
+        .with_context(|| format!("writing the run report {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Close a run in the ledger and write its report file.
+pub async fn finish(
+    sink: &Sink,
+    dir: &Path,
+    run_id: &str,
+    status: &str,
+    report: &J,
+) -> Result<PathBuf> {
+    let report = redact_json(report);
+    sink.finish_run(run_id, status, &report).await?;
+    let row = get(sink, run_id)
+        .await?
+        .ok_or_else(|| anyhow!("run {run_id} vanished from tidemark_runs"))?;
+    write_file(dir, &row)
+}
+
+/// A dry run's report: only the file (the target is left untouched, so no ledger row).
+pub fn finish_dry(
+    dir: &Path,
+    rec: &RunRecord,
+    started: DateTime<Utc>,
+    status: &str,
+    report: &J,
+) -> Result<PathBuf> {
+    let row = RunRow {
+        id: rec.id.clone(),
+        kind: rec.kind.clone(),
+        dry_run: true,
+        status: status.to_owned(),
+        host: crate::lock::this_host(),
+        pid: std::process::id() as i64,
+        started_at: fmt_ts(started),
+        finished_at: Some(fmt_ts(Utc::now())),
+        settings_fingerprint: rec.settings_fingerprint.clone(),
+        mapping_version: rec.mapping_version.clone(),
+        report: Some(redact_json(report)),
+    };
+    write_file(dir, &row)
+}
+
+fn redact_json(v: &J) -> J {
+    serde_json::from_str(&redact_uri(&v.to_string())).unwrap_or_else(|_| v.clone())
+}
+
+/// A run from the ledger, or (dry runs) from its report file.
+pub async fn find(sink: &Sink, dir: &Path, id: &str) -> Result<Option<RunRow>> {
+    if let Some(r) = get(sink, id).await? {
+        return Ok(Some(r));
+    }
+    let suffix = format!("-{id}.json");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().ends_with(&suffix) {
+            let text = std::fs::read_to_string(e.path())?;
+            let v: J = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", e.path().display()))?;
+            return Ok(Some(RunRow {
+                id: v["id"].as_str().unwrap_or(id).to_owned(),
+                kind: v["kind"].as_str().unwrap_or_default().to_owned(),
+                dry_run: v["dry_run"].as_bool().unwrap_or(true),
+                status: v["status"].as_str().unwrap_or_default().to_owned(),
+                host: v["host"].as_str().unwrap_or_default().to_owned(),
+                pid: v["pid"].as_i64().unwrap_or_default(),
+                started_at: v["started_at"].as_str().unwrap_or_default().to_owned(),
+                finished_at: v["finished_at"].as_str().map(str::to_owned),
+                settings_fingerprint: v["settings_fingerprint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                mapping_version: v["mapping_version"].as_str().unwrap_or_default().to_owned(),
+                report: Some(v["report"].clone()),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// `tidemark runs`: one line per run.
+pub fn format_list(rows: &[RunRow]) -> String {
+    let mut out = format!(
+        "{:<36} {:<11} {:<8} {:<24} {:>9} {:>9} {:>9}\n",
+        "id", "kind", "status", "started", "read", "written", "dead"
+    );
+    for r in rows {
+        let t = r
+            .report
+            .as_ref()
+            .map(|j| {
+                let c = if j["totals"].is_object() {
+                    &j["totals"]
+                } else {
+                    &j["counts"]
+                };
+                (
+                    c["read"].as_u64().unwrap_or(0),
+                    c["written"].as_u64().unwrap_or(0),
+                    c["dead_lettered"].as_u64().unwrap_or(0),
+                )
+            })
+            .unwrap_or_default();
+        let status = if r.dry_run {
+            format!("{}*", r.status)
+        } else {
+            r.status.clone()
+        };
+        out.push_str(&format!(
+            "{:<36} {:<11} {:<8} {:<24} {:>9} {:>9} {:>9}\n",
+            r.id, r.kind, status, r.started_at, t.0, t.1, t.2
+        ));
+    }
+    out
+}
+
+/// Lanes a run moved, with their checkpoint before the run (for `runs show` and rollback).
+pub async fn lanes(sink: &Sink, run_id: &str) -> Result<Vec<J>> {
+    let sql = "SELECT lane, entity, existed, watermark_ms FROM tidemark_run_lanes WHERE run_id = $1 ORDER BY lane";
+    let rows: Vec<(String, String, bool, Option<i64>)> =
+        with_pool!(sink, p => sqlx::query_as(sql).bind(run_id).fetch_all(p).await?);
+    Ok(rows
+        .into_iter()
+        .map(|(lane, entity, existed, wm)| {
+            json!({
+                "lane": lane,
+                "entity": entity,
+                "checkpoint_before": existed,
+                "watermark_before": wm.map(|w| fmt_ts(from_ms(w))),
+            })
+        })
+        .collect())
+}
+
+/// Milliseconds now (ledger clock).
+pub fn now_ms() -> i64 {
+    ms(Utc::now())
+}

@@ -1,0 +1,479 @@
+//! Dependencies on demand. For a mapped batch: references (child → parent) not yet in the
+//! target are fetched from the source in bulk (`$in`, chunked), mapped with their own
+//! entity's mapping and written before the batch in the same transaction, recursively up to
+//! `sync.max_depth`; dependents (parent → children in another collection) are fetched in bulk
+//! and written after. Each key is looked up at most once per run (the memo).
+//!
+//! Cycles (a self-reference like `forkedFrom`, two entities referencing each other) need no
+//! ordering trick: every row of a batch and everything it pulls commit in one transaction,
+//! and the foreign keys tidemark creates are `DEFERRABLE INITIALLY DEFERRED`, so they are
+//! checked at commit, when every referenced row is present.
+
+use crate::mapping::spec::MissingPolicy;
+use crate::mapping::{lookup, Entity, Value};
+use crate::pipeline::{map_page, source_id, Ctx, MappedPage};
+use crate::sink::{DeadLetter, EntityRows, MissingRef};
+use anyhow::Result;
+use bson::{Bson, RawDocumentBuf};
+use std::collections::{HashMap, HashSet};
+
+/// What reference resolution knows about keys this run: `true` present, `false` missing from the source.
+#[derive(Debug, Default)]
+pub struct Memo {
+    known: HashMap<(String, String), bool>,
+}
+
+/// The outcome of resolving one batch.
+#[derive(Debug, Default)]
+pub struct Resolution<'m> {
+    /// Pulled references, in write order (deepest first).
+    pub before: Vec<EntityRows<'m>>,
+    /// Dependents, written after the batch.
+    pub after: Vec<EntityRows<'m>>,
+    pub missing: Vec<MissingRef>,
+    /// Batch documents held back: `(source_id, reason)`.
+    pub deferred: Vec<(String, String)>,
+    /// Batch documents dead-lettered by an `on_missing = "skip"` reference.
+    pub dead: Vec<DeadLetter>,
+    /// Pulled documents that could not be mapped, by entity.
+    pub other_dead: Vec<(String, DeadLetter)>,
+    /// Documents pulled on demand (references and dependents).
+    pub pulled: u64,
+    /// Set when `max_depth` or `max_pulled_per_batch` stopped resolution.
+    pub limit_hit: Option<String>,
+}
+
+/// A pulled page of one entity at one depth, with its documents (for source ids).
+struct Level<'m> {
+    entity: &'m Entity,
+    page: MappedPage,
+    docs: Vec<RawDocumentBuf>,
+}
+
+fn key_text(v: &Value) -> String {
+    v.key_text()
+}
+
+/// `(referenced entity, key)` pairs used by rows of `e` (main rows and child rows).
+fn refs_of(e: &Entity, page: &MappedPage) -> HashMap<String, Vec<Value>> {
+    let mut out: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut add = |r: &str, v: &Value| {
+        if *v != Value::Null && seen.insert((r.to_owned(), key_text(v))) {
+            out.entry(r.to_owned()).or_default().push(v.clone());
+        }
+    };
+    for row in &page.rows {
+        for (i, c) in e.columns.iter().enumerate() {
+            if let Some(r) = &c.references {
+                add(r, &row[i]);
+            }
+        }
+    }
+    for (ci, child) in e.children.iter().enumerate() {
+        for row in page.children.get(ci).into_iter().flatten() {
+            for (i, c) in child.columns.iter().enumerate() {
+                if let Some(r) = &c.references {
+                    add(r, &row[i]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The source values to look a key up by: text that looks like an ObjectId matches both forms.
+fn lookup_values(keys: &[Value]) -> Vec<Bson> {
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        match k {
+            Value::Text(s) => {
+                out.push(Bson::String(s.clone()));
+                if let Ok(o) = bson::oid::ObjectId::parse_str(s) {
+                    out.push(Bson::ObjectId(o));
+                }
+            }
+            Value::Int(i) => out.push(Bson::Int32(*i)),
+            Value::BigInt(i) => out.push(Bson::Int64(*i)),
+            other => out.push(Bson::String(other.key_text())),
+        }
+    }
+    out
+}
+
+impl Memo {
+    fn get(&self, entity: &str, key: &str) -> Option<bool> {
+        self.known
+            .get(&(entity.to_owned(), key.to_owned()))
+            .copied()
+    }
+    fn set(&mut self, entity: &str, key: String, present: bool) {
+        self.known.insert((entity.to_owned(), key), present);
+    }
+    fn forget(&mut self, entity: &str, key: &str) {
+        self.known.remove(&(entity.to_owned(), key.to_owned()));
+    }
+}
+
+/// Resolve references and dependents of a mapped batch of `e`, applying missing-reference
+/// policies to `page` (rows may be nulled, dead-lettered or deferred).
+pub async fn resolve<'m>(
+    ctx: &'m Ctx,
+    e: &'m Entity,
+    page: &mut MappedPage,
+    docs: &[RawDocumentBuf],
+) -> Result<Resolution<'m>> {
+    let mut res = Resolution::default();
+    let has_refs = |x: &Entity| {
+        x.columns.iter().any(|c| c.references.is_some())
+            || x.children
+                .iter()
+                .any(|c| c.columns.iter().any(|c| c.references.is_some()))
+    };
+    if !has_refs(e) && e.dependents.is_empty() {
+        return Ok(res);
+    }
+    let mut memo = ctx.memo.lock().await;
+    if let Some(kc) = e.key_column {
+        for row in &page.rows {
+            memo.set(&e.name, key_text(&row[kc]), true);
+        }
+    }
+    let mut budget = ctx.settings.sync.max_pulled_per_batch;
+    let mut levels = pull(ctx, &mut memo, refs_of(e, page), &mut budget, &mut res).await?;
+
+    let mut dependents = Vec::new();
+    // Fetch every dependent collection concurrently (one `$in` each), then process in order.
+    let mut fetches = Vec::new();
+    for d in &e.dependents {
+        let dent = ctx.mapping.entity(&d.entity)?;
+        let parent_field = d.parent_field.clone().unwrap_or_else(|| e.id_field.clone());
+        let path: Vec<String> = parent_field.split('.').map(str::to_owned).collect();
+        let mut seen = HashSet::new();
+        let values: Vec<Bson> = page
+            .row_docs
+            .iter()
+            .filter_map(|&i| lookup(&docs[i], &path).ok().flatten())
+            .filter_map(|v| Bson::try_from(v).ok())
+            .filter(|b| seen.insert(b.to_string()))
+            .collect();
+        if !values.is_empty() {
+            fetches.push(async move {
+                ctx.source
+                    .fetch_in(dent, &d.foreign_field, values)
+                    .await
+                    .map(|docs| (dent, docs))
+            });
+        }
+    }
+    for fetched in futures::future::join_all(fetches).await {
+        let (dent, ddocs) = fetched?;
+        res.pulled += ddocs.len() as u64;
+        let dpage = map_page(dent, &ddocs, false);
+        if let Some(kc) = dent.key_column {
+            for row in &dpage.rows {
+                memo.set(&dent.name, key_text(&row[kc]), true);
+            }
+        }
+        levels.extend(pull(ctx, &mut memo, refs_of(dent, &dpage), &mut budget, &mut res).await?);
+        dependents.push(Level {
+            entity: dent,
+            page: dpage,
+            docs: ddocs,
+        });
+    }
+
+    // Apply policies bottom-up: a pulled row dropped for a missing reference makes its own key unknown.
+    levels.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
+    for (_, level) in &mut levels {
+        let dropped = apply_policies(
+            level.entity,
+            &mut level.page,
+            &level.docs,
+            &mut memo,
+            &mut res,
+            true,
+        );
+        forget_dropped(level.entity, &dropped, &mut memo);
+    }
+    for level in &mut dependents {
+        apply_policies(
+            level.entity,
+            &mut level.page,
+            &level.docs,
+            &mut memo,
+            &mut res,
+            true,
+        );
+    }
+    apply_policies(e, page, docs, &mut memo, &mut res, false);
+    drop(memo);
+
+    for (_, level) in levels {
+        if let Some(rows) = level.into_rows(&mut res.other_dead) {
+            res.before.push(rows);
+        }
+    }
+    for level in dependents {
+        if let Some(rows) = level.into_rows(&mut res.other_dead) {
+            res.after.push(rows);
+        }
+    }
+    Ok(res)
+}
+
+impl<'m> Level<'m> {
+    /// Hand the level's dead letters to `dead` and its rows (if any) to the writer.
+    fn into_rows(self, dead: &mut Vec<(String, DeadLetter)>) -> Option<EntityRows<'m>> {
+        let name = &self.entity.name;
+        dead.extend(self.page.dead.into_iter().map(|d| (name.clone(), d)));
+        (!self.page.rows.is_empty()).then(|| EntityRows {
+            entity: self.entity,
+            rows: self.page.rows,
+            children: self.page.children,
+        })
+    }
+}
+
+fn forget_dropped(e: &Entity, dropped: &[Vec<Value>], memo: &mut Memo) {
+    if let Some(kc) = e.key_column {
+        for row in dropped {
+            memo.forget(&e.name, &key_text(&row[kc]));
+        }
+    }
+}
+
+/// Breadth-first pull of referenced keys; returns pulled pages tagged with their depth.
+async fn pull<'m>(
+    ctx: &'m Ctx,
+    memo: &mut Memo,
+    mut frontier: HashMap<String, Vec<Value>>,
+    budget: &mut usize,
+    res: &mut Resolution<'m>,
+) -> Result<Vec<(u32, Level<'m>)>> {
+    let mut levels = Vec::new();
+    let max_depth = ctx.settings.sync.max_depth;
+    for depth in 1..=max_depth {
+        if frontier.is_empty() {
+            break;
+        }
+        let mut next: HashMap<String, Vec<Value>> = HashMap::new();
+        let mut names: Vec<String> = frontier.keys().cloned().collect();
+        names.sort();
+        for rname in names {
+            let keys = frontier.remove(&rname).unwrap_or_default();
+            let r = ctx.mapping.entity(&rname)?;
+            let Some(kc) = r.key_column else { continue };
+            let unknown: Vec<Value> = keys
+                .into_iter()
+                .filter(|k| memo.get(&rname, &key_text(k)).is_none())
+                .collect();
+            if unknown.is_empty() {
+                continue;
+            }
+            let present = ctx.sink.existing_keys(r.table_ref(), kc, &unknown).await?;
+            let mut rest = Vec::new();
+            for k in unknown {
+                let kt = key_text(&k);
+                if present.contains(&kt) {
+                    memo.set(&rname, kt, true);
+                } else {
+                    rest.push(k);
+                }
+            }
+            if rest.is_empty() {
+                continue;
+            }
+            if rest.len() > *budget {
+                res.limit_hit = Some(format!(
+                    "sync.max_pulled_per_batch = {} reached while pulling {rname}; the rows that need the rest are deferred to a later run",
+                    ctx.settings.sync.max_pulled_per_batch
+                ));
+                rest.truncate(*budget);
+            }
+            if rest.is_empty() {
+                continue;
+            }
+            let docs = ctx
+                .source
+                .fetch_in(r, &r.id_field, lookup_values(&rest))
+                .await?;
+            *budget = budget.saturating_sub(docs.len());
+            res.pulled += docs.len() as u64;
+            let page = map_page(r, &docs, false);
+            let found: HashSet<String> = page.rows.iter().map(|row| key_text(&row[kc])).collect();
+            for k in rest {
+                let kt = key_text(&k);
+                let here = found.contains(&kt);
+                memo.set(&rname, kt, here);
+            }
+            for (rn, ks) in refs_of(r, &page) {
+                next.entry(rn).or_default().extend(ks);
+            }
+            levels.push((
+                depth,
+                Level {
+                    entity: r,
+                    page,
+                    docs,
+                },
+            ));
+        }
+        frontier = next;
+    }
+    let unresolved = frontier
+        .iter()
+        .any(|(r, ks)| ks.iter().any(|k| memo.get(r, &key_text(k)).is_none()));
+    if unresolved {
+        res.limit_hit = Some(format!(
+            "sync.max_depth = {max_depth} reached; references deeper than that are not followed and the rows needing them are deferred"
+        ));
+    }
+    Ok(levels)
+}
+
+/// Check every reference of `page` against the memo and apply the column's policy.
+/// Returns the main rows that were removed.
+fn apply_policies(
+    e: &Entity,
+    page: &mut MappedPage,
+    docs: &[RawDocumentBuf],
+    memo: &mut Memo,
+    res: &mut Resolution<'_>,
+    pulled: bool,
+) -> Vec<Vec<Value>> {
+    let ref_cols: Vec<usize> = e
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.references.is_some())
+        .map(|(i, _)| i)
+        .collect();
+    let mut keep = vec![true; page.rows.len()];
+    for (ri, row) in page.rows.iter_mut().enumerate() {
+        let doc = &docs[page.row_docs[ri]];
+        for &ci in &ref_cols {
+            let c = &e.columns[ci];
+            let r = c.references.as_deref().unwrap_or_default();
+            if row[ci] == Value::Null {
+                continue;
+            }
+            let kt = key_text(&row[ci]);
+            let state = memo.get(r, &kt);
+            if state == Some(true) {
+                continue;
+            }
+            let sid = source_id(doc);
+            let record = MissingRef {
+                entity: e.name.clone(),
+                source_id: sid.clone(),
+                column: c.name.clone(),
+                ref_entity: r.to_owned(),
+                ref_key: kt.clone(),
+                policy: c.on_missing,
+            };
+            match (state, c.on_missing) {
+                (Some(false), MissingPolicy::Null) => {
+                    row[ci] = Value::Null;
+                    res.missing.push(record);
+                }
+                (Some(false), MissingPolicy::Skip) => {
+                    keep[ri] = false;
+                    let reason = format!("column `{}`: referenced {r} `{kt}` does not exist in the source (on_missing = skip)", c.name);
+                    if pulled {
+                        res.other_dead.push((e.name.clone(), dead(doc, reason)));
+                    } else {
+                        res.dead.push(dead(doc, reason));
+                    }
+                    res.missing.push(record);
+                }
+                (Some(false), MissingPolicy::Defer) | (None, _) => {
+                    keep[ri] = false;
+                    if !pulled {
+                        let why = if state.is_none() {
+                            "reference not resolved within limits"
+                        } else {
+                            "reference missing (on_missing = defer)"
+                        };
+                        res.deferred
+                            .push((sid, format!("column `{}` -> {r} `{kt}`: {why}", c.name)));
+                    }
+                    res.missing.push(record);
+                }
+                (Some(true), _) => {}
+            }
+        }
+    }
+    // Child rows: null the column, or drop the child row (skip/defer cannot hold back one element).
+    for (ci, child) in e.children.iter().enumerate() {
+        let Some(rows) = page.children.get_mut(ci) else {
+            continue;
+        };
+        for (i, c) in child.columns.iter().enumerate() {
+            let Some(r) = &c.references else { continue };
+            rows.retain_mut(|row| {
+                if row[i] == Value::Null || memo.get(r, &key_text(&row[i])) == Some(true) {
+                    return true;
+                }
+                if c.on_missing == MissingPolicy::Null {
+                    row[i] = Value::Null;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+    let mut removed = Vec::new();
+    let mut kept_docs = Vec::new();
+    let mut kept_rows = Vec::new();
+    let rows = std::mem::take(&mut page.rows)
+        .into_iter()
+        .zip(std::mem::take(&mut page.row_docs));
+    for (idx, (row, d)) in rows.enumerate() {
+        if keep[idx] {
+            kept_rows.push(row);
+            kept_docs.push(d);
+        } else {
+            removed.push(row);
+        }
+    }
+    if !removed.is_empty() {
+        // Child rows of removed parents go too.
+        for (ci, child) in e.children.iter().enumerate() {
+            let links: Vec<(usize, usize)> = child.parent_links.clone();
+            let gone: HashSet<String> = removed
+                .iter()
+                .map(|r| {
+                    links
+                        .iter()
+                        .map(|(_, p)| key_text(&r[*p]))
+                        .collect::<Vec<_>>()
+                        .join("\u{1f}")
+                })
+                .collect();
+            if let Some(rows) = page.children.get_mut(ci) {
+                rows.retain(|row| {
+                    !gone.contains(
+                        &links
+                            .iter()
+                            .map(|(c, _)| key_text(&row[*c]))
+                            .collect::<Vec<_>>()
+                            .join("\u{1f}"),
+                    )
+                });
+            }
+        }
+    }
+    page.rows = kept_rows;
+    page.row_docs = kept_docs;
+    removed
+}
+
+fn dead(doc: &RawDocumentBuf, error: String) -> DeadLetter {
+    DeadLetter {
+        source_id: source_id(doc),
+        error,
+        document: crate::pipeline::raw_json(doc),
+    }
+}

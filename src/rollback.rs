@@ -1,0 +1,363 @@
+//! `tidemark rollback --run ID [--dry-run] [--force]`: undo one run from its provenance.
+//!
+//! Rows the run inserted are deleted, rows it changed or deleted get their before-image
+//! back, and every lane the run moved gets its previous checkpoint back (a backfill chunk
+//! goes back to `pending`), so the next run repeats the window. Rows the tool never wrote
+//! have no provenance and are never touched. A row changed by someone else since the run
+//! (its content no longer matches what the run left) is a conflict: reported and left
+//! alone unless `--force`. Later runs that touched the same rows or lanes must be rolled
+//! back first (newest first). Everything happens in one transaction; with `--dry-run`
+//! that transaction is rolled back, so the report says exactly what would happen.
+
+use crate::app::{self, fingerprint};
+use crate::canon;
+use crate::exit::Failure;
+use crate::lock::with_pool;
+use crate::mapping::{Mapping, TableRef, Value};
+use crate::settings::Settings;
+use crate::sink::BeginWrite;
+use crate::sink::{RunRecord, TableOps};
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+/// Provenance rows read per round.
+const CHUNK: i64 = 1000;
+
+/// What a rollback did (or, dry, would do).
+#[derive(Debug, Default, Serialize)]
+pub struct RollbackReport {
+    pub run_id: String,
+    pub rolled_back_run: String,
+    pub dry_run: bool,
+    /// Per table: rows deleted (inserted by the run) and restored (changed or deleted by it).
+    pub tables: BTreeMap<String, TableTally>,
+    /// Rows changed since the run by someone else (at most 100 listed). Without `--force`
+    /// any conflict cancels the whole rollback.
+    pub conflicts: Vec<String>,
+    pub conflict_count: u64,
+    /// Lanes whose checkpoint went back to where it was before the run.
+    pub lanes: Vec<String>,
+    pub elapsed_ms: u64,
+    #[serde(skip)]
+    pub report_file: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct TableTally {
+    pub deleted: u64,
+    pub restored: u64,
+    pub conflicts: u64,
+}
+
+impl std::fmt::Display for RollbackReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.dry_run {
+            writeln!(f, "DRY RUN, nothing changed:")?;
+        }
+        writeln!(
+            f,
+            "{:<24} {:>9} {:>9} {:>9}",
+            "table", "deleted", "restored", "conflicts"
+        )?;
+        for (t, c) in &self.tables {
+            writeln!(
+                f,
+                "{t:<24} {:>9} {:>9} {:>9}",
+                c.deleted, c.restored, c.conflicts
+            )?;
+        }
+        for c in &self.conflicts {
+            writeln!(f, "conflict: {c}")?;
+        }
+        for l in &self.lanes {
+            writeln!(f, "checkpoint rewound: {l}")?;
+        }
+        if let Some(p) = &self.report_file {
+            writeln!(f, "report: {p}")?;
+        }
+        write!(
+            f,
+            "rollback {} of run {}: {} conflict(s)",
+            self.run_id, self.rolled_back_run, self.conflict_count
+        )
+    }
+}
+
+/// One provenance row.
+struct Prov {
+    table: String,
+    pk: String,
+    before: Option<String>,
+    after: Option<String>,
+}
+
+fn tables(m: &Mapping) -> HashMap<String, TableRef<'_>> {
+    let mut out = HashMap::new();
+    for e in &m.entities {
+        out.insert(e.table.clone(), e.table_ref());
+        for c in &e.children {
+            out.insert(c.table.clone(), c.table_ref());
+        }
+    }
+    out
+}
+
+/// Check each row still holds what the run left; undo the ones that do.
+async fn undo_chunk<T: TableOps>(
+    tx: &mut T,
+    tables: &HashMap<String, TableRef<'_>>,
+    chunk: &[Prov],
+    force: bool,
+    rep: &mut RollbackReport,
+) -> Result<()> {
+    let mut by_table: BTreeMap<&str, Vec<&Prov>> = BTreeMap::new();
+    for p in chunk {
+        by_table.entry(p.table.as_str()).or_default().push(p);
+    }
+    for (name, provs) in by_table {
+        let t = *tables.get(name).ok_or_else(|| {
+            anyhow!("run wrote table {name}, which the current mapping no longer declares; restore the mapping that wrote it, then roll back")
+        })?;
+        let keys: Vec<Vec<Value>> = provs
+            .iter()
+            .map(|p| canon::key_from_json(t, &p.pk))
+            .collect::<Result<_>>()?;
+        let current = crate::sink::provenance::index_rows(t, tx.select_rows(t, t.pk, &keys).await?);
+        let (mut restore, mut delete) = (Vec::new(), Vec::new());
+        let tally = rep.tables.entry(name.to_owned()).or_default();
+        for (p, key) in provs.iter().zip(keys) {
+            let cur = current.get(&p.pk);
+            let untouched = match (&p.after, cur) {
+                (None, None) => true,
+                (Some(h), Some(r)) => &canon::row_hash(t, r) == h,
+                _ => false,
+            };
+            if !untouched {
+                tally.conflicts += 1;
+                rep.conflict_count += 1;
+                if rep.conflicts.len() < 100 {
+                    let what = if cur.is_some() { "changed" } else { "deleted" };
+                    rep.conflicts
+                        .push(format!("{name} {}: {what} since the run", p.pk));
+                }
+                if !force {
+                    continue;
+                }
+            }
+            match &p.before {
+                Some(b) => restore.push(canon::row_from_json(t, &serde_json::from_str(b)?)?),
+                None => delete.push(key),
+            }
+        }
+        if !restore.is_empty() {
+            tx.upsert_rows(t, &restore).await?;
+            tally.restored += restore.len() as u64;
+        }
+        if !delete.is_empty() {
+            tally.deleted += tx.delete_keys(t, t.pk, &delete).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs started after `run` that touched one of its rows or lanes and are not rolled back.
+const LATER_RUNS: &str = "SELECT DISTINCT r.id, r.started_at_ms FROM tidemark_runs r WHERE r.started_at_ms > $2 \
+    AND r.status <> 'rolled_back' AND r.id <> $1 AND (EXISTS (SELECT 1 FROM tidemark_provenance a \
+    JOIN tidemark_provenance b ON b.table_name = a.table_name AND b.pk = a.pk WHERE a.run_id = $1 AND b.run_id = r.id) \
+    OR EXISTS (SELECT 1 FROM tidemark_run_lanes a JOIN tidemark_run_lanes b ON b.lane = a.lane \
+    WHERE a.run_id = $1 AND b.run_id = r.id)) ORDER BY r.started_at_ms DESC";
+
+const PROV_RESTORE: &str =
+    "SELECT id, table_name, pk, before_image, after_hash FROM tidemark_provenance \
+    WHERE run_id = $1 AND before_image IS NOT NULL AND id > $2 ORDER BY id LIMIT $3";
+// Inserted rows go newest first: rows referencing others were mostly written after them,
+// so no ON DELETE action reaches a row before its own check.
+const PROV_DELETE: &str =
+    "SELECT id, table_name, pk, before_image, after_hash FROM tidemark_provenance \
+    WHERE run_id = $1 AND before_image IS NULL AND id < $2 ORDER BY id DESC LIMIT $3";
+
+type ProvRow = (i64, String, String, Option<String>, Option<String>);
+type LaneRow = (
+    String,
+    String,
+    bool,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// `backfill:{id}:{entity}:{from_ms}` → (id, entity, from_ms).
+fn backfill_lane(lane: &str) -> Option<(&str, &str, i64)> {
+    let rest = lane.strip_prefix("backfill:")?;
+    let (id, rest) = rest.split_once(':')?;
+    let (entity, from) = rest.rsplit_once(':')?;
+    Some((id, entity, from.parse().ok()?))
+}
+
+/// `tidemark rollback`.
+pub async fn rollback(
+    s: Settings,
+    run: &str,
+    dry_run: bool,
+    force: bool,
+) -> Result<RollbackReport> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let mapping = app::load_mapping(&s)?;
+    let sink = app::open_sink_dry(&s, &mapping).await?;
+    let target = crate::reports::get(&sink, run).await?.ok_or_else(|| {
+        Failure::Config(anyhow!(
+            "there is no run {run} in tidemark_runs; `tidemark runs` lists them (dry runs wrote nothing to roll back)"
+        ))
+    })?;
+    if target.status == "rolled_back" {
+        return Err(Failure::Config(anyhow!("run {run} is already rolled back")).into());
+    }
+    let started_ms = chrono::DateTime::parse_from_rfc3339(&target.started_at)
+        .map(|d| d.timestamp_millis())
+        .unwrap_or(0);
+    let later: Vec<(String, i64)> = with_pool!(&sink, p => sqlx::query_as(LATER_RUNS)
+        .bind(run).bind(started_ms).fetch_all(p).await?);
+    if !later.is_empty() {
+        let ids: Vec<&str> = later.iter().map(|(id, _)| id.as_str()).collect();
+        return Err(Failure::Config(anyhow!(
+            "later runs touched the same rows or checkpoints: {}. Roll them back first, newest first \
+             (tidemark rollback --run {}), then this one",
+            ids.join(", "),
+            ids[0]
+        ))
+        .into());
+    }
+    let lanes_of_run: Vec<LaneRow> = with_pool!(&sink, p => sqlx::query_as(
+        "SELECT lane, entity, existed, watermark_ms, open_from_ms, open_to_ms, last_ts, last_id, prev_run_id \
+         FROM tidemark_run_lanes WHERE run_id = $1 ORDER BY lane")
+        .bind(run).fetch_all(p).await?);
+    let nightly: Vec<String> = lanes_of_run
+        .iter()
+        .map(|l| l.0.clone())
+        .filter(|l| l.starts_with("nightly:"))
+        .collect();
+    let lease = if dry_run || nightly.is_empty() {
+        None
+    } else {
+        let opts = crate::lock::LockOptions {
+            lease: s.lock.lease,
+            wait: false,
+        };
+        Some(crate::lock::acquire(&sink, &nightly, opts, Default::default()).await?)
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let record = RunRecord {
+        id: id.clone(),
+        kind: "rollback".into(),
+        dry_run,
+        settings_fingerprint: fingerprint(&s),
+        mapping_version: mapping.version.clone(),
+    };
+    if !dry_run {
+        sink.start_run(&record).await?;
+    }
+    let mut rep = RollbackReport {
+        run_id: id.clone(),
+        rolled_back_run: run.to_owned(),
+        dry_run,
+        ..Default::default()
+    };
+    let tables = tables(&mapping);
+    let result: Result<()> = async {
+        with_pool!(&sink, p => {
+            let mut tx = p.begin_write().await?;
+            let mut after = 0i64;
+            loop {
+                let rows: Vec<ProvRow> = sqlx::query_as(PROV_RESTORE).bind(run).bind(after).bind(CHUNK).fetch_all(&mut *tx).await?;
+                let Some(last) = rows.last() else { break };
+                after = last.0;
+                undo_chunk(&mut tx, &tables, &to_prov(rows), force, &mut rep).await?;
+            }
+            let mut before = i64::MAX;
+            loop {
+                let rows: Vec<ProvRow> = sqlx::query_as(PROV_DELETE).bind(run).bind(before).bind(CHUNK).fetch_all(&mut *tx).await?;
+                let Some(last) = rows.last() else { break };
+                before = last.0;
+                undo_chunk(&mut tx, &tables, &to_prov(rows), force, &mut rep).await?;
+            }
+            for (lane, entity, existed, wm, of, ot, lts, lid, prev) in &lanes_of_run {
+                if *existed {
+                    sqlx::query("INSERT INTO tidemark_checkpoints (lane, entity, watermark_ms, open_from_ms, open_to_ms, \
+                                 last_ts, last_id, run_id, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                                 ON CONFLICT (lane) DO UPDATE SET entity = excluded.entity, watermark_ms = excluded.watermark_ms, \
+                                 open_from_ms = excluded.open_from_ms, open_to_ms = excluded.open_to_ms, last_ts = excluded.last_ts, \
+                                 last_id = excluded.last_id, run_id = excluded.run_id, updated_at_ms = excluded.updated_at_ms")
+                        .bind(lane).bind(entity).bind(wm).bind(of).bind(ot).bind(lts).bind(lid).bind(prev)
+                        .bind(crate::reports::now_ms()).execute(&mut *tx).await?;
+                } else {
+                    sqlx::query("DELETE FROM tidemark_checkpoints WHERE lane = $1").bind(lane).execute(&mut *tx).await?;
+                }
+                if let Some((bf, ent, from)) = backfill_lane(lane) {
+                    sqlx::query("UPDATE tidemark_backfill_chunks SET status = 'pending', holder = NULL, finished_at_ms = NULL, \
+                                 lease_expires_ms = NULL WHERE backfill_id = $1 AND entity = $2 AND from_ms = $3")
+                        .bind(bf).bind(ent).bind(from).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE tidemark_backfills SET status = 'running', finished_at_ms = NULL WHERE id = $1")
+                        .bind(bf).execute(&mut *tx).await?;
+                }
+                rep.lanes.push(lane.clone());
+            }
+            sqlx::query("UPDATE tidemark_runs SET status = 'rolled_back' WHERE id = $1").bind(run).execute(&mut *tx).await?;
+            // All or nothing: with conflicts (and no --force) nothing is changed.
+            if dry_run || (rep.conflict_count > 0 && !force) {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+        });
+        Ok(())
+    }
+    .await;
+    rep.elapsed_ms = started.elapsed().as_millis() as u64;
+    let (status, mut json) = match &result {
+        Ok(()) if rep.conflict_count > 0 && !force => ("partial", serde_json::to_value(&rep)?),
+        Ok(()) => ("ok", serde_json::to_value(&rep)?),
+        Err(_) => ("failed", serde_json::to_value(&rep)?),
+    };
+    if let Err(e) = &result {
+        json["error"] = serde_json::Value::String(crate::secret::redact_uri(&format!("{e:#}")));
+    }
+    let dir = s.reports_path();
+    let file = if dry_run {
+        crate::reports::finish_dry(&dir, &record, started_at, status, &json)
+    } else {
+        crate::reports::finish(&sink, &dir, &id, status, &json).await
+    };
+    rep.report_file = file.ok().map(|p| p.display().to_string());
+    if let Some(l) = lease {
+        let _ = l.release().await;
+    }
+    sink.close().await;
+    result?;
+    if rep.conflict_count > 0 && !force {
+        println!("{rep}");
+        return Err(Failure::Partial(format!(
+            "{} row(s) were changed by someone else since run {run}; nothing was rolled back. \
+             Inspect them, then run again with --force to overwrite them with their state before the run",
+            rep.conflict_count
+        ))
+        .into());
+    }
+    Ok(rep)
+}
+
+fn to_prov(rows: Vec<ProvRow>) -> Vec<Prov> {
+    rows.into_iter()
+        .map(|(_, table, pk, before, after)| Prov {
+            table,
+            pk,
+            before,
+            after,
+        })
+        .collect()
+}

@@ -1,0 +1,276 @@
+//! Typed settings in layers: built-in `config/default.toml`, an optional file,
+//! then `TIDEMARK__SECTION__KEY` environment variables (added last so they win).
+//! Validation happens here, before anything touches a database.
+
+use crate::secret::SecretUri;
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Every setting; see `config/default.toml` for the meaning of each key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Directory for the SQLite target, reports and local server data.
+    pub state_dir: PathBuf,
+    /// Where every run, backfill, sweep and rollback writes its JSON report; empty = `<state_dir>/reports`.
+    pub reports_dir: PathBuf,
+    pub source: SourceSettings,
+    pub target: TargetSettings,
+    pub sync: SyncSettings,
+    pub log: LogSettings,
+    pub lock: LockSettings,
+    pub daemon: DaemonSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// MongoDB connection string (secret).
+    pub uri: SecretUri,
+    /// Database holding the legacy collections.
+    pub database: String,
+    /// Documents per page and per target transaction.
+    pub batch_size: usize,
+    /// Driver read preference.
+    pub read_preference: ReadPref,
+    /// Max documents per second read from the source (0 = unlimited).
+    pub rate_limit: u64,
+    /// Retries of a failed source read before the run fails.
+    pub retry_attempts: u32,
+    /// Connection establishment timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadPref {
+    Primary,
+    PrimaryPreferred,
+    Secondary,
+    SecondaryPreferred,
+    Nearest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSettings {
+    /// `sqlite://PATH` or `postgres://...` (secret).
+    pub url: SecretUri,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Mapping file.
+    pub mapping: PathBuf,
+    /// Entities to sync (empty = all).
+    pub entities: Vec<String>,
+    /// Initial watermark.
+    #[serde(deserialize_with = "crate::timearg::deserialize_instant")]
+    pub start: DateTime<Utc>,
+    /// Source clock minus this is the newest `to`.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// Re-read behind the watermark.
+    #[serde(with = "humantime_serde")]
+    pub overlap: Duration,
+    /// Longest single window.
+    #[serde(with = "humantime_serde")]
+    pub max_window: Duration,
+    /// Dead letters tolerated per run before it counts as partial.
+    pub error_budget: u64,
+    /// Dead-letter documents whose time field is missing or mistyped.
+    pub scan_invalid_time: bool,
+    /// How deep references are followed (a fork's parent's owner is depth 2).
+    pub max_depth: u32,
+    /// Most documents pulled on demand for one batch; beyond it rows are deferred and reported.
+    pub max_pulled_per_batch: usize,
+    /// Runs a deferred row is retried before it becomes a dead letter.
+    pub defer_attempts: u32,
+    /// Keep before-images of the rows each run changes (in `tidemark_provenance`), so
+    /// `tidemark rollback --run ID` can undo a run. Off: rollback is not possible.
+    pub provenance: bool,
+}
+
+/// Leases that keep one writer per lane (see `src/lock.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockSettings {
+    /// How long a lease lives without a heartbeat; a crashed holder's lane frees up after it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+/// `tidemark daemon`: schedule, metrics endpoint, retries and shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    /// Cron expression with seconds, evaluated in UTC: `sec min hour day-of-month month day-of-week`.
+    pub schedule: String,
+    /// Run a catch-up as soon as the daemon starts, before the first scheduled time.
+    pub run_on_start: bool,
+    /// Address of the `/metrics` and `/health` endpoint; empty = off. A bare port binds 127.0.0.1.
+    pub metrics_listen: String,
+    /// First retry delay after a failed run; doubles after each further failure.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest retry delay (before jitter).
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// After SIGTERM/SIGINT, how long the current batch may take to commit before the daemon exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Human,
+    Json,
+}
+
+impl Settings {
+    /// The directory run reports are written to.
+    pub fn reports_path(&self) -> PathBuf {
+        if self.reports_dir.as_os_str().is_empty() {
+            self.state_dir.join("reports")
+        } else {
+            self.reports_dir.clone()
+        }
+    }
+
+    /// Load defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!(
+                    "config file {} does not exist; pass an existing file to --config",
+                    path.display()
+                );
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("TIDEMARK")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("sync.entities")
+                .try_parsing(true),
+        );
+        let origin = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in defaults".into());
+        let cfg = builder
+            .build()
+            .with_context(|| format!("reading settings ({origin} + TIDEMARK__* environment)"))?;
+        let settings: Settings = cfg.try_deserialize().map_err(|e| {
+            anyhow::anyhow!(
+                "invalid setting in {origin} or TIDEMARK__* environment: {e}. \
+                 See config/default.toml for every valid key and its type"
+            )
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = &self.source;
+        if s.batch_size == 0 || s.batch_size > 50_000 {
+            bail!(
+                "source.batch_size = {} is out of range; use a value between 1 and 50000",
+                s.batch_size
+            );
+        }
+        if s.database.is_empty() {
+            bail!("source.database is empty; name the legacy database");
+        }
+        let url = self.target.url.expose();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres:")
+            || url.starts_with("postgresql:"))
+        {
+            bail!(
+                "target.url = {} has an unsupported scheme; use sqlite://PATH or postgres://user@host/db",
+                self.target.url
+            );
+        }
+        if !s.uri.expose().starts_with("mongodb://")
+            && !s.uri.expose().starts_with("mongodb+srv://")
+        {
+            bail!(
+                "source.uri = {} is not a MongoDB URI; it must start with mongodb:// or mongodb+srv://",
+                s.uri
+            );
+        }
+        if self.sync.max_window.is_zero() {
+            bail!("sync.max_window must be longer than 0s, e.g. \"30d\"");
+        }
+        if self.target.max_connections == 0 {
+            bail!("target.max_connections must be at least 1");
+        }
+        self.validate_ops()?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// `[lock]` and `[daemon]`: checked at load so `check-config` catches a bad schedule.
+    fn validate_ops(&self) -> Result<()> {
+        if self.lock.lease < Duration::from_secs(1) {
+            bail!(
+                "lock.lease = {:?} is too short; use at least \"1s\" (default \"30s\")",
+                self.lock.lease
+            );
+        }
+        let d = &self.daemon;
+        crate::daemon::parse_schedule(&d.schedule).map_err(|e| {
+            anyhow::anyhow!(
+                "daemon.schedule = {:?} is not a valid cron expression: {e}. \
+                 Use six fields with seconds first, e.g. \"0 30 2 * * *\" for 02:30:00 UTC daily",
+                d.schedule
+            )
+        })?;
+        if !d.metrics_listen.is_empty() {
+            crate::daemon::listen_addr(&d.metrics_listen)?;
+        }
+        if d.backoff_initial.is_zero() || d.backoff_max < d.backoff_initial {
+            bail!(
+                "daemon.backoff_initial must be above 0s and at most daemon.backoff_max (now {:?} and {:?})",
+                d.backoff_initial,
+                d.backoff_max
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load(None).expect("defaults are valid");
+        assert_eq!(s.source.batch_size, 2000);
+        assert_eq!(s.sync.settle, Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,238 @@
+//! The new schema's tables, declared by the mapping: create what is missing, add new
+//! nullable columns, and report (never apply) destructive differences.
+
+use super::{BeginWrite, Sink};
+use crate::mapping::{ColumnType, Mapping, TableRef};
+use anyhow::Result;
+use sqlx::Row;
+
+/// Double-quote an identifier (identifiers are also restricted to `[A-Za-z0-9_]` by the mapping).
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// What `migrate` found and did for one table.
+#[derive(Debug, Default, Clone)]
+pub struct SchemaPlan {
+    /// Statements that are safe and applied (create table, add nullable column).
+    pub apply: Vec<String>,
+    /// Differences an operator must resolve by hand, with the SQL they would run.
+    pub manual: Vec<String>,
+}
+
+fn col_type(sink: &Sink, t: ColumnType) -> &'static str {
+    match sink {
+        Sink::Postgres(_) => t.postgres(),
+        Sink::Sqlite(_) => t.sqlite(),
+    }
+}
+
+/// Foreign keys a mapped table carries: `(constraint name, clause)`. References point at the
+/// referenced entity's key column (when it is that entity's whole primary key) and set the
+/// column to NULL if that row is deleted; child tables point at their parent and cascade.
+/// All are DEFERRABLE INITIALLY DEFERRED: checked at commit, so a batch may write rows in any
+/// order and cycles (self-references, mutual references) need no special ordering.
+pub fn foreign_keys(mapping: &Mapping, table: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in &mapping.entities {
+        let tables = std::iter::once((e.table_ref(), None))
+            .chain(e.children.iter().map(|c| (c.table_ref(), Some(c))));
+        for (t, child) in tables {
+            if t.name != table {
+                continue;
+            }
+            for c in t.columns {
+                let Some(r) = c
+                    .references
+                    .as_deref()
+                    .and_then(|r| mapping.entities.iter().find(|x| x.name == r))
+                else {
+                    continue;
+                };
+                let Some(kc) = r.key_column.filter(|kc| r.pk == [*kc]) else {
+                    continue;
+                };
+                out.push((
+                    format!("fk_{}_{}", t.name, c.name),
+                    format!(
+                        "FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE SET NULL DEFERRABLE INITIALLY DEFERRED",
+                        quote(&c.name),
+                        quote(&r.table),
+                        quote(&r.columns[kc].name)
+                    ),
+                ));
+            }
+            if let Some(ch) = child {
+                let parent_cols: Vec<usize> = ch.parent_links.iter().map(|(_, p)| *p).collect();
+                let mut sorted_pk = e.pk.clone();
+                sorted_pk.sort();
+                let mut sorted_links = parent_cols.clone();
+                sorted_links.sort();
+                if sorted_pk == sorted_links {
+                    let mine: Vec<String> = ch
+                        .parent_links
+                        .iter()
+                        .map(|(c, _)| quote(&ch.columns[*c].name))
+                        .collect();
+                    let theirs: Vec<String> = parent_cols
+                        .iter()
+                        .map(|p| quote(&e.columns[*p].name))
+                        .collect();
+                    out.push((
+                        format!("fk_{}_parent", t.name),
+                        format!(
+                            "FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED",
+                            mine.join(", "),
+                            quote(&e.table),
+                            theirs.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `CREATE TABLE` for a mapped table (SQLite: with its foreign keys inline).
+pub fn create_table(sink: &Sink, e: TableRef<'_>) -> String {
+    create_table_with(sink, e, &[])
+}
+
+fn create_table_with(sink: &Sink, e: TableRef<'_>, fks: &[(String, String)]) -> String {
+    let mut parts: Vec<String> = e
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let nn = if e.pk.contains(&i) { " NOT NULL" } else { "" };
+            format!("{} {}{nn}", quote(&c.name), col_type(sink, c.ty))
+        })
+        .collect();
+    let pk: Vec<String> = e.pk.iter().map(|&i| quote(&e.columns[i].name)).collect();
+    parts.push(format!("PRIMARY KEY ({})", pk.join(", ")));
+    for (name, clause) in fks {
+        parts.push(format!("CONSTRAINT {} {clause}", quote(name)));
+    }
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    {}\n)",
+        quote(e.name),
+        parts.join(",\n    ")
+    )
+}
+
+fn normalise_pg(t: &str) -> String {
+    match t {
+        "timestamp with time zone" => "TIMESTAMPTZ".into(),
+        other => other.to_uppercase(),
+    }
+}
+
+async fn existing_columns(sink: &Sink, table: &str) -> Result<Vec<(String, String)>> {
+    Ok(match sink {
+        Sink::Postgres(p) => sqlx::query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+        )
+        .bind(table)
+        .fetch_all(p)
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), normalise_pg(&r.get::<String, _>(1))))
+        .collect(),
+        Sink::Sqlite(p) => sqlx::query("SELECT name, type FROM pragma_table_info($1)")
+            .bind(table)
+            .fetch_all(p)
+            .await?
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1).to_uppercase()))
+            .collect(),
+    })
+}
+
+/// Compare the mapping with the target and plan the schema changes.
+pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
+    let mut plan = SchemaPlan::default();
+    let tables = mapping.entities.iter().flat_map(|e| {
+        std::iter::once(e.table_ref()).chain(e.children.iter().map(|c| c.table_ref()))
+    });
+    let mut late_fks = Vec::new();
+    for e in tables {
+        let have = existing_columns(sink, e.name).await?;
+        if have.is_empty() {
+            let fks = foreign_keys(mapping, e.name);
+            match sink {
+                // SQLite checks foreign keys lazily, so they can be declared inline even for cycles.
+                Sink::Sqlite(_) => plan.apply.push(create_table_with(sink, e, &fks)),
+                // PostgreSQL needs the referenced tables first: constraints are added after all creates.
+                Sink::Postgres(_) => {
+                    plan.apply.push(create_table(sink, e));
+                    for (name, clause) in fks {
+                        late_fks.push(format!(
+                            "ALTER TABLE {} ADD CONSTRAINT {} {clause}",
+                            quote(e.name),
+                            quote(&name)
+                        ));
+                    }
+                }
+            }
+            continue;
+        }
+        for c in e.columns {
+            let want = col_type(sink, c.ty);
+            match have.iter().find(|(n, _)| n == &c.name) {
+                None => plan.apply.push(format!(
+                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    quote(e.name),
+                    quote(&c.name),
+                    want
+                )),
+                Some((_, t)) if t != want => plan.manual.push(match sink {
+                    Sink::Postgres(_) => format!(
+                        "-- {}.{} is {t}, the mapping says {want}\nALTER TABLE {} ALTER COLUMN {} TYPE {want} USING {}::{want};",
+                        e.name, c.name, quote(e.name), quote(&c.name), quote(&c.name)
+                    ),
+                    Sink::Sqlite(_) => format!(
+                        "-- {}.{} is {t}, the mapping says {want}; SQLite cannot change a column type in place: \
+                         rebuild the table (CREATE new, INSERT … SELECT, DROP old, RENAME)",
+                        e.name, c.name
+                    ),
+                }),
+                Some(_) => {}
+            }
+        }
+        for (n, _) in &have {
+            if !e.columns.iter().any(|c| &c.name == n) {
+                plan.manual.push(format!(
+                    "-- {}.{n} is not in the mapping any more; tidemark leaves it alone. To drop it:\nALTER TABLE {} DROP COLUMN {};",
+                    e.name,
+                    quote(e.name),
+                    quote(n)
+                ));
+            }
+        }
+    }
+    plan.apply.extend(late_fks);
+    Ok(plan)
+}
+
+/// Apply the safe part of a plan, all or nothing.
+pub async fn apply(sink: &Sink, plan: &SchemaPlan) -> Result<()> {
+    match sink {
+        Sink::Postgres(p) => {
+            let mut tx = p.begin_write().await?;
+            for s in &plan.apply {
+                sqlx::query(s).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        Sink::Sqlite(p) => {
+            let mut tx = p.begin_write().await?;
+            for s in &plan.apply {
+                sqlx::query(s).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}

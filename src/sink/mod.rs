@@ -1,0 +1,756 @@
+//! The target database: bulk upserts of mapped rows, with the checkpoint and
+//! dead letters written in the same transaction. One enum, two backends; SQL
+//! that is the same on both is written once and expanded per pool by `on_pool!`.
+
+pub mod ddl;
+mod postgres;
+pub(crate) mod provenance;
+mod sqlite;
+
+use crate::mapping::{Entity, TableRef, Value};
+use crate::secret::{redact_uri, SecretUri};
+use crate::source::Position;
+use crate::window::{LaneState, Window};
+use anyhow::{anyhow, Context, Result};
+use chrono::{DateTime, TimeZone, Utc};
+use provenance::Tracker;
+use sqlx::{
+    postgres::PgPoolOptions, sqlite::SqliteConnectOptions, sqlite::SqlitePoolOptions, PgPool, Row,
+    SqlitePool,
+};
+use std::str::FromStr;
+
+/// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
+/// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (busy_timeout cannot
+/// help) when another connection — a lease heartbeat, a parallel chunk — wrote in between.
+pub(crate) trait BeginWrite {
+    type Db: sqlx::Database;
+    async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, Self::Db>>;
+}
+
+impl BeginWrite for PgPool {
+    type Db = sqlx::Postgres;
+    async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.begin().await
+    }
+}
+
+impl BeginWrite for SqlitePool {
+    type Db = sqlx::Sqlite;
+    async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+/// Expand one body for either pool type (SQL identical on both backends).
+macro_rules! on_pool {
+    ($sink:expr, $pool:ident => $body:expr) => {
+        match $sink {
+            Sink::Postgres($pool) => $body,
+            Sink::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// A connected target.
+#[derive(Clone, Debug)]
+pub enum Sink {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// A lane's saved position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub lane: String,
+    pub entity: String,
+    pub state: LaneState,
+    /// Last `(time, _id)` written inside `state.open`.
+    pub last: Option<Position>,
+    pub run_id: String,
+}
+
+/// A document that could not be mapped, kept whole.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub source_id: String,
+    pub error: String,
+    /// Relaxed extended JSON of the raw document.
+    pub document: String,
+}
+
+/// Everything one batch writes, committed together.
+#[derive(Default)]
+pub struct BatchWrite<'a> {
+    pub entity: Option<&'a Entity>,
+    /// Mapped rows, already de-duplicated on the primary key.
+    pub rows: &'a [Vec<Value>],
+    /// Per child table of the entity: the complete new set of child rows of `rows`' parents.
+    pub children: &'a [Vec<Vec<Value>>],
+    /// Primary keys of rows to delete (deleted rule with action `delete`).
+    pub deletes: &'a [Vec<Value>],
+    /// Primary keys to soft-delete, with the deletion time.
+    pub soft_deletes: &'a [(Vec<Value>, Value)],
+    pub dead: &'a [DeadLetter],
+    /// Source ids that now map cleanly: their old dead letters are removed.
+    pub resolved: &'a [String],
+    pub checkpoint: Option<&'a Checkpoint>,
+    pub run_id: &'a str,
+    pub mapping_version: &'a str,
+    /// Entities pulled on demand, written before `rows` (deepest references first).
+    pub before: &'a [EntityRows<'a>],
+    /// Dependents of `rows`, written after them.
+    pub after: &'a [EntityRows<'a>],
+    /// Dead letters of other entities (pulled documents that could not be mapped).
+    pub other_dead: &'a [(String, DeadLetter)],
+    /// References that could not be resolved.
+    pub missing: &'a [MissingRef],
+    /// Documents held back for a later run: `(source_id, reason)`.
+    pub deferred: &'a [(String, String)],
+    /// Source ids written cleanly: their missing-reference and pending records are cleared.
+    pub clear_refs: &'a [String],
+    /// Roll the transaction back instead of committing it: the batch is counted, not kept.
+    pub dry_run: bool,
+    /// Record what the batch changes in `tidemark_provenance` (for `tidemark rollback`).
+    pub provenance: bool,
+}
+
+/// Rows of one entity, written as a unit (main rows plus child tables).
+#[derive(Debug)]
+pub struct EntityRows<'a> {
+    pub entity: &'a Entity,
+    pub rows: Vec<Vec<Value>>,
+    pub children: Vec<Vec<Vec<Value>>>,
+}
+
+/// A reference whose target does not exist in the source.
+#[derive(Debug, Clone)]
+pub struct MissingRef {
+    pub entity: String,
+    pub source_id: String,
+    pub column: String,
+    pub ref_entity: String,
+    pub ref_key: String,
+    pub policy: crate::mapping::spec::MissingPolicy,
+}
+
+/// What a batch changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Rows inserted or changed.
+    pub written: u64,
+    /// Of `written`: rows that did not exist (known when provenance or dry-run read them first).
+    pub inserted: u64,
+    /// Of `written`: rows that existed with other content (same condition).
+    pub updated: u64,
+    /// Rows already identical in the target.
+    pub unchanged: u64,
+    /// Rows removed or soft-deleted by the deleted rule.
+    pub deleted: u64,
+    /// Child rows inserted or changed.
+    pub child_written: u64,
+    /// Child rows removed because their element left the source array.
+    pub child_removed: u64,
+    /// Rows of entities pulled on demand (references and dependents) inserted or changed.
+    pub pulled_written: u64,
+}
+
+/// A row of the runs ledger.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: String,
+    pub kind: String,
+    pub dry_run: bool,
+    pub settings_fingerprint: String,
+    pub mapping_version: String,
+}
+
+pub fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+impl Sink {
+    /// Connect (creating a SQLite file and its directory if needed).
+    pub async fn connect(url: &SecretUri, max_connections: u32) -> Result<Self> {
+        let raw = url.expose();
+        let fail = |e: sqlx::Error| {
+            anyhow!(
+                "cannot open the target {url} (target.url): {}. Check that the database exists and is writable",
+                redact_uri(&e.to_string())
+            )
+        };
+        if raw.starts_with("sqlite:") {
+            let path = raw
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let path = path.split('?').next().unwrap_or(path);
+            if let Some(dir) = std::path::Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!(
+                        "cannot create {} for the SQLite target (target.url)",
+                        dir.display()
+                    )
+                })?;
+            }
+            let opts = SqliteConnectOptions::from_str(raw)
+                .map_err(fail)?
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(std::time::Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .connect_with(opts)
+                .await
+                .map_err(fail)?;
+            Ok(Sink::Sqlite(pool))
+        } else {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(std::time::Duration::from_secs(15))
+                .connect(raw)
+                .await
+                .map_err(fail)?;
+            Ok(Sink::Postgres(pool))
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Sink::Postgres(_) => "postgres",
+            Sink::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Create or upgrade the tool's own tables (embedded sqlx migrations).
+    pub async fn migrate_tool_tables(&self) -> Result<()> {
+        match self {
+            Sink::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await,
+            Sink::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await,
+        }
+        .context("applying tidemark's own migrations to the target; is the target writable?")
+    }
+
+    /// Whether every embedded migration of the tool's tables has been applied (read only).
+    pub async fn tool_tables_current(&self) -> Result<bool> {
+        let want = match self {
+            Sink::Postgres(_) => sqlx::migrate!("./migrations/postgres").iter().count(),
+            Sink::Sqlite(_) => sqlx::migrate!("./migrations/sqlite").iter().count(),
+        } as i64;
+        let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+        let have: Result<i64, sqlx::Error> =
+            on_pool!(self, p => sqlx::query_scalar(sql).fetch_one(p).await);
+        Ok(have.is_ok_and(|n| n >= want))
+    }
+
+    /// Read a lane's checkpoint (a lane that never ran has the default state).
+    pub async fn load_checkpoint(&self, lane: &str) -> Result<Option<Checkpoint>> {
+        let sql =
+            "SELECT entity, watermark_ms, open_from_ms, open_to_ms, last_ts, last_id, run_id \
+                   FROM tidemark_checkpoints WHERE lane = $1";
+        let row = on_pool!(self, p => sqlx::query(sql).bind(lane).fetch_optional(p).await?.map(|r| {
+            (r.get::<String, _>(0), r.get::<Option<i64>, _>(1), r.get::<Option<i64>, _>(2),
+             r.get::<Option<i64>, _>(3), r.get::<Option<String>, _>(4), r.get::<Option<String>, _>(5),
+             r.get::<Option<String>, _>(6))
+        }));
+        let Some((entity, wm, of, ot, lts, lid, run_id)) = row else {
+            return Ok(None);
+        };
+        let open = match (of, ot) {
+            (Some(f), Some(t)) if f < t => Some(Window::new(from_ms(f), from_ms(t))),
+            _ => None,
+        };
+        let last = match (lts, lid) {
+            (Some(ts), Some(id)) => Some(Position::from_json(&ts, &id)?),
+            _ => None,
+        };
+        Ok(Some(Checkpoint {
+            lane: lane.to_owned(),
+            entity,
+            state: LaneState {
+                watermark: wm.map(from_ms),
+                open,
+            },
+            last,
+            run_id: run_id.unwrap_or_default(),
+        }))
+    }
+
+    /// All checkpoints (for status).
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let lanes: Vec<String> = on_pool!(self, p => sqlx::query_scalar("SELECT lane FROM tidemark_checkpoints ORDER BY lane")
+            .fetch_all(p).await?);
+        let mut out = Vec::new();
+        for l in lanes {
+            out.extend(self.load_checkpoint(&l).await?);
+        }
+        Ok(out)
+    }
+
+    /// Save a checkpoint on its own (end of a window, empty windows).
+    pub async fn save_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
+        on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            capture_lane_query!(cp).execute(&mut *tx).await?;
+            checkpoint_query!(cp).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Write one batch: dead letters, deletions, rows, child rows and checkpoint in one transaction.
+    pub async fn write_batch(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
+        let now = ms(Utc::now());
+        let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
+        let out = on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            for d in b.dead {
+                sqlx::query(DEAD_LETTER_UPSERT)
+                    .bind(entity_name).bind(&d.source_id).bind(b.run_id).bind(&d.error)
+                    .bind(&d.document).bind(b.mapping_version).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            for chunk in b.resolved.chunks(500) {
+                let mut q = sqlx::QueryBuilder::new("DELETE FROM tidemark_dead_letters WHERE entity = ");
+                q.push_bind(entity_name).push(" AND source_id IN (");
+                let mut sep = q.separated(", ");
+                for id in chunk {
+                    sep.push_bind(id);
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
+            }
+            for (entity, d) in b.other_dead {
+                sqlx::query(DEAD_LETTER_UPSERT)
+                    .bind(entity).bind(&d.source_id).bind(b.run_id).bind(&d.error)
+                    .bind(&d.document).bind(b.mapping_version).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            for table in ["tidemark_missing_refs", "tidemark_pending"] {
+                for chunk in b.clear_refs.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::new(format!("DELETE FROM {table} WHERE entity = "));
+                    q.push_bind(entity_name).push(" AND source_id IN (");
+                    let mut sep = q.separated(", ");
+                    for id in chunk {
+                        sep.push_bind(id);
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *tx).await?;
+                }
+            }
+            for m in b.missing {
+                sqlx::query(MISSING_REF_UPSERT)
+                    .bind(&m.entity).bind(&m.source_id).bind(&m.column).bind(&m.ref_entity)
+                    .bind(&m.ref_key).bind(format!("{:?}", m.policy).to_lowercase()).bind(b.run_id).bind(now)
+                    .execute(&mut *tx).await?;
+            }
+            for (id, reason) in b.deferred {
+                sqlx::query(PENDING_UPSERT)
+                    .bind(entity_name).bind(id).bind(reason).bind(now).bind(b.run_id)
+                    .execute(&mut *tx).await?;
+            }
+            let mut out = BatchOutcome::default();
+            let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
+            for r in b.before {
+                let o = write_rows(&mut tx, r.entity, &r.rows, &r.children, &[], &[], &mut trk).await?;
+                out.pulled_written += o.written + o.child_written;
+            }
+            if let Some(e) = b.entity {
+                let o = write_rows(&mut tx, e, b.rows, b.children, b.deletes, b.soft_deletes, &mut trk).await?;
+                out = BatchOutcome { pulled_written: out.pulled_written, ..o };
+            }
+            for r in b.after {
+                let o = write_rows(&mut tx, r.entity, &r.rows, &r.children, &[], &[], &mut trk).await?;
+                out.pulled_written += o.written + o.child_written;
+            }
+            if b.provenance && !b.dry_run && !trk.changes.is_empty() {
+                let changes: Vec<_> = trk.changes.iter().collect();
+                for chunk in changes.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::new(
+                        "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, written_at_ms) ");
+                    q.push_values(chunk, |mut row, ((table, pk), c)| {
+                        row.push_bind(b.run_id).push_bind(table.as_str()).push_bind(pk.as_str())
+                            .push_bind(c.before.as_deref()).push_bind(c.after_hash.as_deref()).push_bind(now);
+                    });
+                    q.push(" ON CONFLICT (run_id, table_name, pk) DO UPDATE SET after_hash = excluded.after_hash");
+                    q.build().execute(&mut *tx).await.context("recording provenance")?;
+                }
+            }
+            if let Some(cp) = b.checkpoint {
+                if !b.dry_run {
+                    capture_lane_query!(cp).execute(&mut *tx).await?;
+                }
+                checkpoint_query!(cp).execute(&mut *tx).await?;
+            }
+            if b.dry_run {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+            out
+        });
+        Ok(out)
+    }
+
+    /// Whole rows of `t` whose `by` columns match one of `keys` (read only).
+    pub async fn select_rows(
+        &self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Vec<Value>>> {
+        Ok(on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            let rows = tx.select_rows(t, by, keys).await?;
+            tx.rollback().await?;
+            rows
+        }))
+    }
+
+    /// Up to `limit` whole rows of `t` ordered by column `order` after `after`, optionally
+    /// restricted to column `range.0` in `[range.1, range.2)` (read only; keyset paging).
+    pub async fn scan_rows(
+        &self,
+        t: TableRef<'_>,
+        order: usize,
+        after: Option<&Value>,
+        range: Option<(usize, &Value, &Value)>,
+        limit: usize,
+    ) -> Result<Vec<Vec<Value>>> {
+        Ok(on_pool!(self, p => {
+            let mut tx = p.begin_write().await?;
+            let rows = tx.scan_rows(t, order, after, range, limit).await?;
+            tx.rollback().await?;
+            rows
+        }))
+    }
+
+    /// Which of `keys` exist in column `col` of table `t`.
+    pub async fn existing_keys(
+        &self,
+        t: TableRef<'_>,
+        col: usize,
+        keys: &[Value],
+    ) -> Result<std::collections::HashSet<String>> {
+        let probe = TableRef {
+            name: t.name,
+            columns: t.columns,
+            pk: std::slice::from_ref(&col),
+        };
+        let keys: Vec<Vec<Value>> = keys.iter().map(|k| vec![k.clone()]).collect();
+        let found = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let found = tx.select_keys(probe, &[col], &keys).await?;
+            tx.rollback().await?;
+            found
+        });
+        Ok(found.into_iter().map(|k| key_text(&k)).collect())
+    }
+
+    /// Outstanding rows of one of the tool's per-entity tables (dead letters, missing refs, pending).
+    pub async fn count_for(&self, table: &str, entity: &str) -> Result<i64> {
+        let sql = match table {
+            "tidemark_dead_letters" | "tidemark_missing_refs" | "tidemark_pending" => {
+                format!("SELECT COUNT(*) FROM {table} WHERE entity = $1")
+            }
+            other => anyhow::bail!("not a per-entity tool table: {other}"),
+        };
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(&sql).bind(entity).fetch_one(p).await?))
+    }
+
+    /// Pending documents of an entity: `(source_id, attempts)`.
+    pub async fn pending(&self, entity: &str) -> Result<Vec<(String, i64)>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, (String, i64)>(
+            "SELECT source_id, attempts FROM tidemark_pending WHERE entity = $1 ORDER BY source_id")
+            .bind(entity).fetch_all(p).await?))
+    }
+
+    /// Number of outstanding dead letters of an entity.
+    pub async fn dead_letter_count(&self, entity: &str) -> Result<i64> {
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tidemark_dead_letters WHERE entity = $1")
+            .bind(entity).fetch_one(p).await?),
+        )
+    }
+
+    /// Record the start of a run in the ledger.
+    pub async fn start_run(&self, r: &RunRecord) -> Result<()> {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO tidemark_runs (id, kind, dry_run, status, host, pid, started_at_ms, settings_fingerprint, mapping_version) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)")
+            .bind(&r.id).bind(&r.kind).bind(r.dry_run).bind(host).bind(std::process::id() as i64)
+            .bind(ms(Utc::now())).bind(&r.settings_fingerprint).bind(&r.mapping_version)
+            .execute(p).await.map(|_| ())?);
+        Ok(())
+    }
+
+    /// Record the end of a run and its JSON report.
+    pub async fn finish_run(
+        &self,
+        id: &str,
+        status: &str,
+        report: &serde_json::Value,
+    ) -> Result<()> {
+        on_pool!(self, p => sqlx::query("UPDATE tidemark_runs SET status = $1, finished_at_ms = $2, report = $3 WHERE id = $4")
+            .bind(status).bind(ms(Utc::now())).bind(report.to_string()).bind(id)
+            .execute(p).await.map(|_| ())?);
+        Ok(())
+    }
+
+    /// The latest finished run's status, finish time and report per kind.
+    pub async fn last_run(
+        &self,
+        kind: &str,
+    ) -> Result<Option<(String, String, Option<i64>, i64, Option<String>)>> {
+        Ok(on_pool!(self, p => sqlx::query(
+            "SELECT id, status, finished_at_ms, started_at_ms, report FROM tidemark_runs WHERE kind = $1 \
+             ORDER BY started_at_ms DESC LIMIT 1")
+            .bind(kind).fetch_optional(p).await?
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))))
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+}
+
+const DEAD_LETTER_UPSERT: &str = "INSERT INTO tidemark_dead_letters \
+    (entity, source_id, run_id, error, document, mapping_version, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+    ON CONFLICT (entity, source_id) DO UPDATE SET run_id = excluded.run_id, error = excluded.error, \
+    document = excluded.document, mapping_version = excluded.mapping_version, created_at_ms = excluded.created_at_ms";
+
+const MISSING_REF_UPSERT: &str = "INSERT INTO tidemark_missing_refs \
+    (entity, source_id, column_name, ref_entity, ref_key, policy, run_id, seen_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+    ON CONFLICT (entity, source_id, column_name) DO UPDATE SET ref_entity = excluded.ref_entity, ref_key = excluded.ref_key, \
+    policy = excluded.policy, run_id = excluded.run_id, seen_at_ms = excluded.seen_at_ms";
+
+const PENDING_UPSERT: &str = "INSERT INTO tidemark_pending \
+    (entity, source_id, reason, attempts, first_seen_ms, last_seen_ms, run_id) VALUES ($1, $2, $3, 1, $4, $4, $5) \
+    ON CONFLICT (entity, source_id) DO UPDATE SET reason = excluded.reason, \
+    attempts = tidemark_pending.attempts + 1, last_seen_ms = excluded.last_seen_ms, run_id = excluded.run_id";
+
+const CHECKPOINT_UPSERT: &str = "INSERT INTO tidemark_checkpoints \
+    (lane, entity, watermark_ms, open_from_ms, open_to_ms, last_ts, last_id, run_id, updated_at_ms) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+    ON CONFLICT (lane) DO UPDATE SET entity = excluded.entity, watermark_ms = excluded.watermark_ms, \
+    open_from_ms = excluded.open_from_ms, open_to_ms = excluded.open_to_ms, last_ts = excluded.last_ts, \
+    last_id = excluded.last_id, run_id = excluded.run_id, updated_at_ms = excluded.updated_at_ms";
+
+/// Keep a lane's checkpoint as it was before the run first moves it (for rollback).
+const LANE_CAPTURE: &str = "INSERT INTO tidemark_run_lanes \
+    (run_id, lane, entity, existed, watermark_ms, open_from_ms, open_to_ms, last_ts, last_id, prev_run_id) \
+    SELECT CAST($1 AS TEXT), CAST($2 AS TEXT), CAST($3 AS TEXT), c.lane IS NOT NULL, c.watermark_ms, c.open_from_ms, \
+    c.open_to_ms, c.last_ts, c.last_id, c.run_id \
+    FROM (SELECT 1 AS one) AS o LEFT JOIN tidemark_checkpoints c ON c.lane = $2 WHERE TRUE \
+    ON CONFLICT (run_id, lane) DO NOTHING";
+
+macro_rules! capture_lane_query {
+    ($cp:expr) => {{
+        let cp: &Checkpoint = $cp;
+        sqlx::query(LANE_CAPTURE)
+            .bind(cp.run_id.clone())
+            .bind(cp.lane.clone())
+            .bind(cp.entity.clone())
+    }};
+}
+use capture_lane_query;
+
+macro_rules! checkpoint_query {
+    ($cp:expr) => {{
+        let cp: &Checkpoint = $cp;
+        let (lts, lid) = match &cp.last {
+            Some(p) => {
+                let (a, b) = p.to_json();
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        sqlx::query(CHECKPOINT_UPSERT)
+            .bind(cp.lane.clone())
+            .bind(cp.entity.clone())
+            .bind(cp.state.watermark.map(ms))
+            .bind(cp.state.open.map(|w| ms(w.from)))
+            .bind(cp.state.open.map(|w| ms(w.to)))
+            .bind(lts)
+            .bind(lid)
+            .bind(cp.run_id.clone())
+            .bind(ms(Utc::now()))
+    }};
+}
+use checkpoint_query;
+
+/// Table operations inside an open transaction; one impl per backend.
+pub(crate) trait TableOps {
+    /// Upsert; returns rows inserted or changed (identical rows are left alone).
+    async fn upsert_rows(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64>;
+    /// Primary keys of rows whose `by` columns match one of `keys`.
+    async fn select_keys(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Vec<Value>>>;
+    /// Whole rows (every column, in table order) whose `by` columns match one of `keys`.
+    async fn select_rows(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Vec<Value>>>;
+    /// Up to `limit` whole rows ordered by column `order` and after `after`; with `range`,
+    /// only rows whose column `range.0` lies in `[range.1, range.2)`.
+    async fn scan_rows(
+        &mut self,
+        t: TableRef<'_>,
+        order: usize,
+        after: Option<&Value>,
+        range: Option<(usize, &Value, &Value)>,
+        limit: usize,
+    ) -> Result<Vec<Vec<Value>>>;
+    /// Delete rows whose `by` columns match one of `keys`.
+    async fn delete_keys(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<u64>;
+    /// Set one column of the row with primary key `key`.
+    async fn set_column(
+        &mut self,
+        t: TableRef<'_>,
+        col: usize,
+        key: &[Value],
+        value: &Value,
+    ) -> Result<u64>;
+}
+
+fn key_of(row: &[Value], cols: &[usize]) -> Vec<Value> {
+    cols.iter().map(|&i| row[i].clone()).collect()
+}
+
+fn key_text(key: &[Value]) -> String {
+    key.iter()
+        .map(Value::key_text)
+        .collect::<Vec<_>>()
+        .join("\u{1f}")
+}
+
+/// Deletions, the entity's rows, then each child table's replace-the-whole-set. With the
+/// tracker on, the rows about to change are read first (one query per table) and what
+/// changes is recorded for provenance and the inserted/updated counts.
+async fn write_rows<T: TableOps>(
+    tx: &mut T,
+    e: &Entity,
+    rows: &[Vec<Value>],
+    children: &[Vec<Vec<Value>>],
+    deletes: &[Vec<Value>],
+    soft_deletes: &[(Vec<Value>, Value)],
+    trk: &mut Tracker,
+) -> Result<BatchOutcome> {
+    let mut out = BatchOutcome::default();
+    if !deletes.is_empty() {
+        for c in &e.children {
+            // Children of deleted parents go first (foreign keys); only possible when the link is part of the key.
+            let links: Option<Vec<usize>> = c
+                .parent_links
+                .iter()
+                .map(|(_, p)| e.pk.iter().position(|k| k == p))
+                .collect();
+            if let Some(pos) = links {
+                let keys: Vec<Vec<Value>> = deletes.iter().map(|k| key_of(k, &pos)).collect();
+                let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
+                if trk.on {
+                    let old = tx.select_rows(c.table_ref(), &by, &keys).await?;
+                    trk.deletes(c.table_ref(), &old);
+                }
+                out.child_removed += tx.delete_keys(c.table_ref(), &by, &keys).await?;
+            }
+        }
+        if trk.on {
+            let old = tx.select_rows(e.table_ref(), &e.pk, deletes).await?;
+            trk.deletes(e.table_ref(), &old);
+        }
+        out.deleted += tx.delete_keys(e.table_ref(), &e.pk, deletes).await?;
+    }
+    if let Some(col) = e.deleted.as_ref().and_then(|d| d.column) {
+        let old = if trk.on && !soft_deletes.is_empty() {
+            let keys: Vec<Vec<Value>> = soft_deletes.iter().map(|(k, _)| k.clone()).collect();
+            provenance::index_rows(
+                e.table_ref(),
+                tx.select_rows(e.table_ref(), &e.pk, &keys).await?,
+            )
+        } else {
+            Default::default()
+        };
+        for (key, at) in soft_deletes {
+            if let Some(prev) = old.get(&crate::canon::key_text(e.table_ref(), key)) {
+                trk.set_column(e.table_ref(), prev, col, at);
+            }
+            out.deleted += tx.set_column(e.table_ref(), col, key, at).await?;
+        }
+    }
+    if trk.on && !rows.is_empty() {
+        let keys: Vec<Vec<Value>> = rows.iter().map(|r| key_of(r, &e.pk)).collect();
+        let old = provenance::index_rows(
+            e.table_ref(),
+            tx.select_rows(e.table_ref(), &e.pk, &keys).await?,
+        );
+        let (ins, upd) = trk.upserts(e.table_ref(), &old, rows);
+        out.inserted += ins;
+        out.updated += upd;
+    }
+    out.written = tx.upsert_rows(e.table_ref(), rows).await?;
+    out.unchanged = rows.len() as u64 - out.written;
+    for (ci, c) in e.children.iter().enumerate() {
+        let new_rows = children.get(ci).map(Vec::as_slice).unwrap_or_default();
+        let parent_cols: Vec<usize> = c.parent_links.iter().map(|(_, p)| *p).collect();
+        let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
+        let mut seen = std::collections::HashSet::new();
+        let parents: Vec<Vec<Value>> = rows
+            .iter()
+            .map(|r| key_of(r, &parent_cols))
+            .filter(|k| seen.insert(key_text(k)))
+            .collect();
+        if !parents.is_empty() {
+            let keep: std::collections::HashSet<String> = new_rows
+                .iter()
+                .map(|r| key_text(&key_of(r, &c.pk)))
+                .collect();
+            let stale: Vec<Vec<Value>> = if trk.on {
+                let old = tx.select_rows(c.table_ref(), &by, &parents).await?;
+                let (gone, _): (Vec<_>, Vec<_>) = old
+                    .iter()
+                    .cloned()
+                    .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
+                trk.deletes(c.table_ref(), &gone);
+                let old = provenance::index_rows(c.table_ref(), old);
+                trk.upserts(c.table_ref(), &old, new_rows);
+                gone.iter().map(|r| key_of(r, &c.pk)).collect()
+            } else {
+                let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;
+                existing
+                    .into_iter()
+                    .filter(|k| !keep.contains(&key_text(k)))
+                    .collect()
+            };
+            if !stale.is_empty() {
+                out.child_removed += tx.delete_keys(c.table_ref(), &c.pk, &stale).await?;
+            }
+        }
+        out.child_written += tx.upsert_rows(c.table_ref(), new_rows).await?;
+    }
+    Ok(out)
+}

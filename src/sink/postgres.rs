@@ -1,0 +1,340 @@
+//! PostgreSQL: one `INSERT … SELECT * FROM UNNEST(…)` per batch and table, one array
+//! parameter per column, so a batch costs one round-trip whatever its size.
+
+use super::ddl::quote;
+use super::TableOps;
+use crate::mapping::{ColumnType, TableRef, Value};
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+
+/// Keys per `IN (VALUES …)` statement.
+const KEYS_PER_STMT: usize = 1000;
+
+fn pg_type(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Text => "text",
+        ColumnType::Integer => "int4",
+        ColumnType::Bigint => "int8",
+        ColumnType::Double => "float8",
+        ColumnType::Boolean => "bool",
+        ColumnType::Timestamptz => "timestamptz",
+        ColumnType::Json => "jsonb",
+        ColumnType::Numeric => "numeric",
+        ColumnType::Date => "date",
+        ColumnType::Uuid => "uuid",
+    }
+}
+
+/// Types carried as text and cast on the server.
+fn via_text(t: ColumnType) -> bool {
+    matches!(
+        t,
+        ColumnType::Json | ColumnType::Numeric | ColumnType::Date | ColumnType::Uuid
+    )
+}
+
+/// The upsert statement for a table; rows identical to the stored ones are not touched.
+pub fn upsert_sql(t: TableRef<'_>) -> String {
+    let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
+    let unnest: Vec<String> = t
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if via_text(c.ty) {
+                format!("${}::text[]::{}[]", i + 1, pg_type(c.ty))
+            } else {
+                format!("${}::{}[]", i + 1, pg_type(c.ty))
+            }
+        })
+        .collect();
+    let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i].name)).collect();
+    let rest: Vec<&String> = cols
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !t.pk.contains(i))
+        .map(|(_, c)| c)
+        .collect();
+    let conflict = if rest.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        let set: Vec<String> = rest.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+        let cur: Vec<String> = rest.iter().map(|c| format!("cur.{c}")).collect();
+        let exc: Vec<String> = rest.iter().map(|c| format!("EXCLUDED.{c}")).collect();
+        format!(
+            "DO UPDATE SET {} WHERE ROW({}) IS DISTINCT FROM ROW({})",
+            set.join(", "),
+            cur.join(", "),
+            exc.join(", ")
+        )
+    };
+    format!(
+        "INSERT INTO {} AS cur ({}) SELECT * FROM UNNEST({}) ON CONFLICT ({}) {}",
+        quote(t.name),
+        cols.join(", "),
+        unnest.join(", "),
+        pk.join(", "),
+        conflict
+    )
+}
+
+fn column<T>(rows: &[Vec<Value>], i: usize, f: impl Fn(&Value) -> Option<T>) -> Vec<Option<T>> {
+    rows.iter().map(|r| f(&r[i])).collect()
+}
+
+fn push_value(q: &mut QueryBuilder<'_, Postgres>, v: &Value, ty: ColumnType) {
+    match v {
+        Value::Null => q.push(format!("NULL::{}", pg_type(ty))),
+        Value::Text(s) => q.push_bind(s.clone()).push(format!("::{}", pg_type(ty))),
+        Value::Int(x) => q.push_bind(*x),
+        Value::BigInt(x) => q.push_bind(*x),
+        Value::Double(x) => q.push_bind(*x),
+        Value::Bool(x) => q.push_bind(*x),
+        Value::Timestamp(t) => q.push_bind(*t),
+        Value::Json(j) => q.push_bind(j.to_string()).push("::jsonb"),
+    };
+}
+
+/// `WHERE (c1, c2) IN (VALUES (…), (…))`
+fn push_in(
+    q: &mut QueryBuilder<'_, Postgres>,
+    t: TableRef<'_>,
+    cols: &[usize],
+    keys: &[Vec<Value>],
+) {
+    let names: Vec<String> = cols.iter().map(|&i| quote(&t.columns[i].name)).collect();
+    q.push(format!(" WHERE ({}) IN (VALUES ", names.join(", ")));
+    for (n, k) in keys.iter().enumerate() {
+        q.push(if n == 0 { "(" } else { ", (" });
+        for (j, v) in k.iter().enumerate() {
+            if j > 0 {
+                q.push(", ");
+            }
+            push_value(q, v, t.columns[cols[j]].ty);
+        }
+        q.push(")");
+    }
+    q.push(")");
+}
+
+fn decode(row: &sqlx::postgres::PgRow, i: usize, ty: ColumnType) -> Result<Value> {
+    Ok(match ty {
+        ColumnType::Integer => row
+            .try_get::<Option<i32>, _>(i)?
+            .map_or(Value::Null, Value::Int),
+        ColumnType::Bigint => row
+            .try_get::<Option<i64>, _>(i)?
+            .map_or(Value::Null, Value::BigInt),
+        ColumnType::Double => row
+            .try_get::<Option<f64>, _>(i)?
+            .map_or(Value::Null, Value::Double),
+        ColumnType::Boolean => row
+            .try_get::<Option<bool>, _>(i)?
+            .map_or(Value::Null, Value::Bool),
+        ColumnType::Timestamptz => row
+            .try_get::<Option<DateTime<Utc>>, _>(i)?
+            .map_or(Value::Null, Value::Timestamp),
+        _ => row
+            .try_get::<Option<String>, _>(i)?
+            .map_or(Value::Null, Value::Text),
+    })
+}
+
+/// Every column, types the driver cannot decode as such read as text.
+fn select_list(t: TableRef<'_>) -> String {
+    t.columns
+        .iter()
+        .map(|c| {
+            if via_text(c.ty) {
+                format!("{}::text", quote(&c.name))
+            } else {
+                quote(&c.name)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn decode_row(t: TableRef<'_>, row: &sqlx::postgres::PgRow) -> Result<Vec<Value>> {
+    t.columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match (decode(row, i, c.ty)?, c.ty) {
+            (Value::Text(s), ColumnType::Json) => Ok(Value::Json(serde_json::from_str(&s)?)),
+            (v, _) => Ok(v),
+        })
+        .collect()
+}
+
+impl TableOps for Transaction<'_, Postgres> {
+    async fn select_rows(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Vec<Value>>> {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_STMT) {
+            let mut q =
+                QueryBuilder::new(format!("SELECT {} FROM {}", select_list(t), quote(t.name)));
+            push_in(&mut q, t, by, chunk);
+            for row in q
+                .build()
+                .fetch_all(&mut **self)
+                .await
+                .with_context(|| format!("reading rows of {}", t.name))?
+            {
+                out.push(decode_row(t, &row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn scan_rows(
+        &mut self,
+        t: TableRef<'_>,
+        order: usize,
+        after: Option<&Value>,
+        range: Option<(usize, &Value, &Value)>,
+        limit: usize,
+    ) -> Result<Vec<Vec<Value>>> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT {} FROM {} WHERE TRUE",
+            select_list(t),
+            quote(t.name)
+        ));
+        let col = |i: usize| quote(&t.columns[i].name);
+        if let Some(a) = after {
+            q.push(format!(" AND {} > ", col(order)));
+            push_value(&mut q, a, t.columns[order].ty);
+        }
+        if let Some((rc, lo, hi)) = range {
+            q.push(format!(" AND {} >= ", col(rc)));
+            push_value(&mut q, lo, t.columns[rc].ty);
+            q.push(format!(" AND {} < ", col(rc)));
+            push_value(&mut q, hi, t.columns[rc].ty);
+        }
+        q.push(format!(" ORDER BY {} LIMIT {limit}", col(order)));
+        q.build()
+            .fetch_all(&mut **self)
+            .await
+            .with_context(|| format!("scanning {}", t.name))?
+            .iter()
+            .map(|r| decode_row(t, r))
+            .collect()
+    }
+
+    async fn upsert_rows(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let sql = upsert_sql(t);
+        let mut q = sqlx::query(&sql);
+        for (i, c) in t.columns.iter().enumerate() {
+            q = match c.ty {
+                ColumnType::Text | ColumnType::Numeric | ColumnType::Date | ColumnType::Uuid => q
+                    .bind(column(rows, i, |v| match v {
+                        Value::Text(s) => Some(s.clone()),
+                        _ => None,
+                    })),
+                ColumnType::Json => q.bind(column(rows, i, |v| match v {
+                    Value::Json(j) => Some(j.to_string()),
+                    _ => None,
+                })),
+                ColumnType::Integer => q.bind(column(rows, i, |v| match v {
+                    Value::Int(x) => Some(*x),
+                    _ => None,
+                })),
+                ColumnType::Bigint => q.bind(column(rows, i, |v| match v {
+                    Value::BigInt(x) => Some(*x),
+                    Value::Int(x) => Some(*x as i64),
+                    _ => None,
+                })),
+                ColumnType::Double => q.bind(column(rows, i, |v| match v {
+                    Value::Double(x) => Some(*x),
+                    _ => None,
+                })),
+                ColumnType::Boolean => q.bind(column(rows, i, |v| match v {
+                    Value::Bool(x) => Some(*x),
+                    _ => None,
+                })),
+                ColumnType::Timestamptz => q.bind(column::<DateTime<Utc>>(rows, i, |v| match v {
+                    Value::Timestamp(t) => Some(*t),
+                    _ => None,
+                })),
+            };
+        }
+        let done = q
+            .execute(&mut **self)
+            .await
+            .with_context(|| format!("writing {} rows into {}", rows.len(), t.name))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn select_keys(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Vec<Value>>> {
+        let mut out = Vec::new();
+        let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i].name)).collect();
+        for chunk in keys.chunks(KEYS_PER_STMT) {
+            let mut q =
+                QueryBuilder::new(format!("SELECT {} FROM {}", pk.join(", "), quote(t.name)));
+            push_in(&mut q, t, by, chunk);
+            for row in q
+                .build()
+                .fetch_all(&mut **self)
+                .await
+                .with_context(|| format!("reading keys of {}", t.name))?
+            {
+                let key =
+                    t.pk.iter()
+                        .enumerate()
+                        .map(|(j, &c)| decode(&row, j, t.columns[c].ty))
+                        .collect::<Result<_>>()?;
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_keys(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        keys: &[Vec<Value>],
+    ) -> Result<u64> {
+        let mut n = 0;
+        for chunk in keys.chunks(KEYS_PER_STMT) {
+            let mut q = QueryBuilder::new(format!("DELETE FROM {}", quote(t.name)));
+            push_in(&mut q, t, by, chunk);
+            n += q
+                .build()
+                .execute(&mut **self)
+                .await
+                .with_context(|| format!("deleting from {}", t.name))?
+                .rows_affected();
+        }
+        Ok(n)
+    }
+
+    async fn set_column(
+        &mut self,
+        t: TableRef<'_>,
+        col: usize,
+        key: &[Value],
+        value: &Value,
+    ) -> Result<u64> {
+        let mut q = QueryBuilder::new(format!(
+            "UPDATE {} SET {} = ",
+            quote(t.name),
+            quote(&t.columns[col].name)
+        ));
+        push_value(&mut q, value, t.columns[col].ty);
+        push_in(&mut q, t, t.pk, std::slice::from_ref(&key.to_vec()));
+        Ok(q.build().execute(&mut **self).await?.rows_affected())
+    }
+}

@@ -1,0 +1,103 @@
+//! What a batch changed, row by row: collected by `write_rows` from the rows it read just
+//! before writing, then stored in `tidemark_provenance` in the batch's transaction so
+//! `tidemark rollback` can undo one run exactly. Only rows that actually change are
+//! recorded, so a re-run over unchanged data stores nothing.
+
+use crate::canon;
+use crate::mapping::{TableRef, Value};
+use indexmap::IndexMap;
+use std::collections::HashMap;
+
+/// One changed row.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The row before this batch (canonical JSON text); None = the batch inserted it.
+    pub before: Option<String>,
+    /// Hash of the row as the batch left it; None = the batch deleted it.
+    pub after_hash: Option<String>,
+}
+
+/// Changes of one batch, keyed by `(table, canonical pk)`; the first before-image and the
+/// last after-hash of a row win (a row may be written twice in one batch: pulled and main).
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Read rows before writing them (provenance on, or a dry run counting inserts/updates).
+    pub on: bool,
+    pub changes: IndexMap<(String, String), Change>,
+}
+
+/// Rows of one table indexed by canonical primary key.
+pub fn index_rows(t: TableRef<'_>, rows: Vec<Vec<Value>>) -> HashMap<String, Vec<Value>> {
+    rows.into_iter()
+        .map(|r| (canon::key_of_row(t, &r), r))
+        .collect()
+}
+
+impl Tracker {
+    fn record(&mut self, table: &str, key: String, before: Option<String>, after: Option<String>) {
+        match self.changes.entry((table.to_owned(), key)) {
+            indexmap::map::Entry::Occupied(mut o) => o.get_mut().after_hash = after,
+            indexmap::map::Entry::Vacant(v) => {
+                v.insert(Change {
+                    before,
+                    after_hash: after,
+                });
+            }
+        }
+    }
+
+    /// `new` rows about to be upserted, against the `old` rows with the same keys.
+    /// Returns (inserted, updated) for this table.
+    pub fn upserts(
+        &mut self,
+        t: TableRef<'_>,
+        old: &HashMap<String, Vec<Value>>,
+        new: &[Vec<Value>],
+    ) -> (u64, u64) {
+        let (mut ins, mut upd) = (0, 0);
+        for row in new {
+            let key = canon::key_of_row(t, row);
+            let after = canon::row_hash(t, row);
+            match old.get(&key) {
+                None => {
+                    ins += 1;
+                    self.record(t.name, key, None, Some(after));
+                }
+                Some(prev) if canon::row_hash(t, prev) != after => {
+                    upd += 1;
+                    let before = canon::row_json(t, prev).to_string();
+                    self.record(t.name, key, Some(before), Some(after));
+                }
+                Some(_) => {}
+            }
+        }
+        (ins, upd)
+    }
+
+    /// Rows about to be deleted.
+    pub fn deletes(&mut self, t: TableRef<'_>, old: &[Vec<Value>]) {
+        for prev in old {
+            let before = canon::row_json(t, prev).to_string();
+            self.record(t.name, canon::key_of_row(t, prev), Some(before), None);
+        }
+    }
+
+    /// A row about to get column `col` set to `value` (soft delete); false if already so.
+    pub fn set_column(
+        &mut self,
+        t: TableRef<'_>,
+        prev: &[Value],
+        col: usize,
+        value: &Value,
+    ) -> bool {
+        let mut after = prev.to_vec();
+        after[col] = value.clone();
+        let h = canon::row_hash(t, &after);
+        if canon::row_hash(t, prev) == h {
+            return false;
+        }
+        let before = canon::row_json(t, prev).to_string();
+        self.record(t.name, canon::key_of_row(t, prev), Some(before), Some(h));
+        true
+    }
+}

@@ -1,0 +1,7 @@
+//! The legacy store. Only reads: no write command is ever sent to the source.
+
+mod mongo;
+mod query;
+
+pub use mongo::{Page, Position, Source};
+pub use query::{encode_bound, window_filter};

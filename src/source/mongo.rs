@@ -1,0 +1,399 @@
+//! MongoDB reads: keyset-paged window streams with retry, the server clock,
+//! index checks and bulk lookups by id.
+
+use super::query::{invalid_time_filter, window_filter};
+use crate::mapping::spec::TimeEncoding;
+use crate::mapping::value::to_timestamp;
+use crate::mapping::{lookup, Entity, SourceFormat};
+use crate::secret::redact_uri;
+use crate::settings::{ReadPref, SourceSettings};
+use crate::window::Window;
+use anyhow::{anyhow, Context, Result};
+use bson::{doc, Bson, RawDocumentBuf};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
+use mongodb::{Client, Database};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// A keyset position: the last `(time_field value, _id)` read, in their stored BSON types.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    pub ts: Bson,
+    pub id: Bson,
+}
+
+impl Position {
+    /// Canonical extended JSON, which keeps BSON types exactly (for checkpoints).
+    pub fn to_json(&self) -> (String, String) {
+        (
+            self.ts.clone().into_canonical_extjson().to_string(),
+            self.id.clone().into_canonical_extjson().to_string(),
+        )
+    }
+
+    pub fn from_json(ts: &str, id: &str) -> Result<Self> {
+        let parse = |s: &str| -> Result<Bson> {
+            let v: serde_json::Value = serde_json::from_str(s)?;
+            Ok(Bson::try_from(v)?)
+        };
+        Ok(Position {
+            ts: parse(ts).context("checkpoint last_ts")?,
+            id: parse(id).context("checkpoint last_id")?,
+        })
+    }
+
+    /// The position of a document, if it has both fields.
+    pub fn of(doc: &RawDocumentBuf, time_path: &[String]) -> Option<Self> {
+        let ts = lookup(doc, time_path).ok()??;
+        let id = doc.get("_id").ok()??;
+        Some(Position {
+            ts: Bson::try_from(ts).ok()?,
+            id: Bson::try_from(id).ok()?,
+        })
+    }
+}
+
+/// One page of documents read in `(time, _id)` order, and where it ended.
+#[derive(Debug)]
+pub struct Page {
+    pub docs: Vec<RawDocumentBuf>,
+    pub last: Position,
+}
+
+/// A connected source database.
+#[derive(Clone)]
+pub struct Source {
+    pub db: Database,
+    /// Round-trips issued (find, getMore, lookups, counts): lets tests and reports prove batching.
+    pub queries: Arc<AtomicU64>,
+    batch_size: usize,
+    retry_attempts: u32,
+    rate_limit: u64,
+}
+
+fn read_pref(p: ReadPref) -> ReadPreference {
+    match p {
+        ReadPref::Primary => ReadPreference::Primary,
+        ReadPref::PrimaryPreferred => ReadPreference::PrimaryPreferred { options: None },
+        ReadPref::Secondary => ReadPreference::Secondary { options: None },
+        ReadPref::SecondaryPreferred => ReadPreference::SecondaryPreferred { options: None },
+        ReadPref::Nearest => ReadPreference::Nearest { options: None },
+    }
+}
+
+impl Source {
+    /// Connect and ping; the error names the (redacted) URI and what to check.
+    pub async fn connect(s: &SourceSettings) -> Result<Self> {
+        let mut opts = ClientOptions::parse(s.uri.expose()).await.map_err(|e| {
+            anyhow!(
+                "source.uri {} is invalid: {}",
+                s.uri,
+                redact_uri(&e.to_string())
+            )
+        })?;
+        opts.app_name = Some("tidemark".into());
+        opts.connect_timeout = Some(s.connect_timeout);
+        opts.server_selection_timeout = Some(s.connect_timeout);
+        opts.selection_criteria = Some(SelectionCriteria::ReadPreference(read_pref(
+            s.read_preference,
+        )));
+        let client = Client::with_options(opts)
+            .map_err(|e| anyhow!("source: {}", redact_uri(&e.to_string())))?;
+        let db = client.database(&s.database);
+        db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
+            anyhow!(
+                "cannot reach the source at {} (source.uri): {}. Check that the server runs and the URI is right",
+                s.uri,
+                redact_uri(&e.to_string())
+            )
+        })?;
+        Ok(Source {
+            db,
+            queries: Arc::new(AtomicU64::new(0)),
+            batch_size: s.batch_size,
+            retry_attempts: s.retry_attempts,
+            rate_limit: s.rate_limit,
+        })
+    }
+
+    /// The server's clock (`hello.localTime`); windows never reach past it, whatever our clock says.
+    pub async fn server_time(&self) -> Result<DateTime<Utc>> {
+        let hello = self
+            .db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .context("source: hello")?;
+        match hello.get_datetime("localTime") {
+            Ok(t) => Ok(t.to_chrono()),
+            Err(_) => {
+                warn!("source server does not report localTime; using this host's clock");
+                Ok(Utc::now())
+            }
+        }
+    }
+
+    /// A warning naming the index to create if `(time_field, _id)` is not indexed.
+    pub async fn missing_index_warning(&self, e: &Entity) -> Result<Option<String>> {
+        let coll = self.db.collection::<bson::Document>(&e.collection);
+        let indexes: Vec<_> = match coll.list_indexes().await {
+            Ok(c) => c.try_collect().await?,
+            // A collection that does not exist (yet) reads as empty; say so rather than fail.
+            Err(err) if matches!(*err.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 26) =>
+            {
+                return Ok(Some(format!(
+                    "collection {} does not exist in the source database; it reads as empty",
+                    e.collection
+                )));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let ok = indexes.iter().any(|ix| {
+            let keys: Vec<&String> = ix.keys.keys().collect();
+            keys.len() >= 2 && keys[0] == &e.time_field && keys[1] == "_id"
+        });
+        Ok((!ok).then(|| {
+            format!(
+                "collection {} has no index on ({}, _id); window reads will scan the collection. Create it with: \
+                 db.{}.createIndex({{\"{}\": 1, \"_id\": 1}})",
+                e.collection, e.time_field, e.collection, e.time_field
+            )
+        }))
+    }
+
+    /// Stream a window as pages through a bounded channel. Read errors are retried from the last
+    /// position read, with capped exponential backoff, before the stream reports the error.
+    pub fn stream_window(
+        &self,
+        e: &Entity,
+        w: Window,
+        after: Option<Position>,
+    ) -> mpsc::Receiver<Result<Page>> {
+        let (tx, rx) = mpsc::channel(2);
+        let this = self.clone();
+        let e = e.clone();
+        tokio::spawn(async move {
+            if let Err(err) = this.pump(&e, w, after, &tx).await {
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        rx
+    }
+
+    async fn pump(
+        &self,
+        e: &Entity,
+        w: Window,
+        mut after: Option<Position>,
+        tx: &mpsc::Sender<Result<Page>>,
+    ) -> Result<()> {
+        let time_path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let mut failures = 0u32;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        'reopen: loop {
+            let filter = window_filter(
+                &e.filter,
+                &e.time_field,
+                e.time_encoding,
+                &w,
+                after.as_ref(),
+            );
+            let cursor = coll
+                .find(filter)
+                .sort(doc! { &e.time_field: 1, "_id": 1 })
+                .batch_size(self.batch_size as u32)
+                .await;
+            let mut cursor = match cursor {
+                Ok(c) => c,
+                Err(err) => {
+                    self.backoff(&mut failures, e, &err).await?;
+                    continue 'reopen;
+                }
+            };
+            let mut page = Vec::with_capacity(self.batch_size);
+            loop {
+                match cursor.try_next().await {
+                    Ok(Some(doc)) => {
+                        page.push(doc);
+                        if page.len() >= self.batch_size {
+                            if !self.send(&mut page, &time_path, &mut after, tx).await? {
+                                return Ok(());
+                            }
+                            sent += self.batch_size as u64;
+                            self.throttle(sent, started).await;
+                            failures = 0;
+                        }
+                    }
+                    Ok(None) => {
+                        if !page.is_empty() {
+                            self.send(&mut page, &time_path, &mut after, tx).await?;
+                        }
+                        return Ok(());
+                    }
+                    Err(err) => {
+                        // Documents of the partial page are re-read from `after` on reopen.
+                        self.backoff(&mut failures, e, &err).await?;
+                        continue 'reopen;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        page: &mut Vec<RawDocumentBuf>,
+        time_path: &[String],
+        after: &mut Option<Position>,
+        tx: &mpsc::Sender<Result<Page>>,
+    ) -> Result<bool> {
+        let docs = std::mem::take(page);
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        let last = docs
+            .last()
+            .and_then(|d| Position::of(d, time_path))
+            .ok_or_else(|| anyhow!("a document in the window lacks its time field or _id"))?;
+        *after = Some(last.clone());
+        Ok(tx.send(Ok(Page { docs, last })).await.is_ok())
+    }
+
+    async fn backoff(
+        &self,
+        failures: &mut u32,
+        e: &Entity,
+        err: &mongodb::error::Error,
+    ) -> Result<()> {
+        *failures += 1;
+        let msg = redact_uri(&err.to_string());
+        if *failures > self.retry_attempts {
+            return Err(anyhow!(
+                "reading {} from the source failed {} times in a row; last error: {msg}. \
+                 Check the source server, then run again: the run resumes from its checkpoint",
+                e.collection,
+                failures
+            ));
+        }
+        let delay =
+            Duration::from_millis(200u64 << (*failures).min(6)).min(Duration::from_secs(10));
+        warn!(collection = %e.collection, attempt = *failures, delay_ms = delay.as_millis() as u64, error = %msg, "source read failed; retrying");
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    async fn throttle(&self, sent: u64, started: Instant) {
+        if self.rate_limit == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(sent as f64 / self.rate_limit as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            debug!(wait_ms = wait.as_millis() as u64, "rate limit");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The time of the first document in `[from, to)`, by one indexed query (None if empty).
+    pub async fn next_time(
+        &self,
+        e: &Entity,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let filter = window_filter(
+            &e.filter,
+            &e.time_field,
+            e.time_encoding,
+            &Window::new(from, to),
+            None,
+        );
+        let mut failures = 0;
+        let first = loop {
+            self.queries.fetch_add(1, Ordering::Relaxed);
+            let res = coll
+                .find_one(filter.clone())
+                .sort(doc! { &e.time_field: 1, "_id": 1 })
+                .projection(doc! { &e.time_field: 1, "_id": 1 })
+                .await;
+            match res {
+                Ok(d) => break d,
+                Err(err) => self.backoff(&mut failures, e, &err).await?,
+            }
+        };
+        let path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
+        let format = match e.time_encoding {
+            TimeEncoding::Date => SourceFormat::Date,
+            TimeEncoding::EpochSeconds => SourceFormat::EpochSeconds,
+            TimeEncoding::EpochMillis => SourceFormat::EpochMillis,
+            TimeEncoding::Iso8601 => SourceFormat::Iso8601,
+        };
+        // A value that does not decode just disables the skip-ahead: the window still reads it.
+        Ok(first.and_then(|d| {
+            lookup(&d, &path)
+                .ok()
+                .flatten()
+                .and_then(|v| to_timestamp(&v, Some(format)).ok())
+                .or(Some(from))
+        }))
+    }
+
+    /// Documents of `e` whose `field` is one of `values` (bulk `$in`, chunked), plus the entity's filter.
+    pub async fn fetch_in(
+        &self,
+        e: &Entity,
+        field: &str,
+        values: Vec<Bson>,
+    ) -> Result<Vec<RawDocumentBuf>> {
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let mut out = Vec::new();
+        for chunk in values.chunks(1000) {
+            let by = doc! { field: { "$in": chunk.to_vec() } };
+            let filter = if e.filter.is_empty() {
+                by
+            } else {
+                doc! { "$and": [e.filter.clone(), by] }
+            };
+            let mut failures = 0;
+            loop {
+                self.queries.fetch_add(1, Ordering::Relaxed);
+                let res: Result<Vec<RawDocumentBuf>, mongodb::error::Error> =
+                    match coll.find(filter.clone()).batch_size(1000).await {
+                        Ok(c) => c.try_collect().await,
+                        Err(err) => Err(err),
+                    };
+                match res {
+                    Ok(docs) => {
+                        out.extend(docs);
+                        break;
+                    }
+                    Err(err) => self.backoff(&mut failures, e, &err).await?,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Documents of `e` whose time field is missing or mistyped (at most `limit`).
+    pub async fn invalid_time_docs(&self, e: &Entity, limit: i64) -> Result<Vec<RawDocumentBuf>> {
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let filter = invalid_time_filter(&e.filter, &e.time_field, e.time_encoding);
+        let docs = coll.find(filter).limit(limit).await?.try_collect().await?;
+        Ok(docs)
+    }
+
+    /// Count documents in `e` at or after `from` (the backlog behind a watermark).
+    pub async fn count_since(&self, e: &Entity, from: DateTime<Utc>) -> Result<u64> {
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let far = Window::new(
+            from,
+            DateTime::<Utc>::MAX_UTC.min(from + chrono::TimeDelta::days(365 * 300)),
+        );
+        let filter = window_filter(&e.filter, &e.time_field, e.time_encoding, &far, None);
+        Ok(coll.count_documents(filter).await?)
+    }
+}

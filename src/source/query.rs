@@ -1,0 +1,259 @@
+//! Building window queries in the time field's own encoding, so the
+//! `(time_field, _id)` index serves both the range and the keyset.
+
+use super::Position;
+use crate::mapping::spec::TimeEncoding;
+use crate::window::{fmt_ts, Window};
+use bson::{doc, Bson, Document};
+use chrono::{DateTime, Utc};
+
+/// A window bound in the same BSON encoding the documents use.
+pub fn encode_bound(t: DateTime<Utc>, enc: TimeEncoding) -> Bson {
+    let ms = t.timestamp_millis();
+    match enc {
+        TimeEncoding::Date => Bson::DateTime(bson::DateTime::from_millis(ms)),
+        TimeEncoding::EpochMillis => Bson::Int64(ms),
+        TimeEncoding::EpochSeconds if ms % 1000 == 0 => Bson::Int64(ms / 1000),
+        TimeEncoding::EpochSeconds => Bson::Double(ms as f64 / 1000.0),
+        TimeEncoding::Iso8601 => Bson::String(fmt_ts(t)),
+    }
+}
+
+/// `filter AND from <= t < to`, continuing strictly after `after` in `(t, _id)` order.
+pub fn window_filter(
+    extra: &Document,
+    time_field: &str,
+    enc: TimeEncoding,
+    w: &Window,
+    after: Option<&Position>,
+) -> Document {
+    let lo = encode_bound(w.from, enc);
+    let hi = encode_bound(w.to, enc);
+    // One flat query document when the entity filter allows it: some servers (SecantusDB)
+    // only derive tight index bounds from a top-level range, not from inside `$and`
+    // (measured: 700 ms -> 9 ms per window).
+    if !extra.contains_key(time_field) && !extra.contains_key("$or") {
+        let mut d = extra.clone();
+        match after {
+            None => {
+                d.insert(time_field, doc! { "$gte": lo, "$lt": hi });
+            }
+            Some(p) => {
+                d.insert(time_field, doc! { "$gte": p.ts.clone(), "$lt": hi });
+                let mut or = vec![
+                    Bson::Document(doc! { time_field: { "$gt": p.ts.clone() } }),
+                    Bson::Document(doc! { "_id": { "$gt": p.id.clone() } }),
+                ];
+                let later = later_type_codes(&p.id);
+                if !later.is_empty() {
+                    or.push(Bson::Document(doc! { "_id": { "$type": later } }));
+                }
+                d.insert("$or", or);
+            }
+        }
+        return d;
+    }
+    let mut clauses: Vec<Bson> = Vec::new();
+    if !extra.is_empty() {
+        clauses.push(Bson::Document(extra.clone()));
+    }
+    match after {
+        None => clauses.push(Bson::Document(
+            doc! { time_field: { "$gte": lo, "$lt": hi } },
+        )),
+        Some(p) => {
+            // Keyset: t > ts, or t == ts and _id > id. Written as a range on t plus an $or so the
+            // compound index bounds stay tight.
+            clauses.push(Bson::Document(
+                doc! { time_field: { "$gte": lo, "$lt": hi.clone() } },
+            ));
+            clauses.push(Bson::Document(
+                doc! { time_field: { "$gte": p.ts.clone(), "$lt": hi } },
+            ));
+            // `$gt` only matches values of the same type class (type bracketing), while the
+            // sort orders `_id`s of different types by class: the ids of every later class
+            // must be named explicitly, or a resume between two classes would skip them.
+            let mut or = vec![
+                Bson::Document(doc! { time_field: { "$gt": p.ts.clone() } }),
+                Bson::Document(doc! { "_id": { "$gt": p.id.clone() } }),
+            ];
+            let later = later_type_codes(&p.id);
+            if !later.is_empty() {
+                or.push(Bson::Document(doc! { "_id": { "$type": later } }));
+            }
+            clauses.push(Bson::Document(doc! { "$or": or }));
+        }
+    }
+    if clauses.len() == 1 {
+        match clauses.pop() {
+            Some(Bson::Document(d)) => d,
+            _ => unreachable!(),
+        }
+    } else {
+        doc! { "$and": clauses }
+    }
+}
+
+/// MongoDB's sort order across BSON types: `(numeric $type code, class rank)`. Types of one
+/// class (the numbers; string and symbol) compare by value, classes by rank.
+const TYPE_CLASSES: &[(i32, u8)] = &[
+    (-1, 0),   // minKey
+    (6, 1),    // undefined
+    (10, 2),   // null
+    (1, 3),    // double
+    (16, 3),   // int
+    (18, 3),   // long
+    (19, 3),   // decimal
+    (2, 4),    // string
+    (14, 4),   // symbol
+    (3, 5),    // object
+    (4, 6),    // array
+    (5, 7),    // binData
+    (7, 8),    // objectId
+    (8, 9),    // bool
+    (9, 10),   // date
+    (17, 11),  // timestamp
+    (11, 12),  // regex
+    (12, 13),  // dbPointer
+    (13, 14),  // javascript
+    (15, 15),  // javascriptWithScope
+    (127, 16), // maxKey
+];
+
+/// The `$type` codes of every class sorting after `v`'s class (all codes if unknown).
+pub fn later_type_codes(v: &Bson) -> Vec<i32> {
+    let code = v.element_type() as i32;
+    let code = if code == 0xFF { -1 } else { code };
+    let rank = TYPE_CLASSES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or(0, |(_, r)| *r);
+    TYPE_CLASSES
+        .iter()
+        .filter(|(_, r)| *r > rank)
+        .map(|(c, _)| *c)
+        .collect()
+}
+
+/// Documents whose time field is missing or not of the encoding's BSON type(s).
+pub fn invalid_time_filter(extra: &Document, time_field: &str, enc: TimeEncoding) -> Document {
+    let wrong: Vec<&str> = match enc {
+        TimeEncoding::Date => vec![
+            "string",
+            "int",
+            "long",
+            "double",
+            "decimal",
+            "bool",
+            "object",
+            "array",
+            "objectId",
+            "timestamp",
+        ],
+        TimeEncoding::EpochSeconds | TimeEncoding::EpochMillis => {
+            vec![
+                "string",
+                "date",
+                "bool",
+                "object",
+                "array",
+                "objectId",
+                "timestamp",
+                "decimal",
+            ]
+        }
+        TimeEncoding::Iso8601 => vec![
+            "int",
+            "long",
+            "double",
+            "decimal",
+            "date",
+            "bool",
+            "object",
+            "array",
+            "objectId",
+            "timestamp",
+        ],
+    };
+    let bad = doc! { "$or": [ { time_field: null }, { time_field: { "$type": wrong } } ] };
+    if extra.is_empty() {
+        bad
+    } else {
+        doc! { "$and": [extra.clone(), bad] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn bounds_use_the_field_encoding() {
+        let t = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            encode_bound(t, TimeEncoding::EpochSeconds),
+            Bson::Int64(1_577_836_800)
+        );
+        assert_eq!(
+            encode_bound(t, TimeEncoding::EpochMillis),
+            Bson::Int64(1_577_836_800_000)
+        );
+        assert_eq!(
+            encode_bound(t, TimeEncoding::Iso8601),
+            Bson::String("2020-01-01T00:00:00.000Z".into())
+        );
+        let t2 = t + chrono::TimeDelta::milliseconds(500);
+        assert_eq!(
+            encode_bound(t2, TimeEncoding::EpochSeconds),
+            Bson::Double(1_577_836_800.5)
+        );
+    }
+
+    #[test]
+    fn keyset_names_every_later_id_type_class() {
+        // A number sorts before strings, objects, ObjectIds, booleans, dates, ...
+        let after_int = later_type_codes(&Bson::Int32(5));
+        for code in [2, 14, 3, 5, 7, 8, 9, 17, 127] {
+            assert!(after_int.contains(&code), "{code} missing: {after_int:?}");
+        }
+        for same in [1, 16, 18, 19, 10, -1] {
+            assert!(
+                !after_int.contains(&same),
+                "{same} is not later than a number"
+            );
+        }
+        // ObjectId: booleans, dates and later, never numbers or strings.
+        let after_oid = later_type_codes(&Bson::ObjectId(bson::oid::ObjectId::new()));
+        assert!(after_oid.contains(&8) && after_oid.contains(&9) && !after_oid.contains(&2));
+        assert!(later_type_codes(&Bson::MaxKey).is_empty());
+        assert_eq!(
+            later_type_codes(&Bson::MinKey).len(),
+            TYPE_CLASSES.len() - 1
+        );
+    }
+
+    #[test]
+    fn keyset_filter_continues_after_position() {
+        let w = Window::new(
+            Utc.timestamp_opt(0, 0).unwrap(),
+            Utc.timestamp_opt(100, 0).unwrap(),
+        );
+        let p = Position {
+            ts: Bson::Int64(50),
+            id: Bson::Int32(7),
+        };
+        let f = window_filter(
+            &Document::new(),
+            "t",
+            TimeEncoding::EpochSeconds,
+            &w,
+            Some(&p),
+        );
+        let s = f.to_string();
+        assert!(
+            s.contains("\"$gt\": 50") && s.contains("\"_id\": { \"$gt\": 7 }"),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,458 @@
+//! Dependencies on demand, against real MongoDB + PostgreSQL (with the foreign keys
+//! `migrate` creates) + SQLite: references pulled in bulk, dependents, fork chains,
+//! cycles, missing-reference policies, bounded round-trips.
+
+use crate::harness::{scalar_i64, Backend, Env};
+use bson::{doc, Document};
+use tidemark::app::{run, RunOptions};
+
+const T: i64 = 1_700_000_000; // 2023-11-14, epoch seconds
+
+fn viz(
+    id: &str,
+    owner: &str,
+    at: i64,
+    fork: Option<&str>,
+    upvoters: &[&str],
+    collabs: &[&str],
+) -> Document {
+    let mut d = doc! {
+        "id": id, "documentType": "viz", "owner": owner, "title": format!("viz {id}"),
+        "createdTimestamp": at - 100, "lastUpdatedTimestamp": at, "privacy": "public",
+        "upvotes": upvoters.iter().map(|u| doc! { "userId": *u, "timestamp": at }).collect::<Vec<_>>(),
+        "collaborators": collabs.iter().map(|u| doc! { "userId": *u }).collect::<Vec<_>>(),
+    };
+    if let Some(f) = fork {
+        d.insert("forkedFrom", f);
+    }
+    d
+}
+
+fn user(id: &str) -> Document {
+    doc! { "id": id, "userName": id, "createdTimestamp": T - 86_400 * 400 }
+}
+
+async fn vizhub_env(name: &str, backend: Backend) -> Env {
+    let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
+    let env = Env::new(name, backend, &mapping).await;
+    for (c, f) in [
+        ("documentInfo", "lastUpdatedTimestamp"),
+        ("user", "createdTimestamp"),
+        ("commits", "timestamp"),
+        ("eventRecords", "timestamp"),
+        ("documentContent", "lastUpdatedTimestamp"),
+    ] {
+        env.db.create_collection(c).await.ok();
+        env.index(c, doc! { f: 1, "_id": 1 }).await;
+        env.index(c, doc! { "id": 1 }).await;
+    }
+    env
+}
+
+fn opts(entities: &[&str], until: i64) -> RunOptions {
+    RunOptions {
+        entities: entities.iter().map(|s| s.to_string()).collect(),
+        until: Some(
+            chrono::DateTime::from_timestamp(until, 0)
+                .unwrap()
+                .to_rfc3339(),
+        ),
+        ..Default::default()
+    }
+}
+
+async fn count(env: &Env, table: &str) -> i64 {
+    scalar_i64(&env.target_url, &format!("SELECT COUNT(*) FROM {table}")).await
+}
+
+async fn one_viz_pulls_exactly_what_it_needs(backend: Backend) {
+    // Arrange: v1 in the window; v2 (another owner, other upvoters) outside it.
+    let env = vizhub_env("deps_one", backend).await;
+    env.insert(
+        "user",
+        ["u1", "u2", "u3", "u4", "u5", "u6"]
+            .iter()
+            .map(|u| user(u))
+            .collect(),
+    )
+    .await;
+    env.insert(
+        "documentInfo",
+        vec![
+            viz("v1", "u1", T, None, &["u2", "u3"], &["u4"]),
+            viz("v2", "u5", T - 86_400 * 10, None, &["u6"], &[]),
+        ],
+    )
+    .await;
+    env.insert(
+        "commits",
+        vec![
+            doc! { "id": "c1", "vizId": "v1", "authorId": "u1", "timestamp": (T - 50) * 1000 },
+            doc! { "id": "c2", "vizId": "v1", "parentCommitId": "c1", "authorId": "u1", "timestamp": (T - 10) * 1000 },
+            doc! { "id": "c3", "vizId": "v2", "authorId": "u5", "timestamp": (T - 86_400 * 10) * 1000 },
+        ],
+    )
+    .await;
+    env.insert(
+        "eventRecords",
+        vec![
+            doc! { "id": "e1", "vizId": "v1", "eventType": "view", "timestamp": bson::DateTime::from_millis(T * 1000) },
+            doc! { "id": "e2", "vizId": "v1", "userId": "u2", "eventType": "upvote", "timestamp": bson::DateTime::from_millis(T * 1000) },
+            doc! { "id": "e3", "vizId": "v2", "eventType": "view", "timestamp": bson::DateTime::from_millis(T * 1000) },
+        ],
+    )
+    .await;
+    env.insert("documentContent", vec![doc! { "id": "v1", "files": [{ "name": "index.html", "text": "<p>" }], "lastUpdatedTimestamp": T }]).await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+
+    // Act: only the vizzes lane, a window holding only v1.
+    let r = run(s, opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run");
+
+    // Assert
+    let c = r.entities[0].counts;
+    assert_eq!(c.read, 1, "{r}");
+    assert_eq!(count(&env, "vizzes").await, 1);
+    let users = env.dump(&env.target_url, "users").await;
+    assert_eq!(
+        users.len(),
+        4,
+        "owner, 2 upvoters, 1 collaborator: {users:?}"
+    );
+    assert!(
+        users
+            .iter()
+            .all(|u| ["u1", "u2", "u3", "u4"].iter().any(|id| u.contains(id))),
+        "{users:?}"
+    );
+    assert_eq!(count(&env, "upvotes").await, 2);
+    assert_eq!(count(&env, "permissions").await, 1);
+    assert_eq!(count(&env, "commits").await, 2, "only v1's commits");
+    assert_eq!(count(&env, "analytics_events").await, 2, "only v1's events");
+    assert_eq!(count(&env, "viz_contents").await, 1);
+    assert_eq!(count(&env, "files").await, 1);
+    // Pulled users are normal rows; the users lane's own watermark is untouched.
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_checkpoints WHERE lane = 'nightly:users'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn one_viz_pulls_exactly_its_dependencies_sqlite() {
+    one_viz_pulls_exactly_what_it_needs(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn one_viz_pulls_exactly_its_dependencies_postgres() {
+    one_viz_pulls_exactly_what_it_needs(Backend::Postgres).await;
+}
+
+async fn fork_chains_and_cycles(backend: Backend) {
+    let env = vizhub_env("deps_forks", backend).await;
+    env.insert(
+        "user",
+        ["a", "b", "c", "d"].iter().map(|u| user(u)).collect(),
+    )
+    .await;
+    let day = 86_400;
+    env.insert(
+        "documentInfo",
+        vec![
+            // Chain f3 -> f2 -> f1, each in a different 30-day window, f3 the newest.
+            viz("f1", "a", T - 90 * day, None, &[], &[]),
+            viz("f2", "b", T - 60 * day, Some("f1"), &[], &[]),
+            viz("f3", "c", T, Some("f2"), &[], &[]),
+            // A self-referencing cycle: x <-> y, both outside the first window.
+            viz("x", "d", T - 200 * day, Some("y"), &[], &[]),
+            viz("y", "d", T + 5 * day, Some("x"), &[], &[]),
+            // A dangling fork.
+            viz("g", "a", T, Some("gone-forever"), &[], &[]),
+        ],
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+
+    // First run: only [T-1h, T+1h): f3 and g. f3 pulls f2 and f1 (and their owners) whatever their times.
+    let r = run(s.clone(), opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run 1");
+    assert_eq!(r.entities[0].counts.read, 2, "{r}");
+    assert_eq!(
+        r.entities[0].counts.missing_refs, 1,
+        "g's dangling fork is recorded: {r}"
+    );
+    let v = env.dump(&env.target_url, "vizzes").await;
+    assert_eq!(v.len(), 4, "f3, g + pulled f2, f1: {v:?}");
+    assert_eq!(count(&env, "users").await, 3);
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM vizzes WHERE id = 'g' AND forked_from IS NULL"
+        )
+        .await,
+        1,
+        "dangling reference nulled, never re-pointed"
+    );
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_missing_refs WHERE ref_key = 'gone-forever'"
+        )
+        .await,
+        1
+    );
+
+    // Second run reaches y, which forms a cycle with x (pulled in the same transaction).
+    let r = run(
+        s.clone(),
+        opts(&["vizzes"], T + 10 * day),
+        Default::default(),
+    )
+    .await
+    .expect("run 2");
+    assert_eq!(
+        r.entities[0].counts.read, 3,
+        "y, plus f3 and g again inside the 1 h overlap: {r}"
+    );
+    assert_eq!(count(&env, "vizzes").await, 6);
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM vizzes WHERE id = 'x' AND forked_from = 'y'"
+        )
+        .await,
+        1
+    );
+
+    // Pulled rows are normal rows: a later window of their own (re-run over everything) changes nothing.
+    let mut s2 = s.clone();
+    s2.sync.start = chrono::DateTime::from_timestamp(T - 400 * day, 0).unwrap();
+    let before = env.dump(&env.target_url, "vizzes").await;
+    tidemark::app::run(s2, opts(&["vizzes"], T + 10 * day), Default::default())
+        .await
+        .expect("run 3");
+    assert_eq!(env.dump(&env.target_url, "vizzes").await, before);
+}
+
+#[tokio::test]
+async fn fork_chains_and_cycles_sqlite() {
+    fork_chains_and_cycles(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn fork_chains_and_cycles_postgres() {
+    fork_chains_and_cycles(Backend::Postgres).await;
+}
+
+/// Two entities referencing each other (teams.captain -> players, players.team -> teams).
+async fn mutual(backend: Backend) {
+    let mapping = r#"
+version = "mutual"
+[entities.teams]
+collection = "teams"
+id_field = "code"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "teams"
+primary_key = ["code"]
+[entities.teams.columns]
+code = { path = "code", type = "text", required = true }
+captain = { path = "captain", type = "text", references = "players" }
+
+[entities.players]
+collection = "players"
+id_field = "name"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "players"
+primary_key = ["name"]
+[entities.players.columns]
+name = { path = "name", type = "text", required = true }
+team = { path = "team", type = "text", references = "teams" }
+"#;
+    let env = Env::new("deps_mutual", backend, mapping).await;
+    env.insert(
+        "teams",
+        vec![
+            doc! { "code": "red", "captain": "ann", "t": T },
+            doc! { "code": "blue", "captain": "bob", "t": T - 999_999 },
+        ],
+    )
+    .await;
+    env.insert(
+        "players",
+        vec![
+            doc! { "name": "ann", "team": "red", "t": T - 999_999 },
+            doc! { "name": "bob", "team": "blue", "t": T - 999_999 },
+        ],
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    let r = run(s, opts(&["teams"], T + 3600), Default::default())
+        .await
+        .expect("run");
+    assert_eq!(r.entities[0].counts.read, 1, "{r}");
+    assert_eq!(env.dump(&env.target_url, "teams").await.len(), 1);
+    assert_eq!(
+        env.dump(&env.target_url, "players").await.len(),
+        1,
+        "ann pulled; her team red is the batch row"
+    );
+}
+
+#[tokio::test]
+async fn mutual_references_sqlite() {
+    mutual(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn mutual_references_postgres() {
+    mutual(Backend::Postgres).await;
+}
+
+/// Dangling references under each policy; `defer` resolves once the parent appears.
+async fn policies(backend: Backend) {
+    for policy in ["null", "skip", "defer"] {
+        let mapping = format!(
+            r#"
+version = "p"
+[entities.posts]
+collection = "posts"
+id_field = "pid"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "posts"
+primary_key = ["pid"]
+[entities.posts.columns]
+pid = {{ path = "pid", type = "text", required = true }}
+author = {{ path = "author", type = "text", references = "authors", on_missing = "{policy}" }}
+
+[entities.authors]
+collection = "authors"
+id_field = "aid"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "authors"
+primary_key = ["aid"]
+windowed = false
+[entities.authors.columns]
+aid = {{ path = "aid", type = "text", required = true }}
+"#
+        );
+        let env = Env::new(&format!("deps_{policy}"), backend, &mapping).await;
+        env.insert(
+            "posts",
+            vec![
+                doc! { "pid": "p1", "author": "ghost", "t": T },
+                doc! { "pid": "p2", "author": "real", "t": T },
+            ],
+        )
+        .await;
+        env.insert("authors", vec![doc! { "aid": "real", "t": T }])
+            .await;
+        let mut s = env.settings();
+        s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+        let r = run(s.clone(), opts(&["posts"], T + 3600), Default::default())
+            .await
+            .expect("run");
+        let c = r.entities[0].counts;
+        assert_eq!(c.missing_refs, 1, "{policy}: {r}");
+        let posts = count(&env, "posts").await;
+        let dead = scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_dead_letters",
+        )
+        .await;
+        let pending = scalar_i64(&env.target_url, "SELECT COUNT(*) FROM tidemark_pending").await;
+        match policy {
+            "null" => {
+                assert_eq!((posts, dead, pending), (2, 0, 0));
+                assert_eq!(
+                    scalar_i64(
+                        &env.target_url,
+                        "SELECT COUNT(*) FROM posts WHERE pid = 'p1' AND author IS NULL"
+                    )
+                    .await,
+                    1
+                );
+            }
+            "skip" => assert_eq!((posts, dead, pending), (1, 1, 0)),
+            _ => {
+                assert_eq!((posts, dead, pending), (1, 0, 1));
+                // The author appears in the source: the next run writes the held-back post.
+                env.insert("authors", vec![doc! { "aid": "ghost", "t": T }])
+                    .await;
+                let r = run(s, opts(&["posts"], T + 3600), Default::default())
+                    .await
+                    .expect("rerun");
+                assert_eq!(count(&env, "posts").await, 2, "{r}");
+                assert_eq!(
+                    scalar_i64(&env.target_url, "SELECT COUNT(*) FROM tidemark_pending").await,
+                    0
+                );
+                assert_eq!(
+                    scalar_i64(
+                        &env.target_url,
+                        "SELECT COUNT(*) FROM tidemark_missing_refs"
+                    )
+                    .await,
+                    0
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn missing_reference_policies_sqlite() {
+    policies(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn missing_reference_policies_postgres() {
+    policies(Backend::Postgres).await;
+}
+
+/// Lookups are batched: source round-trips per batch do not grow with the batch size.
+#[tokio::test]
+async fn round_trips_are_bounded_per_batch() {
+    let env = vizhub_env("deps_trips", Backend::Sqlite).await;
+    let n = 400;
+    env.insert("user", (0..n).map(|i| user(&format!("u{i}"))).collect())
+        .await;
+    let vizzes: Vec<Document> = (0..n)
+        .map(|i| {
+            let u = format!("u{i}");
+            let fork = (i > 0).then(|| format!("v{}", i - 1));
+            viz(&format!("v{i}"), &u, T, fork.as_deref(), &[&u], &[&u])
+        })
+        .collect();
+    env.insert("documentInfo", vizzes).await;
+    env.insert(
+        "commits",
+        (0..n).map(|i| doc! { "id": format!("c{i}"), "vizId": format!("v{i}"), "authorId": format!("u{i}"), "timestamp": T * 1000 }).collect(),
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    let r = run(s, opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run");
+    let c = r.entities[0].counts;
+    assert_eq!(c.read, n as u64);
+    assert_eq!(count(&env, "commits").await, n);
+    assert!(
+        c.source_queries <= 20,
+        "{} source round-trips for one batch of {n}: lookups are not batched",
+        c.source_queries
+    );
+}

@@ -1,0 +1,277 @@
+//! Manual backfill: chunked, resumable after SIGKILL, shareable by several worker
+//! processes, and never moving the nightly watermark, even with a nightly run beside it.
+
+use crate::harness::{items_mapping, scalar_i64, Backend, Env};
+use crate::ops_util::{seed, stderr_of, tidemark, wait_exit, wait_for};
+use std::time::Duration;
+use tidemark::exit;
+
+const DAY: i64 = 86_400_000;
+
+/// Start of the test data: midnight 20 days ago, so `--from`/`--to` are whole dates.
+fn base() -> chrono::DateTime<chrono::Utc> {
+    let today = chrono::Utc::now().date_naive();
+    (today - chrono::Days::new(20))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+}
+
+fn date(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d").to_string()
+}
+
+/// `tidemark backfill` over the 4 days of test data in 6 h chunks.
+fn backfill_args(from: &str, to: &str) -> Vec<String> {
+    ["backfill", "--from", from, "--to", to, "--chunk", "6h"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+async fn killed_and_resumed(backend: Backend) {
+    // Arrange: 40k documents over 4 days; a reference backfill into a second target.
+    let env = Env::new("bfkill", backend, &items_mapping("epoch_millis")).await;
+    let b = base();
+    let docs: Vec<bson::Document> = (0..40_000i64)
+        .map(|i| bson::doc! { "_id": i, "t": b.timestamp_millis() + i * (4 * DAY / 40_000), "v": format!("v{i}") })
+        .collect();
+    seed(&env, docs).await;
+    let (from, to) = (date(b), date(b + chrono::TimeDelta::days(4)));
+    let args = backfill_args(&from, &to);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reference = env.second_target().await;
+    let out = tidemark(&env, &reference, &args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Act: SIGKILL a rate-limited backfill mid-way, then run the same command again.
+    let url = env.target_url.clone();
+    let mut child = tidemark(&env, &url, &args)
+        .env("TIDEMARK__SOURCE__RATE_LIMIT", "8000")
+        .spawn()
+        .unwrap();
+    let started = wait_for(
+        &url,
+        "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE status = 'done' AND docs_read > 0",
+        2,
+        Duration::from_secs(60),
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done_at_kill = scalar_i64(
+        &url,
+        "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE status = 'done'",
+    )
+    .await;
+    let total = scalar_i64(&url, "SELECT COUNT(*) FROM tidemark_backfill_chunks").await;
+    let resumed = tidemark(&env, &url, &args).output().unwrap();
+
+    // Assert
+    assert!(started, "the backfill never finished a chunk");
+    assert!(
+        done_at_kill < total,
+        "the kill landed after the backfill finished; it proved nothing"
+    );
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        env.dump(&url, "items").await,
+        env.dump(&reference, "items").await
+    );
+    assert_eq!(scalar_i64(&url, "SELECT COUNT(*) FROM items").await, 40_000);
+    assert_eq!(
+        scalar_i64(
+            &url,
+            "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE status <> 'done'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &url,
+            "SELECT COUNT(*) FROM tidemark_backfills WHERE status = 'done'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar_i64(&url, "SELECT COUNT(*) FROM tidemark_checkpoints").await,
+        0,
+        "a backfill must leave no nightly checkpoint (and drops its own when done)"
+    );
+}
+
+#[tokio::test]
+async fn ops_backfill_killed_and_resumed_sqlite() {
+    killed_and_resumed(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn ops_backfill_killed_and_resumed_postgres() {
+    killed_and_resumed(Backend::Postgres).await;
+}
+
+/// Three processes given the same command share one backfill: every chunk is claimed
+/// once, more than one worker does work, and the target equals a single worker's.
+#[tokio::test]
+async fn ops_three_workers_share_one_backfill_postgres() {
+    // Arrange: 30k documents spread over 3 days (one every ~8.6 s) in 3 h chunks = 24 chunks.
+    let env = Env::new("bfshare", Backend::Postgres, &items_mapping("epoch_millis")).await;
+    let b = base();
+    let docs: Vec<bson::Document> = (0..30_000i64)
+        .map(|i| bson::doc! { "_id": i, "t": b.timestamp_millis() + i * (3 * DAY / 30_000), "v": format!("v{i}") })
+        .collect();
+    seed(&env, docs).await;
+    let (from, to) = (date(b), date(b + chrono::TimeDelta::days(3)));
+    let args = ["backfill", "--from", &from, "--to", &to, "--chunk", "3h"];
+    let reference = env.second_target().await;
+    let out = tidemark(&env, &reference, &args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Act: three workers at once, each slowed so that the work has to be spread.
+    let url = env.target_url.clone();
+    let mut workers: Vec<_> = (0..3)
+        .map(|_| {
+            tidemark(&env, &url, &args)
+                .env("TIDEMARK__SOURCE__RATE_LIMIT", "3000")
+                .env("TIDEMARK__SOURCE__BATCH_SIZE", "250")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for w in &mut workers {
+        let st = wait_exit(w, Duration::from_secs(180))
+            .await
+            .expect("worker hangs");
+        assert!(st.success(), "worker failed: {}", stderr_of(w));
+    }
+
+    // Assert
+    let q = |sql: &'static str| scalar_i64(&url, sql);
+    assert_eq!(
+        env.dump(&url, "items").await,
+        env.dump(&reference, "items").await
+    );
+    assert_eq!(q("SELECT COUNT(*) FROM tidemark_backfill_chunks").await, 24);
+    assert_eq!(
+        q("SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE attempts <> 1").await,
+        0,
+        "a chunk was claimed twice"
+    );
+    assert_eq!(
+        q("SELECT SUM(docs_read)::bigint FROM tidemark_backfill_chunks").await,
+        30_000,
+        "documents read twice or missed"
+    );
+    let busy_workers =
+        q("SELECT COUNT(DISTINCT pid) FROM tidemark_backfill_chunks WHERE docs_read > 0").await;
+    assert!(
+        busy_workers >= 2,
+        "only {busy_workers} worker did any work; nothing was shared"
+    );
+}
+
+/// A nightly run while a backfill of older data is running: both finish, the target is
+/// what either would produce, and the nightly lane is the nightly run's alone.
+#[tokio::test]
+async fn ops_backfill_concurrent_with_nightly_sqlite() {
+    // Arrange: 30k documents over the last 20 days; the backfill covers the first 10.
+    let env = Env::new("bfnight", Backend::Sqlite, &items_mapping("epoch_millis")).await;
+    let b = base();
+    let docs: Vec<bson::Document> = (0..30_000i64)
+        .map(|i| bson::doc! { "_id": i, "t": b.timestamp_millis() + i * (19 * DAY / 30_000), "v": format!("v{i}") })
+        .collect();
+    seed(&env, docs).await;
+    let reference = env.second_target().await;
+    let out = tidemark(&env, &reference, &["run"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (from, to) = (date(b), date(b + chrono::TimeDelta::days(10)));
+
+    // Act
+    let url = env.target_url.clone();
+    let mut backfill = tidemark(
+        &env,
+        &url,
+        &["backfill", "--from", &from, "--to", &to, "--chunk", "1d"],
+    )
+    .env("TIDEMARK__SOURCE__RATE_LIMIT", "1000")
+    .spawn()
+    .unwrap();
+    let running = wait_for(
+        &url,
+        "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE status = 'running'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let nightly = tidemark(&env, &url, &["run"]).output().unwrap();
+    let backfill_done_during_nightly = backfill.try_wait().unwrap().is_some();
+    let st = wait_exit(&mut backfill, Duration::from_secs(120))
+        .await
+        .expect("backfill hangs");
+
+    // Assert
+    assert!(running, "the backfill never claimed a chunk");
+    assert!(
+        !backfill_done_during_nightly,
+        "the backfill ended before the nightly run did; they never overlapped"
+    );
+    assert!(
+        nightly.status.success(),
+        "{}",
+        String::from_utf8_lossy(&nightly.stderr)
+    );
+    assert!(st.success(), "{}", stderr_of(&mut backfill));
+    assert_eq!(
+        env.dump(&url, "items").await,
+        env.dump(&reference, "items").await
+    );
+    let lanes = scalar_i64(&url, "SELECT COUNT(*) FROM tidemark_checkpoints").await;
+    assert_eq!(lanes, 1, "only the nightly lane remains");
+    let wm = scalar_i64(
+        &url,
+        "SELECT watermark_ms FROM tidemark_checkpoints WHERE lane = 'nightly:items'",
+    )
+    .await;
+    let wm_ref = scalar_i64(
+        &reference,
+        "SELECT watermark_ms FROM tidemark_checkpoints WHERE lane = 'nightly:items'",
+    )
+    .await;
+    assert!(
+        wm >= wm_ref,
+        "the nightly watermark went back: {wm} < {wm_ref}"
+    );
+}
+
+#[tokio::test]
+async fn ops_backfill_rejects_a_reversed_range() {
+    let env = Env::new("bfrev", Backend::Sqlite, &items_mapping("epoch_millis")).await;
+    let out = tidemark(
+        &env,
+        &env.target_url,
+        &["backfill", "--from", "2020-02-01", "--to", "2020-01-01"],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(exit::CONFIG), "{err}");
+    assert!(err.contains("reversed"), "{err}");
+}
