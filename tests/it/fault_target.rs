@@ -49,7 +49,7 @@ async fn assert_no_partial_batch(url: &str, batch: i64) {
 
 #[tokio::test]
 async fn postgres_connections_cut_mid_run() {
-    // Arrange: the target reached through a proxy that cuts every connection every 300 ms.
+    // Arrange: the target reached through a proxy that cuts its connections while runs go on.
     let (env, reference, _mongo) = arrange("pgcut", Backend::Postgres).await;
     let url: url_parts::Url = url_parts::parse(&env.target_url);
     let proxy = Proxy::start(url.addr).await;
@@ -58,7 +58,7 @@ async fn postgres_connections_cut_mid_run() {
     s.source.rate_limit = 8_000;
     s.source.batch_size = 500;
 
-    // Act: the first three runs each lose their target connections once, mid-run; then
+    // Act: the first three runs lose their target connections over and over, mid-run; then
     // runs go on (each resuming from its checkpoint) until one completes.
     let mut failures = Vec::new();
     for attempt in 0..10 {
@@ -68,11 +68,15 @@ async fn postgres_connections_cut_mid_run() {
             done.store(true, Ordering::SeqCst);
             r
         };
+        // A single cut can fall between two transactions, where the pool silently
+        // replaces the dead connection; cutting every 40 ms until the run ends makes sure
+        // one lands on a transaction in flight.
         let cutter = async {
             if attempt < 3 {
                 crate::harness::wait_rows(&env.target_url, "items").await;
-                if !done.load(Ordering::SeqCst) {
+                while !done.load(Ordering::SeqCst) {
                     proxy.cut();
+                    tokio::time::sleep(std::time::Duration::from_millis(40)).await;
                 }
             }
         };
