@@ -6,7 +6,7 @@ use crate::exit::Failure;
 use crate::mapping::{Entity, Mapping, Outcome, Value};
 use crate::settings::Settings;
 use crate::sink::{BatchWrite, Checkpoint, DeadLetter, Sink};
-use crate::source::{Position, Source};
+use crate::source::{Page, Position, Source};
 use crate::window::{self, LaneState, PlanInput, Window};
 use anyhow::Result;
 use bson::Bson;
@@ -322,7 +322,18 @@ pub async fn write_docs(
     cp: Option<&Checkpoint>,
     track_ids: bool,
 ) -> Result<Counts> {
-    let mut mapped = map_page(e, docs, true);
+    write_mapped(ctx, e, docs, map_page(e, docs, true), cp, track_ids).await
+}
+
+/// Resolve and write one page already mapped by [`map_page`] (with `track_resolved`).
+pub async fn write_mapped(
+    ctx: &Ctx,
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    mut mapped: MappedPage,
+    cp: Option<&Checkpoint>,
+    track_ids: bool,
+) -> Result<Counts> {
     let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");
@@ -386,6 +397,15 @@ pub async fn write_docs(
     })
 }
 
+/// Aborts a spawned stage when the window ends early (an error, a stop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Read and write one window, resuming after `after` when given.
 pub async fn run_window(
     ctx: &Ctx,
@@ -401,8 +421,24 @@ pub async fn run_window(
     let mut counts = Counts::default();
     let mut batches = 0;
     let mut rx = ctx.source.stream_window(e, w, after);
-    while let Some(page) = rx.recv().await {
-        let page = page?;
+    // Three stages joined by bounded channels: the source pump reads ahead (two pages),
+    // this mapper converts the next page (CPU) while the loop below resolves and writes the
+    // current one (mostly waiting on the databases).
+    let (mtx, mut mrx) = tokio::sync::mpsc::channel::<Result<(Page, MappedPage)>>(1);
+    let entity = e.clone();
+    let mapper = tokio::spawn(async move {
+        while let Some(page) = rx.recv().await {
+            // Map only once the writer has room: at most two mapped pages exist at a time.
+            let Ok(slot) = mtx.reserve().await else { break };
+            slot.send(page.map(|p| {
+                let m = map_page(&entity, &p.docs, true);
+                (p, m)
+            }));
+        }
+    });
+    let _mapper = AbortOnDrop(mapper);
+    while let Some(item) = mrx.recv().await {
+        let (page, mapped) = item?;
         let cp = Checkpoint {
             lane: lane.to_owned(),
             entity: e.name.clone(),
@@ -414,7 +450,7 @@ pub async fn run_window(
             run_id: ctx.run_id.clone(),
         };
         let before_queries = ctx.source.queries.load(Ordering::Relaxed);
-        let c = write_docs(ctx, e, &page.docs, Some(&cp), has_dead).await?;
+        let c = write_mapped(ctx, e, &page.docs, mapped, Some(&cp), has_dead).await?;
         batches += 1;
         counts.add(&c);
         counts.source_queries += ctx

@@ -320,16 +320,7 @@ impl Sink {
                     .bind(&d.document).bind(b.mapping_version).bind(now)
                     .execute(&mut *tx).await?;
             }
-            for chunk in b.resolved.chunks(500) {
-                let mut q = sqlx::QueryBuilder::new("DELETE FROM tidemark_dead_letters WHERE entity = ");
-                q.push_bind(entity_name).push(" AND source_id IN (");
-                let mut sep = q.separated(", ");
-                for id in chunk {
-                    sep.push_bind(id);
-                }
-                q.push(")");
-                q.build().execute(&mut *tx).await?;
-            }
+            tx.delete_source_ids("tidemark_dead_letters", entity_name, b.resolved).await?;
             for (entity, d) in b.other_dead {
                 sqlx::query(DEAD_LETTER_UPSERT)
                     .bind(entity).bind(&d.source_id).bind(b.run_id).bind(&d.error)
@@ -337,16 +328,7 @@ impl Sink {
                     .execute(&mut *tx).await?;
             }
             for table in ["tidemark_missing_refs", "tidemark_pending"] {
-                for chunk in b.clear_refs.chunks(500) {
-                    let mut q = sqlx::QueryBuilder::new(format!("DELETE FROM {table} WHERE entity = "));
-                    q.push_bind(entity_name).push(" AND source_id IN (");
-                    let mut sep = q.separated(", ");
-                    for id in chunk {
-                        sep.push_bind(id);
-                    }
-                    q.push(")");
-                    q.build().execute(&mut *tx).await?;
-                }
+                tx.delete_source_ids(table, entity_name, b.clear_refs).await?;
             }
             for m in b.missing {
                 sqlx::query(MISSING_REF_UPSERT)
@@ -374,17 +356,12 @@ impl Sink {
                 out.pulled_written += o.written + o.child_written;
             }
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
-                let changes: Vec<_> = trk.changes.iter().collect();
-                for chunk in changes.chunks(1000) {
-                    let mut q = sqlx::QueryBuilder::new(
-                        "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, written_at_ms) ");
-                    q.push_values(chunk, |mut row, ((table, pk), c)| {
-                        row.push_bind(b.run_id).push_bind(table.as_str()).push_bind(pk.as_str())
-                            .push_bind(c.before.as_deref()).push_bind(c.after_hash.as_deref()).push_bind(now);
-                    });
-                    q.push(" ON CONFLICT (run_id, table_name, pk) DO UPDATE SET after_hash = excluded.after_hash");
-                    q.build().execute(&mut *tx).await.context("recording provenance")?;
-                }
+                let rows: Vec<ProvenanceRow> = trk
+                    .changes
+                    .iter()
+                    .map(|((table, pk), c)| (table.as_str(), pk.as_str(), c.before.as_deref(), c.after_hash.as_deref()))
+                    .collect();
+                tx.insert_provenance(b.run_id, &rows, now).await.context("recording provenance")?;
             }
             if let Some(cp) = b.checkpoint {
                 if !b.dry_run {
@@ -627,6 +604,11 @@ pub(crate) trait TableOps {
         by: &[usize],
         keys: &[Vec<Value>],
     ) -> Result<u64>;
+    /// Delete the rows of one of the tool's per-entity tables (dead letters, missing refs,
+    /// pending) for these source ids of `entity`.
+    async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()>;
+    /// Record a batch's changed rows in `tidemark_provenance`.
+    async fn insert_provenance(&mut self, run_id: &str, changes: &[ProvenanceRow<'_>], now: i64) -> Result<()>;
     /// Set one column of the row with primary key `key`.
     async fn set_column(
         &mut self,
@@ -636,6 +618,9 @@ pub(crate) trait TableOps {
         value: &Value,
     ) -> Result<u64>;
 }
+
+/// One row of `tidemark_provenance`: table, canonical key, before-image, after-hash.
+pub(crate) type ProvenanceRow<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
 
 fn key_of(row: &[Value], cols: &[usize]) -> Vec<Value> {
     cols.iter().map(|&i| row[i].clone()).collect()

@@ -2,14 +2,11 @@
 //! parameter per column, so a batch costs one round-trip whatever its size.
 
 use super::ddl::quote;
-use super::TableOps;
+use super::{ProvenanceRow, TableOps};
 use crate::mapping::{ColumnType, TableRef, Value};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
-
-/// Keys per `IN (VALUES …)` statement.
-const KEYS_PER_STMT: usize = 1000;
 
 fn pg_type(t: ColumnType) -> &'static str {
     match t {
@@ -83,6 +80,77 @@ fn column<T>(rows: &[Vec<Value>], i: usize, f: impl Fn(&Value) -> Option<T>) -> 
     rows.iter().map(|r| f(&r[i])).collect()
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+/// Bind column `i` of `rows` as one array parameter of the column's type.
+fn bind_array<'q>(q: PgQuery<'q>, rows: &[Vec<Value>], i: usize, ty: ColumnType) -> PgQuery<'q> {
+    match ty {
+        ColumnType::Text | ColumnType::Numeric | ColumnType::Date | ColumnType::Uuid => {
+            q.bind(column(rows, i, |v| match v {
+                Value::Text(s) => Some(s.clone()),
+                _ => None,
+            }))
+        }
+        ColumnType::Json => q.bind(column(rows, i, |v| match v {
+            Value::Json(j) => Some(j.to_string()),
+            _ => None,
+        })),
+        ColumnType::Integer => q.bind(column(rows, i, |v| match v {
+            Value::Int(x) => Some(*x),
+            _ => None,
+        })),
+        ColumnType::Bigint => q.bind(column(rows, i, |v| match v {
+            Value::BigInt(x) => Some(*x),
+            Value::Int(x) => Some(*x as i64),
+            _ => None,
+        })),
+        ColumnType::Double => q.bind(column(rows, i, |v| match v {
+            Value::Double(x) => Some(*x),
+            _ => None,
+        })),
+        ColumnType::Boolean => q.bind(column(rows, i, |v| match v {
+            Value::Bool(x) => Some(*x),
+            _ => None,
+        })),
+        ColumnType::Timestamptz => q.bind(column::<DateTime<Utc>>(rows, i, |v| match v {
+            Value::Timestamp(t) => Some(*t),
+            _ => None,
+        })),
+    }
+}
+
+/// `WHERE (c1, c2) IN (SELECT * FROM UNNEST($1::t1[], $2::t2[]))`: the whole key set as one
+/// array per column, so the statement text is the same for every batch (prepared once) and
+/// the planner sees one hashable set instead of a thousand-row VALUES list.
+fn key_filter(t: TableRef<'_>, by: &[usize]) -> String {
+    let names: Vec<String> = by.iter().map(|&i| quote(&t.columns[i].name)).collect();
+    let arrays: Vec<String> = by
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| {
+            let ty = t.columns[i].ty;
+            if via_text(ty) {
+                format!("${}::text[]::{}[]", n + 1, pg_type(ty))
+            } else {
+                format!("${}::{}[]", n + 1, pg_type(ty))
+            }
+        })
+        .collect();
+    format!(
+        " WHERE ({}) IN (SELECT * FROM UNNEST({}))",
+        names.join(", "),
+        arrays.join(", ")
+    )
+}
+
+/// Bind a key set for [`key_filter`].
+fn bind_keys<'q>(mut q: PgQuery<'q>, t: TableRef<'_>, by: &[usize], keys: &[Vec<Value>]) -> PgQuery<'q> {
+    for (n, &i) in by.iter().enumerate() {
+        q = bind_array(q, keys, n, t.columns[i].ty);
+    }
+    q
+}
+
 fn push_value(q: &mut QueryBuilder<'_, Postgres>, v: &Value, ty: ColumnType) {
     match v {
         Value::Null => q.push(format!("NULL::{}", pg_type(ty))),
@@ -96,7 +164,7 @@ fn push_value(q: &mut QueryBuilder<'_, Postgres>, v: &Value, ty: ColumnType) {
     };
 }
 
-/// `WHERE (c1, c2) IN (VALUES (…), (…))`
+/// `WHERE (c1, c2) IN (VALUES (…))` for a few literal keys.
 fn push_in(
     q: &mut QueryBuilder<'_, Postgres>,
     t: TableRef<'_>,
@@ -174,21 +242,22 @@ impl TableOps for Transaction<'_, Postgres> {
         by: &[usize],
         keys: &[Vec<Value>],
     ) -> Result<Vec<Vec<Value>>> {
-        let mut out = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_STMT) {
-            let mut q =
-                QueryBuilder::new(format!("SELECT {} FROM {}", select_list(t), quote(t.name)));
-            push_in(&mut q, t, by, chunk);
-            for row in q
-                .build()
-                .fetch_all(&mut **self)
-                .await
-                .with_context(|| format!("reading rows of {}", t.name))?
-            {
-                out.push(decode_row(t, &row)?);
-            }
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let sql = format!(
+            "SELECT {} FROM {}{}",
+            select_list(t),
+            quote(t.name),
+            key_filter(t, by)
+        );
+        bind_keys(sqlx::query(&sql), t, by, keys)
+            .fetch_all(&mut **self)
+            .await
+            .with_context(|| format!("reading rows of {}", t.name))?
+            .iter()
+            .map(|row| decode_row(t, row))
+            .collect()
     }
 
     async fn scan_rows(
@@ -232,38 +301,7 @@ impl TableOps for Transaction<'_, Postgres> {
         let sql = upsert_sql(t);
         let mut q = sqlx::query(&sql);
         for (i, c) in t.columns.iter().enumerate() {
-            q = match c.ty {
-                ColumnType::Text | ColumnType::Numeric | ColumnType::Date | ColumnType::Uuid => q
-                    .bind(column(rows, i, |v| match v {
-                        Value::Text(s) => Some(s.clone()),
-                        _ => None,
-                    })),
-                ColumnType::Json => q.bind(column(rows, i, |v| match v {
-                    Value::Json(j) => Some(j.to_string()),
-                    _ => None,
-                })),
-                ColumnType::Integer => q.bind(column(rows, i, |v| match v {
-                    Value::Int(x) => Some(*x),
-                    _ => None,
-                })),
-                ColumnType::Bigint => q.bind(column(rows, i, |v| match v {
-                    Value::BigInt(x) => Some(*x),
-                    Value::Int(x) => Some(*x as i64),
-                    _ => None,
-                })),
-                ColumnType::Double => q.bind(column(rows, i, |v| match v {
-                    Value::Double(x) => Some(*x),
-                    _ => None,
-                })),
-                ColumnType::Boolean => q.bind(column(rows, i, |v| match v {
-                    Value::Bool(x) => Some(*x),
-                    _ => None,
-                })),
-                ColumnType::Timestamptz => q.bind(column::<DateTime<Utc>>(rows, i, |v| match v {
-                    Value::Timestamp(t) => Some(*t),
-                    _ => None,
-                })),
-            };
+            q = bind_array(q, rows, i, c.ty);
         }
         let done = q
             .execute(&mut **self)
@@ -278,27 +316,28 @@ impl TableOps for Transaction<'_, Postgres> {
         by: &[usize],
         keys: &[Vec<Value>],
     ) -> Result<Vec<Vec<Value>>> {
-        let mut out = Vec::new();
-        let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i].name)).collect();
-        for chunk in keys.chunks(KEYS_PER_STMT) {
-            let mut q =
-                QueryBuilder::new(format!("SELECT {} FROM {}", pk.join(", "), quote(t.name)));
-            push_in(&mut q, t, by, chunk);
-            for row in q
-                .build()
-                .fetch_all(&mut **self)
-                .await
-                .with_context(|| format!("reading keys of {}", t.name))?
-            {
-                let key =
-                    t.pk.iter()
-                        .enumerate()
-                        .map(|(j, &c)| decode(&row, j, t.columns[c].ty))
-                        .collect::<Result<_>>()?;
-                out.push(key);
-            }
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i].name)).collect();
+        let sql = format!(
+            "SELECT {} FROM {}{}",
+            pk.join(", "),
+            quote(t.name),
+            key_filter(t, by)
+        );
+        bind_keys(sqlx::query(&sql), t, by, keys)
+            .fetch_all(&mut **self)
+            .await
+            .with_context(|| format!("reading keys of {}", t.name))?
+            .iter()
+            .map(|row| {
+                t.pk.iter()
+                    .enumerate()
+                    .map(|(j, &c)| decode(row, j, t.columns[c].ty))
+                    .collect()
+            })
+            .collect()
     }
 
     async fn delete_keys(
@@ -307,18 +346,56 @@ impl TableOps for Transaction<'_, Postgres> {
         by: &[usize],
         keys: &[Vec<Value>],
     ) -> Result<u64> {
-        let mut n = 0;
-        for chunk in keys.chunks(KEYS_PER_STMT) {
-            let mut q = QueryBuilder::new(format!("DELETE FROM {}", quote(t.name)));
-            push_in(&mut q, t, by, chunk);
-            n += q
-                .build()
-                .execute(&mut **self)
-                .await
-                .with_context(|| format!("deleting from {}", t.name))?
-                .rows_affected();
+        if keys.is_empty() {
+            return Ok(0);
         }
-        Ok(n)
+        let sql = format!("DELETE FROM {}{}", quote(t.name), key_filter(t, by));
+        Ok(bind_keys(sqlx::query(&sql), t, by, keys)
+            .execute(&mut **self)
+            .await
+            .with_context(|| format!("deleting from {}", t.name))?
+            .rows_affected())
+    }
+
+    async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE entity = $1 AND source_id = ANY($2)"
+        ))
+        .bind(entity)
+        .bind(ids)
+        .execute(&mut **self)
+        .await
+        .with_context(|| format!("clearing {table} of {entity}"))?;
+        Ok(())
+    }
+
+    async fn insert_provenance(
+        &mut self,
+        run_id: &str,
+        changes: &[ProvenanceRow<'_>],
+        now: i64,
+    ) -> Result<()> {
+        let tables: Vec<&str> = changes.iter().map(|c| c.0).collect();
+        let keys: Vec<&str> = changes.iter().map(|c| c.1).collect();
+        let befores: Vec<Option<&str>> = changes.iter().map(|c| c.2).collect();
+        let afters: Vec<Option<&str>> = changes.iter().map(|c| c.3).collect();
+        sqlx::query(
+            "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, written_at_ms) \
+             SELECT $1, t, k, b, a, $2 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(t, k, b, a) \
+             ON CONFLICT (run_id, table_name, pk) DO UPDATE SET after_hash = excluded.after_hash",
+        )
+        .bind(run_id)
+        .bind(now)
+        .bind(tables)
+        .bind(keys)
+        .bind(befores)
+        .bind(afters)
+        .execute(&mut **self)
+        .await?;
+        Ok(())
     }
 
     async fn set_column(

@@ -2,7 +2,7 @@
 //! SQLite's bound-parameter limit, all inside the batch's one transaction.
 
 use super::ddl::quote;
-use super::TableOps;
+use super::{ProvenanceRow, TableOps};
 use crate::mapping::{ColumnType, TableRef, Value};
 use crate::window::fmt_ts;
 use anyhow::{Context, Result};
@@ -251,6 +251,47 @@ impl TableOps for Transaction<'_, Sqlite> {
                 .rows_affected();
         }
         Ok(n)
+    }
+
+    async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(per_stmt(1)) {
+            let mut q = QueryBuilder::new(format!("DELETE FROM {table} WHERE entity = "));
+            q.push_bind(entity).push(" AND source_id IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(id);
+            }
+            q.push(")");
+            q.build()
+                .execute(&mut **self)
+                .await
+                .with_context(|| format!("clearing {table} of {entity}"))?;
+        }
+        Ok(())
+    }
+
+    async fn insert_provenance(
+        &mut self,
+        run_id: &str,
+        changes: &[ProvenanceRow<'_>],
+        now: i64,
+    ) -> Result<()> {
+        for chunk in changes.chunks(per_stmt(6)) {
+            let mut q = QueryBuilder::new(
+                "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, written_at_ms) ",
+            );
+            q.push_values(chunk, |mut row, (table, pk, before, after)| {
+                row.push_bind(run_id)
+                    .push_bind(*table)
+                    .push_bind(*pk)
+                    .push_bind(*before)
+                    .push_bind(*after)
+                    .push_bind(now);
+            });
+            q.push(" ON CONFLICT (run_id, table_name, pk) DO UPDATE SET after_hash = excluded.after_hash");
+            q.build().execute(&mut **self).await?;
+        }
+        Ok(())
     }
 
     async fn set_column(
