@@ -66,15 +66,59 @@ pub fn row_json(t: TableRef<'_>, row: &[Value]) -> J {
     J::Object(m)
 }
 
-/// A short, order-independent-friendly hash of a row's canonical content.
+/// A short hash of a row's canonical content: SHA-256 of the compact JSON array of its
+/// canonical values, written straight into one buffer (no sorted copy of JSON columns).
 pub fn row_hash(t: TableRef<'_>, row: &[Value]) -> String {
-    let vals: Vec<J> = t
-        .columns
-        .iter()
-        .zip(row)
-        .map(|(c, v)| value(v, c.ty))
-        .collect();
-    hash_text(&J::Array(vals).to_string())
+    let mut buf = Vec::with_capacity(1024);
+    buf.push(b'[');
+    for (n, (c, v)) in t.columns.iter().zip(row).enumerate() {
+        if n > 0 {
+            buf.push(b',');
+        }
+        match v {
+            Value::Json(j) => write_sorted(j, &mut buf),
+            other => write_json(&value(other, c.ty), &mut buf),
+        }
+    }
+    buf.push(b']');
+    hex::encode(&Sha256::digest(&buf)[..16])
+}
+
+fn write_json(j: &J, buf: &mut Vec<u8>) {
+    // Writing into a Vec cannot fail.
+    serde_json::to_writer(buf, j).expect("JSON into memory");
+}
+
+/// Compact JSON of `j` with object keys sorted at every level, the same text as
+/// `sorted(j).to_string()`.
+fn write_sorted(j: &J, buf: &mut Vec<u8>) {
+    match j {
+        J::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            buf.push(b'{');
+            for (n, k) in keys.into_iter().enumerate() {
+                if n > 0 {
+                    buf.push(b',');
+                }
+                serde_json::to_writer(&mut *buf, k).expect("JSON into memory");
+                buf.push(b':');
+                write_sorted(&o[k], buf);
+            }
+            buf.push(b'}');
+        }
+        J::Array(a) => {
+            buf.push(b'[');
+            for (n, v) in a.iter().enumerate() {
+                if n > 0 {
+                    buf.push(b',');
+                }
+                write_sorted(v, buf);
+            }
+            buf.push(b']');
+        }
+        scalar => write_json(scalar, buf),
+    }
 }
 
 /// Hex of the first 16 bytes of SHA-256.
@@ -164,6 +208,14 @@ mod tests {
             value(&Value::BigInt(3), ColumnType::Bigint)
         );
         let a = Value::Json(serde_json::from_str(r#"{"b":1,"a":{"d":2,"c":3}}"#).unwrap());
+        let Value::Json(j) = &a else { unreachable!() };
+        let mut buf = Vec::new();
+        write_sorted(j, &mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            sorted(j).to_string(),
+            "written sorted = the sorted copy, serialized"
+        );
         let b = Value::Text(r#"{"a":{"c":3,"d":2},"b":1}"#.into());
         assert_eq!(
             value(&a, ColumnType::Json).to_string(),

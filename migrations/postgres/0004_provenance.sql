@@ -14,7 +14,9 @@ CREATE TABLE IF NOT EXISTS tidemark_provenance (
     UNIQUE (run_id, table_name, pk)
 );
 
-CREATE INDEX IF NOT EXISTS tidemark_provenance_row ON tidemark_provenance (table_name, pk);
+-- No separate (table_name, pk) index: the unique index serves rollback's "later runs that
+-- touched the same rows" join (b.run_id = ?, b.table_name = ?, b.pk = ?), and every extra
+-- index is paid on each row a run writes.
 
 -- The checkpoint of every lane a run moved, as it was before the run first moved it
 -- (existed = false: the lane had no checkpoint), so a rollback can rewind the lane.
