@@ -209,6 +209,7 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
     let mut index: HashMap<String, usize> = HashMap::with_capacity(docs.len());
     let mut deletes: Vec<Option<Deletion>> = Vec::new();
     let mut del_index: HashMap<String, usize> = HashMap::new();
+    let mut last_ok: HashMap<String, bool> = HashMap::new();
     let soft = e
         .deleted
         .as_ref()
@@ -217,8 +218,12 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
         let outcome = match e.map(doc) {
             Ok(o) => o,
             Err(err) => {
+                let id = source_id(doc);
+                if track_resolved {
+                    last_ok.insert(id.clone(), false);
+                }
                 out.dead.push(DeadLetter {
-                    source_id: source_id(doc),
+                    source_id: id,
                     error: err.to_string(),
                     document: raw_json(doc),
                 });
@@ -226,7 +231,9 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
             }
         };
         if track_resolved {
-            out.resolved.push(source_id(doc));
+            let id = source_id(doc);
+            last_ok.insert(id.clone(), true);
+            out.resolved.push(id);
         }
         match outcome {
             Outcome::Row { row, children } => {
@@ -273,6 +280,18 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
             }
             Outcome::Filtered => out.filtered += 1,
         }
+    }
+    if track_resolved && last_ok.len() < out.dead.len() + out.resolved.len() {
+        // A document came twice in the page (changed while being read): its last version
+        // decides whether it is dead-lettered or resolved; a superseded failure counts as a
+        // duplicate.
+        let before = out.dead.len();
+        out.dead
+            .retain(|d| last_ok.get(&d.source_id) != Some(&true));
+        out.duplicates += (before - out.dead.len()) as u64;
+        let mut seen = std::collections::HashSet::new();
+        out.resolved
+            .retain(|id| last_ok.get(id) == Some(&true) && seen.insert(id.clone()));
     }
     for (k, at) in deletes.into_iter().flatten() {
         if soft {

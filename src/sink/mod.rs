@@ -13,6 +13,7 @@ use crate::source::Position;
 use crate::window::{LaneState, Window};
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
+use indexmap::IndexMap;
 use provenance::Tracker;
 use sqlx::{
     postgres::PgPoolOptions, sqlite::SqliteConnectOptions, sqlite::SqlitePoolOptions, PgPool, Row,
@@ -314,18 +315,26 @@ impl Sink {
         let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
         let out = on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
-            for d in b.dead {
-                sqlx::query(DEAD_LETTER_UPSERT)
-                    .bind(entity_name).bind(&d.source_id).bind(b.run_id).bind(&d.error)
-                    .bind(&d.document).bind(b.mapping_version).bind(now)
-                    .execute(&mut *tx).await?;
-            }
+            // Documents that map now clear their old dead letters first.
             tx.delete_source_ids("tidemark_dead_letters", entity_name, b.resolved).await?;
-            for (entity, d) in b.other_dead {
-                sqlx::query(DEAD_LETTER_UPSERT)
-                    .bind(entity).bind(&d.source_id).bind(b.run_id).bind(&d.error)
-                    .bind(&d.document).bind(b.mapping_version).bind(now)
-                    .execute(&mut *tx).await?;
+            // One multi-row statement per 1,000 dead letters; a key appearing twice keeps its
+            // last version (one statement may not upsert the same row twice).
+            let mut dead: IndexMap<(&str, &str), &DeadLetter> = IndexMap::new();
+            for (entity, d) in b.dead.iter().map(|d| (entity_name, d))
+                .chain(b.other_dead.iter().map(|(e, d)| (e.as_str(), d))) {
+                dead.shift_remove(&(entity, d.source_id.as_str()));
+                dead.insert((entity, d.source_id.as_str()), d);
+            }
+            let dead: Vec<_> = dead.into_iter().collect();
+            for chunk in dead.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::new(DEAD_LETTER_INSERT);
+                q.push_values(chunk, |mut row, ((entity, _), d)| {
+                    row.push_bind(*entity).push_bind(d.source_id.as_str()).push_bind(b.run_id)
+                        .push_bind(d.error.as_str()).push_bind(d.document.as_str())
+                        .push_bind(b.mapping_version).push_bind(now);
+                });
+                q.push(DEAD_LETTER_CONFLICT);
+                q.build().execute(&mut *tx).await.context("recording dead letters")?;
             }
             for table in ["tidemark_missing_refs", "tidemark_pending"] {
                 tx.delete_source_ids(table, entity_name, b.clear_refs).await?;
@@ -504,10 +513,11 @@ impl Sink {
     }
 }
 
-const DEAD_LETTER_UPSERT: &str = "INSERT INTO tidemark_dead_letters \
-    (entity, source_id, run_id, error, document, mapping_version, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-    ON CONFLICT (entity, source_id) DO UPDATE SET run_id = excluded.run_id, error = excluded.error, \
-    document = excluded.document, mapping_version = excluded.mapping_version, created_at_ms = excluded.created_at_ms";
+const DEAD_LETTER_INSERT: &str = "INSERT INTO tidemark_dead_letters \
+    (entity, source_id, run_id, error, document, mapping_version, created_at_ms) ";
+const DEAD_LETTER_CONFLICT: &str = " ON CONFLICT (entity, source_id) DO UPDATE SET run_id = excluded.run_id, \
+    error = excluded.error, document = excluded.document, mapping_version = excluded.mapping_version, \
+    created_at_ms = excluded.created_at_ms";
 
 const MISSING_REF_UPSERT: &str = "INSERT INTO tidemark_missing_refs \
     (entity, source_id, column_name, ref_entity, ref_key, policy, run_id, seen_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -608,7 +618,12 @@ pub(crate) trait TableOps {
     /// pending) for these source ids of `entity`.
     async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()>;
     /// Record a batch's changed rows in `tidemark_provenance`.
-    async fn insert_provenance(&mut self, run_id: &str, changes: &[ProvenanceRow<'_>], now: i64) -> Result<()>;
+    async fn insert_provenance(
+        &mut self,
+        run_id: &str,
+        changes: &[ProvenanceRow<'_>],
+        now: i64,
+    ) -> Result<()>;
     /// Set one column of the row with primary key `key`.
     async fn set_column(
         &mut self,

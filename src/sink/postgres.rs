@@ -144,7 +144,12 @@ fn key_filter(t: TableRef<'_>, by: &[usize]) -> String {
 }
 
 /// Bind a key set for [`key_filter`].
-fn bind_keys<'q>(mut q: PgQuery<'q>, t: TableRef<'_>, by: &[usize], keys: &[Vec<Value>]) -> PgQuery<'q> {
+fn bind_keys<'q>(
+    mut q: PgQuery<'q>,
+    t: TableRef<'_>,
+    by: &[usize],
+    keys: &[Vec<Value>],
+) -> PgQuery<'q> {
     for (n, &i) in by.iter().enumerate() {
         q = bind_array(q, keys, n, t.columns[i].ty);
     }

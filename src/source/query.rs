@@ -135,47 +135,49 @@ pub fn later_type_codes(v: &Bson) -> Vec<i32> {
         .collect()
 }
 
-/// Documents whose time field is missing or not of the encoding's BSON type(s).
-pub fn invalid_time_filter(extra: &Document, time_field: &str, enc: TimeEncoding) -> Document {
-    let wrong: Vec<&str> = match enc {
-        TimeEncoding::Date => vec![
-            "string",
-            "int",
-            "long",
-            "double",
-            "decimal",
-            "bool",
-            "object",
-            "array",
-            "objectId",
-            "timestamp",
-        ],
-        TimeEncoding::EpochSeconds | TimeEncoding::EpochMillis => {
-            vec![
-                "string",
-                "date",
-                "bool",
-                "object",
-                "array",
-                "objectId",
-                "timestamp",
-                "decimal",
-            ]
+/// Documents whose time field no window can select: missing or null, or of a type other
+/// than the encoding's. Each wrong type is one range predicate (`$gte` the smallest value of
+/// that type: MongoDB compares within a type only), so the `(time, _id)` index answers the
+/// query with a few short index ranges instead of a collection scan. Arrays cannot be found
+/// that way (a multikey index holds their elements); `arrays` adds a `$type` test for them,
+/// which the caller sets only when the index is multikey (some document has an array there).
+pub fn invalid_time_filter(
+    extra: &Document,
+    time_field: &str,
+    enc: TimeEncoding,
+    arrays: bool,
+) -> Document {
+    let numbers = [
+        doc! { time_field: { "$gte": f64::NEG_INFINITY } },
+        doc! { time_field: f64::NAN },
+    ];
+    let strings = doc! { time_field: { "$gte": "" } };
+    let dates = doc! { time_field: { "$gte": bson::DateTime::MIN } };
+    let mut any = vec![
+        doc! { time_field: null },
+        doc! { time_field: { "$gte": {} } },
+        doc! { time_field: { "$gte": bson::oid::ObjectId::from_bytes([0; 12]) } },
+        doc! { time_field: { "$in": [true, false] } },
+        doc! { time_field: { "$gte": bson::Timestamp { time: 0, increment: 0 } } },
+    ];
+    match enc {
+        TimeEncoding::Date => {
+            any.extend(numbers);
+            any.push(strings);
         }
-        TimeEncoding::Iso8601 => vec![
-            "int",
-            "long",
-            "double",
-            "decimal",
-            "date",
-            "bool",
-            "object",
-            "array",
-            "objectId",
-            "timestamp",
-        ],
-    };
-    let bad = doc! { "$or": [ { time_field: null }, { time_field: { "$type": wrong } } ] };
+        TimeEncoding::EpochSeconds | TimeEncoding::EpochMillis => {
+            any.push(strings);
+            any.push(dates);
+        }
+        TimeEncoding::Iso8601 => {
+            any.extend(numbers);
+            any.push(dates);
+        }
+    }
+    if arrays {
+        any.push(doc! { time_field: { "$type": "array" } });
+    }
+    let bad = doc! { "$or": any };
     if extra.is_empty() {
         bad
     } else {

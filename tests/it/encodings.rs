@@ -22,17 +22,47 @@ async fn encoding(enc: &str, backend: Backend) {
         .with_ymd_and_hms(2021, 3, 1, 0, 0, 0)
         .unwrap()
         .timestamp_millis();
-    // 200 good documents one minute apart, 3 without `t`, 2 with the wrong type.
+    // 200 good documents one minute apart, 3 without `t`, and one of every type the
+    // encoding does not use (null, object, array, ObjectId, bool, BSON timestamp, and the
+    // other scalar encodings).
     let mut docs: Vec<Document> = (0..200i64)
         .map(|i| doc! { "_id": i, "t": encode(enc, base + i * 60_000), "v": "ok" })
         .collect();
     docs.extend((200..203i64).map(|i| doc! { "_id": i, "v": "no time" }));
-    let wrong = if enc == "iso8601" {
-        Bson::Boolean(true)
-    } else {
-        Bson::String("yesterday".into())
-    };
-    docs.extend((203..205i64).map(|i| doc! { "_id": i, "t": wrong.clone() }));
+    let mut wrong = vec![
+        Bson::Null,
+        Bson::Document(doc! { "at": 1 }),
+        Bson::Array(vec![Bson::String("a".into())]),
+        Bson::ObjectId(bson::oid::ObjectId::new()),
+        Bson::Boolean(true),
+        Bson::Timestamp(bson::Timestamp {
+            time: 1,
+            increment: 1,
+        }),
+    ];
+    match enc {
+        "date" => wrong.extend([
+            Bson::String("yesterday".into()),
+            Bson::Int64(5),
+            Bson::Double(f64::NAN),
+        ]),
+        "iso8601" => wrong.extend([
+            Bson::Int32(5),
+            Bson::Double(f64::NAN),
+            Bson::DateTime(bson::DateTime::now()),
+        ]),
+        _ => wrong.extend([
+            Bson::String("yesterday".into()),
+            Bson::DateTime(bson::DateTime::now()),
+        ]),
+    }
+    let n_wrong = 3 + wrong.len() as i64;
+    docs.extend(
+        wrong
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| doc! { "_id": 203 + i as i64, "t": w }),
+    );
     // One document after `until`: must not be read.
     docs.push(doc! { "_id": 999i64, "t": encode(enc, base + 10 * 86_400_000) });
     env.insert("items", docs).await;
@@ -56,7 +86,7 @@ async fn encoding(enc: &str, backend: Backend) {
     let c = report.entities[0].counts;
     assert_eq!(c.read, 200, "{enc}: {report}");
     assert_eq!(
-        c.invalid_time, 5,
+        c.invalid_time, n_wrong as u64,
         "{enc}: missing/mistyped time must be reported"
     );
     assert_eq!(
@@ -69,7 +99,7 @@ async fn encoding(enc: &str, backend: Backend) {
             "SELECT COUNT(*) FROM tidemark_dead_letters WHERE entity = 'items'"
         )
         .await,
-        5
+        n_wrong
     );
     let wm = report.entities[0].watermark.unwrap();
     assert_eq!(wm, until, "watermark stops at --until");
