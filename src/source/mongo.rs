@@ -381,43 +381,10 @@ impl Source {
     /// Documents of `e` whose time field is missing or mistyped (at most `limit`).
     pub async fn invalid_time_docs(&self, e: &Entity, limit: i64) -> Result<Vec<RawDocumentBuf>> {
         let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
-        let arrays = self.time_index_multikey(e).await;
-        let filter = invalid_time_filter(&e.filter, &e.time_field, e.time_encoding, arrays);
+        let filter = invalid_time_filter(&e.filter, &e.time_field, e.time_encoding);
         self.queries.fetch_add(1, Ordering::Relaxed);
         let docs = coll.find(filter).limit(limit).await?.try_collect().await?;
         Ok(docs)
-    }
-
-    /// Whether the index serving `e`'s time field is multikey (some document holds an array
-    /// there), from the query planner. When the server cannot say, assume it is.
-    async fn time_index_multikey(&self, e: &Entity) -> bool {
-        let cmd = doc! {
-            "explain": { "find": &e.collection, "filter": { &e.time_field: { "$gte": "" } } },
-            "verbosity": "queryPlanner",
-        };
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        fn multikey(d: &bson::Document) -> Option<bool> {
-            let mut found = None;
-            for (k, v) in d {
-                match v {
-                    Bson::Boolean(b) if k == "isMultiKey" => return Some(*b),
-                    Bson::Document(sub) => found = found.or(multikey(sub)),
-                    Bson::Array(a) => {
-                        for x in a {
-                            if let Bson::Document(sub) = x {
-                                found = found.or(multikey(sub));
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            found
-        }
-        match self.db.run_command(cmd).await {
-            Ok(out) => multikey(&out).unwrap_or(true),
-            Err(_) => true,
-        }
     }
 
     /// Count documents in `e` at or after `from` (the backlog behind a watermark).
