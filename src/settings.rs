@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn defaults_load_and_validate() {
         let s = Settings::load(None).expect("defaults are valid");
-        assert_eq!(s.source.batch_size, 2000);
+        assert_eq!(s.source.batch_size, 1000);
         assert_eq!(s.sync.settle, Duration::from_secs(300));
     }
 }

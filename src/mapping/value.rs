@@ -146,16 +146,57 @@ pub fn nested_deeper_than(v: RawBsonRef<'_>, limit: usize) -> bool {
         .any(|c| nested_deeper_than(c, limit - 1))
 }
 
-/// Relaxed extended JSON of a raw BSON value, NUL-free.
+/// Relaxed extended JSON of a raw BSON value, NUL-free, in one pass over the raw bytes.
+/// The common types are converted here directly; the rare ones (dates, ObjectIds, binary,
+/// regexes, decimals, non-finite doubles, …) go through the bson crate's own relaxed
+/// extended JSON, one value at a time, so the output is exactly the crate's (a test checks
+/// it). Going through `bson::Document` for the whole document cost three allocating passes.
 pub fn raw_to_json(v: RawBsonRef<'_>) -> Result<serde_json::Value, String> {
-    if nested_deeper_than(v, MAX_NESTING) {
-        return Err(format!(
+    to_json(v, MAX_NESTING)
+}
+
+fn to_json(v: RawBsonRef<'_>, levels_left: usize) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    let too_deep = || {
+        format!(
             "value is nested more than {MAX_NESTING} levels deep (MongoDB's own limit); \
              it cannot be converted to JSON"
-        ));
-    }
-    let b = Bson::try_from(v).map_err(|e| format!("undecodable BSON: {e}"))?;
-    Ok(sanitize_json(b.into_relaxed_extjson()))
+        )
+    };
+    let undecodable = |e: bson::raw::Error| format!("undecodable BSON: {e}");
+    Ok(match v {
+        RawBsonRef::Document(d) => {
+            if levels_left == 0 {
+                return Err(too_deep());
+            }
+            let mut m = serde_json::Map::new();
+            for el in d {
+                let (k, v) = el.map_err(undecodable)?;
+                m.insert(sanitize(k), to_json(v, levels_left - 1)?);
+            }
+            J::Object(m)
+        }
+        RawBsonRef::Array(a) => {
+            if levels_left == 0 {
+                return Err(too_deep());
+            }
+            let mut out = Vec::new();
+            for el in a {
+                out.push(to_json(el.map_err(undecodable)?, levels_left - 1)?);
+            }
+            J::Array(out)
+        }
+        RawBsonRef::String(s) => J::String(sanitize(s)),
+        RawBsonRef::Int32(i) => J::from(i),
+        RawBsonRef::Int64(i) => J::from(i),
+        RawBsonRef::Boolean(b) => J::Bool(b),
+        RawBsonRef::Null => J::Null,
+        RawBsonRef::Double(f) if f.is_finite() => J::from(f),
+        other => {
+            let b = Bson::try_from(other).map_err(|e| format!("undecodable BSON: {e}"))?;
+            sanitize_json(b.into_relaxed_extjson())
+        }
+    })
 }
 
 fn type_name(v: &RawBsonRef<'_>) -> &'static str {
@@ -418,6 +459,24 @@ mod tests {
         assert!(err.contains("nested"), "{err}");
         let very = nest(150);
         assert!(raw_to_json(very.get("v").unwrap().unwrap()).is_err());
+    }
+
+    #[test]
+    fn one_pass_json_is_the_bson_crates_relaxed_extended_json() {
+        let d = bson::doc! {
+            "s": "a\u{0}b", "i": 1i32, "l": 1i64 << 40, "d": 1.5, "whole": 2.0, "nan": f64::NAN,
+            "inf": f64::NEG_INFINITY, "b": true, "n": Bson::Null, "date": bson::DateTime::from_millis(1_600_000_000_123),
+            "old": bson::DateTime::from_millis(-1), "oid": bson::oid::ObjectId::from_bytes([7; 12]),
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2] },
+            "re": bson::Regex { pattern: "x".into(), options: "mi".into() },
+            "dec": Bson::Decimal128(bson::Decimal128::from_bytes([1; 16])),
+            "ts": bson::Timestamp { time: 1, increment: 2 }, "min": Bson::MinKey, "max": Bson::MaxKey,
+            "undef": Bson::Undefined, "key": { "nested": [1, { "x": [] }, "y"] }, "empty": {},
+        };
+        let raw = bson::RawDocumentBuf::from_document(&d).unwrap();
+        let old = sanitize_json(Bson::Document(d).into_relaxed_extjson());
+        let new = raw_to_json(RawBsonRef::Document(&raw)).unwrap();
+        assert_eq!(new.to_string(), old.to_string());
     }
 
     #[test]
