@@ -390,6 +390,7 @@ pub async fn write_mapped(
             missing: &res.missing,
             deferred: &res.deferred,
             clear_refs: &clear,
+            clear_pulled: &res.pulled_ids,
             dry_run: ctx.dry_run,
             provenance: ctx.provenance,
         })
@@ -541,13 +542,13 @@ pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Re
         until,
     };
     let plan = window::plan(&state, &input);
-    let mut has_dead = ctx.sink.dead_letter_count(&e.name).await? > 0;
+    let mut has_dead = ctx.sink.has_outstanding(&e.name).await?;
     let mut watermark = state.watermark;
     let mut windows = 0;
     if let Some(w) = plan.resume {
         let r = run_window(ctx, e, &lane, watermark, w, last, has_dead).await?;
         counts.add(&r.counts);
-        has_dead |= r.counts.dead_lettered > 0;
+        has_dead |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
         watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
         windows += 1;
     }
@@ -582,7 +583,7 @@ pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Re
             1
         };
         counts.add(&r.counts);
-        has_dead |= r.counts.dead_lettered > 0;
+        has_dead |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
         watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
         windows += 1;
         cursor = w.to;

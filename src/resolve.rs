@@ -37,6 +37,9 @@ pub struct Resolution<'m> {
     pub dead: Vec<DeadLetter>,
     /// Pulled documents that could not be mapped, by entity.
     pub other_dead: Vec<(String, DeadLetter)>,
+    /// `(entity, source id)` of pulled documents that mapped (their old missing-reference
+    /// records are cleared).
+    pub pulled_ids: Vec<(String, String)>,
     /// Documents pulled on demand (references and dependents).
     pub pulled: u64,
     /// Set when `max_depth` or `max_pulled_per_batch` stopped resolution.
@@ -210,12 +213,12 @@ pub async fn resolve<'m>(
     drop(memo);
 
     for (_, level) in levels {
-        if let Some(rows) = level.into_rows(&mut res.other_dead) {
+        if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
             res.before.push(rows);
         }
     }
     for level in dependents {
-        if let Some(rows) = level.into_rows(&mut res.other_dead) {
+        if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
             res.after.push(rows);
         }
     }
@@ -224,8 +227,27 @@ pub async fn resolve<'m>(
 
 impl<'m> Level<'m> {
     /// Hand the level's dead letters to `dead` and its rows (if any) to the writer.
-    fn into_rows(self, dead: &mut Vec<(String, DeadLetter)>) -> Option<EntityRows<'m>> {
+    /// The source ids of the level's documents that mapped go to `written`: their old
+    /// missing-reference records are cleared (new ones, if still missing, are written after).
+    fn into_rows(
+        self,
+        dead: &mut Vec<(String, DeadLetter)>,
+        written: &mut Vec<(String, String)>,
+    ) -> Option<EntityRows<'m>> {
         let name = &self.entity.name;
+        let failed: HashSet<&str> = self
+            .page
+            .dead
+            .iter()
+            .map(|d| d.source_id.as_str())
+            .collect();
+        written.extend(
+            self.docs
+                .iter()
+                .map(|d| source_id(d))
+                .filter(|id| !failed.contains(id.as_str()))
+                .map(|id| (name.clone(), id)),
+        );
         dead.extend(self.page.dead.into_iter().map(|d| (name.clone(), d)));
         (!self.page.rows.is_empty()).then(|| EntityRows {
             entity: self.entity,

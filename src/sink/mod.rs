@@ -110,6 +110,9 @@ pub struct BatchWrite<'a> {
     pub deferred: &'a [(String, String)],
     /// Source ids written cleanly: their missing-reference and pending records are cleared.
     pub clear_refs: &'a [String],
+    /// `(entity, source id)` of pulled documents written: their missing-reference records
+    /// are cleared (before `missing` is written, so a reference still missing stays recorded).
+    pub clear_pulled: &'a [(String, String)],
     /// Roll the transaction back instead of committing it: the batch is counted, not kept.
     pub dry_run: bool,
     /// Record what the batch changes in `tidemark_provenance` (for `tidemark rollback`).
@@ -339,6 +342,13 @@ impl Sink {
             for table in ["tidemark_missing_refs", "tidemark_pending"] {
                 tx.delete_source_ids(table, entity_name, b.clear_refs).await?;
             }
+            let mut pulled: IndexMap<&str, Vec<String>> = IndexMap::new();
+            for (entity, id) in b.clear_pulled {
+                pulled.entry(entity.as_str()).or_default().push(id.clone());
+            }
+            for (entity, ids) in &pulled {
+                tx.delete_source_ids("tidemark_missing_refs", entity, ids).await?;
+            }
             for m in b.missing {
                 sqlx::query(MISSING_REF_UPSERT)
                     .bind(&m.entity).bind(&m.source_id).bind(&m.column).bind(&m.ref_entity)
@@ -467,6 +477,21 @@ impl Sink {
             on_pool!(self, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tidemark_dead_letters WHERE entity = $1")
             .bind(entity).fetch_one(p).await?),
         )
+    }
+
+    /// Whether `entity` has dead letters, missing-reference or pending records: then every
+    /// batch also clears the records of the documents it writes cleanly.
+    pub async fn has_outstanding(&self, entity: &str) -> Result<bool> {
+        for table in [
+            "tidemark_dead_letters",
+            "tidemark_missing_refs",
+            "tidemark_pending",
+        ] {
+            if self.count_for(table, entity).await? > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Record the start of a run in the ledger.

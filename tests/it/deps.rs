@@ -240,6 +240,47 @@ async fn fork_chains_and_cycles(backend: Backend) {
         .await
         .expect("run 3");
     assert_eq!(env.dump(&env.target_url, "vizzes").await, before);
+
+    // The dangling fork's target appears (an old document) and g changes again: the
+    // reference now resolves (pulled), and g's missing-reference record is cleared even
+    // though nothing else in the batch is missing.
+    env.insert(
+        "documentInfo",
+        vec![viz("gone-forever", "a", T - 300 * day, None, &[], &[])],
+    )
+    .await;
+    env.db
+        .collection::<Document>("documentInfo")
+        .update_one(
+            doc! { "id": "g" },
+            doc! { "$set": { "lastUpdatedTimestamp": T + 12 * day } },
+        )
+        .await
+        .unwrap();
+    run(
+        s.clone(),
+        opts(&["vizzes"], T + 20 * day),
+        Default::default(),
+    )
+    .await
+    .expect("run 4");
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM vizzes WHERE id = 'g' AND forked_from = 'gone-forever'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_missing_refs WHERE ref_key = 'gone-forever'"
+        )
+        .await,
+        0,
+        "a reference that resolved leaves no missing-reference record"
+    );
 }
 
 #[tokio::test]

@@ -74,9 +74,13 @@ pub async fn dump_all(env: &Env, url: &str) -> Vec<(String, Vec<String>)> {
             // and as a pulled reference keeps the message of whichever wrote last.
             "SELECT entity || '|' || source_id FROM tidemark_dead_letters ORDER BY 1",
         ),
-        // tidemark_missing_refs is not compared: a record made for a row pulled as a dependent is
-        // only cleared when that row is next written as a batch row, so which records remain
-        // depends on the order runs happened to reach documents (a known gap, see RELIABILITY.md).
+        (
+            "tidemark_missing_refs",
+            // Cleared whenever the referring document is written again, as a batch row or
+            // as a pulled one, so what remains does not depend on the order of runs.
+            "SELECT entity || '|' || source_id || '|' || column_name || '|' || ref_key \
+             FROM tidemark_missing_refs ORDER BY 1",
+        ),
     ] {
         out.push((name.to_owned(), texts(url, sql).await));
     }
