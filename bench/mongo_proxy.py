@@ -18,6 +18,10 @@ import time
 
 import bson
 from bson import json_util
+from bson.codec_options import CodecOptions, DatetimeConversion
+
+# Dates outside Python's range (tidemark's invalid-time scan uses the smallest BSON date).
+CODEC = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 
 OP_QUERY, OP_MSG, OP_COMPRESSED = 2004, 2013, 2012
 
@@ -32,7 +36,7 @@ def describe(op, body):
                 pos += 1
                 if kind == 0:
                     (n,) = struct.unpack_from("<i", body, pos)
-                    doc = bson.decode(body[pos:pos + n])
+                    doc = bson.decode(body[pos:pos + n], codec_options=CODEC)
                     break
                 (n,) = struct.unpack_from("<i", body, pos)  # kind 1: document sequence
                 pos += n
@@ -43,7 +47,7 @@ def describe(op, body):
             ns = body[4:end].decode()
             pos = end + 1 + 8
             (n,) = struct.unpack_from("<i", body, pos)
-            doc = bson.decode(body[pos:pos + n])
+            doc = bson.decode(body[pos:pos + n], codec_options=CODEC)
             doc.setdefault("$db", ns.split(".")[0])
         elif op == OP_COMPRESSED:
             return ("<compressed>", "", {})

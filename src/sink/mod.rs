@@ -312,8 +312,19 @@ impl Sink {
         Ok(())
     }
 
-    /// Write one batch: dead letters, deletions, rows, child rows and checkpoint in one transaction.
+    /// Write one batch: dead letters, deletions, rows, child rows and checkpoint in one
+    /// transaction. An error names the target and says that nothing of the batch was kept.
     pub async fn write_batch(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
+        let entity = b.entity.map_or("tool records", |e| e.name.as_str());
+        self.write_batch_tx(b).await.with_context(|| {
+            format!(
+                "target database: writing a batch of {entity} failed and was rolled back \
+                 (the next run resumes from the last committed checkpoint)"
+            )
+        })
+    }
+
+    async fn write_batch_tx(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
         let now = ms(Utc::now());
         let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
         let out = on_pool!(self, p => {
