@@ -161,6 +161,56 @@ impl Env {
     }
 }
 
+/// A test that passed leaves nothing behind: its source database on the shared server and
+/// its PostgreSQL databases are dropped (services persist between sessions). A failing test
+/// keeps them for inspection and says where they are.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "kept for inspection: source database {} on {}, target {}",
+                self.name, self.mongo, self.target_url
+            );
+            return;
+        }
+        let name = self.name.clone();
+        let shared_source = self.mongo == mongo_uri();
+        let mongo = self.mongo.clone();
+        let pg = self.backend == Backend::Postgres;
+        // Drop runs inside the test's runtime, which cannot be blocked on: clean up from a
+        // thread with its own.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // A client of this runtime: the test's own is served by the runtime this
+                // drop is blocking.
+                if shared_source {
+                    if let Ok(c) = mongodb::Client::with_uri_str(&mongo).await {
+                        let _ = c.database(&name).drop().await;
+                    }
+                }
+                if pg {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+                        for n in [name.clone(), format!("{name}_b")] {
+                            let _ = sqlx::query(&format!(
+                                "DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"
+                            ))
+                            .execute(&mut c)
+                            .await;
+                        }
+                    }
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
 async fn create_pg_db(name: &str) -> String {
     use sqlx::Connection;
     let admin = pg_admin_url();
