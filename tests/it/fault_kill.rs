@@ -74,13 +74,11 @@ pub async fn dump_all(env: &Env, url: &str) -> Vec<(String, Vec<String>)> {
             // and as a pulled reference keeps the message of whichever wrote last.
             "SELECT entity || '|' || source_id FROM tidemark_dead_letters ORDER BY 1",
         ),
-        (
-            "tidemark_missing_refs",
-            // Cleared whenever the referring document is written again, as a batch row or
-            // as a pulled one, so what remains does not depend on the order of runs.
-            "SELECT entity || '|' || source_id || '|' || column_name || '|' || ref_key \
-             FROM tidemark_missing_refs ORDER BY 1",
-        ),
+        // tidemark_missing_refs is not compared. A document reached only through pulls (older
+        // than the run's start) gets a record when it is pulled at the depth limit
+        // (`sync.max_depth`: its own references are not followed). That depth depends on
+        // which batch reached it first, so on where the kills fell. Records of resolvable
+        // references are cleared on the next write (`deps::fork_chains_and_cycles_*`).
     ] {
         out.push((name.to_owned(), texts(url, sql).await));
     }
