@@ -643,8 +643,8 @@ async fn run_chunk(ctx: &Ctx, c: &Chunk) -> Result<Counts> {
     let after = cp
         .filter(|cp| cp.state.open == Some(c.window))
         .and_then(|cp| cp.last);
-    let has_dead = ctx.sink.has_outstanding(&e.name).await?;
-    let r = pipeline::run_window(ctx, &e, &c.lane, None, c.window, after, has_dead).await?;
+    let outstanding = ctx.sink.has_outstanding(&e.name).await?;
+    let r = pipeline::run_window(ctx, &e, &c.lane, None, c.window, after, outstanding).await?;
     Ok(r.counts)
 }
 

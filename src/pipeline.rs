@@ -426,7 +426,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Read and write one window, resuming after `after` when given.
+/// Read and write one window, resuming after `after` when given. With `outstanding` (the
+/// entity has dead letters, missing-reference or pending records) every batch also clears
+/// the records of the documents it writes cleanly.
 pub async fn run_window(
     ctx: &Ctx,
     e: &Entity,
@@ -434,7 +436,7 @@ pub async fn run_window(
     watermark: Option<DateTime<Utc>>,
     w: Window,
     after: Option<Position>,
-    has_dead: bool,
+    outstanding: bool,
 ) -> Result<WindowReport> {
     let started = Instant::now();
     let resumed = after.is_some();
@@ -470,7 +472,7 @@ pub async fn run_window(
             run_id: ctx.run_id.clone(),
         };
         let before_queries = ctx.source.queries.load(Ordering::Relaxed);
-        let c = write_mapped(ctx, e, &page.docs, mapped, Some(&cp), has_dead).await?;
+        let c = write_mapped(ctx, e, &page.docs, mapped, Some(&cp), outstanding).await?;
         batches += 1;
         counts.add(&c);
         counts.source_queries += ctx
@@ -542,13 +544,13 @@ pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Re
         until,
     };
     let plan = window::plan(&state, &input);
-    let mut has_dead = ctx.sink.has_outstanding(&e.name).await?;
+    let mut outstanding = ctx.sink.has_outstanding(&e.name).await?;
     let mut watermark = state.watermark;
     let mut windows = 0;
     if let Some(w) = plan.resume {
-        let r = run_window(ctx, e, &lane, watermark, w, last, has_dead).await?;
+        let r = run_window(ctx, e, &lane, watermark, w, last, outstanding).await?;
         counts.add(&r.counts);
-        has_dead |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
+        outstanding |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
         watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
         windows += 1;
     }
@@ -574,7 +576,7 @@ pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Re
             window::next(cursor, Some(cursor), s.max_window, plan.upper)
         };
         let Some(w) = w else { break };
-        let r = run_window(ctx, e, &lane, watermark, w, None, has_dead).await?;
+        let r = run_window(ctx, e, &lane, watermark, w, None, outstanding).await?;
         probe = r.counts.read == 0;
         // Quiet stretches are skipped in exponentially growing steps; data resets the step.
         probe_span = if probe {
@@ -583,7 +585,7 @@ pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Re
             1
         };
         counts.add(&r.counts);
-        has_dead |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
+        outstanding |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
         watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
         windows += 1;
         cursor = w.to;

@@ -31,6 +31,16 @@ fn via_text(t: ColumnType) -> bool {
     )
 }
 
+/// Array parameter `$n` as an array of the column type (bound as text when the driver
+/// cannot encode the type itself).
+fn array_param(n: usize, ty: ColumnType) -> String {
+    if via_text(ty) {
+        format!("${n}::text[]::{}[]", pg_type(ty))
+    } else {
+        format!("${n}::{}[]", pg_type(ty))
+    }
+}
+
 /// The upsert statement for a table; rows identical to the stored ones are not touched.
 pub fn upsert_sql(t: TableRef<'_>) -> String {
     let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
@@ -38,13 +48,7 @@ pub fn upsert_sql(t: TableRef<'_>) -> String {
         .columns
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            if via_text(c.ty) {
-                format!("${}::text[]::{}[]", i + 1, pg_type(c.ty))
-            } else {
-                format!("${}::{}[]", i + 1, pg_type(c.ty))
-            }
-        })
+        .map(|(i, c)| array_param(i + 1, c.ty))
         .collect();
     let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i].name)).collect();
     let rest: Vec<&String> = cols
@@ -127,14 +131,7 @@ fn key_filter(t: TableRef<'_>, by: &[usize]) -> String {
     let arrays: Vec<String> = by
         .iter()
         .enumerate()
-        .map(|(n, &i)| {
-            let ty = t.columns[i].ty;
-            if via_text(ty) {
-                format!("${}::text[]::{}[]", n + 1, pg_type(ty))
-            } else {
-                format!("${}::{}[]", n + 1, pg_type(ty))
-            }
-        })
+        .map(|(n, &i)| array_param(n + 1, t.columns[i].ty))
         .collect();
     format!(
         " WHERE ({}) IN (SELECT * FROM UNNEST({}))",
