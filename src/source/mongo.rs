@@ -12,8 +12,10 @@ use anyhow::{anyhow, Context, Result};
 use bson::{doc, Bson, RawDocumentBuf};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use mongodb::error::ErrorKind;
 use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, Database};
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,11 +125,12 @@ impl Source {
 
     /// The server's clock (`hello.localTime`); windows never reach past it, whatever our clock says.
     pub async fn server_time(&self) -> Result<DateTime<Utc>> {
+        let db = &self.db;
         let hello = self
-            .db
-            .run_command(doc! { "hello": 1 })
-            .await
-            .context("source: hello")?;
+            .retry("the server time (hello)", || {
+                db.run_command(doc! { "hello": 1 }).into_future()
+            })
+            .await?;
         match hello.get_datetime("localTime") {
             Ok(t) => Ok(t.to_chrono()),
             Err(_) => {
@@ -140,17 +143,26 @@ impl Source {
     /// A warning naming the index to create if `(time_field, _id)` is not indexed.
     pub async fn missing_index_warning(&self, e: &Entity) -> Result<Option<String>> {
         let coll = self.db.collection::<bson::Document>(&e.collection);
-        let indexes: Vec<_> = match coll.list_indexes().await {
-            Ok(c) => c.try_collect().await?,
-            // A collection that does not exist (yet) reads as empty; say so rather than fail.
-            Err(err) if matches!(*err.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == 26) =>
-            {
-                return Ok(Some(format!(
-                    "collection {} does not exist in the source database; it reads as empty",
-                    e.collection
-                )));
-            }
-            Err(err) => return Err(err.into()),
+        let coll = &coll;
+        let what = format!("the indexes of {} (listIndexes)", e.collection);
+        let listed = self
+            .retry(&what, || async move {
+                match coll.list_indexes().await {
+                    Ok(c) => c.try_collect::<Vec<_>>().await.map(Some),
+                    // A collection that does not exist (yet): not an error.
+                    Err(err) if matches!(*err.kind, ErrorKind::Command(ref c) if c.code == 26) => {
+                        Ok(None)
+                    }
+                    Err(err) => Err(err),
+                }
+            })
+            .await?;
+        let Some(indexes) = listed else {
+            // It reads as empty; say so rather than fail.
+            return Ok(Some(format!(
+                "collection {} does not exist in the source database; it reads as empty",
+                e.collection
+            )));
         };
         let ok = indexes.iter().any(|ix| {
             let keys: Vec<&String> = ix.keys.keys().collect();
@@ -212,7 +224,7 @@ impl Source {
             let mut cursor = match cursor {
                 Ok(c) => c,
                 Err(err) => {
-                    self.backoff(&mut failures, e, &err).await?;
+                    self.backoff(&mut failures, &e.collection, &err).await?;
                     continue 'reopen;
                 }
             };
@@ -238,7 +250,7 @@ impl Source {
                     }
                     Err(err) => {
                         // Documents of the partial page are re-read from `after` on reopen.
-                        self.backoff(&mut failures, e, &err).await?;
+                        self.backoff(&mut failures, &e.collection, &err).await?;
                         continue 'reopen;
                     }
                 }
@@ -263,25 +275,47 @@ impl Source {
         Ok(tx.send(Ok(Page { docs, last })).await.is_ok())
     }
 
+    /// Run a metadata read (`hello`, `listIndexes`, the next-window probe, counts, lookups)
+    /// and retry it like window reads (`backoff`), but only while the error is transient
+    /// (network, server selection, a retryable label or code): a command the server refuses
+    /// fails at once.
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = mongodb::error::Result<T>>,
+    {
+        let mut failures = 0;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(err) if transient(&err) => self.backoff(&mut failures, what, &err).await?,
+                Err(err) => {
+                    return Err(anyhow!(
+                        "reading {what} from the source failed: {}",
+                        redact_uri(&err.to_string())
+                    ))
+                }
+            }
+        }
+    }
+
     async fn backoff(
         &self,
         failures: &mut u32,
-        e: &Entity,
+        what: &str,
         err: &mongodb::error::Error,
     ) -> Result<()> {
         *failures += 1;
         let msg = redact_uri(&err.to_string());
         if *failures > self.retry_attempts {
             return Err(anyhow!(
-                "reading {} from the source failed {} times in a row; last error: {msg}. \
-                 Check the source server, then run again: the run resumes from its checkpoint",
-                e.collection,
-                failures
+                "reading {what} from the source failed {failures} times in a row; last error: {msg}. \
+                 Check the source server, then run again: the run resumes from its checkpoint"
             ));
         }
         let delay =
             Duration::from_millis(200u64 << (*failures).min(6)).min(Duration::from_secs(10));
-        warn!(collection = %e.collection, attempt = *failures, delay_ms = delay.as_millis() as u64, error = %msg, "source read failed; retrying");
+        warn!(read = %what, attempt = *failures, delay_ms = delay.as_millis() as u64, error = %msg, "source read failed; retrying");
         tokio::time::sleep(delay).await;
         Ok(())
     }
@@ -312,19 +346,16 @@ impl Source {
             &Window::new(from, to),
             None,
         );
-        let mut failures = 0;
-        let first = loop {
-            self.queries.fetch_add(1, Ordering::Relaxed);
-            let res = coll
-                .find_one(filter.clone())
-                .sort(doc! { &e.time_field: 1, "_id": 1 })
-                .projection(doc! { &e.time_field: 1, "_id": 1 })
-                .await;
-            match res {
-                Ok(d) => break d,
-                Err(err) => self.backoff(&mut failures, e, &err).await?,
-            }
-        };
+        let (coll, filter) = (&coll, &filter);
+        let first = self
+            .retry(&format!("{} (next-window probe)", e.collection), || {
+                self.queries.fetch_add(1, Ordering::Relaxed);
+                coll.find_one(filter.clone())
+                    .sort(doc! { &e.time_field: 1, "_id": 1 })
+                    .projection(doc! { &e.time_field: 1, "_id": 1 })
+                    .into_future()
+            })
+            .await?;
         let path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
         let format = match e.time_encoding {
             TimeEncoding::Date => SourceFormat::Date,
@@ -358,22 +389,21 @@ impl Source {
             } else {
                 doc! { "$and": [e.filter.clone(), by] }
             };
-            let mut failures = 0;
-            loop {
-                self.queries.fetch_add(1, Ordering::Relaxed);
-                let res: Result<Vec<RawDocumentBuf>, mongodb::error::Error> =
-                    match coll.find(filter.clone()).batch_size(1000).await {
-                        Ok(c) => c.try_collect().await,
-                        Err(err) => Err(err),
-                    };
-                match res {
-                    Ok(docs) => {
-                        out.extend(docs);
-                        break;
-                    }
-                    Err(err) => self.backoff(&mut failures, e, &err).await?,
-                }
-            }
+            let (coll, filter) = (&coll, &filter);
+            let docs = self
+                .retry(
+                    &format!("{} (lookup by {field})", e.collection),
+                    || async move {
+                        self.queries.fetch_add(1, Ordering::Relaxed);
+                        coll.find(filter.clone())
+                            .batch_size(1000)
+                            .await?
+                            .try_collect::<Vec<_>>()
+                            .await
+                    },
+                )
+                .await?;
+            out.extend(docs);
         }
         Ok(out)
     }
@@ -382,9 +412,19 @@ impl Source {
     pub async fn invalid_time_docs(&self, e: &Entity, limit: i64) -> Result<Vec<RawDocumentBuf>> {
         let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
         let filter = invalid_time_filter(&e.filter, &e.time_field, e.time_encoding);
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        let docs = coll.find(filter).limit(limit).await?.try_collect().await?;
-        Ok(docs)
+        let (coll, filter) = (&coll, &filter);
+        self.retry(
+            &format!("{} (invalid-time scan)", e.collection),
+            || async move {
+                self.queries.fetch_add(1, Ordering::Relaxed);
+                coll.find(filter.clone())
+                    .limit(limit)
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await
+            },
+        )
+        .await
     }
 
     /// Count documents in `e` at or after `from` (the backlog behind a watermark).
@@ -395,6 +435,29 @@ impl Source {
             DateTime::<Utc>::MAX_UTC.min(from + chrono::TimeDelta::days(365 * 300)),
         );
         let filter = window_filter(&e.filter, &e.time_field, e.time_encoding, &far, None);
-        Ok(coll.count_documents(filter).await?)
+        let (coll, filter) = (&coll, &filter);
+        self.retry(&format!("{} (count)", e.collection), || {
+            coll.count_documents(filter.clone()).into_future()
+        })
+        .await
+    }
+}
+
+/// Worth retrying: the network, server selection, a retryable label, or a server code that
+/// means "not now" (the driver's own list of retryable read codes).
+fn transient(err: &mongodb::error::Error) -> bool {
+    const RETRYABLE_CODES: [i32; 13] = [
+        11600, 11602, 10107, 13435, 13436, 189, 91, 7, 6, 89, 9001, 134, 262,
+    ];
+    match &*err.kind {
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. } => true,
+        ErrorKind::Command(c) if RETRYABLE_CODES.contains(&c.code) => true,
+        _ => {
+            err.contains_label(mongodb::error::RETRYABLE_ERROR)
+                || err.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+                || err.contains_label(mongodb::error::SYSTEM_OVERLOADED_ERROR)
+        }
     }
 }

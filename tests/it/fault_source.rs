@@ -184,3 +184,116 @@ async fn source_down_fails_clearly_then_rerun_resumes() {
     );
     assert_equal_to_reference(&env, &reference).await;
 }
+
+/// One metadata read of a run, by name.
+async fn metadata_read(
+    source: &tidemark::source::Source,
+    e: &tidemark::mapping::Entity,
+    which: &str,
+) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    let from = now - chrono::TimeDelta::days(30);
+    match which {
+        "hello (server time)" => source.server_time().await.map(drop),
+        "listIndexes" => source.missing_index_warning(e).await.map(drop),
+        "next-window probe" => source.next_time(e, from, now).await.map(drop),
+        "invalid-time scan" => source.invalid_time_docs(e, 10).await.map(drop),
+        "backlog count" => source.count_since(e, from).await.map(drop),
+        _ => unreachable!(),
+    }
+}
+
+/// The reads a run makes around its windows (server time, listIndexes, the next-window
+/// probe, the invalid-time scan, the backlog count) ride out a source outage longer than the
+/// driver's own wait and retry (connect timeout 0.5 s, outage 1.5 s); a source that stays down
+/// ends them after `retry_attempts` with an error that says what was read and what to do.
+#[tokio::test]
+async fn metadata_reads_retry_through_an_outage_then_fail_clearly() {
+    // Arrange: a private server behind a proxy; the source connected while it is up.
+    let mongo = Mongod::start();
+    let env = Env::new_at(
+        &mongo.uri(),
+        "metaretry",
+        Backend::Sqlite,
+        &items_mapping("epoch_millis"),
+    )
+    .await;
+    let base = chrono::Utc::now().timestamp_millis() - 2 * 86_400_000;
+    env.insert("items", items(100, base, 10)).await;
+    env.index("items", doc! { "t": 1, "_id": 1 }).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], mongo.port).into()).await;
+    let mut s = env.settings();
+    s.source.uri = SecretUri::new(format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true",
+        proxy.port()
+    ));
+    s.source.connect_timeout = Duration::from_millis(500);
+    s.source.retry_attempts = 5;
+    let mapping = tidemark::mapping::Mapping::load(&s.sync.mapping).unwrap();
+    let e = &mapping.entities[0];
+    let source = tidemark::source::Source::connect(&s.source).await.unwrap();
+    let outage = Duration::from_millis(1500);
+    let reads = [
+        "hello (server time)",
+        "listIndexes",
+        "next-window probe",
+        "invalid-time scan",
+        "backlog count",
+    ];
+
+    // A command the server refuses is answered at once, not retried: listIndexes on a
+    // collection that does not exist (NamespaceNotFound) is the "reads as empty" warning.
+    let mut missing = e.clone();
+    missing.collection = "no_such_collection".into();
+    let started = std::time::Instant::now();
+    let warning = source.missing_index_warning(&missing).await.unwrap();
+    assert!(
+        warning
+            .as_deref()
+            .is_some_and(|w| w.contains("does not exist")),
+        "{warning:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "it was retried"
+    );
+
+    // Act + Assert: each read starts while the source is down and the source comes back
+    // 1.5 s later.
+    for which in reads {
+        proxy.set_down(true);
+        let started = std::time::Instant::now();
+        let back = async {
+            tokio::time::sleep(outage).await;
+            proxy.set_down(false);
+        };
+        let (res, ()) = tokio::join!(metadata_read(&source, e, which), back);
+        let took = started.elapsed();
+        res.unwrap_or_else(|err| panic!("{which} did not survive a {outage:?} outage: {err:#}"));
+        assert!(
+            took >= outage,
+            "{which} returned during the outage ({took:?})"
+        );
+        eprintln!("{which}: survived a {outage:?} outage, returned after {took:?}");
+    }
+
+    // A source that stays down: bounded retries, then a clear error.
+    s.source.retry_attempts = 2;
+    let source = tidemark::source::Source::connect(&s.source).await.unwrap();
+    proxy.set_down(true);
+    for which in reads {
+        let started = std::time::Instant::now();
+        let err = metadata_read(&source, e, which)
+            .await
+            .expect_err("a source that stays down fails the read");
+        let took = started.elapsed();
+        let msg = format!("{err:#}");
+        eprintln!("{which}: gave up after {took:?}: {msg}");
+        assert!(
+            msg.contains("from the source failed 3 times in a row")
+                && msg.contains("Check the source server"),
+            "{which}: unclear error: {msg}"
+        );
+        assert!(took < Duration::from_secs(15), "{which}: took {took:?}");
+    }
+}
