@@ -16,6 +16,7 @@ pub struct Mongod {
     dir: tempfile::TempDir,
     child: Option<Child>,
     auth: bool,
+    extra: Vec<String>,
 }
 
 impl Mongod {
@@ -25,12 +26,18 @@ impl Mongod {
 
     /// With `--auth`: every command but the handshake needs SCRAM credentials.
     pub fn start_with(auth: bool) -> Mongod {
+        Self::start_args(auth, &[])
+    }
+
+    /// With more command-line flags (e.g. `--tls-cert-file`, `--tls-key-file`).
+    pub fn start_args(auth: bool, extra: &[&str]) -> Mongod {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Mongod {
             port: 0,
             dir,
             child: None,
             auth,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         m.spawn();
         m
@@ -60,6 +67,7 @@ impl Mongod {
         if self.auth {
             c.arg("--auth");
         }
+        c.args(&self.extra);
         let mut child = c
             .spawn()
             .expect("secantusd-rs on PATH (scripts/ensure-mongo.sh installs it)");

@@ -27,6 +27,7 @@ mod ops_util;
 mod schema;
 mod security;
 mod ties;
+mod tls;
 mod trust_deadletters;
 mod trust_dryrun;
 mod trust_rollback;
