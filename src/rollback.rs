@@ -18,12 +18,13 @@ use crate::settings::Settings;
 use crate::sink::BeginWrite;
 use crate::sink::{RunRecord, TableOps};
 use anyhow::{anyhow, Result};
+use indexmap::IndexMap;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
-/// Provenance rows read per round.
-const CHUNK: i64 = 1000;
+/// Rows undone per round (one read and one write per table).
+const CHUNK: usize = 1000;
 
 /// What a rollback did (or, dry, would do).
 #[derive(Debug, Default, Serialize)]
@@ -104,16 +105,28 @@ fn tables(m: &Mapping) -> HashMap<String, TableRef<'_>> {
     out
 }
 
-/// Check each row still holds what the run left; undo the ones that do.
+/// What a rollback carries from chunk to chunk.
+struct Undo {
+    force: bool,
+    /// Rows found changed by someone else (without --force they stay as they are, so the
+    /// run's older records of the same row are skipped, not reported again).
+    conflicted: HashSet<(String, String)>,
+}
+
+/// Check each row still holds what the newer records left; undo the ones that do. Tables go
+/// in the order they appear (newest first), so rows that reference others go first.
 async fn undo_chunk<T: TableOps>(
     tx: &mut T,
     tables: &HashMap<String, TableRef<'_>>,
     chunk: &[Prov],
-    force: bool,
+    undo: &mut Undo,
     rep: &mut RollbackReport,
 ) -> Result<()> {
-    let mut by_table: BTreeMap<&str, Vec<&Prov>> = BTreeMap::new();
+    let mut by_table: IndexMap<&str, Vec<&Prov>> = IndexMap::new();
     for p in chunk {
+        if !undo.force && undo.conflicted.contains(&(p.table.clone(), p.pk.clone())) {
+            continue;
+        }
         by_table.entry(p.table.as_str()).or_default().push(p);
     }
     for (name, provs) in by_table {
@@ -135,6 +148,7 @@ async fn undo_chunk<T: TableOps>(
                 _ => false,
             };
             if !untouched {
+                undo.conflicted.insert((p.table.clone(), p.pk.clone()));
                 tally.conflicts += 1;
                 rep.conflict_count += 1;
                 if rep.conflicts.len() < 100 {
@@ -142,7 +156,7 @@ async fn undo_chunk<T: TableOps>(
                     rep.conflicts
                         .push(format!("{name} {}: {what} since the run", p.pk));
                 }
-                if !force {
+                if !undo.force {
                     continue;
                 }
             }
@@ -162,23 +176,52 @@ async fn undo_chunk<T: TableOps>(
     Ok(())
 }
 
+/// The `(table_name, pk)` pairs one run's provenance touched ({run} is a parameter or a
+/// column), with the keys of grouped insert records expanded. `{expand}` is the dialect's
+/// table function over a JSON array, `{first}` takes element 0 of one of its items.
+fn touched(run: &str, pg: bool) -> String {
+    let (expand, first) = if pg {
+        ("jsonb_array_elements(p.inserted::jsonb) e", "e ->> 0")
+    } else {
+        ("json_each(p.inserted) e", "json_extract(e.value, '$[0]')")
+    };
+    format!(
+        "SELECT table_name, pk FROM tidemark_provenance WHERE run_id = {run} AND inserted IS NULL \
+         UNION ALL SELECT p.table_name, {first} FROM tidemark_provenance p, {expand} \
+         WHERE p.run_id = {run} AND p.inserted IS NOT NULL"
+    )
+}
+
 /// Runs started after `run` that touched one of its rows or lanes and are not rolled back.
-const LATER_RUNS: &str = "SELECT DISTINCT r.id, r.started_at_ms FROM tidemark_runs r WHERE r.started_at_ms > $2 \
-    AND r.status <> 'rolled_back' AND r.id <> $1 AND (EXISTS (SELECT 1 FROM tidemark_provenance a \
-    JOIN tidemark_provenance b ON b.table_name = a.table_name AND b.pk = a.pk WHERE a.run_id = $1 AND b.run_id = r.id) \
-    OR EXISTS (SELECT 1 FROM tidemark_run_lanes a JOIN tidemark_run_lanes b ON b.lane = a.lane \
-    WHERE a.run_id = $1 AND b.run_id = r.id)) ORDER BY r.started_at_ms DESC";
+fn later_runs(pg: bool) -> String {
+    format!(
+        "SELECT DISTINCT r.id, r.started_at_ms FROM tidemark_runs r WHERE r.started_at_ms > $2 \
+         AND r.status <> 'rolled_back' AND r.id <> $1 AND (EXISTS (SELECT 1 FROM ({}) a \
+         JOIN ({}) b ON b.table_name = a.table_name AND b.pk = a.pk) \
+         OR EXISTS (SELECT 1 FROM tidemark_run_lanes a JOIN tidemark_run_lanes b ON b.lane = a.lane \
+         WHERE a.run_id = $1 AND b.run_id = r.id)) ORDER BY r.started_at_ms DESC",
+        touched("$1", pg),
+        touched("r.id", pg)
+    )
+}
 
-const PROV_RESTORE: &str =
-    "SELECT id, table_name, pk, before_image, after_hash FROM tidemark_provenance \
-    WHERE run_id = $1 AND before_image IS NOT NULL AND id > $2 ORDER BY id LIMIT $3";
-// Inserted rows go newest first: rows referencing others were mostly written after them,
-// so no ON DELETE action reaches a row before its own check.
-const PROV_DELETE: &str =
-    "SELECT id, table_name, pk, before_image, after_hash FROM tidemark_provenance \
-    WHERE run_id = $1 AND before_image IS NULL AND id < $2 ORDER BY id DESC LIMIT $3";
+/// The run's provenance records, newest first, a few at a time: a record of inserted rows
+/// holds a whole batch's keys of one table.
+const PROV_NEWEST_FIRST: &str =
+    "SELECT id, table_name, pk, before_image, after_hash, inserted FROM tidemark_provenance \
+    WHERE run_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
 
-type ProvRow = (i64, String, String, Option<String>, Option<String>);
+/// Provenance records read per round (each may hold a batch's inserted keys).
+const RECORDS: i64 = 50;
+
+type ProvRow = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 type LaneRow = (
     String,
     String,
@@ -221,7 +264,8 @@ pub async fn rollback(
     let started_ms = chrono::DateTime::parse_from_rfc3339(&target.started_at)
         .map(|d| d.timestamp_millis())
         .unwrap_or(0);
-    let later: Vec<(String, i64)> = with_pool!(&sink, p => sqlx::query_as(LATER_RUNS)
+    let later_sql = later_runs(matches!(sink, crate::sink::Sink::Postgres(_)));
+    let later: Vec<(String, i64)> = with_pool!(&sink, p => sqlx::query_as(&later_sql)
         .bind(run).bind(started_ms).fetch_all(p).await?);
     if !later.is_empty() {
         let ids: Vec<&str> = later.iter().map(|(id, _)| id.as_str()).collect();
@@ -272,20 +316,29 @@ pub async fn rollback(
     let result: Result<()> = async {
         with_pool!(&sink, p => {
             let mut tx = p.begin_write().await?;
-            let mut after = 0i64;
-            loop {
-                let rows: Vec<ProvRow> = sqlx::query_as(PROV_RESTORE).bind(run).bind(after).bind(CHUNK).fetch_all(&mut *tx).await?;
-                let Some(last) = rows.last() else { break };
-                after = last.0;
-                undo_chunk(&mut tx, &tables, &to_prov(rows), force, &mut rep).await?;
-            }
+            // Undo newest first, each record against the state the newer ones left. A chunk
+            // holds each row at most once (undo_chunk reads and writes a chunk per table), so
+            // a row the run touched in two batches closes the chunk.
             let mut before = i64::MAX;
+            let mut chunk: Vec<Prov> = Vec::new();
+            let mut in_chunk: HashSet<(String, String)> = HashSet::new();
+            let mut undo = Undo { force, conflicted: HashSet::new() };
             loop {
-                let rows: Vec<ProvRow> = sqlx::query_as(PROV_DELETE).bind(run).bind(before).bind(CHUNK).fetch_all(&mut *tx).await?;
+                let rows: Vec<ProvRow> = sqlx::query_as(PROV_NEWEST_FIRST).bind(run).bind(before).bind(RECORDS).fetch_all(&mut *tx).await?;
                 let Some(last) = rows.last() else { break };
                 before = last.0;
-                undo_chunk(&mut tx, &tables, &to_prov(rows), force, &mut rep).await?;
+                for p in expand(rows)? {
+                    let key = (p.table.clone(), p.pk.clone());
+                    if chunk.len() >= CHUNK || in_chunk.contains(&key) {
+                        undo_chunk(&mut tx, &tables, &chunk, &mut undo, &mut rep).await?;
+                        chunk.clear();
+                        in_chunk.clear();
+                    }
+                    in_chunk.insert(key);
+                    chunk.push(p);
+                }
             }
+            undo_chunk(&mut tx, &tables, &chunk, &mut undo, &mut rep).await?;
             for (lane, entity, existed, wm, of, ot, lts, lid, prev) in &lanes_of_run {
                 if *existed {
                     sqlx::query("INSERT INTO tidemark_checkpoints (lane, entity, watermark_ms, open_from_ms, open_to_ms, \
@@ -351,13 +404,30 @@ pub async fn rollback(
     Ok(rep)
 }
 
-fn to_prov(rows: Vec<ProvRow>) -> Vec<Prov> {
-    rows.into_iter()
-        .map(|(_, table, pk, before, after)| Prov {
-            table,
-            pk,
-            before,
-            after,
-        })
-        .collect()
+/// Records (newest first) to single-row undo steps, newest first: a grouped insert record
+/// gives its keys in reverse.
+fn expand(rows: Vec<ProvRow>) -> Result<Vec<Prov>> {
+    let mut out = Vec::new();
+    for (id, table, pk, before, after, inserted) in rows {
+        match inserted {
+            None => out.push(Prov {
+                table,
+                pk,
+                before,
+                after,
+            }),
+            Some(list) => {
+                let list: Vec<(String, String)> = serde_json::from_str(&list).map_err(|e| {
+                    anyhow!("provenance record {id} ({table}): its list of inserted rows is not readable: {e}")
+                })?;
+                out.extend(list.into_iter().rev().map(|(pk, h)| Prov {
+                    table: table.clone(),
+                    pk,
+                    before: None,
+                    after: Some(h),
+                }));
+            }
+        }
+    }
+    Ok(out)
 }

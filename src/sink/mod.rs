@@ -386,10 +386,13 @@ impl Sink {
                 out.pulled_written += o.written + o.child_written;
             }
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
+                let inserted = trk.inserted_by_table();
                 let rows: Vec<ProvenanceRow> = trk
                     .changes
                     .iter()
-                    .map(|((table, pk), c)| (table.as_str(), pk.as_str(), c.before.as_deref(), c.after_hash.as_deref()))
+                    .filter(|(_, c)| !c.is_insert())
+                    .map(|((table, pk), c)| (table.as_str(), pk.as_str(), c.before.as_deref(), c.after_hash.as_deref(), None))
+                    .chain(inserted.iter().map(|(table, list)| (*table, "", None, None, Some(list.as_str()))))
                     .collect();
                 tx.insert_provenance(b.run_id, &rows, now).await.context("recording provenance")?;
             }
@@ -653,7 +656,8 @@ pub(crate) trait TableOps {
     /// Delete the rows of one of the tool's per-entity tables (dead letters, missing refs,
     /// pending) for these source ids of `entity`.
     async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()>;
-    /// Record a batch's changed rows in `tidemark_provenance`.
+    /// Record what a batch changed in `tidemark_provenance` (plain inserts: a batch writes
+    /// each row at most once, so no record can clash with another).
     async fn insert_provenance(
         &mut self,
         run_id: &str,
@@ -670,8 +674,15 @@ pub(crate) trait TableOps {
     ) -> Result<u64>;
 }
 
-/// One row of `tidemark_provenance`: table, canonical key, before-image, after-hash.
-pub(crate) type ProvenanceRow<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+/// One record of `tidemark_provenance`: table, canonical key, before-image, after-hash, and
+/// for a batch's inserted rows of one table (key '' then), the JSON list of [key, after-hash].
+pub(crate) type ProvenanceRow<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
 
 fn key_of(row: &[Value], cols: &[usize]) -> Vec<Value> {
     cols.iter().map(|&i| row[i].clone()).collect()

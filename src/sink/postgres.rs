@@ -384,10 +384,10 @@ impl TableOps for Transaction<'_, Postgres> {
         let keys: Vec<&str> = changes.iter().map(|c| c.1).collect();
         let befores: Vec<Option<&str>> = changes.iter().map(|c| c.2).collect();
         let afters: Vec<Option<&str>> = changes.iter().map(|c| c.3).collect();
+        let inserted: Vec<Option<&str>> = changes.iter().map(|c| c.4).collect();
         sqlx::query(
-            "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, written_at_ms) \
-             SELECT $1, t, k, b, a, $2 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(t, k, b, a) \
-             ON CONFLICT (run_id, table_name, pk) DO UPDATE SET after_hash = excluded.after_hash",
+            "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, inserted, written_at_ms) \
+             SELECT $1, t, k, b, a, i, $2 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS u(t, k, b, a, i)",
         )
         .bind(run_id)
         .bind(now)
@@ -395,6 +395,7 @@ impl TableOps for Transaction<'_, Postgres> {
         .bind(keys)
         .bind(befores)
         .bind(afters)
+        .bind(inserted)
         .execute(&mut **self)
         .await?;
         Ok(())

@@ -17,6 +17,13 @@ pub struct Change {
     pub after_hash: Option<String>,
 }
 
+impl Change {
+    /// The batch inserted the row (it did not exist before).
+    pub fn is_insert(&self) -> bool {
+        self.before.is_none() && self.after_hash.is_some()
+    }
+}
+
 /// Changes of one batch, keyed by `(table, canonical pk)`; the first before-image and the
 /// last after-hash of a row win (a row may be written twice in one batch: pulled and main).
 #[derive(Debug, Default)]
@@ -44,6 +51,22 @@ impl Tracker {
                 });
             }
         }
+    }
+
+    /// The rows this batch inserted, per table in order of first appearance, as the JSON
+    /// list `[[canonical key, after-hash], …]` stored in one provenance record per table.
+    pub fn inserted_by_table(&self) -> Vec<(&str, String)> {
+        let mut by: IndexMap<&str, Vec<(&str, &str)>> = IndexMap::new();
+        for ((table, key), c) in &self.changes {
+            if let (true, Some(h)) = (c.is_insert(), &c.after_hash) {
+                by.entry(table.as_str())
+                    .or_default()
+                    .push((key.as_str(), h.as_str()));
+            }
+        }
+        by.into_iter()
+            .map(|(t, list)| (t, serde_json::to_string(&list).expect("JSON into memory")))
+            .collect()
     }
 
     /// `new` rows about to be upserted, against the `old` rows with the same keys.

@@ -276,19 +276,19 @@ impl TableOps for Transaction<'_, Sqlite> {
         changes: &[ProvenanceRow<'_>],
         now: i64,
     ) -> Result<()> {
-        for chunk in changes.chunks(per_stmt(6)) {
+        for chunk in changes.chunks(per_stmt(7)) {
             let mut q = QueryBuilder::new(
-                "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, written_at_ms) ",
+                "INSERT INTO tidemark_provenance (run_id, table_name, pk, before_image, after_hash, inserted, written_at_ms) ",
             );
-            q.push_values(chunk, |mut row, (table, pk, before, after)| {
+            q.push_values(chunk, |mut row, (table, pk, before, after, inserted)| {
                 row.push_bind(run_id)
                     .push_bind(*table)
                     .push_bind(*pk)
                     .push_bind(*before)
                     .push_bind(*after)
+                    .push_bind(*inserted)
                     .push_bind(now);
             });
-            q.push(" ON CONFLICT (run_id, table_name, pk) DO UPDATE SET after_hash = excluded.after_hash");
             q.build().execute(&mut **self).await?;
         }
         Ok(())

@@ -132,3 +132,124 @@ async fn rollback_restores_prior_state_sqlite() {
 async fn rollback_restores_prior_state_postgres() {
     rollback_restores_prior_state(Backend::Postgres).await;
 }
+
+/// One batch of `run` writing `docs` (mapped like a window would) and deleting `deletes`.
+async fn batch(
+    sink: &tidemark::sink::Sink,
+    e: &tidemark::mapping::Entity,
+    run: &str,
+    docs: Vec<bson::Document>,
+    deletes: &[i64],
+) {
+    let raw: Vec<bson::RawDocumentBuf> = docs
+        .iter()
+        .map(|d| bson::RawDocumentBuf::from_document(d).unwrap())
+        .collect();
+    let mapped = tidemark::pipeline::map_page(e, &raw, true);
+    assert!(mapped.dead.is_empty(), "{:?}", mapped.dead);
+    let deletes: Vec<Vec<tidemark::mapping::Value>> = deletes
+        .iter()
+        .map(|&id| vec![tidemark::mapping::Value::BigInt(id)])
+        .collect();
+    sink.write_batch(&tidemark::sink::BatchWrite {
+        entity: Some(e),
+        rows: &mapped.rows,
+        children: &mapped.children,
+        deletes: &deletes,
+        run_id: run,
+        mapping_version: "trust",
+        provenance: true,
+        ..Default::default()
+    })
+    .await
+    .expect("batch");
+}
+
+/// The undo log: one run that inserts, deletes, re-inserts and updates the same row in
+/// separate batches (a document that keeps changing while a run reads it) rolls back to
+/// exactly the state before the run, and a row edited since is one conflict, not one per
+/// record the run kept for it.
+async fn rollback_undoes_rows_touched_by_several_batches(backend: Backend) {
+    let env = seed(backend, "rbmulti").await;
+    let url = env.target_url.clone();
+    run_until(env.settings(), "2019-01-02", false)
+        .await
+        .expect("run A");
+    let before = dump_domain(&url).await;
+    let settings = env.settings();
+    let mapping = tidemark::app::load_mapping(&settings).unwrap();
+    let items = mapping.entity("items").unwrap();
+    let sink = tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 2)
+        .await
+        .unwrap();
+    let run = "run-touching-rows-twice";
+    sink.start_run(&tidemark::sink::RunRecord {
+        id: run.into(),
+        kind: "run".into(),
+        dry_run: false,
+        settings_fingerprint: "test".into(),
+        mapping_version: "trust".into(),
+    })
+    .await
+    .unwrap();
+    let it = crate::trust_util::item;
+    // Batch 1 inserts 100 and changes 3; 2 deletes 100 and changes 3 again; 3 inserts 100
+    // again; 4 changes 100 (with other tags) and deletes 4.
+    batch(
+        &sink,
+        items,
+        run,
+        vec![it(100, 0, "new", "o0"), it(3, 0, "3 once", "o0")],
+        &[],
+    )
+    .await;
+    batch(&sink, items, run, vec![it(3, 0, "3 twice", "o1")], &[100]).await;
+    batch(&sink, items, run, vec![it(100, 0, "again", "o1")], &[]).await;
+    let mut changed = it(100, 0, "changed", "o2");
+    changed.insert("tags", vec!["only"]);
+    batch(&sink, items, run, vec![changed], &[4]).await;
+    assert_ne!(dump_domain(&url).await, before);
+    let records = scalar_i64(
+        &url,
+        "SELECT COUNT(*) FROM tidemark_provenance WHERE run_id = 'run-touching-rows-twice'",
+    )
+    .await;
+    assert!(records > 4, "one record per batch and change: {records}");
+
+    // Someone edits row 3 afterwards: one conflict for it, however many records it has.
+    exec(&url, "UPDATE items SET v = 'edited' WHERE id = 3").await;
+    let err = rollback(env.settings(), run, false, false)
+        .await
+        .expect_err("conflict on row 3");
+    assert_eq!(
+        tidemark::exit::code(&err),
+        tidemark::exit::PARTIAL,
+        "{err:#}"
+    );
+    let dry = rollback(env.settings(), run, true, false)
+        .await
+        .expect_err("dry, still refused");
+    assert!(format!("{dry:#}").contains("1 row(s)"), "{dry:#}");
+    exec(&url, "UPDATE items SET v = '3 twice' WHERE id = 3").await;
+
+    let done = rollback(env.settings(), run, false, false)
+        .await
+        .expect("rollback");
+    assert_eq!(done.conflict_count, 0, "{done}");
+    assert_eq!(
+        dump_domain(&url).await,
+        before,
+        "every batch undone, newest first\n{done}"
+    );
+    sink.close().await;
+}
+
+#[tokio::test]
+async fn rollback_undoes_rows_touched_by_several_batches_sqlite() {
+    rollback_undoes_rows_touched_by_several_batches(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn rollback_undoes_rows_touched_by_several_batches_postgres() {
+    rollback_undoes_rows_touched_by_several_batches(Backend::Postgres).await;
+}
