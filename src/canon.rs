@@ -42,6 +42,9 @@ pub fn value(v: &Value, ty: ColumnType) -> J {
         (Value::Bool(b), _) => json!(*b),
         (Value::Timestamp(t), _) => J::String(ts(t)),
         (Value::Json(j), _) => sorted(j),
+        (Value::JsonText(s), _) => serde_json::from_str::<J>(s)
+            .map(|j| sorted(&j))
+            .unwrap_or_else(|_| J::String(s.clone())),
         (Value::Text(s), ColumnType::Json) => serde_json::from_str::<J>(s)
             .map(|j| sorted(&j))
             .unwrap_or_else(|_| J::String(s.clone())),
@@ -59,6 +62,7 @@ pub fn row_json(t: TableRef<'_>, row: &[Value]) -> J {
     for (c, v) in t.columns.iter().zip(row) {
         let j = match v {
             Value::Json(j) => j.clone(),
+            Value::JsonText(s) => serde_json::from_str(s).unwrap_or_else(|_| J::String(s.clone())),
             other => value(other, c.ty),
         };
         m.insert(c.name.clone(), j);
@@ -77,6 +81,10 @@ pub fn row_hash(t: TableRef<'_>, row: &[Value]) -> String {
         }
         match v {
             Value::Json(j) => write_sorted(j, &mut buf),
+            Value::JsonText(s) => match serde_json::from_str::<J>(s) {
+                Ok(j) => write_sorted(&j, &mut buf),
+                Err(_) => write_json(&J::String(s.clone()), &mut buf),
+            },
             other => write_json(&value(other, c.ty), &mut buf),
         }
     }

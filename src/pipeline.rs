@@ -176,6 +176,8 @@ pub fn raw_json(doc: &bson::RawDocument) -> String {
 #[derive(Default)]
 pub struct MappedPage {
     pub rows: Vec<Vec<Value>>,
+    /// Canonical key and hash of each row, when [`prepare`] computed them ahead.
+    pub row_meta: Vec<(String, String)>,
     /// For each row, the index of its document in the page.
     pub row_docs: Vec<usize>,
     /// Per child table: rows of the kept parents, de-duplicated on the child key.
@@ -332,6 +334,28 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
     out
 }
 
+/// Get a mapped page ready for the writer, off its critical path: with `hash` (provenance
+/// on, or a dry run counting inserts and updates) compute each row's canonical key and
+/// hash, then serialize its JSON columns to text. The writer then only compares hashes and
+/// binds text while the database works (the window pipeline runs this in its mapper stage).
+pub fn prepare(e: &Entity, page: &mut MappedPage, hash: bool) {
+    let t = e.table_ref();
+    if hash {
+        page.row_meta = page
+            .rows
+            .iter()
+            .map(|r| (crate::canon::key_of_row(t, r), crate::canon::row_hash(t, r)))
+            .collect();
+    }
+    for row in &mut page.rows {
+        for v in row.iter_mut() {
+            if let Value::Json(j) = v {
+                *v = Value::JsonText(j.to_string());
+            }
+        }
+    }
+}
+
 /// Map, resolve and write one page of documents of `e` (with `cp`, when given, in the same
 /// transaction). Used by windows, pending retries and single-record runs.
 pub async fn write_docs(
@@ -376,6 +400,7 @@ pub async fn write_mapped(
         .write_batch(&BatchWrite {
             entity: Some(e),
             rows: &mapped.rows,
+            row_meta: &mapped.row_meta,
             children: &mapped.children,
             deletes: &mapped.deletes,
             soft_deletes: &mapped.soft_deletes,
@@ -448,12 +473,14 @@ pub async fn run_window(
     // current one (mostly waiting on the databases).
     let (mtx, mut mrx) = tokio::sync::mpsc::channel::<Result<(Page, MappedPage)>>(1);
     let entity = e.clone();
+    let hash = ctx.provenance || ctx.dry_run;
     let mapper = tokio::spawn(async move {
         while let Some(page) = rx.recv().await {
             // Map only once the writer has room: at most two mapped pages exist at a time.
             let Ok(slot) = mtx.reserve().await else { break };
             slot.send(page.map(|p| {
-                let m = map_page(&entity, &p.docs, true);
+                let mut m = map_page(&entity, &p.docs, true);
+                prepare(&entity, &mut m, hash);
                 (p, m)
             }));
         }

@@ -84,6 +84,10 @@ pub enum Value {
     Bool(bool),
     Timestamp(DateTime<Utc>),
     Json(serde_json::Value),
+    /// A JSON value already serialized (compact, keys in source order): what the window
+    /// pipeline turns `Json` into once the row is hashed, so the writer binds text instead
+    /// of serializing trees while the database waits (see `pipeline::prepare`).
+    JsonText(String),
 }
 
 impl Value {
@@ -98,6 +102,7 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Timestamp(t) => crate::window::fmt_ts(*t),
             Value::Json(j) => j.to_string(),
+            Value::JsonText(s) => s.clone(),
         }
     }
 }

@@ -86,6 +86,9 @@ pub struct BatchWrite<'a> {
     pub entity: Option<&'a Entity>,
     /// Mapped rows, already de-duplicated on the primary key.
     pub rows: &'a [Vec<Value>],
+    /// The canonical key and hash of each of `rows` when computed ahead
+    /// (`pipeline::prepare`); empty: computed while writing.
+    pub row_meta: &'a [(String, String)],
     /// Per child table of the entity: the complete new set of child rows of `rows`' parents.
     pub children: &'a [Vec<Vec<Value>>],
     /// Primary keys of rows to delete (deleted rule with action `delete`).
@@ -374,15 +377,15 @@ impl Sink {
             let mut out = BatchOutcome::default();
             let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
             for r in b.before {
-                let o = write_rows(&mut tx, r.entity, &r.rows, &r.children, &[], &[], &mut trk).await?;
+                let o = write_rows(&mut tx, r.entity, &r.rows, &[], &r.children, &[], &[], &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if let Some(e) = b.entity {
-                let o = write_rows(&mut tx, e, b.rows, b.children, b.deletes, b.soft_deletes, &mut trk).await?;
+                let o = write_rows(&mut tx, e, b.rows, b.row_meta, b.children, b.deletes, b.soft_deletes, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
             for r in b.after {
-                let o = write_rows(&mut tx, r.entity, &r.rows, &r.children, &[], &[], &mut trk).await?;
+                let o = write_rows(&mut tx, r.entity, &r.rows, &[], &r.children, &[], &[], &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
@@ -622,6 +625,10 @@ use checkpoint_query;
 pub(crate) trait TableOps {
     /// Upsert; returns rows inserted or changed (identical rows are left alone).
     async fn upsert_rows(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64>;
+    /// Write rows that a read in this transaction found absent; by default the upsert.
+    async fn insert_new(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64> {
+        self.upsert_rows(t, rows).await
+    }
     /// Primary keys of rows whose `by` columns match one of `keys`.
     async fn select_keys(
         &mut self,
@@ -702,6 +709,7 @@ async fn write_rows<T: TableOps>(
     tx: &mut T,
     e: &Entity,
     rows: &[Vec<Value>],
+    row_meta: &[(String, String)],
     children: &[Vec<Vec<Value>>],
     deletes: &[Vec<Value>],
     soft_deletes: &[(Vec<Value>, Value)],
@@ -749,17 +757,23 @@ async fn write_rows<T: TableOps>(
             out.deleted += tx.set_column(e.table_ref(), col, key, at).await?;
         }
     }
+    let mut none_stored = false;
     if trk.on && !rows.is_empty() {
         let keys: Vec<Vec<Value>> = rows.iter().map(|r| key_of(r, &e.pk)).collect();
         let old = provenance::index_rows(
             e.table_ref(),
             tx.select_rows(e.table_ref(), &e.pk, &keys).await?,
         );
-        let (ins, upd) = trk.upserts(e.table_ref(), &old, rows);
+        none_stored = old.is_empty();
+        let (ins, upd) = trk.upserts(e.table_ref(), &old, rows, row_meta);
         out.inserted += ins;
         out.updated += upd;
     }
-    out.written = tx.upsert_rows(e.table_ref(), rows).await?;
+    out.written = if none_stored {
+        tx.insert_new(e.table_ref(), rows).await?
+    } else {
+        tx.upsert_rows(e.table_ref(), rows).await?
+    };
     out.unchanged = rows.len() as u64 - out.written;
     for (ci, c) in e.children.iter().enumerate() {
         let new_rows = children.get(ci).map(Vec::as_slice).unwrap_or_default();
@@ -784,7 +798,7 @@ async fn write_rows<T: TableOps>(
                     .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
                 trk.deletes(c.table_ref(), &gone);
                 let old = provenance::index_rows(c.table_ref(), old);
-                trk.upserts(c.table_ref(), &old, new_rows);
+                trk.upserts(c.table_ref(), &old, new_rows, &[]);
                 gone.iter().map(|r| key_of(r, &c.pk)).collect()
             } else {
                 let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;

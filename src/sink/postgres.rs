@@ -41,8 +41,8 @@ fn array_param(n: usize, ty: ColumnType) -> String {
     }
 }
 
-/// The upsert statement for a table; rows identical to the stored ones are not touched.
-pub fn upsert_sql(t: TableRef<'_>) -> String {
+/// `INSERT INTO t (…) SELECT * FROM UNNEST(…)`: the start of both write statements.
+fn insert_sql(t: TableRef<'_>) -> String {
     let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
     let unnest: Vec<String> = t
         .columns
@@ -50,6 +50,17 @@ pub fn upsert_sql(t: TableRef<'_>) -> String {
         .enumerate()
         .map(|(i, c)| array_param(i + 1, c.ty))
         .collect();
+    format!(
+        "INSERT INTO {} AS cur ({}) SELECT * FROM UNNEST({})",
+        quote(t.name),
+        cols.join(", "),
+        unnest.join(", ")
+    )
+}
+
+/// The upsert statement for a table; rows identical to the stored ones are not touched.
+pub fn upsert_sql(t: TableRef<'_>) -> String {
+    let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
     let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i].name)).collect();
     let rest: Vec<&String> = cols
         .iter()
@@ -71,32 +82,36 @@ pub fn upsert_sql(t: TableRef<'_>) -> String {
         )
     };
     format!(
-        "INSERT INTO {} AS cur ({}) SELECT * FROM UNNEST({}) ON CONFLICT ({}) {}",
-        quote(t.name),
-        cols.join(", "),
-        unnest.join(", "),
+        "{} ON CONFLICT ({}) {}",
+        insert_sql(t),
         pk.join(", "),
         conflict
     )
 }
 
-fn column<T>(rows: &[Vec<Value>], i: usize, f: impl Fn(&Value) -> Option<T>) -> Vec<Option<T>> {
+fn column<'r, T>(
+    rows: &'r [Vec<Value>],
+    i: usize,
+    f: impl Fn(&'r Value) -> Option<T>,
+) -> Vec<Option<T>> {
     rows.iter().map(|r| f(&r[i])).collect()
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 /// Bind column `i` of `rows` as one array parameter of the column's type.
-fn bind_array<'q>(q: PgQuery<'q>, rows: &[Vec<Value>], i: usize, ty: ColumnType) -> PgQuery<'q> {
+/// Text is borrowed from `rows`, not copied: a batch's JSON column is most of its bytes.
+fn bind_array<'q>(q: PgQuery<'q>, rows: &'q [Vec<Value>], i: usize, ty: ColumnType) -> PgQuery<'q> {
     match ty {
         ColumnType::Text | ColumnType::Numeric | ColumnType::Date | ColumnType::Uuid => {
             q.bind(column(rows, i, |v| match v {
-                Value::Text(s) => Some(s.clone()),
+                Value::Text(s) => Some(s.as_str()),
                 _ => None,
             }))
         }
         ColumnType::Json => q.bind(column(rows, i, |v| match v {
-            Value::Json(j) => Some(j.to_string()),
+            Value::Json(j) => Some(std::borrow::Cow::Owned(j.to_string())),
+            Value::JsonText(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
             _ => None,
         })),
         ColumnType::Integer => q.bind(column(rows, i, |v| match v {
@@ -145,7 +160,7 @@ fn bind_keys<'q>(
     mut q: PgQuery<'q>,
     t: TableRef<'_>,
     by: &[usize],
-    keys: &[Vec<Value>],
+    keys: &'q [Vec<Value>],
 ) -> PgQuery<'q> {
     for (n, &i) in by.iter().enumerate() {
         q = bind_array(q, keys, n, t.columns[i].ty);
@@ -163,6 +178,7 @@ fn push_value(q: &mut QueryBuilder<'_, Postgres>, v: &Value, ty: ColumnType) {
         Value::Bool(x) => q.push_bind(*x),
         Value::Timestamp(t) => q.push_bind(*t),
         Value::Json(j) => q.push_bind(j.to_string()).push("::jsonb"),
+        Value::JsonText(s) => q.push_bind(s.clone()).push("::jsonb"),
     };
 }
 
@@ -294,6 +310,42 @@ impl TableOps for Transaction<'_, Postgres> {
             .iter()
             .map(|r| decode_row(t, r))
             .collect()
+    }
+
+    async fn insert_new(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        // A plain INSERT skips ON CONFLICT's speculative insertion, about a third of the
+        // statement's cost (BENCHMARKS.md). If another writer added one of the keys since
+        // this transaction read them, the savepoint undoes the attempt and the upsert runs.
+        sqlx::query("SAVEPOINT tidemark_insert_new")
+            .execute(&mut **self)
+            .await?;
+        let sql = insert_sql(t);
+        let mut q = sqlx::query(&sql);
+        for (i, c) in t.columns.iter().enumerate() {
+            q = bind_array(q, rows, i, c.ty);
+        }
+        match q.execute(&mut **self).await {
+            Ok(done) => {
+                sqlx::query("RELEASE SAVEPOINT tidemark_insert_new")
+                    .execute(&mut **self)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
+                sqlx::query("ROLLBACK TO SAVEPOINT tidemark_insert_new")
+                    .execute(&mut **self)
+                    .await?;
+                self.upsert_rows(t, rows).await
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!(
+                "writing {} rows into {}",
+                rows.len(),
+                t.name
+            ))),
+        }
     }
 
     async fn upsert_rows(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64> {

@@ -69,18 +69,22 @@ impl Tracker {
             .collect()
     }
 
-    /// `new` rows about to be upserted, against the `old` rows with the same keys.
+    /// `new` rows about to be upserted, against the `old` rows with the same keys; with
+    /// `prepared`, the canonical key and hash of each new row, computed ahead (else here).
     /// Returns (inserted, updated) for this table.
     pub fn upserts(
         &mut self,
         t: TableRef<'_>,
         old: &HashMap<String, Vec<Value>>,
         new: &[Vec<Value>],
+        prepared: &[(String, String)],
     ) -> (u64, u64) {
         let (mut ins, mut upd) = (0, 0);
-        for row in new {
-            let key = canon::key_of_row(t, row);
-            let after = canon::row_hash(t, row);
+        for (n, row) in new.iter().enumerate() {
+            let (key, after) = match prepared.get(n) {
+                Some((k, h)) => (k.clone(), h.clone()),
+                None => (canon::key_of_row(t, row), canon::row_hash(t, row)),
+            };
             match old.get(&key) {
                 None => {
                     ins += 1;

@@ -34,3 +34,4 @@ mod trust_rollback;
 mod trust_sweep;
 mod trust_util;
 mod trust_verify;
+mod write_race;

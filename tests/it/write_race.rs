@@ -1,0 +1,72 @@
+//! A first load writes rows it found absent with a plain INSERT (no ON CONFLICT). If another
+//! writer adds one of those keys between the batch's read and its insert, the batch must
+//! still land: the insert is undone to a savepoint and the upsert writes the batch's version.
+
+use crate::harness::{scalar_i64, Backend};
+use crate::trust_util::{item, run_until, seed};
+
+#[tokio::test]
+async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
+    // Arrange: a migrated target, and another session holding an uncommitted row 500.
+    let env = seed(Backend::Postgres, "race").await;
+    let url = env.target_url.clone();
+    run_until(env.settings(), "2019-01-02", false)
+        .await
+        .expect("first run");
+    let mapping = tidemark::app::load_mapping(&env.settings()).unwrap();
+    let items = mapping.entity("items").unwrap().clone();
+    let other = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut rival = other.begin().await.unwrap();
+    sqlx::query("INSERT INTO items (id, t, v) VALUES (500, now(), 'rival')")
+        .execute(&mut *rival)
+        .await
+        .unwrap();
+
+    // Act: a batch with row 500 reads it as absent (uncommitted), then its INSERT waits on
+    // the rival's key; the rival commits while it waits.
+    let sink = tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 2)
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        let raw = vec![bson::RawDocumentBuf::from_document(&item(500, 0, "ours", "o0")).unwrap()];
+        let mapped = tidemark::pipeline::map_page(&items, &raw, true);
+        let out = sink
+            .write_batch(&tidemark::sink::BatchWrite {
+                entity: Some(&items),
+                rows: &mapped.rows,
+                children: &mapped.children,
+                run_id: "race",
+                mapping_version: "trust",
+                provenance: true,
+                ..Default::default()
+            })
+            .await;
+        sink.close().await;
+        out
+    });
+    let mut waited = 0;
+    while scalar_i64(&url, "SELECT COUNT(*) FROM pg_locks WHERE NOT granted").await == 0 {
+        waited += 1;
+        assert!(waited < 500, "the batch never waited on the rival's row");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    rival.commit().await.unwrap();
+    let out = writer
+        .await
+        .unwrap()
+        .expect("the batch lands despite the rival");
+
+    // Assert: the batch saw the row as new, and its version is the one stored.
+    assert_eq!(out.inserted, 1, "the batch read row 500 as absent: {out:?}");
+    let v: String = sqlx::query_scalar("SELECT v FROM items WHERE id = 500")
+        .fetch_one(&other)
+        .await
+        .unwrap();
+    assert_eq!(v, "ours");
+    assert_eq!(
+        scalar_i64(&url, "SELECT COUNT(*) FROM item_tags WHERE item_id = 500").await,
+        2,
+        "the batch's child rows landed too"
+    );
+    other.close().await;
+}
