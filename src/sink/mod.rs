@@ -377,15 +377,17 @@ impl Sink {
             let mut out = BatchOutcome::default();
             let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
             for r in b.before {
-                let o = write_rows(&mut tx, r.entity, &r.rows, &[], &r.children, &[], &[], &mut trk).await?;
+                let o = write_rows(&mut tx, r.entity, Rows { rows: &r.rows, children: &r.children, ..Default::default() }, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if let Some(e) = b.entity {
-                let o = write_rows(&mut tx, e, b.rows, b.row_meta, b.children, b.deletes, b.soft_deletes, &mut trk).await?;
+                let o = write_rows(&mut tx, e, Rows {
+                    rows: b.rows, meta: b.row_meta, children: b.children, deletes: b.deletes, soft_deletes: b.soft_deletes,
+                }, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
             for r in b.after {
-                let o = write_rows(&mut tx, r.entity, &r.rows, &[], &r.children, &[], &[], &mut trk).await?;
+                let o = write_rows(&mut tx, r.entity, Rows { rows: &r.rows, children: &r.children, ..Default::default() }, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
@@ -702,19 +704,32 @@ fn key_text(key: &[Value]) -> String {
         .join("\u{1f}")
 }
 
+/// What [`write_rows`] writes for one entity (see [`BatchWrite`] for each part).
+#[derive(Default, Clone, Copy)]
+struct Rows<'a> {
+    rows: &'a [Vec<Value>],
+    meta: &'a [(String, String)],
+    children: &'a [Vec<Vec<Value>>],
+    deletes: &'a [Vec<Value>],
+    soft_deletes: &'a [(Vec<Value>, Value)],
+}
+
 /// Deletions, the entity's rows, then each child table's replace-the-whole-set. With the
 /// tracker on, the rows about to change are read first (one query per table) and what
 /// changes is recorded for provenance and the inserted/updated counts.
 async fn write_rows<T: TableOps>(
     tx: &mut T,
     e: &Entity,
-    rows: &[Vec<Value>],
-    row_meta: &[(String, String)],
-    children: &[Vec<Vec<Value>>],
-    deletes: &[Vec<Value>],
-    soft_deletes: &[(Vec<Value>, Value)],
+    w: Rows<'_>,
     trk: &mut Tracker,
 ) -> Result<BatchOutcome> {
+    let Rows {
+        rows,
+        meta: row_meta,
+        children,
+        deletes,
+        soft_deletes,
+    } = w;
     let mut out = BatchOutcome::default();
     if !deletes.is_empty() {
         for c in &e.children {
