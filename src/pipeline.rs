@@ -95,6 +95,10 @@ pub struct Counts {
     pub limit_hits: u64,
     /// Round-trips to the source.
     pub source_queries: u64,
+    /// Of one batch: none of its rows was stored before (the window's next batch then
+    /// presumes a first load, [`crate::sink::BatchWrite::presume_new`]). Not summed.
+    #[serde(skip)]
+    pub all_new: bool,
 }
 
 impl Counts {
@@ -178,6 +182,8 @@ pub struct MappedPage {
     pub rows: Vec<Vec<Value>>,
     /// Canonical key and hash of each row, when [`prepare`] computed them ahead.
     pub row_meta: Vec<(String, String)>,
+    /// Write without reading first (the window's previous batch was all new rows).
+    pub presume_new: bool,
     /// For each row, the index of its document in the page.
     pub row_docs: Vec<usize>,
     /// Per child table: rows of the kept parents, de-duplicated on the child key.
@@ -418,6 +424,7 @@ pub async fn write_mapped(
             clear_pulled: &res.pulled_ids,
             dry_run: ctx.dry_run,
             provenance: ctx.provenance,
+            presume_new: mapped.presume_new,
         })
         .await?;
     Ok(Counts {
@@ -439,6 +446,7 @@ pub async fn write_mapped(
         deferred: res.deferred.len() as u64,
         limit_hits: res.limit_hit.is_some() as u64,
         source_queries: 0,
+        all_new: out.all_new,
     })
 }
 
@@ -486,8 +494,10 @@ pub async fn run_window(
         }
     });
     let _mapper = AbortOnDrop(mapper);
+    let mut presume_new = false;
     while let Some(item) = mrx.recv().await {
-        let (page, mapped) = item?;
+        let (page, mut mapped) = item?;
+        mapped.presume_new = presume_new;
         let cp = Checkpoint {
             lane: lane.to_owned(),
             entity: e.name.clone(),
@@ -500,6 +510,7 @@ pub async fn run_window(
         };
         let before_queries = ctx.source.queries.load(Ordering::Relaxed);
         let c = write_mapped(ctx, e, &page.docs, mapped, Some(&cp), outstanding).await?;
+        presume_new = c.all_new;
         batches += 1;
         counts.add(&c);
         counts.source_queries += ctx

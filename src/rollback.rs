@@ -18,7 +18,6 @@ use crate::settings::Settings;
 use crate::sink::BeginWrite;
 use crate::sink::{RunRecord, TableOps};
 use anyhow::{anyhow, Result};
-use indexmap::IndexMap;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -113,8 +112,9 @@ struct Undo {
     conflicted: HashSet<(String, String)>,
 }
 
-/// Check each row still holds what the newer records left; undo the ones that do. Tables go
-/// in the order they appear (newest first), so rows that reference others go first.
+/// Check each row still holds what the newer records left; undo the ones that do. The chunk
+/// is undone in its order (newest first), one run of consecutive rows of one table at a
+/// time: a child row goes before the parent it came with, so no cascade reaches it first.
 async fn undo_chunk<T: TableOps>(
     tx: &mut T,
     tables: &HashMap<String, TableRef<'_>>,
@@ -122,14 +122,17 @@ async fn undo_chunk<T: TableOps>(
     undo: &mut Undo,
     rep: &mut RollbackReport,
 ) -> Result<()> {
-    let mut by_table: IndexMap<&str, Vec<&Prov>> = IndexMap::new();
+    let mut runs: Vec<(&str, Vec<&Prov>)> = Vec::new();
     for p in chunk {
         if !undo.force && undo.conflicted.contains(&(p.table.clone(), p.pk.clone())) {
             continue;
         }
-        by_table.entry(p.table.as_str()).or_default().push(p);
+        match runs.last_mut() {
+            Some((t, list)) if *t == p.table => list.push(p),
+            _ => runs.push((p.table.as_str(), vec![p])),
+        }
     }
-    for (name, provs) in by_table {
+    for (name, provs) in runs {
         let t = *tables.get(name).ok_or_else(|| {
             anyhow!("run wrote table {name}, which the current mapping no longer declares; restore the mapping that wrote it, then roll back")
         })?;

@@ -120,6 +120,10 @@ pub struct BatchWrite<'a> {
     pub dry_run: bool,
     /// Record what the batch changes in `tidemark_provenance` (for `tidemark rollback`).
     pub provenance: bool,
+    /// The previous batch found none of its rows stored (a first load): insert the rows
+    /// without reading them first; if one turns out to exist, the attempt is undone to a
+    /// savepoint and the batch takes the usual read-then-upsert path.
+    pub presume_new: bool,
 }
 
 /// Rows of one entity, written as a unit (main rows plus child tables).
@@ -160,6 +164,9 @@ pub struct BatchOutcome {
     pub child_removed: u64,
     /// Rows of entities pulled on demand (references and dependents) inserted or changed.
     pub pulled_written: u64,
+    /// None of the entity's rows was stored before this batch (the next batch of the window
+    /// may then try [`BatchWrite::presume_new`]).
+    pub all_new: bool,
 }
 
 /// A row of the runs ledger.
@@ -383,6 +390,7 @@ impl Sink {
             if let Some(e) = b.entity {
                 let o = write_rows(&mut tx, e, Rows {
                     rows: b.rows, meta: b.row_meta, children: b.children, deletes: b.deletes, soft_deletes: b.soft_deletes,
+                    presume_new: b.presume_new,
                 }, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
@@ -627,9 +635,18 @@ use checkpoint_query;
 pub(crate) trait TableOps {
     /// Upsert; returns rows inserted or changed (identical rows are left alone).
     async fn upsert_rows(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64>;
-    /// Write rows that a read in this transaction found absent; by default the upsert.
+    /// Write rows that a read in this transaction found absent (a plain insert where the
+    /// backend makes that cheaper; the upsert if one appeared meanwhile).
     async fn insert_new(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64> {
-        self.upsert_rows(t, rows).await
+        match self.try_insert(t, rows).await? {
+            Some(n) => Ok(n),
+            None => self.upsert_rows(t, rows).await,
+        }
+    }
+    /// Insert rows none of which may exist, undone (to a savepoint) if one does: Some(rows
+    /// written), or None (also where the backend gains nothing over the upsert: SQLite).
+    async fn try_insert(&mut self, _t: TableRef<'_>, _rows: &[Vec<Value>]) -> Result<Option<u64>> {
+        Ok(None)
     }
     /// Primary keys of rows whose `by` columns match one of `keys`.
     async fn select_keys(
@@ -712,6 +729,7 @@ struct Rows<'a> {
     children: &'a [Vec<Vec<Value>>],
     deletes: &'a [Vec<Value>],
     soft_deletes: &'a [(Vec<Value>, Value)],
+    presume_new: bool,
 }
 
 /// Deletions, the entity's rows, then each child table's replace-the-whole-set. With the
@@ -729,6 +747,7 @@ async fn write_rows<T: TableOps>(
         children,
         deletes,
         soft_deletes,
+        presume_new,
     } = w;
     let mut out = BatchOutcome::default();
     if !deletes.is_empty() {
@@ -773,7 +792,17 @@ async fn write_rows<T: TableOps>(
         }
     }
     let mut none_stored = false;
-    if trk.on && !rows.is_empty() {
+    let mut written = None;
+    if presume_new && trk.on && !rows.is_empty() && deletes.is_empty() && soft_deletes.is_empty() {
+        written = tx.try_insert(e.table_ref(), rows).await?;
+        if written.is_some() {
+            none_stored = true;
+            let (ins, upd) = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);
+            out.inserted += ins;
+            out.updated += upd;
+        }
+    }
+    if written.is_none() && trk.on && !rows.is_empty() {
         let keys: Vec<Vec<Value>> = rows.iter().map(|r| key_of(r, &e.pk)).collect();
         let old = provenance::index_rows(
             e.table_ref(),
@@ -784,11 +813,12 @@ async fn write_rows<T: TableOps>(
         out.inserted += ins;
         out.updated += upd;
     }
-    out.written = if none_stored {
-        tx.insert_new(e.table_ref(), rows).await?
-    } else {
-        tx.upsert_rows(e.table_ref(), rows).await?
+    out.written = match written {
+        Some(n) => n,
+        None if none_stored => tx.insert_new(e.table_ref(), rows).await?,
+        None => tx.upsert_rows(e.table_ref(), rows).await?,
     };
+    out.all_new = none_stored;
     out.unchanged = rows.len() as u64 - out.written;
     for (ci, c) in e.children.iter().enumerate() {
         let new_rows = children.get(ci).map(Vec::as_slice).unwrap_or_default();

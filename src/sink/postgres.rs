@@ -312,14 +312,15 @@ impl TableOps for Transaction<'_, Postgres> {
             .collect()
     }
 
-    async fn insert_new(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<u64> {
+    async fn try_insert(&mut self, t: TableRef<'_>, rows: &[Vec<Value>]) -> Result<Option<u64>> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
         // A plain INSERT skips ON CONFLICT's speculative insertion, about a third of the
-        // statement's cost (BENCHMARKS.md). If another writer added one of the keys since
-        // this transaction read them, the savepoint undoes the attempt and the upsert runs.
-        sqlx::query("SAVEPOINT tidemark_insert_new")
+        // statement's cost (BENCHMARKS.md). If a key exists (another writer added it since
+        // this transaction read the keys, or the batch presumed a first load), the savepoint
+        // undoes the attempt.
+        sqlx::query("SAVEPOINT tidemark_insert")
             .execute(&mut **self)
             .await?;
         let sql = insert_sql(t);
@@ -329,16 +330,16 @@ impl TableOps for Transaction<'_, Postgres> {
         }
         match q.execute(&mut **self).await {
             Ok(done) => {
-                sqlx::query("RELEASE SAVEPOINT tidemark_insert_new")
+                sqlx::query("RELEASE SAVEPOINT tidemark_insert")
                     .execute(&mut **self)
                     .await?;
-                Ok(done.rows_affected())
+                Ok(Some(done.rows_affected()))
             }
             Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
-                sqlx::query("ROLLBACK TO SAVEPOINT tidemark_insert_new")
+                sqlx::query("ROLLBACK TO SAVEPOINT tidemark_insert")
                     .execute(&mut **self)
                     .await?;
-                self.upsert_rows(t, rows).await
+                Ok(None)
             }
             Err(e) => Err(anyhow::Error::new(e).context(format!(
                 "writing {} rows into {}",

@@ -70,3 +70,59 @@ async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
     );
     other.close().await;
 }
+
+/// A first load presumes each next batch is all new rows and inserts it without reading;
+/// when a batch holds rows already stored (written by an earlier run, changed since), the
+/// insert is undone and the batch is read and upserted: every row ends up as the source has
+/// it, inserts and updates are counted right, and a rollback restores the earlier state.
+#[tokio::test]
+async fn presumed_first_load_falls_back_when_rows_exist() {
+    let env = seed(Backend::Postgres, "presume").await;
+    let url = env.target_url.clone();
+    run_until(env.settings(), "2019-01-02", false)
+        .await
+        .expect("run A: items 0..20");
+    let before = crate::trust_util::dump_domain(&url).await;
+    // Day 1: items 100..160 are new and come first (earlier minutes), then items 5..8 change.
+    env.insert(
+        "items",
+        (100..160)
+            .map(|i| {
+                let mut d = item(i, 1, &format!("new {i}"), "o0");
+                d.insert("t", crate::trust_util::at(1, i - 100));
+                d
+            })
+            .collect(),
+    )
+    .await;
+    let coll = env.db.collection::<bson::Document>("items");
+    for i in 5..8i64 {
+        coll.update_one(
+            bson::doc! { "_id": i },
+            bson::doc! { "$set": { "v": format!("changed {i}"), "t": crate::trust_util::at(1, 100 + i) } },
+        )
+        .await
+        .unwrap();
+    }
+    let mut s = env.settings();
+    s.source.batch_size = 10;
+    let b = run_until(s, "2019-01-03", false).await.expect("run B");
+    assert_eq!(
+        (b.totals.inserted, b.totals.updated),
+        (60, 3),
+        "60 new rows presumed new, 3 stored rows found on fallback: {b}"
+    );
+    for i in 5..8i64 {
+        let v: String = sqlx::query_scalar("SELECT v FROM items WHERE id = $1")
+            .bind(i)
+            .fetch_one(&sqlx::PgPool::connect(&url).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(v, format!("changed {i}"));
+    }
+    assert_eq!(scalar_i64(&url, "SELECT COUNT(*) FROM items").await, 80);
+    tidemark::rollback::rollback(env.settings(), &b.run_id, false, false)
+        .await
+        .expect("rollback B");
+    assert_eq!(crate::trust_util::dump_domain(&url).await, before);
+}
