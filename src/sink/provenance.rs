@@ -1,7 +1,10 @@
 //! What a batch changed, row by row: collected by `write_rows` from the rows it read just
-//! before writing, then stored in `tidemark_provenance` in the batch's transaction so
-//! `tidemark rollback` can undo one run exactly. Only rows that actually change are
-//! recorded, so a re-run over unchanged data stores nothing.
+//! before writing (or, on a first load, knowing none existed), then stored in
+//! `tidemark_provenance` in the batch's transaction as an undo log, so `tidemark rollback`
+//! can undo one run exactly, newest batch first. Changed and deleted rows get one record
+//! each (before-image, after-hash); the rows a batch inserted share one record per table.
+//! Only rows that actually change are recorded, so a re-run over unchanged data stores
+//! nothing.
 
 use crate::canon;
 use crate::mapping::{TableRef, Value};
