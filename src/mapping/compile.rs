@@ -226,6 +226,12 @@ fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
         children,
         dependents: spec.dependents.clone(),
         windowed: spec.windowed,
+        batch_size: match spec.batch_size {
+            Some(n) if n == 0 || n > 50_000 => bail!(
+                "entity `{name}`: batch_size = {n} is out of range; use a value between 1 and 50000"
+            ),
+            other => other,
+        },
     })
 }
 

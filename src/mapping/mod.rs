@@ -43,6 +43,8 @@ pub struct Entity {
     pub dependents: Vec<DependentSpec>,
     /// Has its own time-window lane (false: only pulled on demand).
     pub windowed: bool,
+    /// Page and batch size of this entity's windows (`batch_size`; None: `source.batch_size`).
+    pub batch_size: Option<usize>,
 }
 
 /// A compiled deleted-document rule.

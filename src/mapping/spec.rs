@@ -67,6 +67,11 @@ pub struct EntitySpec {
     /// Whether this entity has its own time-window lane (false: only pulled on demand).
     #[serde(default = "yes")]
     pub windowed: bool,
+    /// Documents per page and batch of this entity's windows, instead of
+    /// `source.batch_size`: smaller for entities that pull many or large dependents, whose
+    /// batch holds them all in memory until it commits.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
 }
 
 fn yes() -> bool {

@@ -208,6 +208,7 @@ impl Source {
         let mut failures = 0u32;
         let started = Instant::now();
         let mut sent = 0u64;
+        let batch_size = e.batch_size.unwrap_or(self.batch_size);
         'reopen: loop {
             let filter = window_filter(
                 &e.filter,
@@ -219,7 +220,7 @@ impl Source {
             let cursor = coll
                 .find(filter)
                 .sort(doc! { &e.time_field: 1, "_id": 1 })
-                .batch_size(self.batch_size as u32)
+                .batch_size(batch_size as u32)
                 .await;
             let mut cursor = match cursor {
                 Ok(c) => c,
@@ -228,16 +229,16 @@ impl Source {
                     continue 'reopen;
                 }
             };
-            let mut page = Vec::with_capacity(self.batch_size);
+            let mut page = Vec::with_capacity(batch_size);
             loop {
                 match cursor.try_next().await {
                     Ok(Some(doc)) => {
                         page.push(doc);
-                        if page.len() >= self.batch_size {
+                        if page.len() >= batch_size {
                             if !self.send(&mut page, &time_path, &mut after, tx).await? {
                                 return Ok(());
                             }
-                            sent += self.batch_size as u64;
+                            sent += batch_size as u64;
                             self.throttle(sent, started).await;
                             failures = 0;
                         }

@@ -180,3 +180,19 @@ fn malformed_cli_times_and_unknown_entities_fail_before_any_write() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn entity_batch_size_out_of_range_is_refused_before_any_write() {
+    let base = mapping(r#""items""#, r#""id""#, r#""_id""#);
+    for bad in ["0", "50001"] {
+        let text = base.replace(
+            "[entities.items]\n",
+            &format!("[entities.items]\nbatch_size = {bad}\n"),
+        );
+        refused(&text, &format!("batch_size = {bad}"));
+    }
+    refused(
+        &base.replace("[entities.items]\n", "[entities.items]\nbatch_size = -5\n"),
+        "batch_size",
+    );
+}
