@@ -194,10 +194,20 @@ impl Sink {
     pub async fn connect(url: &SecretUri, max_connections: u32) -> Result<Self> {
         let raw = url.expose();
         let fail = |e: sqlx::Error| {
-            anyhow!(
-                "cannot open the target {url} (target.url): {}. Check that the database exists and is writable",
-                redact_uri(&e.to_string())
-            )
+            let text = redact_uri(&e.to_string());
+            // A TLS failure needs a different fix than a missing or read-only database.
+            let hint = if matches!(e, sqlx::Error::Tls(_))
+                || ["certificate", "UnknownIssuer", "not valid for name", "tls"]
+                    .iter()
+                    .any(|w| text.contains(w))
+            {
+                "Check the TLS settings in target.url: sslmode=verify-full needs the host name the \
+                 server's certificate was issued for and sslrootcert naming the CA that signed it \
+                 (docs/OPERATIONS.md, TLS)"
+            } else {
+                "Check that the database exists and is writable"
+            };
+            anyhow!("cannot open the target {url} (target.url): {text}. {hint}")
         };
         if raw.starts_with("sqlite:") {
             let path = raw

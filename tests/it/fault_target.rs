@@ -280,3 +280,62 @@ async fn full_sqlite_target_fails_cleanly_and_rerun_completes() {
         env.dump(&reference, "items").await
     );
 }
+
+/// A transaction failing on a constraint the application added to a mapped table (here a
+/// CHECK that one document's value breaks): the run stops with an error naming the batch and
+/// the constraint, the batches before it stay committed with their checkpoint, the failing
+/// batch leaves nothing, and once the rule is lifted a rerun completes with the
+/// uninterrupted run's target.
+#[tokio::test]
+async fn constraint_violation_fails_the_batch_cleanly_and_rerun_completes() {
+    let (env, reference, _mongo) = arrange("constraint", Backend::Postgres).await;
+    let s = env.settings();
+    env.run({
+        let mut s0 = s.clone();
+        s0.sync.start = "2100-01-01T00:00:00Z".parse().unwrap(); // create the tables only
+        s0
+    })
+    .await
+    .expect("create tables");
+    let exec = |sql: &'static str| {
+        let url = env.target_url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query(sql).execute(&mut c).await.unwrap();
+        }
+    };
+    exec("ALTER TABLE items ADD CONSTRAINT app_rule CHECK (v <> 'value 12345')").await;
+
+    let err = env
+        .run(s.clone())
+        .await
+        .expect_err("document 12345 breaks app_rule");
+
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("writing a batch of items failed and was rolled back")
+            && msg.contains("app_rule"),
+        "the error names the batch and the constraint: {msg}"
+    );
+    let rows = scalar_i64(&env.target_url, "SELECT COUNT(*) FROM items").await;
+    assert!(
+        rows > 0 && rows < DOCS,
+        "batches before the bad one stay ({rows} rows)"
+    );
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM items WHERE id = 12345"
+        )
+        .await,
+        0
+    );
+    assert_no_partial_batch(&env.target_url, 500).await;
+    exec("ALTER TABLE items DROP CONSTRAINT app_rule").await;
+    env.run(s).await.expect("rerun once the rule is lifted");
+    assert_eq!(
+        env.dump(&env.target_url, "items").await,
+        env.dump(&reference, "items").await
+    );
+}

@@ -238,6 +238,10 @@ async fn postgres_verify_full_refuses_wrong_host_or_ca_before_any_write() {
             !msg.contains(PW),
             "{what}: the error shows the password: {msg}"
         );
+        assert!(
+            msg.contains("sslrootcert") && !msg.contains("exists and is writable"),
+            "{what}: the hint points at the TLS settings: {msg}"
+        );
         assert_eq!(
             bin.status.code(),
             Some(tidemark::exit::UNAVAILABLE),
