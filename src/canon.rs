@@ -26,6 +26,11 @@ fn sorted(j: &J) -> J {
     }
 }
 
+/// JSON text stored in a JSON column, as a value (text that is not JSON stays a string).
+fn json_text(s: &str) -> J {
+    serde_json::from_str(s).unwrap_or_else(|_| J::String(s.to_owned()))
+}
+
 fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
@@ -42,12 +47,7 @@ pub fn value(v: &Value, ty: ColumnType) -> J {
         (Value::Bool(b), _) => json!(*b),
         (Value::Timestamp(t), _) => J::String(ts(t)),
         (Value::Json(j), _) => sorted(j),
-        (Value::JsonText(s), _) => serde_json::from_str::<J>(s)
-            .map(|j| sorted(&j))
-            .unwrap_or_else(|_| J::String(s.clone())),
-        (Value::Text(s), ColumnType::Json) => serde_json::from_str::<J>(s)
-            .map(|j| sorted(&j))
-            .unwrap_or_else(|_| J::String(s.clone())),
+        (Value::JsonText(s), _) | (Value::Text(s), ColumnType::Json) => sorted(&json_text(s)),
         (Value::Text(s), ColumnType::Timestamptz) => DateTime::parse_from_rfc3339(s)
             .map(|d| J::String(ts(&d.with_timezone(&Utc))))
             .unwrap_or_else(|_| J::String(s.clone())),
@@ -62,7 +62,7 @@ pub fn row_json(t: TableRef<'_>, row: &[Value]) -> J {
     for (c, v) in t.columns.iter().zip(row) {
         let j = match v {
             Value::Json(j) => j.clone(),
-            Value::JsonText(s) => serde_json::from_str(s).unwrap_or_else(|_| J::String(s.clone())),
+            Value::JsonText(s) => json_text(s),
             other => value(other, c.ty),
         };
         m.insert(c.name.clone(), j);
@@ -81,10 +81,7 @@ pub fn row_hash(t: TableRef<'_>, row: &[Value]) -> String {
         }
         match v {
             Value::Json(j) => write_sorted(j, &mut buf),
-            Value::JsonText(s) => match serde_json::from_str::<J>(s) {
-                Ok(j) => write_sorted(&j, &mut buf),
-                Err(_) => write_json(&J::String(s.clone()), &mut buf),
-            },
+            Value::JsonText(s) => write_sorted(&json_text(s), &mut buf),
             other => write_json(&value(other, c.ty), &mut buf),
         }
     }

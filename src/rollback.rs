@@ -124,7 +124,10 @@ async fn undo_chunk<T: TableOps>(
 ) -> Result<()> {
     let mut runs: Vec<(&str, Vec<&Prov>)> = Vec::new();
     for p in chunk {
-        if !undo.force && undo.conflicted.contains(&(p.table.clone(), p.pk.clone())) {
+        if !undo.force
+            && !undo.conflicted.is_empty()
+            && undo.conflicted.contains(&(p.table.clone(), p.pk.clone()))
+        {
             continue;
         }
         match runs.last_mut() {
