@@ -47,7 +47,9 @@ pub fn value(v: &Value, ty: ColumnType) -> J {
         (Value::Bool(b), _) => json!(*b),
         (Value::Timestamp(t), _) => J::String(ts(t)),
         (Value::Json(j), _) => sorted(j),
-        (Value::JsonText(s), _) | (Value::Text(s), ColumnType::Json) => sorted(&json_text(s)),
+        (Value::JsonText { text: s, .. }, _) | (Value::Text(s), ColumnType::Json) => {
+            sorted(&json_text(s))
+        }
         (Value::Text(s), ColumnType::Timestamptz) => DateTime::parse_from_rfc3339(s)
             .map(|d| J::String(ts(&d.with_timezone(&Utc))))
             .unwrap_or_else(|_| J::String(s.clone())),
@@ -62,7 +64,7 @@ pub fn row_json(t: TableRef<'_>, row: &[Value]) -> J {
     for (c, v) in t.columns.iter().zip(row) {
         let j = match v {
             Value::Json(j) => j.clone(),
-            Value::JsonText(s) => json_text(s),
+            Value::JsonText { text, .. } => json_text(text),
             other => value(other, c.ty),
         };
         m.insert(c.name.clone(), j);
@@ -81,7 +83,10 @@ pub fn row_hash(t: TableRef<'_>, row: &[Value]) -> String {
         }
         match v {
             Value::Json(j) => write_sorted(j, &mut buf),
-            Value::JsonText(s) => write_sorted(&json_text(s), &mut buf),
+            Value::JsonText {
+                sorted: Some(s), ..
+            } => buf.extend_from_slice(s.as_bytes()),
+            Value::JsonText { text, .. } => write_sorted(&json_text(text), &mut buf),
             other => write_json(&value(other, c.ty), &mut buf),
         }
     }
@@ -97,33 +102,7 @@ fn write_json(j: &J, buf: &mut Vec<u8>) {
 /// Compact JSON of `j` with object keys sorted at every level, the same text as
 /// `sorted(j).to_string()`.
 fn write_sorted(j: &J, buf: &mut Vec<u8>) {
-    match j {
-        J::Object(o) => {
-            let mut keys: Vec<&String> = o.keys().collect();
-            keys.sort();
-            buf.push(b'{');
-            for (n, k) in keys.into_iter().enumerate() {
-                if n > 0 {
-                    buf.push(b',');
-                }
-                serde_json::to_writer(&mut *buf, k).expect("JSON into memory");
-                buf.push(b':');
-                write_sorted(&o[k], buf);
-            }
-            buf.push(b'}');
-        }
-        J::Array(a) => {
-            buf.push(b'[');
-            for (n, v) in a.iter().enumerate() {
-                if n > 0 {
-                    buf.push(b',');
-                }
-                write_sorted(v, buf);
-            }
-            buf.push(b']');
-        }
-        scalar => write_json(scalar, buf),
-    }
+    crate::mapping::value::write_sorted_json(j, buf)
 }
 
 /// Hex of the first 16 bytes of SHA-256.

@@ -355,8 +355,11 @@ pub fn prepare(e: &Entity, page: &mut MappedPage, hash: bool) {
     }
     for row in &mut page.rows {
         for v in row.iter_mut() {
-            if let Value::Json(j) = v {
-                *v = Value::JsonText(j.to_string());
+            match v {
+                Value::Json(j) => *v = Value::json_text(j.to_string()),
+                // Hashed: the writer needs only the text.
+                Value::JsonText { sorted, .. } => *sorted = None,
+                _ => {}
             }
         }
     }
@@ -495,7 +498,13 @@ pub async fn run_window(
     });
     let _mapper = AbortOnDrop(mapper);
     let mut presume_new = false;
-    while let Some(item) = mrx.recv().await {
+    // Where the window's time went: waiting for the next mapped page (source and mapper)
+    // versus resolving and writing it (target). Logged with "window done".
+    let (mut wait_ms, mut write_ms) = (0u64, 0u64);
+    loop {
+        let t0 = Instant::now();
+        let Some(item) = mrx.recv().await else { break };
+        wait_ms += t0.elapsed().as_millis() as u64;
         let (page, mut mapped) = item?;
         mapped.presume_new = presume_new;
         let cp = Checkpoint {
@@ -509,7 +518,9 @@ pub async fn run_window(
             run_id: ctx.run_id.clone(),
         };
         let before_queries = ctx.source.queries.load(Ordering::Relaxed);
+        let t1 = Instant::now();
         let c = write_mapped(ctx, e, &page.docs, mapped, Some(&cp), outstanding).await?;
+        write_ms += t1.elapsed().as_millis() as u64;
         presume_new = c.all_new;
         batches += 1;
         counts.add(&c);
@@ -556,7 +567,7 @@ pub async fn run_window(
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
     info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
-          dead = counts.dead_lettered, ms = report.elapsed_ms, "window done");
+          dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, write_ms, "window done");
     Ok(report)
 }
 

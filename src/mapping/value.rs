@@ -84,10 +84,15 @@ pub enum Value {
     Bool(bool),
     Timestamp(DateTime<Utc>),
     Json(serde_json::Value),
-    /// A JSON value already serialized (compact, keys in source order): what the window
-    /// pipeline turns `Json` into once the row is hashed, so the writer binds text instead
-    /// of serializing trees while the database waits (see `pipeline::prepare`).
-    JsonText(String),
+    /// A JSON value already serialized: `text` is compact with keys in source order (what
+    /// is stored); `sorted`, when known, is the same value with object keys sorted at every
+    /// level (what row hashes read, see `canon`). Mapping writes both straight from the raw
+    /// BSON ([`raw_to_json_text`]); the window pipeline turns remaining `Json` trees into
+    /// text once the row is hashed and drops `sorted`, so the writer only binds text.
+    JsonText {
+        text: String,
+        sorted: Option<String>,
+    },
 }
 
 impl Value {
@@ -102,8 +107,13 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Timestamp(t) => crate::window::fmt_ts(*t),
             Value::Json(j) => j.to_string(),
-            Value::JsonText(s) => s.clone(),
+            Value::JsonText { text, .. } => text.clone(),
         }
+    }
+
+    /// Serialized JSON, keys in source order (no sorted form).
+    pub fn json_text(text: String) -> Value {
+        Value::JsonText { text, sorted: None }
     }
 }
 
@@ -202,6 +212,163 @@ fn to_json(v: RawBsonRef<'_>, levels_left: usize) -> Result<serde_json::Value, S
             sanitize_json(b.into_relaxed_extjson())
         }
     })
+}
+
+/// JSON of a raw BSON value as text, without a tree: [`Value::JsonText`] with the compact
+/// text in source key order and the text with keys sorted at every level, each written in
+/// one pass over the raw bytes. The bytes are exactly those of [`raw_to_json`] serialized
+/// and of its tree rendered sorted (tests check both). Building, walking and freeing the
+/// `serde_json` tree was most of the mapper's time on documents with a whole-document
+/// JSON column (BENCHMARKS.md). A document that repeats a key (the tree keeps the last
+/// value at the first position) and every error take the tree's path, so its rules and
+/// messages stay the only ones.
+pub fn raw_to_json_text(v: RawBsonRef<'_>) -> Result<Value, String> {
+    let mut sorted = Vec::with_capacity(512);
+    if !matches!(write_raw_json(v, true, MAX_NESTING, &mut sorted), Ok(true)) {
+        return raw_to_json(v).map(Value::Json);
+    }
+    let mut text = Vec::with_capacity(sorted.len());
+    if !matches!(write_raw_json(v, false, MAX_NESTING, &mut text), Ok(true)) {
+        return raw_to_json(v).map(Value::Json);
+    }
+    // Both writers copy `&str` slices and ASCII punctuation only.
+    let utf8 =
+        |b: Vec<u8>| String::from_utf8(b).map_err(|e| format!("JSON text is not UTF-8: {e}"));
+    Ok(Value::JsonText {
+        text: utf8(text)?,
+        sorted: Some(utf8(sorted)?),
+    })
+}
+
+fn sanitized(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', ""))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    // serde_json's own string escaping, so the text matches a serialized tree.
+    serde_json::to_writer(out, s).expect("JSON into memory");
+}
+
+/// Writes `v` as compact JSON (keys sorted when `sorted`); Ok(false) when a document
+/// repeats a key (after NUL removal). Only sorted mode detects repeats: callers run it first.
+fn write_raw_json(
+    v: RawBsonRef<'_>,
+    sorted: bool,
+    levels_left: usize,
+    out: &mut Vec<u8>,
+) -> Result<bool, String> {
+    let undecodable = |e: bson::raw::Error| format!("undecodable BSON: {e}");
+    match v {
+        RawBsonRef::Document(d) => {
+            if levels_left == 0 {
+                return Err("too deep".into());
+            }
+            out.push(b'{');
+            if sorted {
+                let mut items = Vec::new();
+                for el in d {
+                    let (k, v) = el.map_err(undecodable)?;
+                    items.push((sanitized(k), v));
+                }
+                items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                if items.windows(2).any(|w| w[0].0 == w[1].0) {
+                    return Ok(false);
+                }
+                for (n, (k, v)) in items.into_iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    write_str(&k, out);
+                    out.push(b':');
+                    if !write_raw_json(v, true, levels_left - 1, out)? {
+                        return Ok(false);
+                    }
+                }
+            } else {
+                for (n, el) in d.into_iter().enumerate() {
+                    let (k, v) = el.map_err(undecodable)?;
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    write_str(&sanitized(k), out);
+                    out.push(b':');
+                    if !write_raw_json(v, false, levels_left - 1, out)? {
+                        return Ok(false);
+                    }
+                }
+            }
+            out.push(b'}');
+        }
+        RawBsonRef::Array(a) => {
+            if levels_left == 0 {
+                return Err("too deep".into());
+            }
+            out.push(b'[');
+            for (n, el) in a.into_iter().enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                if !write_raw_json(el.map_err(undecodable)?, sorted, levels_left - 1, out)? {
+                    return Ok(false);
+                }
+            }
+            out.push(b']');
+        }
+        RawBsonRef::String(s) => write_str(&sanitized(s), out),
+        RawBsonRef::Int32(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+        RawBsonRef::Int64(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+        RawBsonRef::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        RawBsonRef::Null => out.extend_from_slice(b"null"),
+        RawBsonRef::Double(f) if f.is_finite() => {
+            serde_json::to_writer(&mut *out, &f).expect("JSON into memory")
+        }
+        other => {
+            // Rare types: the bson crate's relaxed extended JSON of this one value.
+            let j = to_json(other, levels_left)?;
+            if sorted {
+                write_sorted_json(&j, out);
+            } else {
+                serde_json::to_writer(&mut *out, &j).expect("JSON into memory");
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Compact JSON of a tree with object keys sorted at every level.
+pub fn write_sorted_json(j: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value as J;
+    match j {
+        J::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (n, k) in keys.into_iter().enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                write_str(k, out);
+                out.push(b':');
+                write_sorted_json(&o[k], out);
+            }
+            out.push(b'}');
+        }
+        J::Array(a) => {
+            out.push(b'[');
+            for (n, v) in a.iter().enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                write_sorted_json(v, out);
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("JSON into memory"),
+    }
 }
 
 fn type_name(v: &RawBsonRef<'_>) -> &'static str {
@@ -344,7 +511,7 @@ pub fn coerce(
             _ => Err(format!("expected a boolean, found {}", type_name(v))),
         },
         ColumnType::Timestamptz => to_timestamp(v, format).map(Value::Timestamp),
-        ColumnType::Json => raw_to_json(*v).map(Value::Json),
+        ColumnType::Json => raw_to_json_text(*v),
         ColumnType::Numeric => match *v {
             RawBsonRef::Decimal128(d) => numeric_text(&d.to_string()),
             RawBsonRef::Int32(i) => Ok(Value::Text(i.to_string())),
@@ -482,6 +649,66 @@ mod tests {
         let old = sanitize_json(Bson::Document(d).into_relaxed_extjson());
         let new = raw_to_json(RawBsonRef::Document(&raw)).unwrap();
         assert_eq!(new.to_string(), old.to_string());
+    }
+
+    /// The one-pass text writer gives exactly the tree's bytes, in source order and sorted.
+    fn assert_text_matches_tree(raw: &bson::RawDocument) {
+        let v = RawBsonRef::Document(raw);
+        let tree = raw_to_json(v).unwrap();
+        let mut sorted_tree = Vec::new();
+        write_sorted_json(&tree, &mut sorted_tree);
+        match raw_to_json_text(v).unwrap() {
+            Value::JsonText { text, sorted } => {
+                assert_eq!(text, tree.to_string());
+                assert_eq!(sorted.unwrap().as_bytes(), &sorted_tree[..]);
+            }
+            Value::Json(j) => assert_eq!(j, tree, "fallback must be the tree"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_pass_text_is_the_trees_text_sorted_and_unsorted() {
+        let d = bson::doc! {
+            "zeta": "a\u{0}b\"\\\n\u{1}é😀", "i": -1i32, "l": i64::MIN, "d": 1.5, "whole": 2.0, "tiny": 1e-300,
+            "nan": f64::NAN, "inf": f64::NEG_INFINITY, "b": false, "n": Bson::Null,
+            "date": bson::DateTime::from_millis(1_600_000_000_123), "oid": bson::oid::ObjectId::from_bytes([7; 12]),
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2] },
+            "re": bson::Regex { pattern: "x".into(), options: "mi".into() },
+            "dec": Bson::Decimal128(bson::Decimal128::from_bytes([1; 16])),
+            "ts": bson::Timestamp { time: 1, increment: 2 }, "min": Bson::MinKey, "undef": Bson::Undefined,
+            "key": { "nested": [1, { "y": [], "x": { "b": 1, "a\u{e9}": 2, "A": 3, "a": 4 } }, "y"] }, "empty": {}, "arr": [],
+            "upvotes": [{ "userId": "u1", "timestamp": 1_600_000_000i64 }, { "timestamp": 3, "userId": "u2" }],
+        };
+        assert_text_matches_tree(&bson::RawDocumentBuf::from_document(&d).unwrap());
+        // Raw BSON may repeat a key (BSON keys cannot hold NUL, so sanitizing never merges two).
+        let mut repeated = bson::RawDocumentBuf::new();
+        repeated.append("k", 1);
+        repeated.append("j", "x");
+        repeated.append("k", 2);
+        let v = RawBsonRef::Document(&repeated);
+        assert!(
+            matches!(raw_to_json_text(v).unwrap(), Value::Json(_)),
+            "the tree decides"
+        );
+        assert_text_matches_tree(&repeated);
+    }
+
+    #[test]
+    fn one_pass_text_errors_are_the_trees_errors() {
+        fn nest(n: usize) -> bson::Document {
+            let mut v = Bson::Int32(1);
+            for _ in 0..n {
+                v = Bson::Document(bson::doc! { "a": v });
+            }
+            bson::doc! { "v": v }
+        }
+        let deep = bson::RawDocumentBuf::from_document(&nest(MAX_NESTING + 1)).unwrap();
+        let v = deep.get("v").unwrap().unwrap();
+        assert_eq!(
+            raw_to_json_text(v).unwrap_err(),
+            raw_to_json(v).unwrap_err()
+        );
     }
 
     #[test]

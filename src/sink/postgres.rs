@@ -111,7 +111,7 @@ fn bind_array<'q>(q: PgQuery<'q>, rows: &'q [Vec<Value>], i: usize, ty: ColumnTy
         }
         ColumnType::Json => q.bind(column(rows, i, |v| match v {
             Value::Json(j) => Some(std::borrow::Cow::Owned(j.to_string())),
-            Value::JsonText(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+            Value::JsonText { text, .. } => Some(std::borrow::Cow::Borrowed(text.as_str())),
             _ => None,
         })),
         ColumnType::Integer => q.bind(column(rows, i, |v| match v {
@@ -178,7 +178,7 @@ fn push_value(q: &mut QueryBuilder<'_, Postgres>, v: &Value, ty: ColumnType) {
         Value::Bool(x) => q.push_bind(*x),
         Value::Timestamp(t) => q.push_bind(*t),
         Value::Json(j) => q.push_bind(j.to_string()).push("::jsonb"),
-        Value::JsonText(s) => q.push_bind(s.clone()).push("::jsonb"),
+        Value::JsonText { text, .. } => q.push_bind(text.clone()).push("::jsonb"),
     };
 }
 

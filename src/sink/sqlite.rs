@@ -49,7 +49,7 @@ fn push_value<Sep: std::fmt::Display>(
         Value::Bool(x) => b.push_bind(*x),
         Value::Timestamp(t) => b.push_bind(fmt_ts(*t)),
         Value::Json(j) => b.push_bind(j.to_string()),
-        Value::JsonText(s) => b.push_bind(s.clone()),
+        Value::JsonText { text, .. } => b.push_bind(text.clone()),
     };
 }
 
