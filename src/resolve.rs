@@ -212,30 +212,45 @@ pub async fn resolve<'m>(
         });
     }
 
-    // Apply policies bottom-up: a pulled row dropped for a missing reference makes its own key unknown.
+    // Apply policies bottom-up: a row dropped for a missing reference makes its own key
+    // unknown, so rows pointing at it (at any level, in the batch or among its dependents:
+    // a dependent of a batch row that was deferred) are dropped in turn, until nothing
+    // changes. Only rows are removed, so this ends; a second pass over a page only sees
+    // rows the first left alone.
     levels.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
-    for (_, level) in &mut levels {
-        let dropped = apply_policies(
-            level.entity,
-            &mut level.page,
-            &level.docs,
-            &mut memo,
-            &mut res,
-            true,
-        );
-        forget_dropped(level.entity, &dropped, &mut memo);
+    loop {
+        let mut dropped_any = false;
+        for (_, level) in &mut levels {
+            let dropped = apply_policies(
+                level.entity,
+                &mut level.page,
+                &level.docs,
+                &mut memo,
+                &mut res,
+                true,
+            );
+            dropped_any |= !dropped.is_empty();
+            forget_dropped(level.entity, &dropped, &mut memo);
+        }
+        let dropped = apply_policies(e, page, docs, &mut memo, &mut res, false);
+        dropped_any |= !dropped.is_empty();
+        forget_dropped(e, &dropped, &mut memo);
+        for level in &mut dependents {
+            let dropped = apply_policies(
+                level.entity,
+                &mut level.page,
+                &level.docs,
+                &mut memo,
+                &mut res,
+                true,
+            );
+            dropped_any |= !dropped.is_empty();
+            forget_dropped(level.entity, &dropped, &mut memo);
+        }
+        if !dropped_any {
+            break;
+        }
     }
-    for level in &mut dependents {
-        apply_policies(
-            level.entity,
-            &mut level.page,
-            &level.docs,
-            &mut memo,
-            &mut res,
-            true,
-        );
-    }
-    apply_policies(e, page, docs, &mut memo, &mut res, false);
     drop(memo);
 
     for (_, level) in levels {

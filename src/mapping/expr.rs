@@ -29,6 +29,10 @@ pub struct Expr {
     program: Program,
     /// Top-level fields of each variable the expression reads (None = the whole value).
     fields: HashMap<&'static str, Option<HashSet<String>>>,
+    /// Of those, fields read only as `size(var.f)` or `has(var.f)`: an array there becomes a
+    /// list of as many nulls, not a converted copy (`size(doc.files)` would otherwise copy
+    /// every file's text into the interpreter).
+    counted: HashMap<&'static str, HashSet<String>>,
 }
 
 impl std::fmt::Debug for Expr {
@@ -52,9 +56,14 @@ impl Expr {
             .map_err(|e| format!("expression `{source}` does not compile: {e}"))?;
         let refs = program.references();
         let mut fields = HashMap::new();
+        let mut counted = HashMap::new();
         for v in VARS {
             if refs.has_variable(v) {
-                fields.insert(v, referenced_fields(source, v));
+                let f = referenced_fields(source, v);
+                if let Some(f) = &f {
+                    counted.insert(v, counted_fields(source, v, f));
+                }
+                fields.insert(v, f);
             }
         }
         for v in refs.variables() {
@@ -68,6 +77,7 @@ impl Expr {
             source: source.to_owned(),
             program,
             fields,
+            counted,
         })
     }
 
@@ -80,9 +90,12 @@ impl Expr {
         ROOT.with(|root| {
             let mut ctx = root.new_inner_scope();
             for (var, fields) in &self.fields {
+                let counted = self.counted.get(var);
                 let v = match *var {
-                    "doc" => scope.doc.map(|d| doc_to_cel(d, fields.as_ref())),
-                    "parent" => scope.parent.map(|d| doc_to_cel(d, fields.as_ref())),
+                    "doc" => scope.doc.map(|d| doc_to_cel(d, fields.as_ref(), counted)),
+                    "parent" => scope
+                        .parent
+                        .map(|d| doc_to_cel(d, fields.as_ref(), counted)),
                     "element" => scope.element.map(to_cel),
                     "index" => scope.index.map(|i| Cel::Int(i as i64)),
                     _ => None,
@@ -139,11 +152,41 @@ fn referenced_fields(src: &str, var: &str) -> Option<HashSet<String>> {
     Some(out)
 }
 
-fn doc_to_cel(d: &RawDocument, only: Option<&HashSet<String>>) -> Cel {
+/// Of `fields` (what [`referenced_fields`] found), those whose every use in `src` is
+/// exactly `size(var.f)` or `has(var.f)`: only their presence and length matter.
+fn counted_fields(src: &str, var: &str, fields: &HashSet<String>) -> HashSet<String> {
+    fields
+        .iter()
+        .filter(|f| {
+            let needle = format!("{var}.{f}");
+            let mut uses = src.match_indices(&needle).peekable();
+            uses.peek().is_some()
+                && uses.all(|(at, _)| {
+                    let end = at + needle.len();
+                    let before = &src[..at];
+                    (before.ends_with("size(") || before.ends_with("has("))
+                        && src[end..].starts_with(')')
+                })
+        })
+        .cloned()
+        .collect()
+}
+
+fn doc_to_cel(
+    d: &RawDocument,
+    only: Option<&HashSet<String>>,
+    counted: Option<&HashSet<String>>,
+) -> Cel {
     let mut map: HashMap<Key, Cel> = HashMap::new();
     for (k, v) in d.into_iter().flatten() {
         if only.is_none_or(|f| f.contains(k)) {
-            map.insert(Key::String(Arc::new(k.to_owned())), to_cel(v));
+            let v = match v {
+                RawBsonRef::Array(a) if counted.is_some_and(|c| c.contains(k)) => {
+                    Cel::List(Arc::new(vec![Cel::Null; a.into_iter().count()]))
+                }
+                other => to_cel(other),
+            };
+            map.insert(Key::String(Arc::new(k.to_owned())), v);
         }
     }
     Cel::Map(Map { map: Arc::new(map) })
@@ -152,7 +195,7 @@ fn doc_to_cel(d: &RawDocument, only: Option<&HashSet<String>>) -> Cel {
 /// BSON to CEL: documents → maps, arrays → lists, dates → timestamps, ObjectIds → hex strings.
 pub fn to_cel(v: RawBsonRef<'_>) -> Cel {
     match v {
-        RawBsonRef::Document(d) => doc_to_cel(d, None),
+        RawBsonRef::Document(d) => doc_to_cel(d, None, None),
         RawBsonRef::Array(a) => Cel::List(Arc::new(a.into_iter().flatten().map(to_cel).collect())),
         RawBsonRef::String(s) => Cel::String(Arc::new(s.to_owned())),
         RawBsonRef::Int32(i) => Cel::Int(i as i64),
@@ -254,6 +297,39 @@ mod tests {
             Some(["fullName".to_string(), "userName".to_string()].into())
         );
         assert_eq!(referenced_fields("size(doc)", "doc"), None);
+    }
+
+    #[test]
+    fn arrays_only_counted_are_not_converted() {
+        let e = Expr::compile("has(doc.files) ? size(doc.files) : size(doc.tags) + doc.tags[0]")
+            .unwrap();
+        assert_eq!(e.counted["doc"], ["files".to_string()].into());
+        let d = doc! { "files": [{ "name": "a", "text": "x".repeat(1000) }, { "name": "b" }], "tags": [5, 6] };
+        let raw = RawDocumentBuf::from_document(&d).unwrap();
+        let scope = Scope {
+            doc: Some(&raw),
+            ..Default::default()
+        };
+        assert_eq!(e.eval(&scope).unwrap(), Cel::Int(2));
+        let e = Expr::compile("has(doc.files) ? size(doc.tags) + doc.tags[0] : 0").unwrap();
+        assert_eq!(
+            e.counted["doc"],
+            ["files".to_string()].into(),
+            "tags is indexed"
+        );
+        assert_eq!(e.eval(&scope).unwrap(), Cel::Int(7));
+        // A string or a map keeps its real size.
+        let e = Expr::compile("size(doc.s) + size(doc.m)").unwrap();
+        let raw =
+            RawDocumentBuf::from_document(&doc! { "s": "hello", "m": { "a": 1, "b": 2 } }).unwrap();
+        assert_eq!(
+            e.eval(&Scope {
+                doc: Some(&raw),
+                ..Default::default()
+            })
+            .unwrap(),
+            Cel::Int(7)
+        );
     }
 
     #[test]

@@ -193,6 +193,9 @@ pub fn lookup<'a>(doc: &'a RawDocument, path: &[String]) -> Result<Option<RawBso
 struct Input<'a> {
     /// The document, or the array element for child columns.
     base: RawBsonRef<'a>,
+    /// The top-level fields of `base` in order, read once for all columns (None: not built,
+    /// or `base` did not decode; then each column reads `base` itself).
+    top: Option<&'a [(&'a str, RawBsonRef<'a>)]>,
     parent_row: Option<&'a [Value]>,
     index: Option<usize>,
     scope: Scope<'a>,
@@ -220,7 +223,14 @@ impl Column {
                 let v = expr::from_cel(e.eval(&input.scope)?, self.ty)?;
                 return self.finish(v);
             }
-            ColumnSource::Path(p) => lookup_in(input.base, p)?,
+            ColumnSource::Path(p) => match (input.top, p.split_first()) {
+                // The first match, as `RawDocument::get` finds it.
+                (Some(top), Some((first, rest))) => match top.iter().find(|(k, _)| k == first) {
+                    Some((_, v)) => lookup_in(*v, rest)?,
+                    None => None,
+                },
+                _ => lookup_in(input.base, p)?,
+            },
         };
         let v = match (raw, &self.enum_map) {
             (None | Some(RawBsonRef::Null), _) => Value::Null,
@@ -314,8 +324,12 @@ fn rule(e: &Expr, doc: &RawDocument, what: &str) -> Result<bool, MapError> {
 impl Entity {
     /// Map one document: a row with its child rows, a deletion, or filtered.
     pub fn map(&self, doc: &RawDocument) -> Result<Outcome, MapError> {
+        // One pass over the document's fields instead of one per column.
+        let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
+            doc.into_iter().collect::<Result<_, _>>().ok();
         let input = Input {
             base: RawBsonRef::Document(doc),
+            top: top.as_deref(),
             parent_row: None,
             index: None,
             scope: Scope {
@@ -405,6 +419,7 @@ impl Child {
             let el = el.map_err(|e| err(format!("undecodable element {i}: {e}")))?;
             let input = Input {
                 base: el,
+                top: None,
                 parent_row: Some(parent_row),
                 index: Some(i),
                 scope: Scope {

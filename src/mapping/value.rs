@@ -223,15 +223,16 @@ fn to_json(v: RawBsonRef<'_>, levels_left: usize) -> Result<serde_json::Value, S
 /// value at the first position) and every error take the tree's path, so its rules and
 /// messages stay the only ones.
 pub fn raw_to_json_text(v: RawBsonRef<'_>) -> Result<Value, String> {
-    let mut sorted = Vec::with_capacity(512);
-    if !matches!(write_raw_json(v, true, MAX_NESTING, &mut sorted), Ok(true)) {
+    let mut text = Vec::with_capacity(1024);
+    let mut sorted = Vec::with_capacity(1024);
+    let mut scratch = Vec::new();
+    if !matches!(
+        write_dual(v, MAX_NESTING, &mut text, &mut sorted, &mut scratch),
+        Ok(true)
+    ) {
         return raw_to_json(v).map(Value::Json);
     }
-    let mut text = Vec::with_capacity(sorted.len());
-    if !matches!(write_raw_json(v, false, MAX_NESTING, &mut text), Ok(true)) {
-        return raw_to_json(v).map(Value::Json);
-    }
-    // Both writers copy `&str` slices and ASCII punctuation only.
+    // The writers copy `&str` slices and ASCII punctuation only.
     let utf8 =
         |b: Vec<u8>| String::from_utf8(b).map_err(|e| format!("JSON text is not UTF-8: {e}"));
     Ok(Value::JsonText {
@@ -253,13 +254,16 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(out, s).expect("JSON into memory");
 }
 
-/// Writes `v` as compact JSON (keys sorted when `sorted`); Ok(false) when a document
-/// repeats a key (after NUL removal). Only sorted mode detects repeats: callers run it first.
-fn write_raw_json(
+/// Writes `v` as compact JSON twice in one walk: to `text` in source order and to `sorted`
+/// with keys sorted. A document's members are first rendered to `sorted` in source order,
+/// then moved into key order through `scratch` (members are finished, so one scratch
+/// buffer serves every level). Ok(false) when a document repeats a key.
+fn write_dual(
     v: RawBsonRef<'_>,
-    sorted: bool,
     levels_left: usize,
-    out: &mut Vec<u8>,
+    text: &mut Vec<u8>,
+    sorted: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
 ) -> Result<bool, String> {
     let undecodable = |e: bson::raw::Error| format!("undecodable BSON: {e}");
     match v {
@@ -267,73 +271,87 @@ fn write_raw_json(
             if levels_left == 0 {
                 return Err("too deep".into());
             }
-            out.push(b'{');
-            if sorted {
-                let mut items = Vec::new();
-                for el in d {
-                    let (k, v) = el.map_err(undecodable)?;
-                    items.push((sanitized(k), v));
+            text.push(b'{');
+            let base = sorted.len();
+            let mut members = Vec::new();
+            for (n, el) in d.into_iter().enumerate() {
+                let (k, v) = el.map_err(undecodable)?;
+                let k = sanitized(k);
+                if n > 0 {
+                    text.push(b',');
                 }
-                items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                if items.windows(2).any(|w| w[0].0 == w[1].0) {
+                write_str(&k, text);
+                text.push(b':');
+                let start = sorted.len();
+                if !write_dual(v, levels_left - 1, text, sorted, scratch)? {
                     return Ok(false);
                 }
-                for (n, (k, v)) in items.into_iter().enumerate() {
-                    if n > 0 {
-                        out.push(b',');
-                    }
-                    write_str(&k, out);
-                    out.push(b':');
-                    if !write_raw_json(v, true, levels_left - 1, out)? {
-                        return Ok(false);
-                    }
-                }
-            } else {
-                for (n, el) in d.into_iter().enumerate() {
-                    let (k, v) = el.map_err(undecodable)?;
-                    if n > 0 {
-                        out.push(b',');
-                    }
-                    write_str(&sanitized(k), out);
-                    out.push(b':');
-                    if !write_raw_json(v, false, levels_left - 1, out)? {
-                        return Ok(false);
-                    }
-                }
+                members.push((k, start - base, sorted.len() - base));
             }
-            out.push(b'}');
+            text.push(b'}');
+            members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            if members.windows(2).any(|w| w[0].0 == w[1].0) {
+                return Ok(false);
+            }
+            scratch.clear();
+            scratch.extend_from_slice(&sorted[base..]);
+            sorted.truncate(base);
+            sorted.push(b'{');
+            for (n, (k, start, end)) in members.iter().enumerate() {
+                if n > 0 {
+                    sorted.push(b',');
+                }
+                write_str(k, sorted);
+                sorted.push(b':');
+                sorted.extend_from_slice(&scratch[*start..*end]);
+            }
+            sorted.push(b'}');
         }
         RawBsonRef::Array(a) => {
             if levels_left == 0 {
                 return Err("too deep".into());
             }
-            out.push(b'[');
+            text.push(b'[');
+            sorted.push(b'[');
             for (n, el) in a.into_iter().enumerate() {
                 if n > 0 {
-                    out.push(b',');
+                    text.push(b',');
+                    sorted.push(b',');
                 }
-                if !write_raw_json(el.map_err(undecodable)?, sorted, levels_left - 1, out)? {
+                let el = el.map_err(undecodable)?;
+                if !write_dual(el, levels_left - 1, text, sorted, scratch)? {
                     return Ok(false);
                 }
             }
-            out.push(b']');
+            text.push(b']');
+            sorted.push(b']');
         }
-        RawBsonRef::String(s) => write_str(&sanitized(s), out),
-        RawBsonRef::Int32(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
-        RawBsonRef::Int64(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
-        RawBsonRef::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
-        RawBsonRef::Null => out.extend_from_slice(b"null"),
-        RawBsonRef::Double(f) if f.is_finite() => {
-            serde_json::to_writer(&mut *out, &f).expect("JSON into memory")
-        }
-        other => {
-            // Rare types: the bson crate's relaxed extended JSON of this one value.
-            let j = to_json(other, levels_left)?;
-            if sorted {
-                write_sorted_json(&j, out);
-            } else {
-                serde_json::to_writer(&mut *out, &j).expect("JSON into memory");
+        scalar => {
+            let start = text.len();
+            match scalar {
+                RawBsonRef::String(s) => write_str(&sanitized(s), text),
+                RawBsonRef::Int32(i) => {
+                    text.extend_from_slice(itoa::Buffer::new().format(i).as_bytes())
+                }
+                RawBsonRef::Int64(i) => {
+                    text.extend_from_slice(itoa::Buffer::new().format(i).as_bytes())
+                }
+                RawBsonRef::Boolean(b) => {
+                    text.extend_from_slice(if b { b"true" } else { b"false" })
+                }
+                RawBsonRef::Null => text.extend_from_slice(b"null"),
+                RawBsonRef::Double(f) if f.is_finite() => {
+                    serde_json::to_writer(&mut *text, &f).expect("JSON into memory")
+                }
+                other => {
+                    // Rare types: the bson crate's relaxed extended JSON of this one value.
+                    let j = to_json(other, levels_left)?;
+                    serde_json::to_writer(&mut *text, &j).expect("JSON into memory");
+                    write_sorted_json(&j, sorted);
+                    return Ok(true);
+                }
             }
+            sorted.extend_from_slice(&text[start..]);
         }
     }
     Ok(true)

@@ -293,6 +293,80 @@ async fn fork_chains_and_cycles_postgres() {
     fork_chains_and_cycles(Backend::Postgres).await;
 }
 
+/// A batch row held back because its fork chain is deeper than `sync.max_depth` takes its
+/// dependents (content, files, commits) with it: they are never written pointing at a viz
+/// that is not there. (They were, and the batch failed at COMMIT on the foreign key, in every
+/// run again.) The row and its dependents arrive once the chain resolves.
+async fn deferred_rows_hold_back_their_dependents(backend: Backend) {
+    let env = vizhub_env("deps_deferred_dependents", backend).await;
+    env.insert("user", vec![user("a")]).await;
+    let day = 86_400;
+    env.insert(
+        "documentInfo",
+        vec![
+            viz("d1", "a", T - 90 * day, None, &[], &[]),
+            viz("d2", "a", T - 80 * day, Some("d1"), &[], &[]),
+            viz("d3", "a", T - 70 * day, Some("d2"), &[], &[]),
+            viz("d4", "a", T, Some("d3"), &[], &[]),
+            viz("ok", "a", T, None, &[], &[]),
+        ],
+    )
+    .await;
+    let content = |id: &str| doc! { "id": id, "lastUpdatedTimestamp": T, "files": [{ "name": "index.html", "text": id }] };
+    env.insert("documentContent", vec![content("d4"), content("ok")])
+        .await;
+    let commit = |id: &str, viz: &str| doc! { "id": id, "vizId": viz, "authorId": "a", "timestamp": T * 1000, "message": "m" };
+    env.insert("commits", vec![commit("c4", "d4"), commit("cok", "ok")])
+        .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    s.sync.max_depth = 1;
+
+    let r = run(s.clone(), opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("a deferred row must not fail its batch");
+    assert_eq!(r.entities[0].counts.deferred, 1, "d4 waits: {r}");
+    let n = |sql: &'static str| scalar_i64(&env.target_url, sql);
+    assert_eq!(
+        count(&env, "vizzes").await,
+        1,
+        "d4 waits (and d3, whose own fork is too deep)"
+    );
+    assert_eq!(n("SELECT COUNT(*) FROM vizzes WHERE id = 'ok'").await, 1);
+    assert_eq!(
+        count(&env, "viz_contents").await,
+        1,
+        "d4's content waits with d4"
+    );
+    assert_eq!(
+        n("SELECT COUNT(*) FROM viz_contents WHERE viz_id = 'ok'").await,
+        1
+    );
+    assert_eq!(count(&env, "files").await, 1);
+    assert_eq!(count(&env, "commits").await, 1, "d4's commit waits with d4");
+    assert_eq!(n("SELECT COUNT(*) FROM commits WHERE id = 'cok'").await, 1);
+
+    // A deeper limit resolves the chain: d4 and everything it owns arrive.
+    s.sync.max_depth = 5;
+    run(s.clone(), opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run 2");
+    assert_eq!(count(&env, "vizzes").await, 5);
+    assert_eq!(count(&env, "viz_contents").await, 2);
+    assert_eq!(count(&env, "files").await, 2);
+    assert_eq!(count(&env, "commits").await, 2);
+}
+
+#[tokio::test]
+async fn deferred_rows_hold_back_their_dependents_sqlite() {
+    deferred_rows_hold_back_their_dependents(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn deferred_rows_hold_back_their_dependents_postgres() {
+    deferred_rows_hold_back_their_dependents(Backend::Postgres).await;
+}
+
 /// Two entities referencing each other (teams.captain -> players, players.team -> teams).
 async fn mutual(backend: Backend) {
     let mapping = r#"
