@@ -483,17 +483,26 @@ pub async fn run_window(
     // this mapper converts the next page (CPU) while the loop below resolves and writes the
     // current one (mostly waiting on the databases).
     let (mtx, mut mrx) = tokio::sync::mpsc::channel::<Result<(Page, MappedPage)>>(1);
-    let entity = e.clone();
+    let entity = Arc::new(e.clone());
     let hash = ctx.provenance || ctx.dry_run;
     let mapper = tokio::spawn(async move {
         while let Some(page) = rx.recv().await {
             // Map only once the writer has room: at most two mapped pages exist at a time.
             let Ok(slot) = mtx.reserve().await else { break };
-            slot.send(page.map(|p| {
-                let mut m = map_page(&entity, &p.docs, true);
-                prepare(&entity, &mut m, hash);
-                (p, m)
-            }));
+            // Mapping a page is milliseconds of CPU, which a runtime worker should not spend
+            // while the writer's and the pump's I/O wakeups may be queued behind it: it runs
+            // on the blocking pool (no measurable change on 2 cores; BENCHMARKS.md).
+            let entity = entity.clone();
+            let mapped = tokio::task::spawn_blocking(move || {
+                page.map(|p| {
+                    let mut m = map_page(&entity, &p.docs, true);
+                    prepare(&entity, &mut m, hash);
+                    (p, m)
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("mapping a page failed: {e}")));
+            slot.send(mapped);
         }
     });
     let _mapper = AbortOnDrop(mapper);

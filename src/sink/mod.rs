@@ -20,6 +20,7 @@ use sqlx::{
     SqlitePool,
 };
 use std::str::FromStr;
+use tracing::warn;
 
 /// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
 /// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (busy_timeout cannot
@@ -432,7 +433,59 @@ impl Sink {
             }
             out
         });
+        if !b.dry_run {
+            self.analyze_grown(b).await;
+        }
         Ok(out)
+    }
+
+    /// PostgreSQL plans a batch's key lookups (`… IN (SELECT * FROM UNNEST($1))`) from table
+    /// statistics. A table tidemark is filling has none until autovacuum gets to it (a minute
+    /// or more), and without them the planner hash-joins the keys against a full scan
+    /// instead of probing the index: every batch then costs a scan of a growing child table.
+    /// So a table is analyzed when the rows this process has written to it pass 1,000, then
+    /// 10,000, 100,000 and so on (ANALYZE samples a bounded number of rows, and does not
+    /// block writers). A failed ANALYZE only costs speed: it is logged, never an error.
+    async fn analyze_grown(&self, b: &BatchWrite<'_>) {
+        let Sink::Postgres(pool) = self else { return };
+        let mut sizes: Vec<(&str, u64)> = Vec::new();
+        fn add<'e>(
+            sizes: &mut Vec<(&'e str, u64)>,
+            e: &'e Entity,
+            rows: usize,
+            children: &[Vec<Vec<Value>>],
+        ) {
+            sizes.push((e.table.as_str(), rows as u64));
+            for (c, rows) in e.children.iter().zip(children) {
+                sizes.push((c.table.as_str(), rows.len() as u64));
+            }
+        }
+        if let Some(e) = b.entity {
+            add(&mut sizes, e, b.rows.len(), b.children);
+        }
+        for r in b.before.iter().chain(b.after) {
+            add(&mut sizes, r.entity, r.rows.len(), &r.children);
+        }
+        let due: Vec<String> = {
+            let mut grown = GROWN.lock().unwrap_or_else(|p| p.into_inner());
+            sizes
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .filter_map(|(t, n)| {
+                    let total = grown.entry(t.to_owned()).or_default();
+                    let before = *total;
+                    *total += n;
+                    let magnitude = |x: u64| if x < 1000 { 0 } else { x.ilog10() };
+                    (magnitude(*total) > magnitude(before)).then(|| t.to_owned())
+                })
+                .collect()
+        };
+        for t in due {
+            let sql = format!("ANALYZE {}", ddl::quote(&t));
+            if let Err(e) = sqlx::query(&sql).execute(pool).await {
+                warn!(table = %t, "ANALYZE failed (key lookups may be slower until autovacuum runs): {e}");
+            }
+        }
     }
 
     /// Whole rows of `t` whose `by` columns match one of `keys` (read only).
@@ -640,6 +693,11 @@ macro_rules! checkpoint_query {
     }};
 }
 use checkpoint_query;
+
+/// Rows written per table by this process, for [`Sink::analyze_grown`]. Per process, not
+/// per target: two targets with a table of the same name only analyze a little more often.
+static GROWN: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 /// Table operations inside an open transaction; one impl per backend.
 pub(crate) trait TableOps {

@@ -140,7 +140,9 @@ fn bind_array<'q>(q: PgQuery<'q>, rows: &'q [Vec<Value>], i: usize, ty: ColumnTy
 
 /// `WHERE (c1, c2) IN (SELECT * FROM UNNEST($1::t1[], $2::t2[]))`: the whole key set as one
 /// array per column, so the statement text is the same for every batch (prepared once) and
-/// the planner sees one hashable set instead of a thousand-row VALUES list.
+/// the planner sees one hashable set instead of a thousand-row VALUES list. (`c = ANY($1)`
+/// was measured too: its generic plan scans the table comparing each row with every key.)
+/// The planner needs statistics to pick an index here: see [`crate::sink::Sink::analyze_grown`].
 fn key_filter(t: TableRef<'_>, by: &[usize]) -> String {
     let names: Vec<String> = by.iter().map(|&i| quote(&t.columns[i].name)).collect();
     let arrays: Vec<String> = by
