@@ -57,14 +57,21 @@ async fn postgres_connections_cut_mid_run() {
     s.target.url = SecretUri::new(url.with_port(proxy.port()));
     s.source.rate_limit = 8_000;
     s.source.batch_size = 500;
+    // A run whose connections are cut cannot release its lane's lease either (the target is
+    // unreachable); the runs after the cuts wait for it to expire, as `--wait` does.
+    s.lock.lease = std::time::Duration::from_secs(3);
 
     // Act: the first three runs lose their target connections over and over, mid-run; then
     // runs go on (each resuming from its checkpoint) until one completes.
     let mut failures = Vec::new();
     for attempt in 0..10 {
         let done = AtomicBool::new(false);
+        let opts = RunOptions {
+            wait: attempt >= 3,
+            ..Default::default()
+        };
         let run = async {
-            let r = app::run(s.clone(), RunOptions::default(), Default::default()).await;
+            let r = app::run(s.clone(), opts, Default::default()).await;
             done.store(true, Ordering::SeqCst);
             r
         };
