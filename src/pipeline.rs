@@ -485,14 +485,22 @@ pub async fn run_window(
     let (mtx, mut mrx) = tokio::sync::mpsc::channel::<Result<(Page, MappedPage)>>(1);
     let entity = Arc::new(e.clone());
     let hash = ctx.provenance || ctx.dry_run;
+    // The mapper's own split: waiting for the source's next page, and mapping.
+    let source_wait = Arc::new(AtomicU64::new(0));
+    let map_time = Arc::new(AtomicU64::new(0));
+    let (sw, mt) = (source_wait.clone(), map_time.clone());
     let mapper = tokio::spawn(async move {
-        while let Some(page) = rx.recv().await {
+        loop {
+            let t0 = Instant::now();
+            let Some(page) = rx.recv().await else { break };
+            sw.fetch_add(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
             // Map only once the writer has room: at most two mapped pages exist at a time.
             let Ok(slot) = mtx.reserve().await else { break };
             // Mapping a page is milliseconds of CPU, which a runtime worker should not spend
             // while the writer's and the pump's I/O wakeups may be queued behind it: it runs
             // on the blocking pool (no measurable change on 2 cores; BENCHMARKS.md).
             let entity = entity.clone();
+            let t1 = Instant::now();
             let mapped = tokio::task::spawn_blocking(move || {
                 page.map(|p| {
                     let mut m = map_page(&entity, &p.docs, true);
@@ -502,13 +510,16 @@ pub async fn run_window(
             })
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("mapping a page failed: {e}")));
+            mt.fetch_add(t1.elapsed().as_millis() as u64, Ordering::Relaxed);
             slot.send(mapped);
         }
     });
     let _mapper = AbortOnDrop(mapper);
     let mut presume_new = false;
-    // Where the window's time went: waiting for the next mapped page (source and mapper)
-    // versus resolving and writing it (target). Logged with "window done".
+    // Where the window's time went: the writer waiting for the next mapped page (`wait_ms`)
+    // versus resolving and writing it (`write_ms`); the mapper waiting for the source's next
+    // page (`source_wait_ms`) versus mapping one (`map_ms`).
+    // Logged with "window done".
     let (mut wait_ms, mut write_ms) = (0u64, 0u64);
     loop {
         let t0 = Instant::now();
@@ -576,7 +587,9 @@ pub async fn run_window(
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
     info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
-          dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, write_ms, "window done");
+          dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, write_ms,
+          source_wait_ms = source_wait.load(Ordering::Relaxed), map_ms = map_time.load(Ordering::Relaxed),
+          "window done");
     Ok(report)
 }
 

@@ -82,7 +82,7 @@ pub struct DeadLetter {
 }
 
 /// Everything one batch writes, committed together.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct BatchWrite<'a> {
     pub entity: Option<&'a Entity>,
     /// Mapped rows, already de-duplicated on the primary key.
@@ -122,10 +122,18 @@ pub struct BatchWrite<'a> {
     /// Record what the batch changes in `tidemark_provenance` (for `tidemark rollback`).
     pub provenance: bool,
     /// The previous batch found none of its rows stored (a first load): insert the rows
-    /// without reading them first; if one turns out to exist, the attempt is undone to a
-    /// savepoint and the batch takes the usual read-then-upsert path.
+    /// without reading them first; if one turns out to exist, the batch's transaction is
+    /// rolled back and the batch written again the usual way (read, then upsert).
     pub presume_new: bool,
 }
+
+/// A batch that presumed a first load found a row already stored; its transaction is rolled
+/// back and [`Sink::write_batch`] writes the batch again without the presumption. (Undoing
+/// only the insert needs a savepoint: two more round-trips on every batch to save work on
+/// the rare batch that guessed wrong.)
+#[derive(Debug, thiserror::Error)]
+#[error("a row presumed new already exists")]
+pub(crate) struct PresumedNewConflict;
 
 /// Rows of one entity, written as a unit (main rows plus child tables).
 #[derive(Debug)]
@@ -337,7 +345,17 @@ impl Sink {
     /// transaction. An error names the target and says that nothing of the batch was kept.
     pub async fn write_batch(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
         let entity = b.entity.map_or("tool records", |e| e.name.as_str());
-        self.write_batch_tx(b).await.with_context(|| {
+        let written = match self.write_batch_tx(b).await {
+            Err(e) if e.chain().any(|c| c.is::<PresumedNewConflict>()) => {
+                let again = BatchWrite {
+                    presume_new: false,
+                    ..b.clone()
+                };
+                self.write_batch_tx(&again).await
+            }
+            other => other,
+        };
+        written.with_context(|| {
             format!(
                 "target database: writing a batch of {entity} failed and was rolled back \
                  (the next run resumes from the last committed checkpoint)"
@@ -420,8 +438,9 @@ impl Sink {
                     .collect();
                 tx.insert_provenance(b.run_id, &rows, now).await.context("recording provenance")?;
             }
+            let capture = b.checkpoint.filter(|cp| !b.dry_run && !lane_captured(cp));
             if let Some(cp) = b.checkpoint {
-                if !b.dry_run {
+                if let Some(cp) = capture {
                     capture_lane_query!(cp).execute(&mut *tx).await?;
                 }
                 checkpoint_query!(cp).execute(&mut *tx).await?;
@@ -430,6 +449,9 @@ impl Sink {
                 tx.rollback().await?;
             } else {
                 tx.commit().await?;
+                if let Some(cp) = capture {
+                    mark_lane_captured(cp);
+                }
             }
             out
         });
@@ -466,13 +488,20 @@ impl Sink {
         for r in b.before.iter().chain(b.after) {
             add(&mut sizes, r.entity, r.rows.len(), &r.children);
         }
+        let o = pool.connect_options();
+        let target = format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or_default()
+        );
         let due: Vec<String> = {
             let mut grown = GROWN.lock().unwrap_or_else(|p| p.into_inner());
             sizes
                 .into_iter()
                 .filter(|(_, n)| *n > 0)
                 .filter_map(|(t, n)| {
-                    let total = grown.entry(t.to_owned()).or_default();
+                    let total = grown.entry(format!("{target} {t}")).or_default();
                     let before = *total;
                     *total += n;
                     let magnitude = |x: u64| if x < 1000 { 0 } else { x.ilog10() };
@@ -694,8 +723,27 @@ macro_rules! checkpoint_query {
 }
 use checkpoint_query;
 
-/// Rows written per table by this process, for [`Sink::analyze_grown`]. Per process, not
-/// per target: two targets with a table of the same name only analyze a little more often.
+/// `(run, lane)` pairs whose lane capture ([`LANE_CAPTURE`]) this process has committed: the
+/// capture keeps a lane's checkpoint as it was before the run first moved it, so once
+/// committed, later batches of the run skip the statement (one round-trip per batch).
+static CAPTURED: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn lane_captured(cp: &Checkpoint) -> bool {
+    let set = CAPTURED.lock().unwrap_or_else(|p| p.into_inner());
+    set.contains(&(cp.run_id.clone(), cp.lane.clone()))
+}
+
+fn mark_lane_captured(cp: &Checkpoint) {
+    let mut set = CAPTURED.lock().unwrap_or_else(|p| p.into_inner());
+    if set.len() > 10_000 {
+        // A daemon's old runs; forgetting one only costs its lane a repeated capture.
+        set.clear();
+    }
+    set.insert((cp.run_id.clone(), cp.lane.clone()));
+}
+
+/// Rows written by this process per target database and table, for [`Sink::analyze_grown`].
 static GROWN: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
@@ -715,6 +763,16 @@ pub(crate) trait TableOps {
     /// written), or None (also where the backend gains nothing over the upsert: SQLite).
     async fn try_insert(&mut self, _t: TableRef<'_>, _rows: &[Vec<Value>]) -> Result<Option<u64>> {
         Ok(None)
+    }
+    /// Insert rows presumed new without a savepoint: a key that exists fails the whole
+    /// transaction with [`PresumedNewConflict`] (the caller writes the batch again). Or
+    /// None where the backend gains nothing over reading first (SQLite).
+    async fn insert_presumed(
+        &mut self,
+        t: TableRef<'_>,
+        rows: &[Vec<Value>],
+    ) -> Result<Option<u64>> {
+        self.try_insert(t, rows).await
     }
     /// Primary keys of rows whose `by` columns match one of `keys`.
     async fn select_keys(
@@ -862,7 +920,7 @@ async fn write_rows<T: TableOps>(
     let mut none_stored = false;
     let mut written = None;
     if presume_new && trk.on && !rows.is_empty() && deletes.is_empty() && soft_deletes.is_empty() {
-        written = tx.try_insert(e.table_ref(), rows).await?;
+        written = tx.insert_presumed(e.table_ref(), rows).await?;
         if written.is_some() {
             none_stored = true;
             let (ins, upd) = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);

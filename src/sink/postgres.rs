@@ -311,6 +311,43 @@ pub(crate) fn copy_binary(t: TableRef<'_>, rows: &[Vec<Value>]) -> Option<Vec<u8
     Some(out)
 }
 
+fn write_error(e: sqlx::Error, t: TableRef<'_>, n: usize) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("writing {n} rows into {}", t.name))
+}
+
+/// A plain insert of rows that should not exist yet: it skips `ON CONFLICT`'s speculative
+/// insertion (about a third of the statement's cost), and binary `COPY` skips building and
+/// unpacking one array per column (BENCHMARKS.md). A key that exists fails it (23505).
+async fn insert_plain(
+    tx: &mut Transaction<'_, Postgres>,
+    t: TableRef<'_>,
+    rows: &[Vec<Value>],
+) -> sqlx::Result<u64> {
+    let Some(data) = copy_binary(t, rows) else {
+        let sql = insert_sql(t);
+        let mut q = sqlx::query(&sql);
+        for (i, c) in t.columns.iter().enumerate() {
+            q = bind_array(q, rows, i, c.ty);
+        }
+        return q.execute(&mut **tx).await.map(|d| d.rows_affected());
+    };
+    let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
+    let sql = format!(
+        "COPY {} ({}) FROM STDIN (FORMAT binary)",
+        quote(t.name),
+        cols.join(", ")
+    );
+    let mut copy = (**tx).copy_in_raw(&sql).await?;
+    match copy.send(data).await {
+        Ok(_) => copy.finish().await,
+        Err(e) => {
+            // Ends the COPY on the server too; the error to report is `e`.
+            let _ = copy.abort(e.to_string()).await;
+            Err(e)
+        }
+    }
+}
+
 impl TableOps for Transaction<'_, Postgres> {
     async fn select_rows(
         &mut self,
@@ -374,44 +411,12 @@ impl TableOps for Transaction<'_, Postgres> {
         if rows.is_empty() {
             return Ok(Some(0));
         }
-        // A plain insert skips ON CONFLICT's speculative insertion, about a third of the
-        // statement's cost, and binary COPY skips building and unpacking one array per
-        // column (BENCHMARKS.md). If a key exists (another writer added it since this
-        // transaction read the keys, or the batch presumed a first load), the savepoint
-        // undoes the attempt.
+        // If a key exists (another writer added it since this transaction read the keys),
+        // the savepoint undoes the attempt and the caller upserts.
         sqlx::query("SAVEPOINT tidemark_insert")
             .execute(&mut **self)
             .await?;
-        let done = match copy_binary(t, rows) {
-            Some(data) => {
-                let cols: Vec<String> = t.columns.iter().map(|c| quote(&c.name)).collect();
-                let sql = format!(
-                    "COPY {} ({}) FROM STDIN (FORMAT binary)",
-                    quote(t.name),
-                    cols.join(", ")
-                );
-                match (**self).copy_in_raw(&sql).await {
-                    Ok(mut copy) => match copy.send(data).await {
-                        Ok(_) => copy.finish().await,
-                        Err(e) => {
-                            // Ends the COPY on the server too; the error to report is `e`.
-                            let _ = copy.abort(e.to_string()).await;
-                            Err(e)
-                        }
-                    },
-                    Err(e) => Err(e),
-                }
-            }
-            None => {
-                let sql = insert_sql(t);
-                let mut q = sqlx::query(&sql);
-                for (i, c) in t.columns.iter().enumerate() {
-                    q = bind_array(q, rows, i, c.ty);
-                }
-                q.execute(&mut **self).await.map(|d| d.rows_affected())
-            }
-        };
-        match done {
+        match insert_plain(self, t, rows).await {
             Ok(n) => {
                 sqlx::query("RELEASE SAVEPOINT tidemark_insert")
                     .execute(&mut **self)
@@ -424,11 +429,24 @@ impl TableOps for Transaction<'_, Postgres> {
                     .await?;
                 Ok(None)
             }
-            Err(e) => Err(anyhow::Error::new(e).context(format!(
-                "writing {} rows into {}",
-                rows.len(),
-                t.name
-            ))),
+            Err(e) => Err(write_error(e, t, rows.len())),
+        }
+    }
+
+    async fn insert_presumed(
+        &mut self,
+        t: TableRef<'_>,
+        rows: &[Vec<Value>],
+    ) -> Result<Option<u64>> {
+        if rows.is_empty() {
+            return Ok(Some(0));
+        }
+        match insert_plain(self, t, rows).await {
+            Ok(n) => Ok(Some(n)),
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
+                Err(super::PresumedNewConflict.into())
+            }
+            Err(e) => Err(write_error(e, t, rows.len())),
         }
     }
 

@@ -69,3 +69,58 @@ async fn migrate_sqlite() {
 async fn migrate_postgres() {
     additive_and_destructive(Backend::Postgres).await;
 }
+
+/// Child tables get an index on their link to the parent unless their primary key starts
+/// with it, once (a second migrate has nothing to apply); and a table tidemark fills is
+/// analyzed once the rows it wrote pass 1,000, so its key lookups are planned on statistics.
+#[tokio::test]
+async fn parent_link_indexes_and_statistics_postgres() {
+    let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
+    let env = Env::new("schema_parent_ix", Backend::Postgres, &mapping).await;
+    let s = env.settings();
+    tidemark::app::migrate(&s, false).await.expect("migrate");
+    let url = &env.target_url;
+    let index = |name: &str| format!("SELECT COUNT(*) FROM pg_indexes WHERE indexname = '{name}'");
+    assert_eq!(
+        scalar_i64(url, &index("ix_upvotes_parent")).await,
+        1,
+        "upvotes is keyed by its own id"
+    );
+    assert_eq!(
+        scalar_i64(url, &index("ix_files_parent")).await,
+        0,
+        "files' key starts with viz_id"
+    );
+    assert_eq!(scalar_i64(url, &index("ix_permissions_parent")).await, 0);
+    let again = tidemark::app::migrate(&s, false)
+        .await
+        .expect("migrate again");
+    assert!(again.contains("applied 0 statement"), "{again}");
+
+    let items = Env::new(
+        "schema_analyze",
+        Backend::Postgres,
+        &items_mapping("epoch_millis"),
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    items
+        .insert(
+            "items",
+            (0..1500i64)
+                .map(|i| doc! { "_id": i, "t": now - 600_000 + i, "v": "x", "w": i })
+                .collect(),
+        )
+        .await;
+    let mut s = items.settings();
+    s.source.batch_size = 500;
+    items.run(s).await.expect("run");
+    // ANALYZE sets reltuples (-1 on a table never analyzed or vacuumed): here when the
+    // second batch of 500 took the table to 1,000 rows.
+    let tuples = scalar_i64(
+        &items.target_url,
+        "SELECT reltuples::bigint FROM pg_class WHERE relname = 'items'",
+    )
+    .await;
+    assert!((1000..=1500).contains(&tuples), "reltuples {tuples}");
+}
