@@ -413,6 +413,7 @@ fn apply_policies(
         .map(|(i, _)| i)
         .collect();
     let mut keep = vec![true; page.rows.len()];
+    let mut touched = false;
     for (ri, row) in page.rows.iter_mut().enumerate() {
         let doc = &docs[page.row_docs[ri]];
         for &ci in &ref_cols {
@@ -438,6 +439,7 @@ fn apply_policies(
             match (state, c.on_missing) {
                 (Some(false), MissingPolicy::Null) => {
                     row[ci] = Value::Null;
+                    touched = true;
                     res.missing.push(record);
                 }
                 (Some(false), MissingPolicy::Skip) => {
@@ -530,6 +532,11 @@ fn apply_policies(
     }
     page.rows = kept_rows;
     page.row_docs = kept_docs;
+    if touched || !removed.is_empty() {
+        // The keys and hashes computed ahead (`pipeline::prepare`) were of the rows before
+        // the policies nulled or dropped some; the writer computes them again.
+        page.row_meta.clear();
+    }
     removed
 }
 

@@ -919,11 +919,13 @@ async fn write_rows<T: TableOps>(
     }
     let mut none_stored = false;
     let mut written = None;
+    // Rows the read found stored with the same content (by canonical hash).
+    let mut same = Vec::new();
     if presume_new && trk.on && !rows.is_empty() && deletes.is_empty() && soft_deletes.is_empty() {
         written = tx.insert_presumed(e.table_ref(), rows).await?;
         if written.is_some() {
             none_stored = true;
-            let (ins, upd) = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);
+            let (ins, upd, _) = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);
             out.inserted += ins;
             out.updated += upd;
         }
@@ -935,14 +937,15 @@ async fn write_rows<T: TableOps>(
             tx.select_rows(e.table_ref(), &e.pk, &keys).await?,
         );
         none_stored = old.is_empty();
-        let (ins, upd) = trk.upserts(e.table_ref(), &old, rows, row_meta);
+        let (ins, upd, s) = trk.upserts(e.table_ref(), &old, rows, row_meta);
         out.inserted += ins;
         out.updated += upd;
+        same = s;
     }
     out.written = match written {
         Some(n) => n,
         None if none_stored => tx.insert_new(e.table_ref(), rows).await?,
-        None => tx.upsert_rows(e.table_ref(), rows).await?,
+        None => tx.upsert_rows(e.table_ref(), &changed(rows, &same)).await?,
     };
     out.all_new = none_stored;
     out.unchanged = rows.len() as u64 - out.written;
@@ -956,6 +959,7 @@ async fn write_rows<T: TableOps>(
             .map(|r| key_of(r, &parent_cols))
             .filter(|k| seen.insert(key_text(k)))
             .collect();
+        let mut child_same = Vec::new();
         if !parents.is_empty() {
             let keep: std::collections::HashSet<String> = new_rows
                 .iter()
@@ -969,7 +973,7 @@ async fn write_rows<T: TableOps>(
                     .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
                 trk.deletes(c.table_ref(), &gone);
                 let old = provenance::index_rows(c.table_ref(), old);
-                trk.upserts(c.table_ref(), &old, new_rows, &[]);
+                child_same = trk.upserts(c.table_ref(), &old, new_rows, &[]).2;
                 gone.iter().map(|r| key_of(r, &c.pk)).collect()
             } else {
                 let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;
@@ -982,7 +986,25 @@ async fn write_rows<T: TableOps>(
                 out.child_removed += tx.delete_keys(c.table_ref(), &c.pk, &stale).await?;
             }
         }
-        out.child_written += tx.upsert_rows(c.table_ref(), new_rows).await?;
+        out.child_written += tx
+            .upsert_rows(c.table_ref(), &changed(new_rows, &child_same))
+            .await?;
     }
     Ok(out)
+}
+
+/// `rows` without those `same` marks as identical to their stored version: an upsert would
+/// only compare and skip them, a round-trip and index probes for nothing (a lane re-reading
+/// documents another lane already pulled finds most of them unchanged). Borrowed when
+/// nothing is left out.
+fn changed<'r>(rows: &'r [Vec<Value>], same: &[bool]) -> std::borrow::Cow<'r, [Vec<Value>]> {
+    if !same.contains(&true) {
+        return std::borrow::Cow::Borrowed(rows);
+    }
+    rows.iter()
+        .zip(same)
+        .filter(|(_, s)| !**s)
+        .map(|(r, _)| r.clone())
+        .collect::<Vec<_>>()
+        .into()
 }

@@ -74,15 +74,17 @@ impl Tracker {
 
     /// `new` rows about to be upserted, against the `old` rows with the same keys; with
     /// `prepared`, the canonical key and hash of each new row, computed ahead (else here).
-    /// Returns (inserted, updated) for this table.
+    /// Returns (inserted, updated) for this table, and for each new row whether it is
+    /// identical to the stored one (the writer leaves those alone).
     pub fn upserts(
         &mut self,
         t: TableRef<'_>,
         old: &HashMap<String, Vec<Value>>,
         new: &[Vec<Value>],
         prepared: &[(String, String)],
-    ) -> (u64, u64) {
+    ) -> (u64, u64, Vec<bool>) {
         let (mut ins, mut upd) = (0, 0);
+        let mut same = vec![false; new.len()];
         for (n, row) in new.iter().enumerate() {
             let (key, after) = match prepared.get(n) {
                 Some((k, h)) => (k.clone(), h.clone()),
@@ -98,10 +100,10 @@ impl Tracker {
                     let before = canon::row_json(t, prev).to_string();
                     self.record(t.name, key, Some(before), Some(after));
                 }
-                Some(_) => {}
+                Some(_) => same[n] = true,
             }
         }
-        (ins, upd)
+        (ins, upd, same)
     }
 
     /// Rows about to be deleted.
