@@ -220,32 +220,12 @@ pub async fn resolve<'m>(
     levels.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
     loop {
         let mut dropped_any = false;
-        for (_, level) in &mut levels {
-            let dropped = apply_policies(
-                level.entity,
-                &mut level.page,
-                &level.docs,
-                &mut memo,
-                &mut res,
-                true,
-            );
-            dropped_any |= !dropped.is_empty();
-            forget_dropped(level.entity, &dropped, &mut memo);
+        for (_, l) in &mut levels {
+            dropped_any |= settle(l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
         }
-        let dropped = apply_policies(e, page, docs, &mut memo, &mut res, false);
-        dropped_any |= !dropped.is_empty();
-        forget_dropped(e, &dropped, &mut memo);
-        for level in &mut dependents {
-            let dropped = apply_policies(
-                level.entity,
-                &mut level.page,
-                &level.docs,
-                &mut memo,
-                &mut res,
-                true,
-            );
-            dropped_any |= !dropped.is_empty();
-            forget_dropped(level.entity, &dropped, &mut memo);
+        dropped_any |= settle(e, page, docs, &mut memo, &mut res, false);
+        for l in &mut dependents {
+            dropped_any |= settle(l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
         }
         if !dropped_any {
             break;
@@ -296,6 +276,21 @@ impl<'m> Level<'m> {
             children: self.page.children,
         })
     }
+}
+
+/// Apply the policies to one page and forget the keys of the rows they dropped; true if
+/// any were dropped (rows pointing at them must be checked again).
+fn settle(
+    e: &Entity,
+    page: &mut MappedPage,
+    docs: &[RawDocumentBuf],
+    memo: &mut Memo,
+    res: &mut Resolution<'_>,
+    pulled: bool,
+) -> bool {
+    let dropped = apply_policies(e, page, docs, memo, res, pulled);
+    forget_dropped(e, &dropped, memo);
+    !dropped.is_empty()
 }
 
 fn forget_dropped(e: &Entity, dropped: &[Vec<Value>], memo: &mut Memo) {
