@@ -462,7 +462,7 @@ impl TableOps for Transaction<'_, Postgres> {
         let done = q
             .execute(&mut **self)
             .await
-            .with_context(|| format!("writing {} rows into {}", rows.len(), t.name))?;
+            .map_err(|e| write_error(e, t, rows.len()))?;
         Ok(done.rows_affected())
     }
 
