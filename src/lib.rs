@@ -14,6 +14,7 @@ pub mod mapping;
 pub mod pipeline;
 pub mod progress;
 pub mod prom;
+pub mod pulled;
 pub mod record;
 pub mod reports;
 pub mod resolve;

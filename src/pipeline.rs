@@ -32,6 +32,8 @@ pub struct Ctx {
     /// What reference resolution learned this run (each key fetched at most once per run).
     /// A mutex because backfill chunks of one run resolve concurrently.
     pub memo: tokio::sync::Mutex<crate::resolve::Memo>,
+    /// Rows this run wrote on demand, so a lane reading them again skips them.
+    pub pulled: std::sync::Mutex<crate::pulled::Pulled>,
     /// Every batch is rolled back instead of committed and no checkpoint is saved.
     pub dry_run: bool,
     /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
@@ -55,6 +57,7 @@ impl Ctx {
             dead_total: AtomicU64::new(0),
             stop,
             memo: Default::default(),
+            pulled: Default::default(),
             dry_run: false,
             provenance: settings.sync.provenance,
             settings,
@@ -72,6 +75,9 @@ pub struct Counts {
     pub inserted: u64,
     pub updated: u64,
     pub unchanged: u64,
+    /// Of `unchanged`: rows this run had already written from the same document (pulled on
+    /// demand by another batch), skipped without reading the target ([`crate::pulled`]).
+    pub already_written: u64,
     pub dead_lettered: u64,
     /// Earlier versions of a key superseded inside the same batch.
     pub duplicates: u64,
@@ -108,6 +114,7 @@ impl Counts {
         self.inserted += o.inserted;
         self.updated += o.updated;
         self.unchanged += o.unchanged;
+        self.already_written += o.already_written;
         self.dead_lettered += o.dead_lettered;
         self.duplicates += o.duplicates;
         self.invalid_time += o.invalid_time;
@@ -196,6 +203,48 @@ pub struct MappedPage {
     /// Documents matching the deleted rule (with or without a derivable key).
     pub deleted: u64,
     pub filtered: u64,
+    /// A missing-reference policy nulled or dropped child rows: a later mapping of the same
+    /// documents could write more, so [`crate::pulled`] does not record the page's rows.
+    pub children_cut: bool,
+}
+
+impl MappedPage {
+    /// Keep the rows marked in `keep` (with their documents, precomputed keys and hashes, and
+    /// child rows); returns the rows removed. A child row goes with its parent, matched on
+    /// the child's parent link.
+    pub fn retain_rows(&mut self, e: &Entity, keep: &[bool]) -> Vec<Vec<Value>> {
+        if keep.iter().all(|k| *k) {
+            return Vec::new();
+        }
+        let meta = std::mem::take(&mut self.row_meta);
+        let has_meta = meta.len() == self.rows.len();
+        let rows = std::mem::take(&mut self.rows);
+        let docs = std::mem::take(&mut self.row_docs);
+        let mut removed = Vec::new();
+        let mut meta = meta.into_iter();
+        for ((row, d), k) in rows.into_iter().zip(docs).zip(keep) {
+            let m = if has_meta { meta.next() } else { None };
+            if *k {
+                self.rows.push(row);
+                self.row_docs.push(d);
+                self.row_meta.extend(m);
+            } else {
+                removed.push(row);
+            }
+        }
+        for (ci, child) in e.children.iter().enumerate() {
+            let links = &child.parent_links;
+            let gone: std::collections::HashSet<String> = removed
+                .iter()
+                .map(|r| key_text(r, &links.iter().map(|(_, p)| *p).collect::<Vec<_>>()))
+                .collect();
+            let by: Vec<usize> = links.iter().map(|(c, _)| *c).collect();
+            if let Some(rows) = self.children.get_mut(ci) {
+                rows.retain(|row| !gone.contains(&key_text(row, &by)));
+            }
+        }
+        removed
+    }
 }
 
 fn key_text(row: &[Value], cols: &[usize]) -> String {
@@ -386,6 +435,7 @@ pub async fn write_mapped(
     cp: Option<&Checkpoint>,
     track_ids: bool,
 ) -> Result<Counts> {
+    let skipped = skip_pulled(ctx, e, docs, &mut mapped);
     let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");
@@ -430,12 +480,31 @@ pub async fn write_mapped(
             presume_new: mapped.presume_new,
         })
         .await?;
+    if !ctx.dry_run {
+        let mut pulled = ctx.pulled.lock().unwrap_or_else(|p| p.into_inner());
+        pulled.record(&res.fresh);
+        // Rule 4 of `crate::pulled`: what this batch wrote of `e` itself is newer than any
+        // pulled version of the same key.
+        if !pulled.is_empty() {
+            for row in &mapped.rows {
+                pulled.forget(crate::pulled::key_hash(e, row));
+            }
+            for key in mapped
+                .deletes
+                .iter()
+                .chain(mapped.soft_deletes.iter().map(|(k, _)| k))
+            {
+                pulled.forget(crate::pulled::deleted_key_hash(e, key));
+            }
+        }
+    }
     Ok(Counts {
         read: docs.len() as u64,
         written: out.written,
         inserted: out.inserted,
         updated: out.updated,
-        unchanged: out.unchanged,
+        unchanged: out.unchanged + skipped,
+        already_written: skipped,
         dead_lettered: dead.len() as u64,
         duplicates: mapped.duplicates,
         invalid_time: 0,
@@ -451,6 +520,36 @@ pub async fn write_mapped(
         source_queries: 0,
         all_new: out.all_new,
     })
+}
+
+/// Take out of `mapped` the rows this run already wrote from the same documents (see
+/// [`crate::pulled`]); returns how many.
+fn skip_pulled(
+    ctx: &Ctx,
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    mapped: &mut MappedPage,
+) -> u64 {
+    if !e.dependents.is_empty() || mapped.rows.is_empty() {
+        return 0;
+    }
+    let mut pulled = ctx.pulled.lock().unwrap_or_else(|p| p.into_inner());
+    if pulled.is_empty() {
+        return 0;
+    }
+    let keep: Vec<bool> = mapped
+        .rows
+        .iter()
+        .zip(&mapped.row_docs)
+        .map(|(row, &di)| {
+            !pulled.take_same(
+                crate::pulled::key_hash(e, row),
+                crate::pulled::doc_hash(&docs[di]),
+            )
+        })
+        .collect();
+    drop(pulled);
+    mapped.retain_rows(e, &keep).len() as u64
 }
 
 /// Aborts a spawned stage when the window ends early (an error, a stop).
@@ -587,7 +686,7 @@ pub async fn run_window(
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
     info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
-          dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, write_ms,
+          already = counts.already_written, dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, write_ms,
           source_wait_ms = source_wait.load(Ordering::Relaxed), map_ms = map_time.load(Ordering::Relaxed),
           "window done");
     Ok(report)

@@ -53,6 +53,9 @@ pub struct Resolution<'m> {
     pub pulled: u64,
     /// Set when `max_depth` or `max_pulled_per_batch` stopped resolution.
     pub limit_hit: Option<String>,
+    /// Pulled rows written with every reference resolved, for [`crate::pulled`] once the
+    /// batch commits.
+    pub fresh: Vec<crate::pulled::Fresh>,
 }
 
 /// A pulled page of one entity at one depth, with its documents (for source ids).
@@ -232,6 +235,31 @@ pub async fn resolve<'m>(
         }
     }
     drop(memo);
+
+    let cut: HashSet<(&str, &str)> = res
+        .missing
+        .iter()
+        .map(|m| (m.entity.as_str(), m.source_id.as_str()))
+        .collect();
+    let mut fresh = Vec::new();
+    for l in levels.iter().map(|(_, l)| l).chain(&dependents) {
+        // A row with dependents of its own is not recorded: its lane must read it again to
+        // pull them (a viz pulled as a fork's parent comes without its content and commits).
+        if l.page.children_cut || !l.entity.dependents.is_empty() {
+            continue;
+        }
+        for (row, &di) in l.page.rows.iter().zip(&l.page.row_docs) {
+            let doc = &l.docs[di];
+            if !cut.is_empty() && cut.contains(&(l.entity.name.as_str(), source_id(doc).as_str())) {
+                continue;
+            }
+            fresh.push((
+                crate::pulled::key_hash(l.entity, row),
+                crate::pulled::doc_hash(doc),
+            ));
+        }
+    }
+    res.fresh = fresh;
 
     for (_, level) in levels {
         if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
@@ -475,6 +503,7 @@ fn apply_policies(
                 if row[i] == Value::Null || memo.get(r, &key_text(&row[i])) == Some(true) {
                     return true;
                 }
+                page.children_cut = true;
                 if c.on_missing == MissingPolicy::Null {
                     row[i] = Value::Null;
                     true
@@ -484,49 +513,8 @@ fn apply_policies(
             });
         }
     }
-    let mut removed = Vec::new();
-    let mut kept_docs = Vec::new();
-    let mut kept_rows = Vec::new();
-    let rows = std::mem::take(&mut page.rows)
-        .into_iter()
-        .zip(std::mem::take(&mut page.row_docs));
-    for (idx, (row, d)) in rows.enumerate() {
-        if keep[idx] {
-            kept_rows.push(row);
-            kept_docs.push(d);
-        } else {
-            removed.push(row);
-        }
-    }
-    if !removed.is_empty() {
-        // Child rows of removed parents go too.
-        for (ci, child) in e.children.iter().enumerate() {
-            let links: Vec<(usize, usize)> = child.parent_links.clone();
-            let gone: HashSet<String> = removed
-                .iter()
-                .map(|r| {
-                    links
-                        .iter()
-                        .map(|(_, p)| key_text(&r[*p]))
-                        .collect::<Vec<_>>()
-                        .join("\u{1f}")
-                })
-                .collect();
-            if let Some(rows) = page.children.get_mut(ci) {
-                rows.retain(|row| {
-                    !gone.contains(
-                        &links
-                            .iter()
-                            .map(|(c, _)| key_text(&row[*c]))
-                            .collect::<Vec<_>>()
-                            .join("\u{1f}"),
-                    )
-                });
-            }
-        }
-    }
-    page.rows = kept_rows;
-    page.row_docs = kept_docs;
+    // The keys and hashes computed ahead are dropped below if anything changed.
+    let removed = page.retain_rows(e, &keep);
     if touched || !removed.is_empty() {
         // The keys and hashes computed ahead (`pipeline::prepare`) were of the rows before
         // the policies nulled or dropped some; the writer computes them again.

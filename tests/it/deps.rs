@@ -579,3 +579,168 @@ async fn round_trips_are_bounded_per_batch() {
         c.source_queries
     );
 }
+
+/// The same documents for two source databases: a viz with its content, commits and event;
+/// one commit whose author does not exist (written with the reference nulled), and two
+/// source documents each for commits `c3` and `c4` (an old and a new version of one key).
+async fn pulled_then_reread_data(env: &Env) {
+    // Fixed `_id`s: `users.legacy_object_id` keeps them, and both databases must match.
+    let mut n = 0u8;
+    let mut ids = |docs: Vec<Document>| -> Vec<Document> {
+        docs.into_iter()
+            .map(|mut d| {
+                n += 1;
+                let mut b = [0u8; 12];
+                b[11] = n;
+                d.insert("_id", bson::oid::ObjectId::from_bytes(b));
+                d
+            })
+            .collect()
+    };
+    env.insert("user", ids(vec![user("u1")])).await;
+    // v1 is a fork of v0, which changed later: v1's batch pulls v0 as a reference (without
+    // its dependents), and the vizzes lane must still read v0 to pull its content.
+    env.insert(
+        "documentInfo",
+        ids(vec![
+            viz("v1", "u1", T, Some("v0"), &["u1"], &[]),
+            viz("v0", "u1", T + 10, None, &[], &[]),
+        ]),
+    )
+    .await;
+    env.insert(
+        "documentContent",
+        ids(vec![
+            doc! { "id": "v1", "files": [{ "name": "a.js", "text": "1" }, { "name": "b.js", "text": "2" }], "lastUpdatedTimestamp": T },
+            doc! { "id": "v0", "files": [{ "name": "a.js", "text": "0" }], "lastUpdatedTimestamp": T + 10 },
+        ]),
+    )
+    .await;
+    let commit = |id: &str, author: &str, at: i64, msg: &str| doc! { "id": id, "vizId": "v1", "authorId": author, "timestamp": at * 1000, "message": msg };
+    env.insert(
+        "commits",
+        ids(vec![
+            commit("c1", "u1", T - 50, "first"),
+            commit("c2", "ghost", T - 40, "by a deleted user"),
+            commit("c3", "u1", T - 30, "old"),
+            commit("c3", "u1", T - 20, "new"),
+            // The same two versions in the other insertion order: pulls see them in natural
+            // order, so one of c3 and c4 is pulled at its old version and one at its new.
+            commit("c4", "u1", T - 20, "new"),
+            commit("c4", "u1", T - 30, "old"),
+        ]),
+    )
+    .await;
+    env.insert("eventRecords", ids(vec![doc! { "id": "e1", "vizId": "v1", "eventType": "view", "timestamp": bson::DateTime::from_millis(T * 1000) }])).await;
+}
+
+/// A lane reading documents the same run already pulled (a viz's content, commits and events,
+/// pulled with the viz) skips them instead of resolving and writing them again, and the
+/// result is the same as runs that cannot skip (one lane per run): a row written with a
+/// reference nulled is written again, and of two documents for one key the later still wins.
+async fn lanes_skip_rows_this_run_pulled(backend: Backend) {
+    let one = vizhub_env("deps_skip_one_run", backend).await;
+    let apart = vizhub_env("deps_skip_apart", backend).await;
+    pulled_then_reread_data(&one).await;
+    pulled_then_reread_data(&apart).await;
+    let settings = |env: &Env| {
+        let mut s = env.settings();
+        s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+        // One document per page: the two versions of c3 land in different batches.
+        s.source.batch_size = 1;
+        s
+    };
+
+    let r = run(settings(&one), opts(&[], T + 3600), Default::default())
+        .await
+        .expect("one run, every lane");
+    for lane in [
+        "users",
+        "vizzes",
+        "viz_contents",
+        "commits",
+        "analytics_events",
+    ] {
+        run(
+            settings(&apart),
+            opts(&[lane], T + 3600),
+            Default::default(),
+        )
+        .await
+        .expect(lane);
+    }
+
+    let counts = |name: &str| {
+        r.entities
+            .iter()
+            .find(|e| e.entity == name)
+            .unwrap_or_else(|| panic!("{name} in {r}"))
+            .counts
+    };
+    let contents = counts("viz_contents");
+    assert_eq!(
+        (contents.read, contents.written, contents.already_written),
+        (2, 0, 2),
+        "v0's content came with v0 in the vizzes lane: {r}"
+    );
+    assert_eq!(
+        counts("vizzes").already_written,
+        0,
+        "v0 was read again for its dependents: {r}"
+    );
+    assert_eq!(counts("analytics_events").already_written, 1, "{r}");
+    let commits = counts("commits");
+    assert_eq!(commits.read, 6, "{r}");
+    // c1 is skipped; c2 (author nulled) is not; of c3 and c4 at most the version pulled.
+    assert!(
+        (1..=3).contains(&commits.already_written),
+        "c1 (and the pulled versions of c3 and c4) already written: {r}"
+    );
+    assert_eq!(
+        commits.missing_refs, 1,
+        "c2 went through resolution again: {r}"
+    );
+    assert_eq!(
+        commits.read,
+        commits.written + commits.unchanged + commits.duplicates,
+        "{r}"
+    );
+    for table in [
+        "users",
+        "vizzes",
+        "upvotes",
+        "viz_contents",
+        "files",
+        "commits",
+        "analytics_events",
+    ] {
+        assert_eq!(
+            one.dump(&one.target_url, table).await,
+            apart.dump(&apart.target_url, table).await,
+            "{table}: one run with skips differs from one run per lane"
+        );
+    }
+    assert_eq!(
+        scalar_i64(
+            &one.target_url,
+            "SELECT COUNT(*) FROM commits WHERE id IN ('c3', 'c4') AND message = 'new'"
+        )
+        .await,
+        2,
+        "the later versions of c3 and c4 win"
+    );
+    assert_eq!(
+        scalar_i64(&one.target_url, "SELECT COUNT(*) FROM files").await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn lanes_skip_rows_this_run_pulled_sqlite() {
+    lanes_skip_rows_this_run_pulled(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn lanes_skip_rows_this_run_pulled_postgres() {
+    lanes_skip_rows_this_run_pulled(Backend::Postgres).await;
+}

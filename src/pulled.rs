@@ -1,0 +1,173 @@
+//! Rows this run already wrote on demand, so a lane that reads the same documents again later
+//! in the run does not resolve and write them a second time.
+//!
+//! A viz pulls its content, commits and events in its own transaction (DESIGN.md, dependencies
+//! on demand). The `viz_contents`, `commits` and `analytics_events` lanes then read those same
+//! documents in their own windows: on the benchmark's full mapping, about a million documents
+//! that were each mapped, resolved against the target, read back and compared only to find
+//! them unchanged (most of the run's time, BENCHMARKS.md).
+//!
+//! A row may be skipped only when writing it again could not change anything. The rule:
+//! a row of entity `E` with key `k`, mapped from document `d`, is skipped when
+//! 1. this run committed a row for `(E, k)` mapped from a byte-identical document (the hash of
+//!    the whole raw document, not only its time field, so a document changed behind an
+//!    unchanged time is written again);
+//! 2. with every reference of that row resolved (a row written with a reference nulled or
+//!    dropped by a missing-reference policy is not recorded: re-mapping it later might find
+//!    the reference and write more);
+//! 3. `E` has no dependents of its own (a row pulled as a reference comes without them; its
+//!    own lane reads it again and pulls them);
+//! 4. and nothing wrote `(E, k)` since: any row, deletion or soft deletion of `(E, k)` that is
+//!    not skipped forgets the key first, so the skip can never hide a later version behind an
+//!    earlier one (two source documents sharing a target key, read in time order).
+//!
+//! Memory is bounded: each key costs 16 bytes of payload (two 64-bit hashes; hashbrown adds
+//! about one byte and load-factor slack), and the set stops taking new keys at
+//! [`CAPACITY`]; a row that was not recorded is simply written the usual way. A collision of
+//! the key hash can only make a row miss the skip; a wrong skip needs the 64-bit document hash
+//! of two different documents recorded under one key slot to collide as well.
+
+use crate::mapping::{Entity, Value};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+/// Keys recorded at most (about 36 MB at the limit). Past it, rows are written as if the set
+/// were not there.
+pub const CAPACITY: usize = 1_500_000;
+
+/// The keys are already hashes: hashing them again would only cost time.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// One row the current batch wrote on demand: `(key hash, document hash)`.
+pub type Fresh = (u64, u64);
+
+/// See the module documentation.
+#[derive(Default)]
+pub struct Pulled {
+    rows: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
+}
+
+fn sip() -> std::hash::DefaultHasher {
+    std::hash::DefaultHasher::new()
+}
+
+/// Hash of `(entity, primary key)` of a mapped row.
+pub fn key_hash(e: &Entity, row: &[Value]) -> u64 {
+    let mut h = sip();
+    e.name.hash(&mut h);
+    for &i in &e.pk {
+        row[i].key_text().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Hash of a key as a deletion names it (the primary key's values, in order).
+pub fn deleted_key_hash(e: &Entity, key: &[Value]) -> u64 {
+    let mut h = sip();
+    e.name.hash(&mut h);
+    for v in key {
+        v.key_text().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Hash of a whole raw document (its exact bytes), seeded differently from [`key_hash`].
+pub fn doc_hash(doc: &bson::RawDocument) -> u64 {
+    let mut h = sip();
+    0x7469_6465_6d61_726bu64.hash(&mut h);
+    doc.as_bytes().hash(&mut h);
+    h.finish()
+}
+
+impl Pulled {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Record rows a committed batch wrote on demand.
+    pub fn record(&mut self, fresh: &[Fresh]) {
+        for &(k, d) in fresh {
+            if self.rows.len() < CAPACITY || self.rows.contains_key(&k) {
+                self.rows.insert(k, d);
+            }
+        }
+    }
+
+    /// Whether the row for `key` was written this run from the same document; forgets the
+    /// key when it was not (the caller is about to write the row, rule 4).
+    pub fn take_same(&mut self, key: u64, doc: u64) -> bool {
+        match self.rows.get(&key) {
+            Some(&d) if d == doc => true,
+            Some(_) => {
+                self.rows.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Forget a key about to be written or deleted by something else than a skipped row.
+    pub fn forget(&mut self, key: u64) {
+        self.rows.remove(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_skipped_only_for_the_same_document_and_forgotten_otherwise() {
+        let mut p = Pulled::default();
+        p.record(&[(1, 10), (2, 20)]);
+        assert!(p.take_same(1, 10));
+        // Still there: the same document read twice is still the row in the target.
+        assert!(p.take_same(1, 10));
+        // Another document for key 2: written, and key 2 is forgotten for the rest of the run.
+        assert!(!p.take_same(2, 21));
+        assert!(!p.take_same(2, 20));
+        assert!(!p.take_same(3, 30));
+        p.forget(1);
+        assert!(!p.take_same(1, 10));
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn the_set_stops_growing_at_capacity_but_updates_known_keys() {
+        let mut p = Pulled::default();
+        let many: Vec<Fresh> = (0..CAPACITY as u64 + 10).map(|k| (k, k)).collect();
+        p.record(&many);
+        assert_eq!(p.len(), CAPACITY);
+        assert!(!p.take_same(CAPACITY as u64 + 5, CAPACITY as u64 + 5));
+        p.record(&[(7, 99)]);
+        assert!(p.take_same(7, 99));
+        assert_eq!(p.len(), CAPACITY);
+    }
+
+    #[test]
+    fn document_hash_sees_any_byte() {
+        let a = bson::rawdoc! { "_id": 1, "t": 5, "x": "a" };
+        let b = bson::rawdoc! { "_id": 1, "t": 5, "x": "b" };
+        assert_ne!(doc_hash(&a), doc_hash(&b));
+        assert_eq!(doc_hash(&a), doc_hash(&a.clone()));
+    }
+}
