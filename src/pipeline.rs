@@ -431,15 +431,96 @@ pub async fn write_mapped(
     ctx: &Ctx,
     e: &Entity,
     docs: &[bson::RawDocumentBuf],
-    mut mapped: MappedPage,
+    mapped: MappedPage,
     cp: Option<&Checkpoint>,
     track_ids: bool,
 ) -> Result<Counts> {
+    let ready = resolve_batch(ctx, e, docs, mapped).await?;
+    let out = commit_batch(ctx, e, docs, ready, cp, track_ids).await;
+    if out.is_err() {
+        forget_pulled(ctx);
+    }
+    out
+}
+
+/// A page resolved and ready to write: its rows (without those skipped, see
+/// [`crate::pulled`]) and everything resolution pulled for them.
+pub struct Resolved<'m> {
+    mapped: MappedPage,
+    res: crate::resolve::Resolution<'m>,
+    skipped: u64,
+    source_queries: u64,
+}
+
+/// The first half of a batch: skip rows this run already wrote, resolve references and
+/// dependents (source reads, mapping), and bring [`crate::pulled`] up to date as if the batch
+/// had committed. Batches must be resolved in the order they are committed; the window
+/// resolves the next batch while the previous one is written. If a batch then fails,
+/// [`forget_pulled`] must run before anything else is skipped.
+pub async fn resolve_batch<'m>(
+    ctx: &'m Ctx,
+    e: &'m Entity,
+    docs: &[bson::RawDocumentBuf],
+    mut mapped: MappedPage,
+) -> Result<Resolved<'m>> {
+    let before_queries = ctx.source.queries.load(Ordering::Relaxed);
     let skipped = skip_pulled(ctx, e, docs, &mut mapped);
     let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");
     }
+    if !ctx.dry_run {
+        let mut pulled = ctx.pulled.lock().unwrap_or_else(|p| p.into_inner());
+        pulled.record(&res.fresh);
+        // Rule 4 of `crate::pulled`: what this batch writes of `e` itself replaces any
+        // pulled version of the same key (also one pulled by this very batch).
+        if !pulled.is_empty() {
+            for row in &mapped.rows {
+                pulled.forget(crate::pulled::key_hash(e, row));
+            }
+            for key in mapped
+                .deletes
+                .iter()
+                .chain(mapped.soft_deletes.iter().map(|(k, _)| k))
+            {
+                pulled.forget(crate::pulled::deleted_key_hash(e, key));
+            }
+        }
+    }
+    let source_queries = ctx
+        .source
+        .queries
+        .load(Ordering::Relaxed)
+        .saturating_sub(before_queries);
+    Ok(Resolved {
+        mapped,
+        res,
+        skipped,
+        source_queries,
+    })
+}
+
+/// A batch failed after [`resolve_batch`] recorded it: nothing this run pulled may be
+/// skipped any more (the set described a target that the rollback did not produce).
+pub fn forget_pulled(ctx: &Ctx) {
+    *ctx.pulled.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+}
+
+/// The second half of a batch: write it, with `cp` when given, in one transaction.
+pub async fn commit_batch(
+    ctx: &Ctx,
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    ready: Resolved<'_>,
+    cp: Option<&Checkpoint>,
+    track_ids: bool,
+) -> Result<Counts> {
+    let Resolved {
+        mapped,
+        res,
+        skipped,
+        source_queries,
+    } = ready;
     let deferred: std::collections::HashSet<&str> =
         res.deferred.iter().map(|(id, _)| id.as_str()).collect();
     let clear: Vec<String> = if track_ids || !res.missing.is_empty() || !res.deferred.is_empty() {
@@ -480,24 +561,6 @@ pub async fn write_mapped(
             presume_new: mapped.presume_new,
         })
         .await?;
-    if !ctx.dry_run {
-        let mut pulled = ctx.pulled.lock().unwrap_or_else(|p| p.into_inner());
-        pulled.record(&res.fresh);
-        // Rule 4 of `crate::pulled`: what this batch wrote of `e` itself is newer than any
-        // pulled version of the same key.
-        if !pulled.is_empty() {
-            for row in &mapped.rows {
-                pulled.forget(crate::pulled::key_hash(e, row));
-            }
-            for key in mapped
-                .deletes
-                .iter()
-                .chain(mapped.soft_deletes.iter().map(|(k, _)| k))
-            {
-                pulled.forget(crate::pulled::deleted_key_hash(e, key));
-            }
-        }
-    }
     Ok(Counts {
         read: docs.len() as u64,
         written: out.written,
@@ -517,7 +580,7 @@ pub async fn write_mapped(
         missing_refs: res.missing.len() as u64,
         deferred: res.deferred.len() as u64,
         limit_hits: res.limit_hit.is_some() as u64,
-        source_queries: 0,
+        source_queries,
         all_new: out.all_new,
     })
 }
@@ -615,53 +678,83 @@ pub async fn run_window(
     });
     let _mapper = AbortOnDrop(mapper);
     let mut presume_new = false;
-    // Where the window's time went: the writer waiting for the next mapped page (`wait_ms`)
-    // versus resolving and writing it (`write_ms`); the mapper waiting for the source's next
-    // page (`source_wait_ms`) versus mapping one (`map_ms`).
+    // Where the window's time went: waiting for the next mapped page (`wait_ms`), resolving
+    // it (`resolve_ms`: source reads and mapping of what it pulls) and writing the batch
+    // before it (`write_ms`), which run at the same time; the mapper waiting for the
+    // source's next page (`source_wait_ms`) versus mapping one (`map_ms`).
     // Logged with "window done".
-    let (mut wait_ms, mut write_ms) = (0u64, 0u64);
+    let (mut wait_ms, mut resolve_ms, mut write_ms) = (0u64, 0u64, 0u64);
+    // Two batches in flight: while batch N is written, batch N+1 is received and resolved
+    // (its reads of the source and of committed target rows do not depend on N's writes:
+    // what N pulls is in the resolution memo before N+1 is resolved). Writes stay in order,
+    // one transaction each.
+    let mut ahead: Option<(Page, Resolved<'_>)> = None;
     loop {
-        let t0 = Instant::now();
-        let Some(item) = mrx.recv().await else { break };
-        wait_ms += t0.elapsed().as_millis() as u64;
-        let (page, mut mapped) = item?;
-        mapped.presume_new = presume_new;
-        let cp = Checkpoint {
-            lane: lane.to_owned(),
-            entity: e.name.clone(),
-            state: LaneState {
-                watermark,
-                open: Some(w),
-            },
-            last: Some(page.last.clone()),
-            run_id: ctx.run_id.clone(),
+        let commit = async {
+            let (page, mut ready) = ahead.take()?;
+            ready.mapped.presume_new = presume_new;
+            let cp = Checkpoint {
+                lane: lane.to_owned(),
+                entity: e.name.clone(),
+                state: LaneState {
+                    watermark,
+                    open: Some(w),
+                },
+                last: Some(page.last.clone()),
+                run_id: ctx.run_id.clone(),
+            };
+            let t = Instant::now();
+            let c = commit_batch(ctx, e, &page.docs, ready, Some(&cp), outstanding).await;
+            Some((page.docs.len(), c, t.elapsed()))
         };
-        let before_queries = ctx.source.queries.load(Ordering::Relaxed);
-        let t1 = Instant::now();
-        let c = write_mapped(ctx, e, &page.docs, mapped, Some(&cp), outstanding).await?;
-        write_ms += t1.elapsed().as_millis() as u64;
-        presume_new = c.all_new;
-        batches += 1;
-        counts.add(&c);
-        counts.source_queries += ctx
-            .source
-            .queries
-            .load(Ordering::Relaxed)
-            .saturating_sub(before_queries);
-        let out = c;
-        let mapped_dead = c.dead_lettered;
-        debug!(entity = %e.name, batch = batches, docs = page.docs.len(), written = out.written, "batch committed");
-        let dead_total = ctx.dead_total.fetch_add(mapped_dead, Ordering::SeqCst) + mapped_dead;
-        if dead_total > ctx.settings.sync.error_budget {
-            return Err(Failure::Partial(format!(
-                "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
-                 stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
-                ctx.settings.sync.error_budget
-            ))
-            .into());
+        let next = async {
+            let t = Instant::now();
+            let item = mrx.recv().await;
+            let waited = t.elapsed();
+            let Some(item) = item else {
+                return Ok::<_, anyhow::Error>((None, waited, Default::default()));
+            };
+            let (page, mapped) = item?;
+            let t = Instant::now();
+            let ready = resolve_batch(ctx, e, &page.docs, mapped).await?;
+            Ok((Some((page, ready)), waited, t.elapsed()))
+        };
+        let (committed, next) = tokio::join!(commit, next);
+        if let Some((docs, c, took)) = committed {
+            write_ms += took.as_millis() as u64;
+            let c = match c {
+                Ok(c) => c,
+                Err(err) => {
+                    forget_pulled(ctx);
+                    return Err(err);
+                }
+            };
+            presume_new = c.all_new;
+            batches += 1;
+            counts.add(&c);
+            debug!(entity = %e.name, batch = batches, docs, written = c.written, "batch committed");
+            let dead_total =
+                ctx.dead_total.fetch_add(c.dead_lettered, Ordering::SeqCst) + c.dead_lettered;
+            if dead_total > ctx.settings.sync.error_budget {
+                forget_pulled(ctx);
+                return Err(Failure::Partial(format!(
+                    "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
+                     stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
+                    ctx.settings.sync.error_budget
+                ))
+                .into());
+            }
+            if ctx.stop.load(Ordering::SeqCst) {
+                forget_pulled(ctx);
+                anyhow::bail!("stopped by signal after a committed batch; the next run resumes from the checkpoint");
+            }
         }
-        if ctx.stop.load(Ordering::SeqCst) {
-            anyhow::bail!("stopped by signal after a committed batch; the next run resumes from the checkpoint");
+        let (resolved, waited, took) = next?;
+        wait_ms += waited.as_millis() as u64;
+        resolve_ms += took.as_millis() as u64;
+        match resolved {
+            Some(r) => ahead = Some(r),
+            None => break,
         }
     }
     let done = Checkpoint {
@@ -686,7 +779,7 @@ pub async fn run_window(
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
     info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
-          already = counts.already_written, dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, write_ms,
+          already = counts.already_written, dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, resolve_ms, write_ms,
           source_wait_ms = source_wait.load(Ordering::Relaxed), map_ms = map_time.load(Ordering::Relaxed),
           "window done");
     Ok(report)

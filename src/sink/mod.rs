@@ -921,10 +921,13 @@ async fn write_rows<T: TableOps>(
     let mut written = None;
     // Rows the read found stored with the same content (by canonical hash).
     let mut same = Vec::new();
+    // Rows known not to be stored before this batch (read first, or presumed and inserted).
+    let mut is_new = Vec::new();
     if presume_new && trk.on && !rows.is_empty() && deletes.is_empty() && soft_deletes.is_empty() {
         written = tx.insert_presumed(e.table_ref(), rows).await?;
         if written.is_some() {
             none_stored = true;
+            is_new = vec![true; rows.len()];
             let (ins, upd, _) = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);
             out.inserted += ins;
             out.updated += upd;
@@ -937,6 +940,14 @@ async fn write_rows<T: TableOps>(
             tx.select_rows(e.table_ref(), &e.pk, &keys).await?,
         );
         none_stored = old.is_empty();
+        is_new = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match row_meta.get(i) {
+                Some((k, _)) => !old.contains_key(k),
+                None => !old.contains_key(&crate::canon::key_of_row(e.table_ref(), r)),
+            })
+            .collect();
         let (ins, upd, s) = trk.upserts(e.table_ref(), &old, rows, row_meta);
         out.inserted += ins;
         out.updated += upd;
@@ -945,20 +956,79 @@ async fn write_rows<T: TableOps>(
     out.written = match written {
         Some(n) => n,
         None if none_stored => tx.insert_new(e.table_ref(), rows).await?,
+        // Some new, some stored: the new ones are inserted (COPY on PostgreSQL), the stored
+        // ones that changed upserted.
+        None if is_new.contains(&true) => {
+            let (fresh, known): (Vec<_>, Vec<_>) = rows
+                .iter()
+                .zip(is_new.iter().zip(&same))
+                .filter(|(_, (_, s))| !**s)
+                .partition(|(_, (n, _))| **n);
+            let fresh: Vec<Vec<Value>> = fresh.into_iter().map(|(r, _)| r.clone()).collect();
+            let known: Vec<Vec<Value>> = known.into_iter().map(|(r, _)| r.clone()).collect();
+            tx.insert_new(e.table_ref(), &fresh).await?
+                + tx.upsert_rows(e.table_ref(), &known).await?
+        }
         None => tx.upsert_rows(e.table_ref(), &changed(rows, &same)).await?,
     };
     out.all_new = none_stored;
     out.unchanged = rows.len() as u64 - out.written;
     for (ci, c) in e.children.iter().enumerate() {
-        let new_rows = children.get(ci).map(Vec::as_slice).unwrap_or_default();
+        let all_rows = children.get(ci).map(Vec::as_slice).unwrap_or_default();
         let parent_cols: Vec<usize> = c.parent_links.iter().map(|(_, p)| *p).collect();
         let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
         let mut seen = std::collections::HashSet::new();
-        let parents: Vec<Vec<Value>> = rows
+        let mut parents: Vec<Vec<Value>> = rows
             .iter()
             .map(|r| key_of(r, &parent_cols))
             .filter(|k| seen.insert(key_text(k)))
             .collect();
+        let mut new_rows = std::borrow::Cow::Borrowed(all_rows);
+        // Parents that did not exist cannot have child rows: the child's foreign key to its
+        // parent (declared by `migrate` when the link is the parent's whole primary key)
+        // keeps orphans out. Their children are inserted without reading first; should a
+        // child key exist anyway (under another parent), the insert is undone to its
+        // savepoint and the rows go the usual way.
+        let links_are_parent_pk = {
+            let mut pk = e.pk.clone();
+            let mut links = parent_cols.clone();
+            pk.sort_unstable();
+            links.sort_unstable();
+            pk == links
+        };
+        if links_are_parent_pk
+            && deletes.is_empty()
+            && soft_deletes.is_empty()
+            && is_new.contains(&true)
+        {
+            let born: std::collections::HashSet<String> = rows
+                .iter()
+                .zip(&is_new)
+                .filter(|(_, n)| **n)
+                .map(|(r, _)| key_text(&key_of(r, &parent_cols)))
+                .collect();
+            let (fresh, rest): (Vec<&Vec<Value>>, Vec<&Vec<Value>>) = all_rows
+                .iter()
+                .partition(|r| born.contains(&key_text(&key_of(r, &by))));
+            let fresh: std::borrow::Cow<[Vec<Value>]> = if rest.is_empty() {
+                std::borrow::Cow::Borrowed(all_rows)
+            } else {
+                fresh.into_iter().cloned().collect::<Vec<_>>().into()
+            };
+            let inserted = if fresh.is_empty() {
+                Some(0)
+            } else {
+                tx.try_insert(c.table_ref(), &fresh).await?
+            };
+            if let Some(n) = inserted {
+                if trk.on {
+                    trk.upserts(c.table_ref(), &Default::default(), &fresh, &[]);
+                }
+                out.child_written += n;
+                parents.retain(|k| !born.contains(&key_text(k)));
+                new_rows = rest.into_iter().cloned().collect::<Vec<_>>().into();
+            }
+        }
         let mut child_same = Vec::new();
         if !parents.is_empty() {
             let keep: std::collections::HashSet<String> = new_rows
@@ -973,7 +1043,7 @@ async fn write_rows<T: TableOps>(
                     .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
                 trk.deletes(c.table_ref(), &gone);
                 let old = provenance::index_rows(c.table_ref(), old);
-                child_same = trk.upserts(c.table_ref(), &old, new_rows, &[]).2;
+                child_same = trk.upserts(c.table_ref(), &old, &new_rows, &[]).2;
                 gone.iter().map(|r| key_of(r, &c.pk)).collect()
             } else {
                 let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;
@@ -987,7 +1057,7 @@ async fn write_rows<T: TableOps>(
             }
         }
         out.child_written += tx
-            .upsert_rows(c.table_ref(), &changed(new_rows, &child_same))
+            .upsert_rows(c.table_ref(), &changed(&new_rows, &child_same))
             .await?;
     }
     Ok(out)

@@ -744,3 +744,87 @@ async fn lanes_skip_rows_this_run_pulled_sqlite() {
 async fn lanes_skip_rows_this_run_pulled_postgres() {
     lanes_skip_rows_this_run_pulled(Backend::Postgres).await;
 }
+
+/// One batch mixing a stored viz that changed with a new one: the new viz and its child rows
+/// are inserted without reading (COPY on PostgreSQL), the stored one is upserted and its
+/// child rows replaced (an upvote gone from the array is deleted), and a rollback of the run
+/// restores exactly the state before it.
+async fn mixed_new_and_stored_parents(backend: Backend) {
+    let env = vizhub_env("deps_mixed_batch", backend).await;
+    env.insert("user", ["u1", "u2", "u3"].iter().map(|u| user(u)).collect())
+        .await;
+    env.insert(
+        "documentInfo",
+        vec![viz("v1", "u1", T - 100, None, &["u1", "u2"], &["u2"])],
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    run(s.clone(), opts(&["vizzes"], T), Default::default())
+        .await
+        .expect("run 1");
+    let tables = ["vizzes", "upvotes", "permissions"];
+    let mut before = Vec::new();
+    for t in tables {
+        before.push(env.dump(&env.target_url, t).await);
+    }
+
+    let coll = env.db.collection::<Document>("documentInfo");
+    coll.delete_many(doc! {}).await.unwrap();
+    let mut changed = viz("v1", "u1", T + 10, None, &["u2", "u3"], &[]);
+    changed.insert("title", "renamed");
+    env.insert(
+        "documentInfo",
+        vec![changed, viz("v2", "u3", T + 20, None, &["u1"], &["u1"])],
+    )
+    .await;
+    let r = run(s.clone(), opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run 2");
+    let c = r.entities[0].counts;
+    assert_eq!((c.read, c.inserted, c.updated), (2, 1, 1), "{r}");
+    let n = |sql: &'static str| scalar_i64(&env.target_url, sql);
+    assert_eq!(
+        n("SELECT COUNT(*) FROM vizzes WHERE id = 'v1' AND title = 'renamed'").await,
+        1
+    );
+    assert_eq!(
+        env.dump(&env.target_url, "upvotes").await.len(),
+        3,
+        "v1: u2, u3 (u1 removed); v2: u1"
+    );
+    assert_eq!(
+        n("SELECT COUNT(*) FROM upvotes WHERE viz_id = 'v1' AND user_id = 'u1'").await,
+        0
+    );
+    assert_eq!(
+        n("SELECT COUNT(*) FROM permissions").await,
+        1,
+        "v1's collaborator gone, v2's new"
+    );
+    assert_eq!(
+        n("SELECT COUNT(*) FROM permissions WHERE viz_id = 'v2' AND user_id = 'u1'").await,
+        1
+    );
+
+    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
+        .await
+        .unwrap_or_else(|e| panic!("rollback: {e:#}"));
+    for (t, was) in tables.iter().zip(before) {
+        assert_eq!(
+            env.dump(&env.target_url, t).await,
+            was,
+            "{t} after rollback"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mixed_new_and_stored_parents_sqlite() {
+    mixed_new_and_stored_parents(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn mixed_new_and_stored_parents_postgres() {
+    mixed_new_and_stored_parents(Backend::Postgres).await;
+}
