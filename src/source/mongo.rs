@@ -60,6 +60,30 @@ impl Position {
     }
 }
 
+/// Sort documents fetched by key into `(time, _id)` order, as a window reads them: a page is
+/// de-duplicated on the target key with the last version winning, so two source documents
+/// for one key (a legacy data bug, but real) must come oldest first. The server returns an
+/// `$in` in index or natural order. Documents whose time does not decode sort first (they
+/// become dead letters); `_id`s compare by their raw bytes (an ObjectId in creation order).
+pub fn in_time_order(e: &Entity, docs: &mut [RawDocumentBuf]) {
+    let path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
+    let format = Some(e.time_format());
+    docs.sort_by_cached_key(|d| {
+        let t = lookup(d, &path)
+            .ok()
+            .flatten()
+            .and_then(|v| to_timestamp(&v, format).ok())
+            .map(|t| t.timestamp_millis());
+        let id: Vec<u8> = match d.get("_id") {
+            Ok(Some(bson::raw::RawBsonRef::ObjectId(o))) => o.bytes().to_vec(),
+            Ok(Some(bson::raw::RawBsonRef::String(s))) => s.as_bytes().to_vec(),
+            Ok(Some(other)) => format!("{other:?}").into_bytes(),
+            _ => Vec::new(),
+        };
+        (t, id)
+    });
+}
+
 /// One page of documents read in `(time, _id)` order, and where it ended.
 #[derive(Debug)]
 pub struct Page {
@@ -406,6 +430,7 @@ impl Source {
                 .await?;
             out.extend(docs);
         }
+        in_time_order(e, &mut out);
         Ok(out)
     }
 

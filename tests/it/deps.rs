@@ -605,6 +605,8 @@ async fn pulled_then_reread_data(env: &Env) {
         ids(vec![
             viz("v1", "u1", T, Some("v0"), &["u1"], &[]),
             viz("v0", "u1", T + 10, None, &[], &[]),
+            // Before the window: only pulled, as the viz commit c5's later version moved to.
+            viz("v9", "u1", T - 86_400 * 10, None, &[], &[]),
         ]),
     )
     .await;
@@ -628,6 +630,10 @@ async fn pulled_then_reread_data(env: &Env) {
             // order, so one of c3 and c4 is pulled at its old version and one at its new.
             commit("c4", "u1", T - 20, "new"),
             commit("c4", "u1", T - 30, "old"),
+            // v1 pulls c5's old version only (the new one names another viz): the commits
+            // lane must write the new one, not skip it as "already written".
+            commit("c5", "u1", T - 30, "on v1"),
+            doc! { "id": "c5", "vizId": "v9", "authorId": "u1", "timestamp": (T - 20) * 1000, "message": "moved" },
         ]),
     )
     .await;
@@ -690,11 +696,11 @@ async fn lanes_skip_rows_this_run_pulled(backend: Backend) {
     );
     assert_eq!(counts("analytics_events").already_written, 1, "{r}");
     let commits = counts("commits");
-    assert_eq!(commits.read, 6, "{r}");
-    // c1 is skipped; c2 (author nulled) is not; of c3 and c4 at most the version pulled.
+    assert_eq!(commits.read, 8, "{r}");
+    // c1 is skipped; c2 (author nulled) is not; of c3, c4 and c5 at most the version pulled.
     assert!(
-        (1..=3).contains(&commits.already_written),
-        "c1 (and the pulled versions of c3 and c4) already written: {r}"
+        (1..=4).contains(&commits.already_written),
+        "c1 (and the pulled versions of c3, c4, c5) already written: {r}"
     );
     assert_eq!(
         commits.missing_refs, 1,
@@ -728,6 +734,15 @@ async fn lanes_skip_rows_this_run_pulled(backend: Backend) {
         .await,
         2,
         "the later versions of c3 and c4 win"
+    );
+    assert_eq!(
+        scalar_i64(
+            &one.target_url,
+            "SELECT COUNT(*) FROM commits WHERE id = 'c5' AND viz_id = 'v9'"
+        )
+        .await,
+        1,
+        "c5's later version, never pulled, is written"
     );
     assert_eq!(
         scalar_i64(&one.target_url, "SELECT COUNT(*) FROM files").await,
@@ -827,4 +842,42 @@ async fn mixed_new_and_stored_parents_sqlite() {
 #[tokio::test]
 async fn mixed_new_and_stored_parents_postgres() {
     mixed_new_and_stored_parents(Backend::Postgres).await;
+}
+
+/// Of two source documents for one key pulled together (two versions of commit `c9`, the
+/// newer inserted first), the newer one is written, as a window read in time order would.
+async fn pulled_duplicates_keep_the_latest_version(backend: Backend) {
+    let env = vizhub_env("deps_pulled_dups", backend).await;
+    env.insert("user", vec![user("u1")]).await;
+    env.insert("documentInfo", vec![viz("v1", "u1", T, None, &[], &[])])
+        .await;
+    let commit = |at: i64, msg: &str| doc! { "id": "c9", "vizId": "v1", "authorId": "u1", "timestamp": at * 1000, "message": msg };
+    env.insert(
+        "commits",
+        vec![commit(T - 20, "new"), commit(T - 30, "old")],
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    run(s, opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run");
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM commits WHERE id = 'c9' AND message = 'new'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn pulled_duplicates_keep_the_latest_version_sqlite() {
+    pulled_duplicates_keep_the_latest_version(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn pulled_duplicates_keep_the_latest_version_postgres() {
+    pulled_duplicates_keep_the_latest_version(Backend::Postgres).await;
 }
