@@ -199,9 +199,9 @@ pub async fn resolve<'m>(
         }
     }
     for fetched in futures::future::join_all(fetches).await {
-        let (dent, ddocs) = fetched?;
+        let (dent, mut ddocs) = fetched?;
         res.pulled += ddocs.len() as u64;
-        let dpage = map_page(dent, &ddocs, false);
+        let dpage = map_in_time_order(dent, &mut ddocs);
         if let Some(kc) = dent.key_column {
             for row in &dpage.rows {
                 memo.set(&dent.name, key_text(&row[kc]), true);
@@ -329,6 +329,20 @@ fn forget_dropped(e: &Entity, dropped: &[Vec<Value>], memo: &mut Memo) {
     }
 }
 
+/// Map documents fetched by key. Two of them for one target key (a legacy data bug, but
+/// real) must be mapped oldest first so the later version wins the page's de-duplication, as
+/// in a window read; the server returns them in index or natural order. Sorting costs
+/// measurably on every batch of a full mapping (BENCHMARKS.md), so it is done, and the page
+/// mapped again, only when the page had such duplicates.
+fn map_in_time_order(e: &Entity, docs: &mut [RawDocumentBuf]) -> MappedPage {
+    let page = map_page(e, docs, false);
+    if page.duplicates == 0 {
+        return page;
+    }
+    crate::source::in_time_order(e, docs);
+    map_page(e, docs, false)
+}
+
 /// Breadth-first pull of referenced keys; returns pulled pages tagged with their depth.
 async fn pull<'m>(
     ctx: &'m Ctx,
@@ -380,13 +394,13 @@ async fn pull<'m>(
             if rest.is_empty() {
                 continue;
             }
-            let docs = ctx
+            let mut docs = ctx
                 .source
                 .fetch_in(r, &r.id_field, lookup_values(&rest))
                 .await?;
             *budget = budget.saturating_sub(docs.len());
             res.pulled += docs.len() as u64;
-            let page = map_page(r, &docs, false);
+            let page = map_in_time_order(r, &mut docs);
             let found: HashSet<String> = page.rows.iter().map(|row| key_text(&row[kc])).collect();
             for k in rest {
                 let kt = key_text(&k);

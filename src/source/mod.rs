@@ -3,5 +3,5 @@
 mod mongo;
 mod query;
 
-pub use mongo::{Page, Position, Source};
+pub use mongo::{in_time_order, Page, Position, Source};
 pub use query::{encode_bound, window_filter};

@@ -62,8 +62,8 @@ impl Position {
 
 /// Sort documents fetched by key into `(time, _id)` order, as a window reads them: a page is
 /// de-duplicated on the target key with the last version winning, so two source documents
-/// for one key (a legacy data bug, but real) must come oldest first. The server returns an
-/// `$in` in index or natural order. Documents whose time does not decode sort first (they
+/// for one key (a legacy data bug, but real) must come oldest first, while the server returns
+/// an `$in` in index or natural order. Documents whose time does not decode sort first (they
 /// become dead letters); `_id`s compare by their raw bytes (an ObjectId in creation order).
 pub fn in_time_order(e: &Entity, docs: &mut [RawDocumentBuf]) {
     let path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
@@ -430,7 +430,6 @@ impl Source {
                 .await?;
             out.extend(docs);
         }
-        in_time_order(e, &mut out);
         Ok(out)
     }
 
