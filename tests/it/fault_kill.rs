@@ -191,8 +191,12 @@ async fn kill_at_random_instants(backend: Backend) {
         mid_run >= kills / 2,
         "only {mid_run} kills hit a running process (seed {seed})"
     );
+    // At least four distinct states after the kills: the start, two or more partial syncs,
+    // the end. (Five until session 5: the lanes after vizzes now skip what the vizzes lane
+    // pulled, so the run's share that changes rows is done in fewer, larger steps per
+    // restarted run, and five missed in about one run of three.)
     assert!(
-        states.len() >= 5,
+        states.len() >= 4,
         "kills did not land across the run: {states:?} (seed {seed})"
     );
     if std::env::var("TIDEMARK_FAULT_KEEP").is_ok() && backend == Backend::Sqlite {
