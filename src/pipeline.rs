@@ -237,12 +237,10 @@ impl MappedPage {
             }
         }
         for (ci, child) in e.children.iter().enumerate() {
-            let links = &child.parent_links;
-            let gone: std::collections::HashSet<String> = removed
-                .iter()
-                .map(|r| key_text(r, &links.iter().map(|(_, p)| *p).collect::<Vec<_>>()))
-                .collect();
-            let by: Vec<usize> = links.iter().map(|(c, _)| *c).collect();
+            let (by, parent_cols): (Vec<usize>, Vec<usize>) =
+                child.parent_links.iter().copied().unzip();
+            let gone: std::collections::HashSet<String> =
+                removed.iter().map(|r| key_text(r, &parent_cols)).collect();
             if let Some(rows) = self.children.get_mut(ci) {
                 rows.retain(|row| !gone.contains(&key_text(row, &by)));
             }
@@ -911,11 +909,7 @@ pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Re
         // slower stage by far, and reading ahead only held more memory (flat run into
         // SQLite: 64 -> 71 MB peak; full mapping: 169 -> ~200 MB; neither faster;
         // BENCHMARKS.md).
-        let plain = e.dependents.is_empty()
-            && e.columns.iter().all(|c| c.references.is_none())
-            && e.children
-                .iter()
-                .all(|c| c.columns.iter().all(|c| c.references.is_none()));
+        let plain = e.dependents.is_empty() && !e.has_references();
         ahead = (w.to < plan.upper && plain && ctx.sink.backend() == "postgres")
             .then(|| window::next(w.to, Some(w.to), s.max_window, plan.upper))
             .flatten()

@@ -68,16 +68,15 @@ fn sip() -> std::hash::DefaultHasher {
 
 /// Hash of `(entity, primary key)` of a mapped row.
 pub fn key_hash(e: &Entity, row: &[Value]) -> u64 {
-    let mut h = sip();
-    e.name.hash(&mut h);
-    for &i in &e.pk {
-        row[i].key_text().hash(&mut h);
-    }
-    h.finish()
+    hash_key(e, e.pk.iter().map(|&i| &row[i]))
 }
 
 /// Hash of a key as a deletion names it (the primary key's values, in order).
 pub fn deleted_key_hash(e: &Entity, key: &[Value]) -> u64 {
+    hash_key(e, key.iter())
+}
+
+fn hash_key<'v>(e: &Entity, key: impl Iterator<Item = &'v Value>) -> u64 {
     let mut h = sip();
     e.name.hash(&mut h);
     for v in key {

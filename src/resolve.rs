@@ -155,13 +155,7 @@ pub async fn resolve<'m>(
     docs: &[RawDocumentBuf],
 ) -> Result<Resolution<'m>> {
     let mut res = Resolution::default();
-    let has_refs = |x: &Entity| {
-        x.columns.iter().any(|c| c.references.is_some())
-            || x.children
-                .iter()
-                .any(|c| c.columns.iter().any(|c| c.references.is_some()))
-    };
-    if !has_refs(e) && e.dependents.is_empty() {
+    if !e.has_references() && e.dependents.is_empty() {
         return Ok(res);
     }
     let mut memo = ctx.memo.lock().await;

@@ -322,6 +322,15 @@ fn rule(e: &Expr, doc: &RawDocument, what: &str) -> Result<bool, MapError> {
 }
 
 impl Entity {
+    /// A column of the entity or of one of its child tables references another entity.
+    pub fn has_references(&self) -> bool {
+        self.columns.iter().any(|c| c.references.is_some())
+            || self
+                .children
+                .iter()
+                .any(|c| c.columns.iter().any(|c| c.references.is_some()))
+    }
+
     /// Map one document: a row with its child rows, a deletion, or filtered.
     pub fn map(&self, doc: &RawDocument) -> Result<Outcome, MapError> {
         // One pass over the document's fields instead of one per column.
@@ -404,6 +413,17 @@ impl Entity {
 }
 
 impl Child {
+    /// The parent link is the parent's whole primary key (`parent_pk`), in any order: then
+    /// `migrate` declares the child's foreign key to its parent, and a parent that is not
+    /// stored has no child rows.
+    pub fn links_whole_parent_key(&self, parent_pk: &[usize]) -> bool {
+        let mut pk = parent_pk.to_vec();
+        let mut links: Vec<usize> = self.parent_links.iter().map(|(_, p)| *p).collect();
+        pk.sort_unstable();
+        links.sort_unstable();
+        pk == links
+    }
+
     fn map(&self, doc: &RawDocument, parent_row: &[Value]) -> Result<Vec<Vec<Value>>, MapError> {
         let err = |message: String| MapError {
             column: format!("{}.{}", self.name, self.path.join(".")),

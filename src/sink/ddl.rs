@@ -64,11 +64,7 @@ pub fn foreign_keys(mapping: &Mapping, table: &str) -> Vec<(String, String)> {
             }
             if let Some(ch) = child {
                 let parent_cols: Vec<usize> = ch.parent_links.iter().map(|(_, p)| *p).collect();
-                let mut sorted_pk = e.pk.clone();
-                sorted_pk.sort();
-                let mut sorted_links = parent_cols.clone();
-                sorted_links.sort();
-                if sorted_pk == sorted_links {
+                if ch.links_whole_parent_key(&e.pk) {
                     let mine: Vec<String> = ch
                         .parent_links
                         .iter()

@@ -928,9 +928,9 @@ async fn write_rows<T: TableOps>(
         if written.is_some() {
             none_stored = true;
             is_new = vec![true; rows.len()];
-            let (ins, upd, _) = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);
-            out.inserted += ins;
-            out.updated += upd;
+            let u = trk.upserts(e.table_ref(), &Default::default(), rows, row_meta);
+            out.inserted += u.inserted;
+            out.updated += u.updated;
         }
     }
     if written.is_none() && trk.on && !rows.is_empty() {
@@ -940,18 +940,11 @@ async fn write_rows<T: TableOps>(
             tx.select_rows(e.table_ref(), &e.pk, &keys).await?,
         );
         none_stored = old.is_empty();
-        is_new = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| match row_meta.get(i) {
-                Some((k, _)) => !old.contains_key(k),
-                None => !old.contains_key(&crate::canon::key_of_row(e.table_ref(), r)),
-            })
-            .collect();
-        let (ins, upd, s) = trk.upserts(e.table_ref(), &old, rows, row_meta);
-        out.inserted += ins;
-        out.updated += upd;
-        same = s;
+        let u = trk.upserts(e.table_ref(), &old, rows, row_meta);
+        out.inserted += u.inserted;
+        out.updated += u.updated;
+        is_new = u.stored.iter().map(|s| !s).collect();
+        same = u.same;
     }
     out.written = match written {
         Some(n) => n,
@@ -985,18 +978,10 @@ async fn write_rows<T: TableOps>(
             .collect();
         let mut new_rows = std::borrow::Cow::Borrowed(all_rows);
         // Parents that did not exist cannot have child rows: the child's foreign key to its
-        // parent (declared by `migrate` when the link is the parent's whole primary key)
-        // keeps orphans out. Their children are inserted without reading first; should a
-        // child key exist anyway (under another parent), the insert is undone to its
+        // parent keeps orphans out. Their children are inserted without reading first; should
+        // a child key exist anyway (under another parent), the insert is undone to its
         // savepoint and the rows go the usual way.
-        let links_are_parent_pk = {
-            let mut pk = e.pk.clone();
-            let mut links = parent_cols.clone();
-            pk.sort_unstable();
-            links.sort_unstable();
-            pk == links
-        };
-        if links_are_parent_pk
+        if c.links_whole_parent_key(&e.pk)
             && deletes.is_empty()
             && soft_deletes.is_empty()
             && is_new.contains(&true)
@@ -1043,7 +1028,7 @@ async fn write_rows<T: TableOps>(
                     .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
                 trk.deletes(c.table_ref(), &gone);
                 let old = provenance::index_rows(c.table_ref(), old);
-                child_same = trk.upserts(c.table_ref(), &old, &new_rows, &[]).2;
+                child_same = trk.upserts(c.table_ref(), &old, &new_rows, &[]).same;
                 gone.iter().map(|r| key_of(r, &c.pk)).collect()
             } else {
                 let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;

@@ -27,6 +27,18 @@ impl Change {
     }
 }
 
+/// What [`Tracker::upserts`] found for a table's rows about to be upserted.
+#[derive(Debug, Default)]
+pub struct Upserts {
+    /// Rows not stored before, and rows stored with other content.
+    pub inserted: u64,
+    pub updated: u64,
+    /// Per row: stored with the same content (the writer leaves those alone).
+    pub same: Vec<bool>,
+    /// Per row: a row with its key was stored.
+    pub stored: Vec<bool>,
+}
+
 /// Changes of one batch, keyed by `(table, canonical pk)`; the first before-image and the
 /// last after-hash of a row win (a row may be written twice in one batch: pulled and main).
 #[derive(Debug, Default)]
@@ -74,17 +86,19 @@ impl Tracker {
 
     /// `new` rows about to be upserted, against the `old` rows with the same keys; with
     /// `prepared`, the canonical key and hash of each new row, computed ahead (else here).
-    /// Returns (inserted, updated) for this table, and for each new row whether it is
-    /// identical to the stored one (the writer leaves those alone).
+    /// Returns what [`Upserts`] says.
     pub fn upserts(
         &mut self,
         t: TableRef<'_>,
         old: &HashMap<String, Vec<Value>>,
         new: &[Vec<Value>],
         prepared: &[(String, String)],
-    ) -> (u64, u64, Vec<bool>) {
-        let (mut ins, mut upd) = (0, 0);
-        let mut same = vec![false; new.len()];
+    ) -> Upserts {
+        let mut out = Upserts {
+            same: vec![false; new.len()],
+            stored: vec![true; new.len()],
+            ..Default::default()
+        };
         for (n, row) in new.iter().enumerate() {
             let (key, after) = match prepared.get(n) {
                 Some((k, h)) => (k.clone(), h.clone()),
@@ -92,18 +106,19 @@ impl Tracker {
             };
             match old.get(&key) {
                 None => {
-                    ins += 1;
+                    out.inserted += 1;
+                    out.stored[n] = false;
                     self.record(t.name, key, None, Some(after));
                 }
                 Some(prev) if canon::row_hash(t, prev) != after => {
-                    upd += 1;
+                    out.updated += 1;
                     let before = canon::row_json(t, prev).to_string();
                     self.record(t.name, key, Some(before), Some(after));
                 }
-                Some(_) => same[n] = true,
+                Some(_) => out.same[n] = true,
             }
         }
-        (ins, upd, same)
+        out
     }
 
     /// Rows about to be deleted.
