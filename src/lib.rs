@@ -16,6 +16,7 @@ pub mod progress;
 pub mod prom;
 pub mod pulled;
 pub mod record;
+pub mod records;
 pub mod reports;
 pub mod resolve;
 pub mod rollback;

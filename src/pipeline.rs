@@ -34,6 +34,8 @@ pub struct Ctx {
     pub memo: tokio::sync::Mutex<crate::resolve::Memo>,
     /// Rows this run wrote on demand, so a lane reading them again skips them.
     pub pulled: std::sync::Mutex<crate::pulled::Pulled>,
+    /// Which documents have dead letters, missing references or pending records.
+    pub records: crate::records::Known,
     /// Every batch is rolled back instead of committed and no checkpoint is saved.
     pub dry_run: bool,
     /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
@@ -58,6 +60,7 @@ impl Ctx {
             stop,
             memo: Default::default(),
             pulled: Default::default(),
+            records: Default::default(),
             dry_run: false,
             provenance: settings.sync.provenance,
             settings,
@@ -551,6 +554,7 @@ pub async fn commit_batch(
             checkpoint: cp,
             run_id: &ctx.run_id,
             mapping_version: &ctx.mapping.version,
+            known: Some(&ctx.records),
             before: &res.before,
             after: &res.after,
             other_dead: &res.other_dead,
@@ -1009,6 +1013,7 @@ pub async fn retry_pending(ctx: &Ctx, e: &Entity) -> Result<Counts> {
                 clear_refs: &clear,
                 run_id: &ctx.run_id,
                 mapping_version: &ctx.mapping.version,
+                known: Some(&ctx.records),
                 ..Default::default()
             })
             .await?;
@@ -1041,6 +1046,7 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
             dead: &dead,
             run_id: &ctx.run_id,
             mapping_version: &ctx.mapping.version,
+            known: Some(&ctx.records),
             dry_run: ctx.dry_run,
             ..Default::default()
         })

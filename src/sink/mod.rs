@@ -117,6 +117,10 @@ pub struct BatchWrite<'a> {
     /// `(entity, source id)` of pulled documents written: their missing-reference records
     /// are cleared (before `missing` is written, so a reference still missing stays recorded).
     pub clear_pulled: &'a [(String, String)],
+    /// Which documents have records this run knows of (see [`crate::records`]): only their
+    /// ids are sent to the clearing deletes above, and the records written are added. `None`:
+    /// every id is sent.
+    pub known: Option<&'a crate::records::Known>,
     /// Roll the transaction back instead of committing it: the batch is counted, not kept.
     pub dry_run: bool,
     /// Record what the batch changes in `tidemark_provenance` (for `tidemark rollback`).
@@ -366,10 +370,47 @@ impl Sink {
     async fn write_batch_tx(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
         let now = ms(Utc::now());
         let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
+        let mut pulled: IndexMap<&str, Vec<String>> = IndexMap::new();
+        for (entity, id) in b.clear_pulled {
+            pulled.entry(entity.as_str()).or_default().push(id.clone());
+        }
+        // Only ids that can have records are sent to the clearing deletes (crate::records).
+        let (resolved, clear_refs) = match b.known {
+            Some(known) => {
+                for entity in std::iter::once(entity_name).chain(pulled.keys().copied()) {
+                    if !known.is_loaded(entity) {
+                        known.load(entity, self.record_ids(entity, crate::records::CAP).await?);
+                    }
+                }
+                for (entity, ids) in pulled.iter_mut() {
+                    *ids = known.may_have(entity, ids);
+                }
+                for d in b.dead {
+                    known.add(entity_name, &d.source_id);
+                }
+                for (entity, d) in b.other_dead {
+                    known.add(entity, &d.source_id);
+                }
+                for m in b.missing {
+                    known.add(&m.entity, &m.source_id);
+                }
+                for (id, _) in b.deferred {
+                    known.add(entity_name, id);
+                }
+                (
+                    std::borrow::Cow::Owned(known.may_have(entity_name, b.resolved)),
+                    std::borrow::Cow::Owned(known.may_have(entity_name, b.clear_refs)),
+                )
+            }
+            None => (
+                std::borrow::Cow::Borrowed(b.resolved),
+                std::borrow::Cow::Borrowed(b.clear_refs),
+            ),
+        };
         let out = on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             // Documents that map now clear their old dead letters first.
-            tx.delete_source_ids("tidemark_dead_letters", entity_name, b.resolved).await?;
+            tx.delete_source_ids("tidemark_dead_letters", entity_name, &resolved).await?;
             // One multi-row statement per 1,000 dead letters; a key appearing twice keeps its
             // last version (one statement may not upsert the same row twice).
             let mut dead: IndexMap<(&str, &str), &DeadLetter> = IndexMap::new();
@@ -390,11 +431,7 @@ impl Sink {
                 q.build().execute(&mut *tx).await.context("recording dead letters")?;
             }
             for table in ["tidemark_missing_refs", "tidemark_pending"] {
-                tx.delete_source_ids(table, entity_name, b.clear_refs).await?;
-            }
-            let mut pulled: IndexMap<&str, Vec<String>> = IndexMap::new();
-            for (entity, id) in b.clear_pulled {
-                pulled.entry(entity.as_str()).or_default().push(id.clone());
+                tx.delete_source_ids(table, entity_name, &clear_refs).await?;
             }
             for (entity, ids) in &pulled {
                 tx.delete_source_ids("tidemark_missing_refs", entity, ids).await?;
@@ -581,6 +618,22 @@ impl Sink {
             other => anyhow::bail!("not a per-entity tool table: {other}"),
         };
         Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(&sql).bind(entity).fetch_one(p).await?))
+    }
+
+    /// Source ids of `entity` with a dead letter, a missing reference or a pending record;
+    /// `None` when there are more than `cap` (see [`crate::records`]).
+    pub async fn record_ids(
+        &self,
+        entity: &str,
+        cap: usize,
+    ) -> Result<Option<std::collections::HashSet<String>>> {
+        let sql = "SELECT source_id FROM tidemark_dead_letters WHERE entity = $1 \
+                   UNION SELECT source_id FROM tidemark_missing_refs WHERE entity = $1 \
+                   UNION SELECT source_id FROM tidemark_pending WHERE entity = $1 LIMIT $2";
+        let ids: Vec<String> = on_pool!(self, p => sqlx::query_scalar(sql)
+            .bind(entity).bind(cap as i64 + 1).fetch_all(p).await
+            .with_context(|| format!("reading which documents of {entity} have records"))?);
+        Ok((ids.len() <= cap).then(|| ids.into_iter().collect()))
     }
 
     /// Pending documents of an entity: `(source_id, attempts)`.

@@ -24,6 +24,7 @@ mod ops_lock;
 mod ops_status;
 mod ops_systemd;
 mod ops_util;
+mod records;
 mod schema;
 mod security;
 mod ties;
