@@ -108,6 +108,10 @@ pub struct Counts {
     /// presumes a first load, [`crate::sink::BatchWrite::presume_new`]). Not summed.
     #[serde(skip)]
     pub all_new: bool,
+    /// Of one batch: it had dependents and none was stored before (the next batch presumes
+    /// the same, [`crate::sink::BatchWrite::presume_dependents_new`]). Not summed.
+    #[serde(skip)]
+    pub dependents_new: bool,
 }
 
 impl Counts {
@@ -198,6 +202,8 @@ pub struct MappedPage {
     pub row_meta: Vec<(String, String)>,
     /// Write without reading first (the window's previous batch was all new rows).
     pub presume_new: bool,
+    /// Write the dependents without reading first (the previous batch's were all new).
+    pub presume_dependents_new: bool,
     /// For each row, the index of its document in the page.
     pub row_docs: Vec<usize>,
     /// Per child table: rows of the kept parents, de-duplicated on the child key.
@@ -565,6 +571,7 @@ pub async fn commit_batch(
             dry_run: ctx.dry_run,
             provenance: ctx.provenance,
             presume_new: mapped.presume_new,
+            presume_dependents_new: mapped.presume_dependents_new,
         })
         .await?;
     Ok(Counts {
@@ -588,6 +595,7 @@ pub async fn commit_batch(
         limit_hits: res.limit_hit.is_some() as u64,
         source_queries,
         all_new: out.all_new,
+        dependents_new: out.dependents_new,
     })
 }
 
@@ -738,6 +746,7 @@ async fn drive_window(
         map_time,
     } = opened;
     let mut presume_new = presume_new;
+    let mut presume_dependents_new = false;
     // Where the window's time went: waiting for the next mapped page (`wait_ms`), resolving
     // it (`resolve_ms`: source reads and mapping of what it pulls) and writing the batch
     // before it (`write_ms`), which run at the same time; the mapper waiting for the
@@ -753,6 +762,7 @@ async fn drive_window(
         let commit = async {
             let (page, mut ready) = ahead.take()?;
             ready.mapped.presume_new = presume_new;
+            ready.mapped.presume_dependents_new = presume_dependents_new;
             let cp = Checkpoint {
                 lane: lane.to_owned(),
                 entity: e.name.clone(),
@@ -790,6 +800,7 @@ async fn drive_window(
                 }
             };
             presume_new = c.all_new;
+            presume_dependents_new = c.dependents_new;
             batches += 1;
             counts.add(&c);
             debug!(entity = %e.name, batch = batches, docs, written = c.written, "batch committed");

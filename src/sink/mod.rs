@@ -129,6 +129,11 @@ pub struct BatchWrite<'a> {
     /// without reading them first; if one turns out to exist, the batch's transaction is
     /// rolled back and the batch written again the usual way (read, then upsert).
     pub presume_new: bool,
+    /// The same for the dependents (`after`): their rows are inserted without reading them
+    /// first; one that exists rolls the batch back and it is written again the usual way.
+    /// (A viz pulls its content, commits and events: on a first load none of them exists,
+    /// and reading them back cost one query per dependent table per batch.)
+    pub presume_dependents_new: bool,
 }
 
 /// A batch that presumed a first load found a row already stored; its transaction is rolled
@@ -180,6 +185,9 @@ pub struct BatchOutcome {
     /// None of the entity's rows was stored before this batch (the next batch of the window
     /// may then try [`BatchWrite::presume_new`]).
     pub all_new: bool,
+    /// There were dependents (`after`) and none of their rows was stored before this batch
+    /// (the next batch may then try [`BatchWrite::presume_dependents_new`]).
+    pub dependents_new: bool,
 }
 
 /// A row of the runs ledger.
@@ -353,6 +361,7 @@ impl Sink {
             Err(e) if e.chain().any(|c| c.is::<PresumedNewConflict>()) => {
                 let again = BatchWrite {
                     presume_new: false,
+                    presume_dependents_new: false,
                     ..b.clone()
                 };
                 self.write_batch_tx(&again).await
@@ -460,9 +469,12 @@ impl Sink {
                 }, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
+            out.dependents_new = b.after.iter().any(|r| !r.rows.is_empty());
             for r in b.after {
-                let o = write_rows(&mut tx, r.entity, Rows { rows: &r.rows, children: &r.children, ..Default::default() }, &mut trk).await?;
+                let rows = Rows { rows: &r.rows, children: &r.children, presume_new: b.presume_dependents_new, ..Default::default() };
+                let o = write_rows(&mut tx, r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
+                out.dependents_new &= o.all_new || r.rows.is_empty();
             }
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
                 let inserted = trk.inserted_by_table();
