@@ -881,3 +881,109 @@ async fn pulled_duplicates_keep_the_latest_version_sqlite() {
 async fn pulled_duplicates_keep_the_latest_version_postgres() {
     pulled_duplicates_keep_the_latest_version(Backend::Postgres).await;
 }
+
+/// While a batch's dependents were all new, the next batch inserts its own without reading
+/// them first; a dependent that exists after all (commit `c3`, written by an earlier run
+/// under another viz, then moved to `v3`) rolls the batch back and it is written the usual way.
+/// The result, the counts and a rollback are the same as without the presumption.
+async fn dependents_presumed_new(backend: Backend) {
+    let env = vizhub_env("deps_presumed", backend).await;
+    // One viz per batch, so each batch follows one whose dependents were new.
+    let mapping = std::fs::read_to_string(&env.mapping_path).unwrap();
+    let one = mapping.replace("batch_size = 250", "batch_size = 1");
+    assert_ne!(one, mapping);
+    std::fs::write(&env.mapping_path, one).unwrap();
+    env.insert("user", vec![user("u1")]).await;
+    let vizzes: Vec<Document> = (1..=4)
+        .map(|i| viz(&format!("v{i}"), "u1", T + i, None, &["u1"], &[]))
+        .collect();
+    env.insert("documentInfo", vizzes).await;
+    env.insert(
+        "documentContent",
+        (1..=4)
+            .map(|i| doc! { "id": format!("v{i}"), "files": [{ "name": "a.js", "text": format!("{i}") }], "lastUpdatedTimestamp": T + i })
+            .collect(),
+    )
+    .await;
+    // Run 1 writes c3 under v9 (pulled with it); then c3 moves to v3.
+    env.insert(
+        "documentInfo",
+        vec![viz("v9", "u1", T - 86_400 * 10, None, &[], &[])],
+    )
+    .await;
+    let commit = |i: i64, viz: &str, at: i64| doc! { "id": format!("c{i}"), "vizId": viz, "authorId": "u1", "timestamp": at * 1000, "message": format!("m{i}") };
+    env.insert(
+        "commits",
+        vec![
+            commit(1, "v1", T + 1),
+            commit(2, "v2", T + 2),
+            commit(3, "v9", T - 500),
+            commit(4, "v4", T + 4),
+        ],
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    run(s.clone(), opts(&["commits"], T - 400), Default::default())
+        .await
+        .expect("run 1: commits up to c3, which pulls v9");
+    assert_eq!(count(&env, "commits").await, 1);
+    assert_eq!(count(&env, "vizzes").await, 1);
+    env.db
+        .collection::<Document>("commits")
+        .update_one(
+            doc! { "id": "c3" },
+            doc! { "$set": { "vizId": "v3", "timestamp": (T + 3) * 1000 } },
+        )
+        .await
+        .unwrap();
+    let tables = ["vizzes", "viz_contents", "files", "commits", "upvotes"];
+    let mut before = Vec::new();
+    for t in tables {
+        before.push(env.dump(&env.target_url, t).await);
+    }
+
+    let r = run(s.clone(), opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run 2");
+
+    let c = r.entities[0].counts;
+    assert_eq!((c.read, c.written), (4, 4), "{r}");
+    // Four contents with a file each, three new commits and c3 moved.
+    assert_eq!(c.pulled_written, 4 + 4 + 4, "{r}");
+    assert_eq!(count(&env, "commits").await, 4);
+    assert_eq!(count(&env, "viz_contents").await, 4);
+    assert_eq!(count(&env, "files").await, 4);
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM commits WHERE id = 'c3' AND viz_id = 'v3' AND message = 'm3'"
+        )
+        .await,
+        1
+    );
+    // Rolling back deletes v3, which sets c3's viz_id to NULL (ON DELETE SET NULL) before c3's
+    // own record is undone, so a plain rollback stops on c3 as "changed by someone else"
+    // (also without the presumption; see the issue note). --force restores c3 regardless:
+    // every row the run inserted without reading must still be undone.
+    tidemark::rollback::rollback(s.clone(), &r.run_id, false, true)
+        .await
+        .unwrap_or_else(|e| panic!("rollback: {e:#}"));
+    for (t, was) in tables.iter().zip(before) {
+        assert_eq!(
+            env.dump(&env.target_url, t).await,
+            was,
+            "{t} after rollback"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dependents_presumed_new_sqlite() {
+    dependents_presumed_new(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn dependents_presumed_new_postgres() {
+    dependents_presumed_new(Backend::Postgres).await;
+}
