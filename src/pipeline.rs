@@ -572,6 +572,7 @@ pub async fn commit_batch(
             provenance: ctx.provenance,
             presume_new: mapped.presume_new,
             presume_dependents_new: mapped.presume_dependents_new,
+            optimistic_children: true,
         })
         .await?;
     Ok(Counts {

@@ -134,6 +134,11 @@ pub struct BatchWrite<'a> {
     /// (A viz pulls its content, commits and events: on a first load none of them exists,
     /// and reading them back cost one query per dependent table per batch.)
     pub presume_dependents_new: bool,
+    /// Child rows of parents that were not stored are inserted without a savepoint: a key
+    /// that exists anyway (under another parent) rolls the batch back, and it is written again
+    /// with a savepoint around each such insert. Saves two round-trips per child table and
+    /// batch (about 5,900 on the benchmark's full mapping), where such conflicts never happen.
+    pub optimistic_children: bool,
 }
 
 /// A batch that presumed a first load found a row already stored; its transaction is rolled
@@ -362,6 +367,7 @@ impl Sink {
                 let again = BatchWrite {
                     presume_new: false,
                     presume_dependents_new: false,
+                    optimistic_children: false,
                     ..b.clone()
                 };
                 self.write_batch_tx(&again).await
@@ -458,20 +464,21 @@ impl Sink {
             }
             let mut out = BatchOutcome::default();
             let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
+            let optimistic = b.optimistic_children;
             for r in b.before {
-                let o = write_rows(&mut tx, r.entity, Rows { rows: &r.rows, children: &r.children, ..Default::default() }, &mut trk).await?;
+                let o = write_rows(&mut tx, r.entity, Rows { rows: &r.rows, children: &r.children, optimistic, ..Default::default() }, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if let Some(e) = b.entity {
                 let o = write_rows(&mut tx, e, Rows {
                     rows: b.rows, meta: b.row_meta, children: b.children, deletes: b.deletes, soft_deletes: b.soft_deletes,
-                    presume_new: b.presume_new,
+                    presume_new: b.presume_new, optimistic,
                 }, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
             out.dependents_new = b.after.iter().any(|r| !r.rows.is_empty());
             for r in b.after {
-                let rows = Rows { rows: &r.rows, children: &r.children, presume_new: b.presume_dependents_new, ..Default::default() };
+                let rows = Rows { rows: &r.rows, children: &r.children, presume_new: b.presume_dependents_new, optimistic, ..Default::default() };
                 let o = write_rows(&mut tx, r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
                 out.dependents_new &= o.all_new || r.rows.is_empty();
@@ -921,6 +928,8 @@ struct Rows<'a> {
     deletes: &'a [Vec<Value>],
     soft_deletes: &'a [(Vec<Value>, Value)],
     presume_new: bool,
+    /// [`BatchWrite::optimistic_children`].
+    optimistic: bool,
 }
 
 /// Deletions, the entity's rows, then each child table's replace-the-whole-set. With the
@@ -939,6 +948,7 @@ async fn write_rows<T: TableOps>(
         deletes,
         soft_deletes,
         presume_new,
+        optimistic,
     } = w;
     let mut out = BatchOutcome::default();
     if !deletes.is_empty() {
@@ -1045,7 +1055,8 @@ async fn write_rows<T: TableOps>(
         // Parents that did not exist cannot have child rows: the child's foreign key to its
         // parent keeps orphans out. Their children are inserted without reading first; should
         // a child key exist anyway (under another parent), the insert is undone to its
-        // savepoint and the rows go the usual way.
+        // savepoint and the rows go the usual way (optimistic: the whole batch is rolled back
+        // and written again that way).
         if c.links_whole_parent_key(&e.pk)
             && deletes.is_empty()
             && soft_deletes.is_empty()
@@ -1067,6 +1078,8 @@ async fn write_rows<T: TableOps>(
             };
             let inserted = if fresh.is_empty() {
                 Some(0)
+            } else if optimistic {
+                tx.insert_presumed(c.table_ref(), &fresh).await?
             } else {
                 tx.try_insert(c.table_ref(), &fresh).await?
             };
@@ -1092,7 +1105,19 @@ async fn write_rows<T: TableOps>(
                     .cloned()
                     .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
                 trk.deletes(c.table_ref(), &gone);
-                let old = provenance::index_rows(c.table_ref(), old);
+                let mut old = provenance::index_rows(c.table_ref(), old);
+                // A row new under these parents may be stored under another parent (two
+                // parents' arrays name the same child key): read those by key too, so the
+                // move is recorded as an update and a rollback puts the row back.
+                let unseen: Vec<Vec<Value>> = new_rows
+                    .iter()
+                    .filter(|r| !old.contains_key(&crate::canon::key_of_row(c.table_ref(), r)))
+                    .map(|r| key_of(r, &c.pk))
+                    .collect();
+                if !unseen.is_empty() {
+                    let elsewhere = tx.select_rows(c.table_ref(), &c.pk, &unseen).await?;
+                    old.extend(provenance::index_rows(c.table_ref(), elsewhere));
+                }
                 child_same = trk.upserts(c.table_ref(), &old, &new_rows, &[]).same;
                 gone.iter().map(|r| key_of(r, &c.pk)).collect()
             } else {
