@@ -135,6 +135,11 @@ async fn undo_chunk<T: TableOps>(
             _ => runs.push((p.table.as_str(), vec![p])),
         }
     }
+    // Check every row of the chunk before changing any, then restore before-images, then
+    // delete what the run inserted: deleting an inserted parent first would let its foreign
+    // keys' ON DELETE SET NULL / CASCADE change rows still to be checked or restored (a commit
+    // the run moved to a viz it inserted; a child row moved to a new parent).
+    let mut plan = Vec::new();
     for (name, provs) in runs {
         let t = *tables.get(name).ok_or_else(|| {
             anyhow!("run wrote table {name}, which the current mapping no longer declares; restore the mapping that wrote it, then roll back")
@@ -171,12 +176,18 @@ async fn undo_chunk<T: TableOps>(
                 None => delete.push(key),
             }
         }
+        plan.push((name, t, restore, delete));
+    }
+    for (name, t, restore, _) in &plan {
         if !restore.is_empty() {
-            tx.upsert_rows(t, &restore).await?;
-            tally.restored += restore.len() as u64;
+            tx.upsert_rows(*t, restore).await?;
+            rep.tables.entry(name.to_string()).or_default().restored += restore.len() as u64;
         }
+    }
+    for (name, t, _, delete) in &plan {
         if !delete.is_empty() {
-            tally.deleted += tx.delete_keys(t, t.pk, &delete).await?;
+            let n = tx.delete_keys(*t, t.pk, delete).await?;
+            rep.tables.entry(name.to_string()).or_default().deleted += n;
         }
     }
     Ok(())

@@ -962,11 +962,9 @@ async fn dependents_presumed_new(backend: Backend) {
         .await,
         1
     );
-    // Rolling back deletes v3, which sets c3's viz_id to NULL (ON DELETE SET NULL) before c3's
-    // own record is undone, so a plain rollback stops on c3 as "changed by someone else"
-    // (also without the presumption; see the issue note). --force restores c3 regardless:
-    // every row the run inserted without reading must still be undone.
-    tidemark::rollback::rollback(s.clone(), &r.run_id, false, true)
+    // The rollback restores c3 (under v9) before it deletes v3, whose ON DELETE SET NULL
+    // would otherwise change c3 first; every row inserted without reading is undone.
+    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
         .await
         .unwrap_or_else(|e| panic!("rollback: {e:#}"));
     for (t, was) in tables.iter().zip(before) {
@@ -1050,10 +1048,8 @@ item_id = { parent = "id", type = "bigint" }
         (1, 2, 2)
     );
     // The move is recorded as an update of `b` (before: under item 1), so a rollback puts it
-    // back. Undoing item 2's insert cascades to `b` before `b`'s own record is undone, so a
-    // plain rollback stops on `b` as changed by someone else (see the issue note); --force
-    // applies the before-images regardless.
-    tidemark::rollback::rollback(s.clone(), &r.run_id, false, true)
+    // back, before it deletes item 2 (whose ON DELETE CASCADE would take `b` with it).
+    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
         .await
         .unwrap_or_else(|e| panic!("rollback: {e:#}"));
     assert_eq!(env.dump(&env.target_url, "parts").await, before);
