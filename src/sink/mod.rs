@@ -19,6 +19,7 @@ use sqlx::{
     postgres::PgPoolOptions, sqlite::SqliteConnectOptions, sqlite::SqlitePoolOptions, PgPool, Row,
     SqlitePool,
 };
+use std::borrow::Cow;
 use std::str::FromStr;
 use tracing::warn;
 
@@ -382,46 +383,68 @@ impl Sink {
         })
     }
 
-    async fn write_batch_tx(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
-        let now = ms(Utc::now());
+    /// The ids whose records a batch clears: its documents' dead letters (`resolved`), their
+    /// missing references and pending entries (`clear_refs`), and the pulled documents'
+    /// missing references by entity. With [`BatchWrite::known`], only ids that can have a
+    /// record, and the records the batch writes are noted first (see [`crate::records`]).
+    #[allow(clippy::type_complexity)]
+    async fn records_to_clear<'b>(
+        &self,
+        b: &'b BatchWrite<'_>,
+    ) -> Result<(
+        Cow<'b, [String]>,
+        Cow<'b, [String]>,
+        IndexMap<&'b str, Vec<String>>,
+    )> {
         let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
         let mut pulled: IndexMap<&str, Vec<String>> = IndexMap::new();
         for (entity, id) in b.clear_pulled {
             pulled.entry(entity.as_str()).or_default().push(id.clone());
         }
-        // Only ids that can have records are sent to the clearing deletes (crate::records).
-        let (resolved, clear_refs) = match b.known {
-            Some(known) => {
-                for entity in std::iter::once(entity_name).chain(pulled.keys().copied()) {
-                    if !known.is_loaded(entity) {
-                        known.load(entity, self.record_ids(entity, crate::records::CAP).await?);
-                    }
-                }
-                for (entity, ids) in pulled.iter_mut() {
-                    *ids = known.may_have(entity, ids);
-                }
-                for d in b.dead {
-                    known.add(entity_name, &d.source_id);
-                }
-                for (entity, d) in b.other_dead {
-                    known.add(entity, &d.source_id);
-                }
-                for m in b.missing {
-                    known.add(&m.entity, &m.source_id);
-                }
-                for (id, _) in b.deferred {
-                    known.add(entity_name, id);
-                }
-                (
-                    std::borrow::Cow::Owned(known.may_have(entity_name, b.resolved)),
-                    std::borrow::Cow::Owned(known.may_have(entity_name, b.clear_refs)),
-                )
-            }
-            None => (
-                std::borrow::Cow::Borrowed(b.resolved),
-                std::borrow::Cow::Borrowed(b.clear_refs),
-            ),
+        let Some(known) = b.known else {
+            return Ok((
+                Cow::Borrowed(b.resolved),
+                Cow::Borrowed(b.clear_refs),
+                pulled,
+            ));
         };
+        for entity in std::iter::once(entity_name).chain(pulled.keys().copied()) {
+            if !known.is_loaded(entity) {
+                known.load(entity, self.record_ids(entity, crate::records::CAP).await?);
+            }
+        }
+        for (entity, ids) in pulled.iter_mut() {
+            *ids = known.may_have(entity, ids);
+        }
+        let written = b
+            .dead
+            .iter()
+            .map(|d| (entity_name, d.source_id.as_str()))
+            .chain(
+                b.other_dead
+                    .iter()
+                    .map(|(e, d)| (e.as_str(), d.source_id.as_str())),
+            )
+            .chain(
+                b.missing
+                    .iter()
+                    .map(|m| (m.entity.as_str(), m.source_id.as_str())),
+            )
+            .chain(b.deferred.iter().map(|(id, _)| (entity_name, id.as_str())));
+        for (entity, id) in written {
+            known.add(entity, id);
+        }
+        Ok((
+            Cow::Owned(known.may_have(entity_name, b.resolved)),
+            Cow::Owned(known.may_have(entity_name, b.clear_refs)),
+            pulled,
+        ))
+    }
+
+    async fn write_batch_tx(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
+        let now = ms(Utc::now());
+        let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
+        let (resolved, clear_refs, pulled) = self.records_to_clear(b).await?;
         let out = on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             // Documents that map now clear their old dead letters first.
@@ -1051,7 +1074,7 @@ async fn write_rows<T: TableOps>(
             .map(|r| key_of(r, &parent_cols))
             .filter(|k| seen.insert(key_text(k)))
             .collect();
-        let mut new_rows = std::borrow::Cow::Borrowed(all_rows);
+        let mut new_rows = Cow::Borrowed(all_rows);
         // Parents that did not exist cannot have child rows: the child's foreign key to its
         // parent keeps orphans out. Their children are inserted without reading first; should
         // a child key exist anyway (under another parent), the insert is undone to its
@@ -1071,8 +1094,8 @@ async fn write_rows<T: TableOps>(
             let (fresh, rest): (Vec<&Vec<Value>>, Vec<&Vec<Value>>) = all_rows
                 .iter()
                 .partition(|r| born.contains(&key_text(&key_of(r, &by))));
-            let fresh: std::borrow::Cow<[Vec<Value>]> = if rest.is_empty() {
-                std::borrow::Cow::Borrowed(all_rows)
+            let fresh: Cow<[Vec<Value>]> = if rest.is_empty() {
+                Cow::Borrowed(all_rows)
             } else {
                 fresh.into_iter().cloned().collect::<Vec<_>>().into()
             };
@@ -1142,9 +1165,9 @@ async fn write_rows<T: TableOps>(
 /// only compare and skip them, a round-trip and index probes for nothing (a lane re-reading
 /// documents another lane already pulled finds most of them unchanged). Borrowed when
 /// nothing is left out.
-fn changed<'r>(rows: &'r [Vec<Value>], same: &[bool]) -> std::borrow::Cow<'r, [Vec<Value>]> {
+fn changed<'r>(rows: &'r [Vec<Value>], same: &[bool]) -> Cow<'r, [Vec<Value>]> {
     if !same.contains(&true) {
-        return std::borrow::Cow::Borrowed(rows);
+        return Cow::Borrowed(rows);
     }
     rows.iter()
         .zip(same)
