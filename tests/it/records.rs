@@ -40,16 +40,9 @@ async fn dead_ids(env: &Env) -> Vec<i64> {
 
 async fn run_until(s: &tidemark::settings::Settings, until: i64) -> tidemark::app::RunReport {
     let until = chrono::DateTime::from_timestamp(T + until, 0).unwrap();
-    tidemark::app::run(
-        s.clone(),
-        tidemark::app::RunOptions {
-            until: Some(until.to_rfc3339()),
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .expect("run")
+    crate::trust_util::run_until(s.clone(), &until.to_rfc3339(), false)
+        .await
+        .expect("run")
 }
 
 async fn cleared_when_fixed(backend: Backend) {
