@@ -31,8 +31,8 @@ fn main() {
 /// glibc gives each thread that allocates concurrently its own malloc arena (up to 8 per
 /// core), and each arena keeps its freed pages: with the runtime's workers and the blocking
 /// pool's mapping threads, the full VizHub mapping peaked at 178 MB RSS, against 130 MB with
-/// two arenas, at the same speed (BENCHMARKS.md, sixth round). An operator's own
-/// `MALLOC_ARENA_MAX` wins. No crate sets this (it is one libc call); other allocators
+/// two arenas (its wall time within the noise; the flat run ~6 % slower in an A/B, 51 against
+/// 59 MB: BENCHMARKS.md, sixth round). An operator's own `MALLOC_ARENA_MAX` wins. No crate sets this (it is one libc call); other allocators
 /// (musl, macOS) do not have arenas of this kind.
 fn cap_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
