@@ -2,7 +2,7 @@
 //! `migrate` creates) + SQLite: references pulled in bulk, dependents, fork chains,
 //! cycles, missing-reference policies, bounded round-trips.
 
-use crate::harness::{scalar_i64, Backend, Env};
+use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use bson::{doc, Document};
 use tidemark::app::{run, RunOptions};
 
@@ -990,17 +990,9 @@ async fn dependents_presumed_new_postgres() {
 /// after all under another parent (part `b` moves from item 1 to the new item 2), the batch
 /// is written again the careful way and the part moves. A rollback puts it back.
 async fn new_parent_takes_a_child_from_another(backend: Backend) {
-    const ITEMS: &str = r#"
-version = "test"
-[entities.items]
-collection = "items"
-time_field = "t"
-time_encoding = "epoch_seconds"
-table = "items"
-primary_key = ["id"]
-[entities.items.columns]
-id = { path = "_id", type = "bigint", required = true }
-t = { path = "t", type = "timestamptz", from = "epoch_seconds", required = true }
+    // The harness's items, with parts keyed by their own sku (not by the item).
+    let items = items_mapping("epoch_seconds")
+        + r#"
 [entities.items.children.parts]
 path = "parts"
 table = "parts"
@@ -1009,7 +1001,7 @@ primary_key = ["sku"]
 sku = { path = "sku", type = "text", required = true }
 item_id = { parent = "id", type = "bigint" }
 "#;
-    let env = Env::new("deps_child_moves", backend, ITEMS).await;
+    let env = Env::new("deps_child_moves", backend, &items).await;
     let part = |s: &str| doc! { "sku": s };
     env.insert(
         "items",

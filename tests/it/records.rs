@@ -2,24 +2,21 @@
 //! it writes cleanly; the run sends only the ids that can have one (`tidemark::records`).
 //! These tests check that no record that should go stays, and none that should stay goes.
 
-use crate::harness::{scalar_i64, Backend, Env};
+use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use bson::{doc, Document};
 
 const T: i64 = 1_600_000_000;
 
-const MAPPING: &str = r#"
-version = "test"
-[entities.items]
-collection = "items"
-time_field = "t"
-time_encoding = "epoch_seconds"
-table = "items"
-primary_key = ["id"]
-[entities.items.columns]
-id = { path = "_id", type = "bigint", required = true }
-t = { path = "t", type = "timestamptz", from = "epoch_seconds", required = true }
-v = { path = "v", type = "text", required = true }
-"#;
+/// The harness's items mapping, with `v` required (a document without it is a dead letter).
+fn mapping() -> String {
+    let m = items_mapping("epoch_seconds");
+    let required = m.replace(
+        r#"v = { path = "v", type = "text" }"#,
+        r#"v = { path = "v", type = "text", required = true }"#,
+    );
+    assert_ne!(required, m);
+    required
+}
 
 async fn dead_ids(env: &Env) -> Vec<i64> {
     let mut out = Vec::new();
@@ -47,7 +44,7 @@ async fn run_until(s: &tidemark::settings::Settings, until: i64) -> tidemark::ap
 
 async fn cleared_when_fixed(backend: Backend) {
     // Arrange: 40 items, three without the required `v` (dead letters), in batches of 7.
-    let env = Env::new("records", backend, MAPPING).await;
+    let env = Env::new("records", backend, &mapping()).await;
     let bad = [5i64, 17, 33];
     let docs: Vec<Document> = (1..=40i64)
         .map(|i| {
