@@ -3,7 +3,7 @@
 //! the daemon all go through [`catch_up`] / [`run_window`].
 
 use crate::exit::Failure;
-use crate::mapping::{Entity, Mapping, Outcome, Value};
+use crate::mapping::{Entity, Mapping, Outcome, TableRef, Value};
 use crate::settings::Settings;
 use crate::sink::{BatchWrite, Checkpoint, DeadLetter, Sink};
 use crate::source::{Page, Position, Source};
@@ -22,6 +22,8 @@ use tracing::{debug, info, warn};
 pub struct Ctx {
     pub settings: Settings,
     pub mapping: Mapping,
+    /// The mapping's entities by name, shared with work sent off the async runtime.
+    pub shared: HashMap<String, Arc<Entity>>,
     pub source: Source,
     pub sink: Sink,
     pub run_id: String,
@@ -51,7 +53,13 @@ impl Ctx {
         run_id: String,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let shared = mapping
+            .entities
+            .iter()
+            .map(|e| (e.name.clone(), Arc::new(e.clone())))
+            .collect();
         Ctx {
+            shared,
             mapping,
             source,
             sink,
@@ -200,6 +208,9 @@ pub struct MappedPage {
     pub rows: Vec<Vec<Value>>,
     /// Canonical key and hash of each row, when [`prepare`] computed them ahead.
     pub row_meta: Vec<(String, String)>,
+    /// The same per child table, for each of `children`' rows; emptied when the children
+    /// change after [`prepare`] (the writer then computes them itself).
+    pub child_meta: Vec<Vec<(String, String)>>,
     /// Write without reading first (the window's previous batch was all new rows).
     pub presume_new: bool,
     /// Write the dependents without reading first (the previous batch's were all new).
@@ -230,6 +241,7 @@ impl MappedPage {
             return Vec::new();
         }
         let meta = std::mem::take(&mut self.row_meta);
+        self.child_meta.clear();
         let has_meta = meta.len() == self.rows.len();
         let rows = std::mem::take(&mut self.rows);
         let docs = std::mem::take(&mut self.row_docs);
@@ -406,14 +418,25 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
 /// binds text while the database works (the window pipeline runs this in its mapper stage).
 pub fn prepare(e: &Entity, page: &mut MappedPage, hash: bool) {
     let t = e.table_ref();
-    if hash {
-        page.row_meta = page
-            .rows
-            .iter()
+    let meta = |t: TableRef<'_>, rows: &[Vec<Value>]| -> Vec<(String, String)> {
+        rows.iter()
             .map(|r| (crate::canon::key_of_row(t, r), crate::canon::row_hash(t, r)))
+            .collect()
+    };
+    if hash {
+        page.row_meta = meta(t, &page.rows);
+        page.child_meta = e
+            .children
+            .iter()
+            .zip(&page.children)
+            .map(|(c, rows)| meta(c.table_ref(), rows))
             .collect();
     }
-    for row in &mut page.rows {
+    for row in page
+        .rows
+        .iter_mut()
+        .chain(page.children.iter_mut().flatten())
+    {
         for v in row.iter_mut() {
             match v {
                 Value::Json(j) => *v = Value::json_text(j.to_string()),
@@ -552,6 +575,7 @@ pub async fn commit_batch(
             entity: Some(e),
             rows: &mapped.rows,
             row_meta: &mapped.row_meta,
+            child_meta: &mapped.child_meta,
             children: &mapped.children,
             deletes: &mapped.deletes,
             soft_deletes: &mapped.soft_deletes,
@@ -572,7 +596,7 @@ pub async fn commit_batch(
             provenance: ctx.provenance,
             presume_new: mapped.presume_new,
             presume_dependents_new: mapped.presume_dependents_new,
-            optimistic_children: true,
+            optimistic_inserts: true,
         })
         .await?;
     Ok(Counts {

@@ -93,6 +93,8 @@ pub struct BatchWrite<'a> {
     pub row_meta: &'a [(String, String)],
     /// Per child table of the entity: the complete new set of child rows of `rows`' parents.
     pub children: &'a [Vec<Vec<Value>>],
+    /// The same as `row_meta` for each child table's rows (empty: computed while writing).
+    pub child_meta: &'a [Vec<(String, String)>],
     /// Primary keys of rows to delete (deleted rule with action `delete`).
     pub deletes: &'a [Vec<Value>],
     /// Primary keys to soft-delete, with the deletion time.
@@ -135,11 +137,13 @@ pub struct BatchWrite<'a> {
     /// (A viz pulls its content, commits and events: on a first load none of them exists,
     /// and reading them back cost one query per dependent table per batch.)
     pub presume_dependents_new: bool,
-    /// Child rows of parents that were not stored are inserted without a savepoint: a key
-    /// that exists anyway (under another parent) rolls the batch back, and it is written again
-    /// with a savepoint around each such insert. Saves two round-trips per child table and
-    /// batch (about 5,900 on the benchmark's full mapping), where such conflicts never happen.
-    pub optimistic_children: bool,
+    /// Rows known to be absent (read as absent in this transaction, or child rows of parents
+    /// that were not stored) are inserted without a savepoint: a key that exists anyway
+    /// (another writer inserted it since the read; a child row stored under another parent)
+    /// rolls the batch back, and it is written again with a savepoint around each such
+    /// insert. Saves two round-trips per insert (about 8,400 on the benchmark's full
+    /// mapping), where such conflicts almost never happen.
+    pub optimistic_inserts: bool,
 }
 
 /// A batch that presumed a first load found a row already stored; its transaction is rolled
@@ -156,6 +160,10 @@ pub struct EntityRows<'a> {
     pub entity: &'a Entity,
     pub rows: Vec<Vec<Value>>,
     pub children: Vec<Vec<Vec<Value>>>,
+    /// Canonical key and hash of each row and of each child row, when computed ahead (as
+    /// [`BatchWrite::row_meta`] and [`BatchWrite::child_meta`]).
+    pub meta: Vec<(String, String)>,
+    pub child_meta: Vec<Vec<(String, String)>>,
 }
 
 /// A reference whose target does not exist in the source.
@@ -368,7 +376,7 @@ impl Sink {
                 let again = BatchWrite {
                     presume_new: false,
                     presume_dependents_new: false,
-                    optimistic_children: false,
+                    optimistic_inserts: false,
                     ..b.clone()
                 };
                 self.write_batch_tx(&again).await
@@ -474,11 +482,23 @@ impl Sink {
             for (entity, ids) in &pulled {
                 tx.delete_source_ids("tidemark_missing_refs", entity, ids).await?;
             }
+            // As the dead letters: one statement per 1,000, the last record per key kept.
+            let mut missing: IndexMap<(&str, &str, &str), &MissingRef> = IndexMap::new();
             for m in b.missing {
-                sqlx::query(MISSING_REF_UPSERT)
-                    .bind(&m.entity).bind(&m.source_id).bind(&m.column).bind(&m.ref_entity)
-                    .bind(&m.ref_key).bind(format!("{:?}", m.policy).to_lowercase()).bind(b.run_id).bind(now)
-                    .execute(&mut *tx).await?;
+                let key = (m.entity.as_str(), m.source_id.as_str(), m.column.as_str());
+                missing.shift_remove(&key);
+                missing.insert(key, m);
+            }
+            let missing: Vec<&MissingRef> = missing.into_values().collect();
+            for chunk in missing.chunks(1000) {
+                let mut q = sqlx::QueryBuilder::new(MISSING_REF_INSERT);
+                q.push_values(chunk, |mut row, m| {
+                    row.push_bind(m.entity.as_str()).push_bind(m.source_id.as_str()).push_bind(m.column.as_str())
+                        .push_bind(m.ref_entity.as_str()).push_bind(m.ref_key.as_str())
+                        .push_bind(format!("{:?}", m.policy).to_lowercase()).push_bind(b.run_id).push_bind(now);
+                });
+                q.push(MISSING_REF_CONFLICT);
+                q.build().execute(&mut *tx).await.context("recording missing references")?;
             }
             for (id, reason) in b.deferred {
                 sqlx::query(PENDING_UPSERT)
@@ -487,21 +507,25 @@ impl Sink {
             }
             let mut out = BatchOutcome::default();
             let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
-            let optimistic = b.optimistic_children;
+            let optimistic = b.optimistic_inserts;
             for r in b.before {
-                let o = write_rows(&mut tx, r.entity, Rows { rows: &r.rows, children: &r.children, optimistic, ..Default::default() }, &mut trk).await?;
+                let rows = Rows { rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta, optimistic, ..Default::default() };
+                let o = write_rows(&mut tx, r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if let Some(e) = b.entity {
                 let o = write_rows(&mut tx, e, Rows {
-                    rows: b.rows, meta: b.row_meta, children: b.children, deletes: b.deletes, soft_deletes: b.soft_deletes,
+                    rows: b.rows, meta: b.row_meta, children: b.children, child_meta: b.child_meta, deletes: b.deletes, soft_deletes: b.soft_deletes,
                     presume_new: b.presume_new, optimistic,
                 }, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
             out.dependents_new = b.after.iter().any(|r| !r.rows.is_empty());
             for r in b.after {
-                let rows = Rows { rows: &r.rows, children: &r.children, presume_new: b.presume_dependents_new, optimistic, ..Default::default() };
+                let rows = Rows {
+                    rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta,
+                    presume_new: b.presume_dependents_new, optimistic, ..Default::default()
+                };
                 let o = write_rows(&mut tx, r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
                 out.dependents_new &= o.all_new || r.rows.is_empty();
@@ -758,9 +782,9 @@ const DEAD_LETTER_CONFLICT: &str = " ON CONFLICT (entity, source_id) DO UPDATE S
     error = excluded.error, document = excluded.document, mapping_version = excluded.mapping_version, \
     created_at_ms = excluded.created_at_ms";
 
-const MISSING_REF_UPSERT: &str = "INSERT INTO tidemark_missing_refs \
-    (entity, source_id, column_name, ref_entity, ref_key, policy, run_id, seen_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-    ON CONFLICT (entity, source_id, column_name) DO UPDATE SET ref_entity = excluded.ref_entity, ref_key = excluded.ref_key, \
+const MISSING_REF_INSERT: &str = "INSERT INTO tidemark_missing_refs \
+    (entity, source_id, column_name, ref_entity, ref_key, policy, run_id, seen_at_ms) ";
+const MISSING_REF_CONFLICT: &str = " ON CONFLICT (entity, source_id, column_name) DO UPDATE SET ref_entity = excluded.ref_entity, ref_key = excluded.ref_key, \
     policy = excluded.policy, run_id = excluded.run_id, seen_at_ms = excluded.seen_at_ms";
 
 const PENDING_UPSERT: &str = "INSERT INTO tidemark_pending \
@@ -948,10 +972,11 @@ struct Rows<'a> {
     rows: &'a [Vec<Value>],
     meta: &'a [(String, String)],
     children: &'a [Vec<Vec<Value>>],
+    child_meta: &'a [Vec<(String, String)>],
     deletes: &'a [Vec<Value>],
     soft_deletes: &'a [(Vec<Value>, Value)],
     presume_new: bool,
-    /// [`BatchWrite::optimistic_children`].
+    /// [`BatchWrite::optimistic_inserts`].
     optimistic: bool,
 }
 
@@ -968,6 +993,7 @@ async fn write_rows<T: TableOps>(
         rows,
         meta: row_meta,
         children,
+        child_meta,
         deletes,
         soft_deletes,
         presume_new,
@@ -1046,7 +1072,7 @@ async fn write_rows<T: TableOps>(
     }
     out.written = match written {
         Some(n) => n,
-        None if none_stored => tx.insert_new(e.table_ref(), rows).await?,
+        None if none_stored => insert_absent(tx, e.table_ref(), rows, optimistic).await?,
         // Some new, some stored: the new ones are inserted (COPY on PostgreSQL), the stored
         // ones that changed upserted.
         None if is_new.contains(&true) => {
@@ -1057,7 +1083,7 @@ async fn write_rows<T: TableOps>(
                 .partition(|(_, (n, _))| **n);
             let fresh: Vec<Vec<Value>> = fresh.into_iter().map(|(r, _)| r.clone()).collect();
             let known: Vec<Vec<Value>> = known.into_iter().map(|(r, _)| r.clone()).collect();
-            tx.insert_new(e.table_ref(), &fresh).await?
+            insert_absent(tx, e.table_ref(), &fresh, optimistic).await?
                 + tx.upsert_rows(e.table_ref(), &known).await?
         }
         None => tx.upsert_rows(e.table_ref(), &changed(rows, &same)).await?,
@@ -1066,6 +1092,16 @@ async fn write_rows<T: TableOps>(
     out.unchanged = rows.len() as u64 - out.written;
     for (ci, c) in e.children.iter().enumerate() {
         let all_rows = children.get(ci).map(Vec::as_slice).unwrap_or_default();
+        // Keys and hashes of `all_rows`, when computed ahead.
+        let all_meta = child_meta
+            .get(ci)
+            .map(Vec::as_slice)
+            .filter(|m| m.len() == all_rows.len())
+            .unwrap_or_default();
+        let meta_of = |rows: &Cow<[Vec<Value>]>| match rows {
+            Cow::Borrowed(_) => all_meta,
+            Cow::Owned(_) => &[],
+        };
         let parent_cols: Vec<usize> = c.parent_links.iter().map(|(_, p)| *p).collect();
         let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
         let mut seen = std::collections::HashSet::new();
@@ -1108,7 +1144,7 @@ async fn write_rows<T: TableOps>(
             };
             if let Some(n) = inserted {
                 if trk.on {
-                    trk.upserts(c.table_ref(), &Default::default(), &fresh, &[]);
+                    trk.upserts(c.table_ref(), &Default::default(), &fresh, meta_of(&fresh));
                 }
                 out.child_written += n;
                 parents.retain(|k| !born.contains(&key_text(k)));
@@ -1132,16 +1168,21 @@ async fn write_rows<T: TableOps>(
                 // A row new under these parents may be stored under another parent (two
                 // parents' arrays name the same child key): read those by key too, so the
                 // move is recorded as an update and a rollback puts the row back.
+                let meta = meta_of(&new_rows);
                 let unseen: Vec<Vec<Value>> = new_rows
                     .iter()
-                    .filter(|r| !old.contains_key(&crate::canon::key_of_row(c.table_ref(), r)))
-                    .map(|r| key_of(r, &c.pk))
+                    .enumerate()
+                    .filter(|(n, r)| match meta.get(*n) {
+                        Some((k, _)) => !old.contains_key(k),
+                        None => !old.contains_key(&crate::canon::key_of_row(c.table_ref(), r)),
+                    })
+                    .map(|(_, r)| key_of(r, &c.pk))
                     .collect();
                 if !unseen.is_empty() {
                     let elsewhere = tx.select_rows(c.table_ref(), &c.pk, &unseen).await?;
                     old.extend(provenance::index_rows(c.table_ref(), elsewhere));
                 }
-                child_same = trk.upserts(c.table_ref(), &old, &new_rows, &[]).same;
+                child_same = trk.upserts(c.table_ref(), &old, &new_rows, meta).same;
                 gone.iter().map(|r| key_of(r, &c.pk)).collect()
             } else {
                 let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;
@@ -1159,6 +1200,23 @@ async fn write_rows<T: TableOps>(
             .await?;
     }
     Ok(out)
+}
+
+/// Insert rows this transaction read as absent: with `optimistic`, without a savepoint (a
+/// key another writer inserted since the read fails the batch, [`Sink::write_batch`] writes
+/// it again without the optimism); else undone to a savepoint and upserted on a conflict.
+async fn insert_absent<T: TableOps>(
+    tx: &mut T,
+    t: TableRef<'_>,
+    rows: &[Vec<Value>],
+    optimistic: bool,
+) -> Result<u64> {
+    if optimistic {
+        if let Some(n) = tx.insert_presumed(t, rows).await? {
+            return Ok(n);
+        }
+    }
+    tx.insert_new(t, rows).await
 }
 
 /// `rows` without those `same` marks as identical to their stored version: an upsert would

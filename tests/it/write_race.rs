@@ -1,14 +1,35 @@
 //! A first load writes rows it found absent with a plain INSERT (no ON CONFLICT). If another
 //! writer adds one of those keys between the batch's read and its insert, the batch must
-//! still land: the insert is undone to a savepoint and the upsert writes the batch's version.
+//! still land: either the insert is undone to a savepoint and the upsert writes the batch's
+//! version, or (optimistic inserts, no savepoint) the whole batch is written again.
 
 use crate::harness::{scalar_i64, Backend};
 use crate::trust_util::{item, run_until, seed};
 
 #[tokio::test]
 async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
-    // Arrange: a migrated target, and another session holding an uncommitted row 500.
-    let env = seed(Backend::Postgres, "race").await;
+    let out = race("race", false).await;
+    // The batch saw the row as new (the savepoint's upsert keeps that count).
+    assert_eq!(out.inserted, 1, "the batch read row 500 as absent: {out:?}");
+}
+
+#[tokio::test]
+async fn optimistic_insert_of_absent_rows_rewrites_the_batch_on_a_concurrent_insert() {
+    let out = race("race_opt", true).await;
+    // The first attempt failed on the rival's key; the batch written again read the rival's
+    // row and replaced it.
+    assert_eq!(
+        (out.inserted, out.updated),
+        (0, 1),
+        "the rewritten batch found row 500 stored: {out:?}"
+    );
+}
+
+/// Arrange a migrated target and another session holding an uncommitted row 500; write a
+/// batch with row 500 (read as absent: uncommitted), whose INSERT then waits on the rival's
+/// key; the rival commits while it waits. The batch's version and child rows must be stored.
+async fn race(name: &str, optimistic: bool) -> tidemark::sink::BatchOutcome {
+    let env = seed(Backend::Postgres, name).await;
     let url = env.target_url.clone();
     run_until(env.settings(), "2019-01-02", false)
         .await
@@ -22,8 +43,6 @@ async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
         .await
         .unwrap();
 
-    // Act: a batch with row 500 reads it as absent (uncommitted), then its INSERT waits on
-    // the rival's key; the rival commits while it waits.
     let sink = tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 2)
         .await
         .unwrap();
@@ -38,6 +57,7 @@ async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
                 run_id: "race",
                 mapping_version: "trust",
                 provenance: true,
+                optimistic_inserts: optimistic,
                 ..Default::default()
             })
             .await;
@@ -56,8 +76,6 @@ async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
         .unwrap()
         .expect("the batch lands despite the rival");
 
-    // Assert: the batch saw the row as new, and its version is the one stored.
-    assert_eq!(out.inserted, 1, "the batch read row 500 as absent: {out:?}");
     let v: String = sqlx::query_scalar("SELECT v FROM items WHERE id = 500")
         .fetch_one(&other)
         .await
@@ -69,6 +87,7 @@ async fn insert_of_absent_rows_survives_a_concurrent_insert_of_the_same_key() {
         "the batch's child rows landed too"
     );
     other.close().await;
+    out
 }
 
 /// A first load presumes each next batch is all new rows and inserts it without reading;
