@@ -211,6 +211,9 @@ pub struct MappedPage {
     /// The same per child table, for each of `children`' rows; emptied when the children
     /// change after [`prepare`] (the writer then computes them itself).
     pub child_meta: Vec<Vec<(String, String)>>,
+    /// [`crate::pulled::doc_hash`] of each of the page's documents (indexed like them), when
+    /// computed ahead, off the writer's task; empty: computed where needed.
+    pub doc_hashes: Vec<u64>,
     /// Write without reading first (the window's previous batch was all new rows).
     pub presume_new: bool,
     /// Write the dependents without reading first (the previous batch's were all new).
@@ -644,10 +647,11 @@ fn skip_pulled(
         .iter()
         .zip(&mapped.row_docs)
         .map(|(row, &di)| {
-            !pulled.take_same(
-                crate::pulled::key_hash(e, row),
-                crate::pulled::doc_hash(&docs[di]),
-            )
+            let doc = match mapped.doc_hashes.get(di) {
+                Some(&h) => h,
+                None => crate::pulled::doc_hash(&docs[di]),
+            };
+            !pulled.take_same(crate::pulled::key_hash(e, row), doc)
         })
         .collect();
     drop(pulled);
@@ -682,6 +686,14 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
     let (mtx, mrx) = tokio::sync::mpsc::channel::<Result<(Page, MappedPage)>>(1);
     let entity = Arc::new(e.clone());
     let hash = ctx.provenance || ctx.dry_run;
+    // Rows this run pulled earlier may be skipped (`skip_pulled`), which compares document
+    // hashes: computed here, with the mapping, when there is anything to compare against.
+    let hash_docs = e.dependents.is_empty()
+        && !ctx
+            .pulled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
     // The mapper's own split: waiting for the source's next page, and mapping.
     let source_wait = Arc::new(AtomicU64::new(0));
     let map_time = Arc::new(AtomicU64::new(0));
@@ -702,6 +714,9 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
                 page.map(|p| {
                     let mut m = map_page(&entity, &p.docs, true);
                     prepare(&entity, &mut m, hash);
+                    if hash_docs {
+                        m.doc_hashes = p.docs.iter().map(|d| crate::pulled::doc_hash(d)).collect();
+                    }
                     (p, m)
                 })
             })

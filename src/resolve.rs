@@ -247,10 +247,11 @@ pub async fn resolve<'m>(
             if !cut.is_empty() && cut.contains(&(l.entity.name.as_str(), source_id(doc).as_str())) {
                 continue;
             }
-            fresh.push((
-                crate::pulled::key_hash(l.entity, row),
-                crate::pulled::doc_hash(doc),
-            ));
+            let doc_hash = match l.page.doc_hashes.get(di) {
+                Some(&h) => h,
+                None => crate::pulled::doc_hash(doc),
+            };
+            fresh.push((crate::pulled::key_hash(l.entity, row), doc_hash));
         }
     }
     res.fresh = fresh;
@@ -357,6 +358,10 @@ async fn map_fetched(
     tokio::task::spawn_blocking(move || {
         let mut page = map_in_time_order(&e, &mut docs);
         crate::pipeline::prepare(&e, &mut page, hash);
+        // What `resolve` records in `fresh` (rows of entities without dependents).
+        if e.dependents.is_empty() {
+            page.doc_hashes = docs.iter().map(|d| crate::pulled::doc_hash(d)).collect();
+        }
         (docs, page)
     })
     .await

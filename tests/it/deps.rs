@@ -644,16 +644,18 @@ async fn pulled_then_reread_data(env: &Env) {
 /// pulled with the viz) skips them instead of resolving and writing them again, and the
 /// result is the same as runs that cannot skip (one lane per run): a row written with a
 /// reference nulled is written again, and of two documents for one key the later still wins.
-async fn lanes_skip_rows_this_run_pulled(backend: Backend) {
-    let one = vizhub_env("deps_skip_one_run", backend).await;
-    let apart = vizhub_env("deps_skip_apart", backend).await;
+/// With one document per page (the two versions of c3 land in different batches), and with
+/// pages of many (the document hashes computed with the mapping must stay with their
+/// documents).
+async fn lanes_skip_rows_this_run_pulled(backend: Backend, page: usize) {
+    let one = vizhub_env(&format!("deps_skip_one_run_{page}"), backend).await;
+    let apart = vizhub_env(&format!("deps_skip_apart_{page}"), backend).await;
     pulled_then_reread_data(&one).await;
     pulled_then_reread_data(&apart).await;
     let settings = |env: &Env| {
         let mut s = env.settings();
         s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
-        // One document per page: the two versions of c3 land in different batches.
-        s.source.batch_size = 1;
+        s.source.batch_size = page;
         s
     };
 
@@ -752,12 +754,17 @@ async fn lanes_skip_rows_this_run_pulled(backend: Backend) {
 
 #[tokio::test]
 async fn lanes_skip_rows_this_run_pulled_sqlite() {
-    lanes_skip_rows_this_run_pulled(Backend::Sqlite).await;
+    lanes_skip_rows_this_run_pulled(Backend::Sqlite, 1).await;
 }
 
 #[tokio::test]
 async fn lanes_skip_rows_this_run_pulled_postgres() {
-    lanes_skip_rows_this_run_pulled(Backend::Postgres).await;
+    lanes_skip_rows_this_run_pulled(Backend::Postgres, 1).await;
+}
+
+#[tokio::test]
+async fn lanes_skip_rows_this_run_pulled_in_full_pages_postgres() {
+    lanes_skip_rows_this_run_pulled(Backend::Postgres, 100).await;
 }
 
 /// One batch mixing a stored viz that changed with a new one: the new viz and its child rows
