@@ -256,6 +256,7 @@ pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result
     let reports_dir = s.reports_path();
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id.clone(), stop);
     ctx.dry_run = opts.dry_run;
+    let ctx = Arc::new(ctx);
     let mut reports = Vec::new();
     let mut result = Ok(());
     let mut failed_entity = None;
@@ -445,6 +446,7 @@ pub async fn backfill_dry_run(
     let reports_dir = s.reports_path();
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id.clone(), stop);
     ctx.dry_run = true;
+    let ctx = Arc::new(ctx);
     let mut reports = Vec::new();
     let mut totals = Counts::default();
     let mut result = Ok(());

@@ -632,7 +632,7 @@ async fn worker(
 
 /// Run one chunk from its checkpoint (a chunk whose checkpoint is already complete was
 /// finished by a worker that died before updating the ledger).
-async fn run_chunk(ctx: &Ctx, c: &Chunk) -> Result<Counts> {
+async fn run_chunk(ctx: &Arc<Ctx>, c: &Chunk) -> Result<Counts> {
     let e = ctx.mapping.entity(&c.entity)?.clone();
     let cp = ctx.sink.load_checkpoint(&c.lane).await?;
     if let Some(cp) = &cp {

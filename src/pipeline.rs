@@ -45,6 +45,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Entity `name` of the mapping, shareable with other tasks.
+    pub fn entity_arc(&self, name: &str) -> Result<Arc<Entity>> {
+        match self.shared.get(name) {
+            Some(e) => Ok(e.clone()),
+            None => Ok(Arc::new(self.mapping.entity(name)?.clone())),
+        }
+    }
+
     pub fn new(
         settings: Settings,
         mapping: Mapping,
@@ -482,9 +490,9 @@ pub async fn write_mapped(
 
 /// A page resolved and ready to write: its rows (without those skipped, see
 /// [`crate::pulled`]) and everything resolution pulled for them.
-pub struct Resolved<'m> {
+pub struct Resolved {
     mapped: MappedPage,
-    res: crate::resolve::Resolution<'m>,
+    res: crate::resolve::Resolution,
     skipped: u64,
     source_queries: u64,
 }
@@ -494,12 +502,12 @@ pub struct Resolved<'m> {
 /// had committed. Batches must be resolved in the order they are committed; the window
 /// resolves the next batch while the previous one is written. If a batch then fails,
 /// [`forget_pulled`] must run before anything else is skipped.
-pub async fn resolve_batch<'m>(
-    ctx: &'m Ctx,
-    e: &'m Entity,
+pub async fn resolve_batch(
+    ctx: &Ctx,
+    e: &Entity,
     docs: &[bson::RawDocumentBuf],
     mut mapped: MappedPage,
-) -> Result<Resolved<'m>> {
+) -> Result<Resolved> {
     let before_queries = ctx.source.queries.load(Ordering::Relaxed);
     let skipped = skip_pulled(ctx, e, docs, &mut mapped);
     let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
@@ -548,7 +556,7 @@ pub async fn commit_batch(
     ctx: &Ctx,
     e: &Entity,
     docs: &[bson::RawDocumentBuf],
-    ready: Resolved<'_>,
+    ready: Resolved,
     cp: Option<&Checkpoint>,
     track_ids: bool,
 ) -> Result<Counts> {
@@ -659,9 +667,9 @@ fn skip_pulled(
 }
 
 /// Aborts a spawned stage when the window ends early (an error, a stop).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -672,7 +680,7 @@ impl Drop for AbortOnDrop {
 /// one ends (a catch-up of years runs one window after another).
 pub struct Opened {
     rx: tokio::sync::mpsc::Receiver<Result<(Page, MappedPage)>>,
-    _mapper: AbortOnDrop,
+    _mapper: AbortOnDrop<()>,
     source_wait: Arc<AtomicU64>,
     map_time: Arc<AtomicU64>,
 }
@@ -738,7 +746,7 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
 /// entity has dead letters, missing-reference or pending records) every batch also clears
 /// the records of the documents it writes cleanly.
 pub async fn run_window(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     e: &Entity,
     lane: &str,
     watermark: Option<DateTime<Utc>>,
@@ -766,7 +774,7 @@ pub async fn run_window(
 /// the first batch presumes a first load (the previous window's last batch was one).
 #[allow(clippy::too_many_arguments)]
 async fn drive_window(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     e: &Entity,
     lane: &str,
     watermark: Option<DateTime<Utc>>,
@@ -797,7 +805,7 @@ async fn drive_window(
     // (its reads of the source and of committed target rows do not depend on N's writes:
     // what N pulls is in the resolution memo before N+1 is resolved). Writes stay in order,
     // one transaction each.
-    let mut ahead: Option<(Page, Resolved<'_>)> = None;
+    let mut ahead: Option<(Page, Resolved)> = None;
     loop {
         let commit = async {
             let (page, mut ready) = ahead.take()?;
@@ -826,8 +834,21 @@ async fn drive_window(
             };
             let (page, mapped) = item?;
             let t = Instant::now();
-            let ready = resolve_batch(ctx, e, &page.docs, mapped).await?;
-            Ok((Some((page, ready)), waited, t.elapsed()))
+            // On a task of its own: resolution's CPU work (mapping what the batch pulls,
+            // the policies) then never delays the writer's next statement on this task.
+            let task = {
+                let ctx = Arc::clone(ctx);
+                let e = ctx.entity_arc(&e.name)?;
+                tokio::spawn(async move {
+                    let ready = resolve_batch(&ctx, &e, &page.docs, mapped).await;
+                    (page, ready)
+                })
+            };
+            let mut task = AbortOnDrop(task);
+            let (page, ready) = (&mut task.0)
+                .await
+                .map_err(|err| anyhow::anyhow!("resolving a batch failed: {err}"))?;
+            Ok((Some((page, ready?)), waited, t.elapsed()))
         };
         let (committed, next) = tokio::join!(commit, next);
         if let Some((docs, c, took)) = committed {
@@ -898,7 +919,11 @@ async fn drive_window(
 }
 
 /// Catch an entity's nightly lane up to `min(source clock - settle, until)`.
-pub async fn catch_up(ctx: &Ctx, e: &Entity, until: Option<DateTime<Utc>>) -> Result<EntityReport> {
+pub async fn catch_up(
+    ctx: &Arc<Ctx>,
+    e: &Entity,
+    until: Option<DateTime<Utc>>,
+) -> Result<EntityReport> {
     let started = Instant::now();
     let lane = nightly_lane(&e.name);
     let mut warnings = Vec::new();

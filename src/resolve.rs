@@ -34,11 +34,11 @@ const MEMO_CAPACITY: usize = 100_000;
 
 /// The outcome of resolving one batch.
 #[derive(Debug, Default)]
-pub struct Resolution<'m> {
+pub struct Resolution {
     /// Pulled references, in write order (deepest first).
-    pub before: Vec<EntityRows<'m>>,
+    pub before: Vec<EntityRows>,
     /// Dependents, written after the batch.
-    pub after: Vec<EntityRows<'m>>,
+    pub after: Vec<EntityRows>,
     pub missing: Vec<MissingRef>,
     /// Batch documents held back: `(source_id, reason)`.
     pub deferred: Vec<(String, String)>,
@@ -59,8 +59,8 @@ pub struct Resolution<'m> {
 }
 
 /// A pulled page of one entity at one depth, with its documents (for source ids).
-struct Level<'m> {
-    entity: &'m Entity,
+struct Level {
+    entity: std::sync::Arc<Entity>,
     page: MappedPage,
     docs: Vec<RawDocumentBuf>,
 }
@@ -148,12 +148,12 @@ impl Memo {
 
 /// Resolve references and dependents of a mapped batch of `e`, applying missing-reference
 /// policies to `page` (rows may be nulled, dead-lettered or deferred).
-pub async fn resolve<'m>(
-    ctx: &'m Ctx,
-    e: &'m Entity,
+pub async fn resolve(
+    ctx: &Ctx,
+    e: &Entity,
     page: &mut MappedPage,
     docs: &[RawDocumentBuf],
-) -> Result<Resolution<'m>> {
+) -> Result<Resolution> {
     let mut res = Resolution::default();
     if !e.has_references() && e.dependents.is_empty() {
         return Ok(res);
@@ -203,7 +203,7 @@ pub async fn resolve<'m>(
         }
         levels.extend(pull(ctx, &mut memo, refs_of(dent, &dpage), &mut budget, &mut res).await?);
         dependents.push(Level {
-            entity: dent,
+            entity: ctx.entity_arc(&dent.name)?,
             page: dpage,
             docs: ddocs,
         });
@@ -218,11 +218,11 @@ pub async fn resolve<'m>(
     loop {
         let mut dropped_any = false;
         for (_, l) in &mut levels {
-            dropped_any |= settle(l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
+            dropped_any |= settle(&l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
         }
         dropped_any |= settle(e, page, docs, &mut memo, &mut res, false);
         for l in &mut dependents {
-            dropped_any |= settle(l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
+            dropped_any |= settle(&l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
         }
         if !dropped_any {
             break;
@@ -251,7 +251,7 @@ pub async fn resolve<'m>(
                 Some(&h) => h,
                 None => crate::pulled::doc_hash(doc),
             };
-            fresh.push((crate::pulled::key_hash(l.entity, row), doc_hash));
+            fresh.push((crate::pulled::key_hash(&l.entity, row), doc_hash));
         }
     }
     res.fresh = fresh;
@@ -269,7 +269,7 @@ pub async fn resolve<'m>(
     Ok(res)
 }
 
-impl<'m> Level<'m> {
+impl Level {
     /// Hand the level's dead letters to `dead` and its rows (if any) to the writer.
     /// The source ids of the level's documents that mapped go to `written`: their old
     /// missing-reference records are cleared (new ones, if still missing, are written after).
@@ -277,7 +277,7 @@ impl<'m> Level<'m> {
         self,
         dead: &mut Vec<(String, DeadLetter)>,
         written: &mut Vec<(String, String)>,
-    ) -> Option<EntityRows<'m>> {
+    ) -> Option<EntityRows> {
         let name = &self.entity.name;
         let failed: HashSet<&str> = self
             .page
@@ -310,7 +310,7 @@ fn settle(
     page: &mut MappedPage,
     docs: &[RawDocumentBuf],
     memo: &mut Memo,
-    res: &mut Resolution<'_>,
+    res: &mut Resolution,
     pulled: bool,
 ) -> bool {
     let dropped = apply_policies(e, page, docs, memo, res, pulled);
@@ -349,11 +349,7 @@ async fn map_fetched(
     e: &Entity,
     mut docs: Vec<RawDocumentBuf>,
 ) -> Result<(Vec<RawDocumentBuf>, MappedPage)> {
-    let e = ctx
-        .shared
-        .get(&e.name)
-        .cloned()
-        .unwrap_or_else(|| std::sync::Arc::new(e.clone()));
+    let e = ctx.entity_arc(&e.name)?;
     let hash = ctx.provenance || ctx.dry_run;
     tokio::task::spawn_blocking(move || {
         let mut page = map_in_time_order(&e, &mut docs);
@@ -369,13 +365,13 @@ async fn map_fetched(
 }
 
 /// Breadth-first pull of referenced keys; returns pulled pages tagged with their depth.
-async fn pull<'m>(
-    ctx: &'m Ctx,
+async fn pull(
+    ctx: &Ctx,
     memo: &mut Memo,
     mut frontier: HashMap<String, Vec<Value>>,
     budget: &mut usize,
-    res: &mut Resolution<'m>,
-) -> Result<Vec<(u32, Level<'m>)>> {
+    res: &mut Resolution,
+) -> Result<Vec<(u32, Level)>> {
     let mut levels = Vec::new();
     let max_depth = ctx.settings.sync.max_depth;
     for depth in 1..=max_depth {
@@ -438,7 +434,7 @@ async fn pull<'m>(
             levels.push((
                 depth,
                 Level {
-                    entity: r,
+                    entity: ctx.entity_arc(&rname)?,
                     page,
                     docs,
                 },
@@ -464,7 +460,7 @@ fn apply_policies(
     page: &mut MappedPage,
     docs: &[RawDocumentBuf],
     memo: &mut Memo,
-    res: &mut Resolution<'_>,
+    res: &mut Resolution,
     pulled: bool,
 ) -> Vec<Vec<Value>> {
     let ref_cols: Vec<usize> = e

@@ -106,9 +106,9 @@ pub struct BatchWrite<'a> {
     pub run_id: &'a str,
     pub mapping_version: &'a str,
     /// Entities pulled on demand, written before `rows` (deepest references first).
-    pub before: &'a [EntityRows<'a>],
+    pub before: &'a [EntityRows],
     /// Dependents of `rows`, written after them.
-    pub after: &'a [EntityRows<'a>],
+    pub after: &'a [EntityRows],
     /// Dead letters of other entities (pulled documents that could not be mapped).
     pub other_dead: &'a [(String, DeadLetter)],
     /// References that could not be resolved.
@@ -156,8 +156,8 @@ pub(crate) struct PresumedNewConflict;
 
 /// Rows of one entity, written as a unit (main rows plus child tables).
 #[derive(Debug)]
-pub struct EntityRows<'a> {
-    pub entity: &'a Entity,
+pub struct EntityRows {
+    pub entity: std::sync::Arc<Entity>,
     pub rows: Vec<Vec<Value>>,
     pub children: Vec<Vec<Vec<Value>>>,
     /// Canonical key and hash of each row and of each child row, when computed ahead (as
@@ -510,7 +510,7 @@ impl Sink {
             let optimistic = b.optimistic_inserts;
             for r in b.before {
                 let rows = Rows { rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta, optimistic, ..Default::default() };
-                let o = write_rows(&mut tx, r.entity, rows, &mut trk).await?;
+                let o = write_rows(&mut tx, &r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }
             if let Some(e) = b.entity {
@@ -526,7 +526,7 @@ impl Sink {
                     rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta,
                     presume_new: b.presume_dependents_new, optimistic, ..Default::default()
                 };
-                let o = write_rows(&mut tx, r.entity, rows, &mut trk).await?;
+                let o = write_rows(&mut tx, &r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
                 out.dependents_new &= o.all_new || r.rows.is_empty();
             }
@@ -589,7 +589,7 @@ impl Sink {
             add(&mut sizes, e, b.rows.len(), b.children);
         }
         for r in b.before.iter().chain(b.after) {
-            add(&mut sizes, r.entity, r.rows.len(), &r.children);
+            add(&mut sizes, &r.entity, r.rows.len(), &r.children);
         }
         let o = pool.connect_options();
         let target = format!(

@@ -258,14 +258,14 @@ async fn full_sqlite_target_fails_cleanly_and_rerun_completes() {
     }
     let mapping = tidemark::mapping::Mapping::load(&s.sync.mapping).unwrap();
     let source = tidemark::source::Source::connect(&s.source).await.unwrap();
-    let ctx = tidemark::pipeline::Ctx::new(
+    let ctx = std::sync::Arc::new(tidemark::pipeline::Ctx::new(
         s.clone(),
         mapping.clone(),
         source,
         sink,
         "run-full".into(),
         Default::default(),
-    );
+    ));
     let e = mapping.entity("items").unwrap();
     let err = tidemark::pipeline::catch_up(&ctx, e, None)
         .await
