@@ -247,10 +247,7 @@ pub async fn resolve(
             if !cut.is_empty() && cut.contains(&(l.entity.name.as_str(), source_id(doc).as_str())) {
                 continue;
             }
-            let doc_hash = match l.page.doc_hashes.get(di) {
-                Some(&h) => h,
-                None => crate::pulled::doc_hash(doc),
-            };
+            let doc_hash = l.page.doc_hash(&l.docs, di);
             fresh.push((crate::pulled::key_hash(&l.entity, row), doc_hash));
         }
     }
@@ -342,8 +339,8 @@ fn map_in_time_order(e: &Entity, docs: &mut [RawDocumentBuf]) -> MappedPage {
 
 /// Map documents fetched by key and get them ready for the writer ([`crate::pipeline::prepare`]),
 /// on the blocking pool: a batch of 250 vizzes pulls ~1,400 documents (contents with their
-/// files, commits, events), tens of milliseconds of CPU that would otherwise hold up the
-/// write of the batch before, which runs on the same task.
+/// files, commits, events), tens of milliseconds of CPU that a runtime worker should not
+/// spend while the source pump's and the writer's I/O wake-ups wait behind it.
 async fn map_fetched(
     ctx: &Ctx,
     e: &Entity,
@@ -356,7 +353,7 @@ async fn map_fetched(
         crate::pipeline::prepare(&e, &mut page, hash);
         // What `resolve` records in `fresh` (rows of entities without dependents).
         if e.dependents.is_empty() {
-            page.doc_hashes = docs.iter().map(|d| crate::pulled::doc_hash(d)).collect();
+            page.hash_docs(&docs);
         }
         (docs, page)
     })

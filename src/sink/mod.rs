@@ -459,16 +459,12 @@ impl Sink {
             tx.delete_source_ids("tidemark_dead_letters", entity_name, &resolved).await?;
             // One multi-row statement per 1,000 dead letters; a key appearing twice keeps its
             // last version (one statement may not upsert the same row twice).
-            let mut dead: IndexMap<(&str, &str), &DeadLetter> = IndexMap::new();
-            for (entity, d) in b.dead.iter().map(|d| (entity_name, d))
-                .chain(b.other_dead.iter().map(|(e, d)| (e.as_str(), d))) {
-                dead.shift_remove(&(entity, d.source_id.as_str()));
-                dead.insert((entity, d.source_id.as_str()), d);
-            }
-            let dead: Vec<_> = dead.into_iter().collect();
+            let dead = last_per_key(b.dead.iter().map(|d| (entity_name, d))
+                .chain(b.other_dead.iter().map(|(e, d)| (e.as_str(), d)))
+                .map(|(entity, d)| ((entity, d.source_id.as_str()), (entity, d))));
             for chunk in dead.chunks(1000) {
                 let mut q = sqlx::QueryBuilder::new(DEAD_LETTER_INSERT);
-                q.push_values(chunk, |mut row, ((entity, _), d)| {
+                q.push_values(chunk, |mut row, (entity, d)| {
                     row.push_bind(*entity).push_bind(d.source_id.as_str()).push_bind(b.run_id)
                         .push_bind(d.error.as_str()).push_bind(d.document.as_str())
                         .push_bind(b.mapping_version).push_bind(now);
@@ -483,13 +479,8 @@ impl Sink {
                 tx.delete_source_ids("tidemark_missing_refs", entity, ids).await?;
             }
             // As the dead letters: one statement per 1,000, the last record per key kept.
-            let mut missing: IndexMap<(&str, &str, &str), &MissingRef> = IndexMap::new();
-            for m in b.missing {
-                let key = (m.entity.as_str(), m.source_id.as_str(), m.column.as_str());
-                missing.shift_remove(&key);
-                missing.insert(key, m);
-            }
-            let missing: Vec<&MissingRef> = missing.into_values().collect();
+            let missing = last_per_key(b.missing.iter()
+                .map(|m| ((m.entity.as_str(), m.source_id.as_str(), m.column.as_str()), m)));
             for chunk in missing.chunks(1000) {
                 let mut q = sqlx::QueryBuilder::new(MISSING_REF_INSERT);
                 q.push_values(chunk, |mut row, m| {
@@ -1200,6 +1191,17 @@ async fn write_rows<T: TableOps>(
             .await?;
     }
     Ok(out)
+}
+
+/// The values of `items` in order, keeping for each key only its last value, in the last
+/// one's place (one multi-row upsert may not touch a row twice).
+fn last_per_key<K: std::hash::Hash + Eq, V>(items: impl Iterator<Item = (K, V)>) -> Vec<V> {
+    let mut last: IndexMap<K, V> = IndexMap::new();
+    for (k, v) in items {
+        last.shift_remove(&k);
+        last.insert(k, v);
+    }
+    last.into_values().collect()
 }
 
 /// Insert rows this transaction read as absent: with `optimistic`, without a savepoint (a
