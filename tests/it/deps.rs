@@ -993,12 +993,10 @@ async fn dependents_presumed_new_postgres() {
     dependents_presumed_new(Backend::Postgres).await;
 }
 
-/// Child rows of a parent that was not stored are inserted without reading; when one exists
-/// after all under another parent (part `b` moves from item 1 to the new item 2), the batch
-/// is written again the careful way and the part moves. A rollback puts it back.
-async fn new_parent_takes_a_child_from_another(backend: Backend) {
-    // The harness's items, with parts keyed by their own sku (not by the item).
-    let items = items_mapping("epoch_seconds")
+/// The harness's items, with a child table of parts keyed by their own sku (not by the
+/// item), plus `extra` column lines for the parts.
+fn parts_mapping(extra: &str) -> String {
+    items_mapping("epoch_seconds")
         + r#"
 [entities.items.children.parts]
 path = "parts"
@@ -1007,7 +1005,15 @@ primary_key = ["sku"]
 [entities.items.children.parts.columns]
 sku = { path = "sku", type = "text", required = true }
 item_id = { parent = "id", type = "bigint" }
-"#;
+"# + extra
+        + "\n"
+}
+
+/// Child rows of a parent that was not stored are inserted without reading; when one exists
+/// after all under another parent (part `b` moves from item 1 to the new item 2), the batch
+/// is written again the careful way and the part moves. A rollback puts it back.
+async fn new_parent_takes_a_child_from_another(backend: Backend) {
+    let items = parts_mapping("");
     let env = Env::new("deps_child_moves", backend, &items).await;
     let part = |s: &str| doc! { "sku": s };
     env.insert(
@@ -1071,17 +1077,9 @@ async fn new_parent_takes_a_child_from_another_postgres() {
 /// rollback, which checks every row it undoes against the hash recorded for it, undoes the
 /// run exactly.
 async fn nulled_child_references_keep_provenance_exact(backend: Backend) {
-    let mapping = items_mapping("epoch_seconds")
-        + r#"
-[entities.items.children.parts]
-path = "parts"
-table = "parts"
-primary_key = ["sku"]
-[entities.items.children.parts.columns]
-sku = { path = "sku", type = "text", required = true }
-item_id = { parent = "id", type = "bigint" }
-maker = { path = "maker", type = "text", references = "makers", on_missing = "null" }
-
+    let mapping = parts_mapping(
+        r#"maker = { path = "maker", type = "text", references = "makers", on_missing = "null" }"#,
+    ) + r#"
 [entities.makers]
 collection = "makers"
 id_field = "mid"
