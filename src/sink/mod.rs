@@ -499,8 +499,15 @@ impl Sink {
             let mut out = BatchOutcome::default();
             let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
             let optimistic = b.optimistic_inserts;
+            // Pulled references were read absent from the target (`resolve::pull`): with
+            // optimistic inserts they are inserted without reading them again (a row that
+            // appeared since fails the batch with `PresumedNewConflict`, and it is written
+            // again with a read first).
             for r in b.before {
-                let rows = Rows { rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta, optimistic, ..Default::default() };
+                let rows = Rows {
+                    rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta,
+                    presume_new: optimistic, optimistic, ..Default::default()
+                };
                 let o = write_rows(&mut tx, &r.entity, rows, &mut trk).await?;
                 out.pulled_written += o.written + o.child_written;
             }

@@ -255,35 +255,70 @@ fn decode_row(t: TableRef<'_>, row: &sqlx::postgres::PgRow) -> Result<Vec<Value>
         .collect()
 }
 
-/// PostgreSQL's binary COPY format of `rows`, or None when a column type has no encoder here
-/// (numeric, date, uuid: those tables take the `INSERT … UNNEST` path). Each type accepts the
-/// same values as [`bind_array`] (anything else is NULL, as there), so both paths store the
-/// same thing. Hand-written because sqlx exposes COPY only as raw bytes: the format is a
-/// header, then per row a field count and per field a length and the type's binary form.
-pub(crate) fn copy_binary(t: TableRef<'_>, rows: &[Vec<Value>]) -> Option<Vec<u8>> {
-    if t.columns
-        .iter()
-        .any(|c| via_text(c.ty) && c.ty != ColumnType::Json)
-    {
-        return None;
+/// Bytes of binary COPY data built before they are sent: a batch of large documents (a viz's
+/// content holds its files) is several MB, and building it whole, then copying it into the
+/// connection's buffer, was ~16 MB of the full mapping's peak heap (heaptrack, BENCHMARKS.md).
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// PostgreSQL's binary COPY format of rows of one table. Each type accepts the same values as
+/// [`bind_array`] (anything else is NULL, as there), so both paths store the same thing.
+/// Hand-written because sqlx exposes COPY only as raw bytes: the format is a header, then per
+/// row a field count and per field a length and the type's binary form, then a trailer.
+pub(crate) struct CopyBinary<'t> {
+    t: TableRef<'t>,
+    fields: i16,
+}
+
+impl<'t> CopyBinary<'t> {
+    /// None when a column type has no encoder here (numeric, date, uuid: those tables take
+    /// the `INSERT … UNNEST` path), or a value cannot be encoded (a time outside
+    /// PostgreSQL's range). Checked for every row first: once COPY has started, a row that
+    /// fails would fail the whole transaction instead of taking the other path.
+    pub(crate) fn new(t: TableRef<'t>, rows: &[Vec<Value>]) -> Option<Self> {
+        if t.columns
+            .iter()
+            .any(|c| via_text(c.ty) && c.ty != ColumnType::Json)
+        {
+            return None;
+        }
+        let fields = i16::try_from(t.columns.len()).ok()?;
+        let encodable = |c: &crate::mapping::Column, v: &Value| match (c.ty, v) {
+            (ColumnType::Timestamptz, Value::Timestamp(ts)) => {
+                ts.timestamp_micros().checked_sub(PG_EPOCH_US).is_some()
+            }
+            (_, Value::Text(s)) => i32::try_from(s.len()).is_ok(),
+            (_, Value::JsonText { text, .. }) => i32::try_from(text.len() + 1).is_ok(),
+            _ => true,
+        };
+        rows.iter()
+            .all(|row| t.columns.iter().zip(row).all(|(c, v)| encodable(c, v)))
+            .then_some(CopyBinary { t, fields })
     }
-    // Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
-    const PG_EPOCH_US: i64 = 946_684_800_000_000;
-    let n = i16::try_from(t.columns.len()).ok()?;
-    let mut out = Vec::with_capacity(64 + rows.len() * 256);
-    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    out.extend_from_slice(&0i32.to_be_bytes()); // flags
-    out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-    let field = |out: &mut Vec<u8>, bytes: &[u8]| -> Option<()> {
-        out.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
-        out.extend_from_slice(bytes);
-        Some(())
-    };
-    for row in rows {
-        out.extend_from_slice(&n.to_be_bytes());
-        for (c, v) in t.columns.iter().zip(row) {
+
+    pub(crate) fn header(out: &mut Vec<u8>) {
+        out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        out.extend_from_slice(&0i32.to_be_bytes()); // flags
+        out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+    }
+
+    pub(crate) fn trailer(out: &mut Vec<u8>) {
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+    }
+
+    /// Append one row (None only for what [`CopyBinary::new`] checked).
+    pub(crate) fn row(&self, out: &mut Vec<u8>, row: &[Value]) -> Option<()> {
+        let field = |out: &mut Vec<u8>, bytes: &[u8]| -> Option<()> {
+            out.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
+            out.extend_from_slice(bytes);
+            Some(())
+        };
+        out.extend_from_slice(&self.fields.to_be_bytes());
+        for (c, v) in self.t.columns.iter().zip(row) {
             match (c.ty, v) {
-                (ColumnType::Text, Value::Text(s)) => field(&mut out, s.as_bytes())?,
+                (ColumnType::Text, Value::Text(s)) => field(out, s.as_bytes())?,
                 (ColumnType::Json, Value::JsonText { text, .. }) => {
                     out.extend_from_slice(&i32::try_from(text.len() + 1).ok()?.to_be_bytes());
                     out.push(1); // jsonb format version
@@ -292,23 +327,22 @@ pub(crate) fn copy_binary(t: TableRef<'_>, rows: &[Vec<Value>]) -> Option<Vec<u8
                 (ColumnType::Json, Value::Json(j)) => {
                     let mut b = vec![1u8];
                     serde_json::to_writer(&mut b, j).ok()?;
-                    field(&mut out, &b)?
+                    field(out, &b)?
                 }
-                (ColumnType::Integer, Value::Int(x)) => field(&mut out, &x.to_be_bytes())?,
-                (ColumnType::Bigint, Value::BigInt(x)) => field(&mut out, &x.to_be_bytes())?,
-                (ColumnType::Bigint, Value::Int(x)) => field(&mut out, &(*x as i64).to_be_bytes())?,
-                (ColumnType::Double, Value::Double(x)) => field(&mut out, &x.to_be_bytes())?,
-                (ColumnType::Boolean, Value::Bool(x)) => field(&mut out, &[*x as u8])?,
+                (ColumnType::Integer, Value::Int(x)) => field(out, &x.to_be_bytes())?,
+                (ColumnType::Bigint, Value::BigInt(x)) => field(out, &x.to_be_bytes())?,
+                (ColumnType::Bigint, Value::Int(x)) => field(out, &(*x as i64).to_be_bytes())?,
+                (ColumnType::Double, Value::Double(x)) => field(out, &x.to_be_bytes())?,
+                (ColumnType::Boolean, Value::Bool(x)) => field(out, &[*x as u8])?,
                 (ColumnType::Timestamptz, Value::Timestamp(ts)) => {
                     let us = ts.timestamp_micros().checked_sub(PG_EPOCH_US)?;
-                    field(&mut out, &us.to_be_bytes())?
+                    field(out, &us.to_be_bytes())?
                 }
                 _ => out.extend_from_slice(&(-1i32).to_be_bytes()), // NULL
             }
         }
+        Some(())
     }
-    out.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
-    Some(out)
 }
 
 fn write_error(e: sqlx::Error, t: TableRef<'_>, n: usize) -> anyhow::Error {
@@ -318,12 +352,13 @@ fn write_error(e: sqlx::Error, t: TableRef<'_>, n: usize) -> anyhow::Error {
 /// A plain insert of rows that should not exist yet: it skips `ON CONFLICT`'s speculative
 /// insertion (about a third of the statement's cost), and binary `COPY` skips building and
 /// unpacking one array per column (BENCHMARKS.md). A key that exists fails it (23505).
+/// The COPY data goes out in pieces of about [`COPY_CHUNK`] bytes.
 async fn insert_plain(
     tx: &mut Transaction<'_, Postgres>,
     t: TableRef<'_>,
     rows: &[Vec<Value>],
 ) -> sqlx::Result<u64> {
-    let Some(data) = copy_binary(t, rows) else {
+    let Some(enc) = CopyBinary::new(t, rows) else {
         let sql = insert_sql(t);
         let mut q = sqlx::query(&sql);
         for (i, c) in t.columns.iter().enumerate() {
@@ -338,8 +373,31 @@ async fn insert_plain(
         cols.join(", ")
     );
     let mut copy = (**tx).copy_in_raw(&sql).await?;
-    match copy.send(data).await {
-        Ok(_) => copy.finish().await,
+    let mut buf = Vec::with_capacity(COPY_CHUNK.min(64 + rows.len() * 256) + (64 << 10));
+    CopyBinary::header(&mut buf);
+    let mut sent = Ok(());
+    for row in rows {
+        if enc.row(&mut buf, row).is_none() {
+            sent = Err(sqlx::Error::Protocol(format!(
+                "a row of {} could not be encoded for COPY",
+                t.name
+            )));
+            break;
+        }
+        if buf.len() >= COPY_CHUNK {
+            if let Err(e) = copy.send(buf.as_slice()).await {
+                sent = Err(e);
+                break;
+            }
+            buf.clear();
+        }
+    }
+    if sent.is_ok() {
+        CopyBinary::trailer(&mut buf);
+        sent = copy.send(buf.as_slice()).await.map(|_| ());
+    }
+    match sent {
+        Ok(()) => copy.finish().await,
         Err(e) => {
             // Ends the COPY on the server too; the error to report is `e`.
             let _ = copy.abort(e.to_string()).await;

@@ -128,7 +128,8 @@ async fn parent_link_indexes_and_statistics_postgres() {
 /// A first load goes into PostgreSQL as binary `COPY` (tidemark's own encoder); an update goes
 /// through `INSERT … UNNEST … ON CONFLICT` (the driver's encoders). Both must store the same
 /// values for every type the encoder handles: edge values, NULLs, a timestamp before 2000
-/// (negative in PostgreSQL's epoch), unicode, nested JSON.
+/// (negative in PostgreSQL's epoch), unicode, nested JSON; and a batch of rows larger than
+/// one piece of COPY data.
 #[tokio::test]
 async fn copy_and_upsert_store_the_same_values_postgres() {
     let mapping = r#"
@@ -160,6 +161,13 @@ doc = { path = "$", type = "json" }
             "l": -1i64, "d": 1e300, "b": false, "s": "" },
             doc! { "_id": 3i64, "t": t },
         ]
+        .into_iter()
+        // Rows worth ~4 MB, so the COPY data goes out in several pieces.
+        .chain((4..44i64).map(|id| {
+            let big: String = (0..100_000).map(|k| char::from(b'a' + ((k + id as usize) % 26) as u8)).collect();
+            doc! { "_id": id, "t": t, "s": format!("{s} {id} {big}"), "l": id }
+        }))
+        .collect()
     };
     env.insert("items", version(now, "first")).await;
     env.run(env.settings()).await.expect("first load");
@@ -178,7 +186,7 @@ doc = { path = "$", type = "json" }
     let fresh = s.target.url.expose().to_owned();
     env.run(s).await.expect("first load of the final versions");
     let upserted = env.dump(&env.target_url, "items").await;
-    assert_eq!(upserted.len(), 3);
+    assert_eq!(upserted.len(), 43);
     assert!(upserted[0].contains("😀 second"), "{upserted:?}");
     assert_eq!(env.dump(&fresh, "items").await, upserted);
 }
