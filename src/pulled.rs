@@ -23,7 +23,10 @@
 //!
 //! Memory is bounded: each key costs 16 bytes of payload (two 64-bit hashes; hashbrown adds
 //! about one byte and load-factor slack), and the set stops taking new keys at
-//! [`CAPACITY`]; a row that was not recorded is simply written the usual way. A collision of
+//! [`CAPACITY`]; a row that was not recorded is simply written the usual way. The keys are
+//! spread over [`SHARDS`] tables that grow one at a time: one table of a million keys
+//! doubling held its old and new buckets at once, 53 MB, the full mapping's peak heap
+//! (heaptrack, BENCHMARKS.md). A collision of
 //! the key hash can only make a row miss the skip; a wrong skip needs the 64-bit document hash
 //! of two different documents recorded under one key slot to collide as well.
 
@@ -56,10 +59,17 @@ impl Hasher for Prehashed {
 /// One row the current batch wrote on demand: `(key hash, document hash)`.
 pub type Fresh = (u64, u64);
 
+/// Tables the set is split into (by bits of the key hash that hashbrown uses for neither the
+/// bucket index, the low bits, nor the control byte, the top seven).
+pub const SHARDS: usize = 64;
+
+type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+
 /// See the module documentation.
 #[derive(Default)]
 pub struct Pulled {
-    rows: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
+    shards: Vec<Shard>,
+    len: usize,
 }
 
 fn sip() -> std::hash::DefaultHasher {
@@ -95,18 +105,29 @@ pub fn doc_hash(doc: &bson::RawDocument) -> u64 {
 
 impl Pulled {
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len == 0
     }
 
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.len
+    }
+
+    fn shard(&mut self, key: u64) -> &mut Shard {
+        if self.shards.is_empty() {
+            self.shards.resize_with(SHARDS, Default::default);
+        }
+        &mut self.shards[(key >> 32) as usize % SHARDS]
     }
 
     /// Record rows a committed batch wrote on demand.
     pub fn record(&mut self, fresh: &[Fresh]) {
         for &(k, d) in fresh {
-            if self.rows.len() < CAPACITY || self.rows.contains_key(&k) {
-                self.rows.insert(k, d);
+            let full = self.len >= CAPACITY;
+            let shard = self.shard(k);
+            if !full || shard.contains_key(&k) {
+                if shard.insert(k, d).is_none() {
+                    self.len += 1;
+                }
             }
         }
     }
@@ -114,10 +135,15 @@ impl Pulled {
     /// Whether the row for `key` was written this run from the same document; forgets the
     /// key when it was not (the caller is about to write the row, rule 4).
     pub fn take_same(&mut self, key: u64, doc: u64) -> bool {
-        match self.rows.get(&key) {
+        if self.is_empty() {
+            return false;
+        }
+        let shard = self.shard(key);
+        match shard.get(&key) {
             Some(&d) if d == doc => true,
             Some(_) => {
-                self.rows.remove(&key);
+                shard.remove(&key);
+                self.len -= 1;
                 false
             }
             None => false,
@@ -126,7 +152,9 @@ impl Pulled {
 
     /// Forget a key about to be written or deleted by something else than a skipped row.
     pub fn forget(&mut self, key: u64) {
-        self.rows.remove(&key);
+        if !self.is_empty() && self.shard(key).remove(&key).is_some() {
+            self.len -= 1;
+        }
     }
 }
 
@@ -160,6 +188,24 @@ mod tests {
         p.record(&[(7, 99)]);
         assert!(p.take_same(7, 99));
         assert_eq!(p.len(), CAPACITY);
+    }
+
+    #[test]
+    fn keys_spread_over_the_shards_are_counted_once() {
+        let mut p = Pulled::default();
+        let keys: Vec<Fresh> = (0..1000u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15), i))
+            .collect();
+        p.record(&keys);
+        p.record(&keys[..5]);
+        assert_eq!(p.len(), 1000);
+        assert!(p.shards.iter().filter(|s| !s.is_empty()).count() > SHARDS / 2);
+        assert!(keys[..10].iter().all(|&(k, d)| p.take_same(k, d)));
+        assert!(!p.take_same(keys[10].0, 999_999));
+        p.forget(keys[11].0);
+        p.forget(keys[11].0);
+        assert_eq!(p.len(), 998);
+        assert!(!p.take_same(keys[11].0, keys[11].1));
     }
 
     #[test]
