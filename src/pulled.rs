@@ -124,10 +124,8 @@ impl Pulled {
         for &(k, d) in fresh {
             let full = self.len >= CAPACITY;
             let shard = self.shard(k);
-            if !full || shard.contains_key(&k) {
-                if shard.insert(k, d).is_none() {
-                    self.len += 1;
-                }
+            if (!full || shard.contains_key(&k)) && shard.insert(k, d).is_none() {
+                self.len += 1;
             }
         }
     }
