@@ -11,7 +11,7 @@ use tidemark::trust;
 use tidemark::{app, backfill, daemon, prom, secret, status, telemetry};
 
 fn main() {
-    tune_malloc();
+    cap_malloc_arenas();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -28,36 +28,18 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Two glibc malloc settings, each unless the operator set it (environment):
-///
-/// - Arenas: glibc gives each thread that allocates concurrently its own malloc arena (up to
-///   8 per core), and each arena keeps its freed pages: with the runtime's workers and the
-///   blocking pool's mapping threads, the full VizHub mapping peaked at 178 MB RSS, against
-///   130 MB with two arenas (its wall time within the noise; the flat run ~6 % slower in an
-///   A/B, 51 against 59 MB: BENCHMARKS.md, sixth round). `MALLOC_ARENA_MAX` wins.
-/// - The mmap threshold: glibc serves an allocation above it with its own mapping, returned
-///   to the system when freed, but raises the threshold to the size of every such block
-///   freed (up to 32 MB), so after the first large batch, pages of documents and COPY data
-///   come from the arenas and stay there. A fixed 256 KiB: the full mapping 127 → 115 MB peak
-///   RSS, wall time within the noise (BENCHMARKS.md, eighth round).
-///   `MALLOC_MMAP_THRESHOLD_` or a `GLIBC_TUNABLES` `mmap_threshold` wins.
-///
-/// No crate sets these (one libc call each); other allocators (musl, macOS) work otherwise.
-fn tune_malloc() {
+/// glibc gives each thread that allocates concurrently its own malloc arena (up to 8 per
+/// core), and each arena keeps its freed pages: with the runtime's workers and the blocking
+/// pool's mapping threads, the full VizHub mapping peaked at 178 MB RSS, against 130 MB with
+/// two arenas (its wall time within the noise; the flat run ~6 % slower in an A/B, 51 against
+/// 59 MB: BENCHMARKS.md, sixth round). An operator's own `MALLOC_ARENA_MAX` wins. No crate sets this (it is one libc call); other allocators
+/// (musl, macOS) do not have arenas of this kind.
+fn cap_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        let unset = |var: &str, tunable: &str| {
-            std::env::var_os(var).is_none() && !tunables.contains(tunable)
-        };
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
         unsafe {
-            if unset("MALLOC_ARENA_MAX", "arena_max") {
-                libc::mallopt(libc::M_ARENA_MAX, 2);
-            }
-            if unset("MALLOC_MMAP_THRESHOLD_", "mmap_threshold") {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-            }
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }
