@@ -26,9 +26,11 @@
 //! [`CAPACITY`]; a row that was not recorded is simply written the usual way. The keys are
 //! spread over [`SHARDS`] tables that grow one at a time: one table of a million keys
 //! doubling held its old and new buckets at once, 53 MB, the full mapping's peak heap
-//! (heaptrack, BENCHMARKS.md). A collision of
-//! the key hash can only make a row miss the skip; a wrong skip needs the 64-bit document hash
-//! of two different documents recorded under one key slot to collide as well.
+//! (heaptrack, BENCHMARKS.md).
+//!
+//! A collision of the key hash can only make a row miss the skip; a wrong skip needs the
+//! 64-bit document hash of two different documents recorded under one key slot to collide as
+//! well.
 
 use crate::mapping::{Entity, Value};
 use std::collections::HashMap;

@@ -267,7 +267,7 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// [`bind_array`] (anything else is NULL, as there), so both paths store the same thing.
 /// Hand-written because sqlx exposes COPY only as raw bytes: the format is a header, then per
 /// row a field count and per field a length and the type's binary form, then a trailer.
-pub(crate) struct CopyBinary<'t> {
+struct CopyBinary<'t> {
     t: TableRef<'t>,
     fields: i16,
 }
@@ -277,7 +277,7 @@ impl<'t> CopyBinary<'t> {
     /// the `INSERT … UNNEST` path), or a value cannot be encoded (a time outside
     /// PostgreSQL's range). Checked for every row first: once COPY has started, a row that
     /// fails would fail the whole transaction instead of taking the other path.
-    pub(crate) fn new(t: TableRef<'t>, rows: &[Vec<Value>]) -> Option<Self> {
+    fn new(t: TableRef<'t>, rows: &[Vec<Value>]) -> Option<Self> {
         if t.columns
             .iter()
             .any(|c| via_text(c.ty) && c.ty != ColumnType::Json)
@@ -298,18 +298,18 @@ impl<'t> CopyBinary<'t> {
             .then_some(CopyBinary { t, fields })
     }
 
-    pub(crate) fn header(out: &mut Vec<u8>) {
+    fn header(out: &mut Vec<u8>) {
         out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         out.extend_from_slice(&0i32.to_be_bytes()); // flags
         out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
     }
 
-    pub(crate) fn trailer(out: &mut Vec<u8>) {
+    fn trailer(out: &mut Vec<u8>) {
         out.extend_from_slice(&(-1i16).to_be_bytes());
     }
 
     /// Append one row (None only for what [`CopyBinary::new`] checked).
-    pub(crate) fn row(&self, out: &mut Vec<u8>, row: &[Value]) -> Option<()> {
+    fn row(&self, out: &mut Vec<u8>, row: &[Value]) -> Option<()> {
         let field = |out: &mut Vec<u8>, bytes: &[u8]| -> Option<()> {
             out.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
             out.extend_from_slice(bytes);
@@ -375,27 +375,20 @@ async fn insert_plain(
     let mut copy = (**tx).copy_in_raw(&sql).await?;
     let mut buf = Vec::with_capacity(COPY_CHUNK.min(64 + rows.len() * 256) + (64 << 10));
     CopyBinary::header(&mut buf);
-    let mut sent = Ok(());
-    for row in rows {
-        if enc.row(&mut buf, row).is_none() {
-            sent = Err(sqlx::Error::Protocol(format!(
-                "a row of {} could not be encoded for COPY",
-                t.name
-            )));
-            break;
-        }
-        if buf.len() >= COPY_CHUNK {
-            if let Err(e) = copy.send(buf.as_slice()).await {
-                sent = Err(e);
-                break;
+    let sent = async {
+        for row in rows {
+            enc.row(&mut buf, row).ok_or_else(|| {
+                sqlx::Error::Protocol(format!("a row of {} could not be encoded for COPY", t.name))
+            })?;
+            if buf.len() >= COPY_CHUNK {
+                copy.send(buf.as_slice()).await?;
+                buf.clear();
             }
-            buf.clear();
         }
-    }
-    if sent.is_ok() {
         CopyBinary::trailer(&mut buf);
-        sent = copy.send(buf.as_slice()).await.map(|_| ());
+        copy.send(buf.as_slice()).await.map(|_| ())
     }
+    .await;
     match sent {
         Ok(()) => copy.finish().await,
         Err(e) => {
