@@ -1153,3 +1153,81 @@ async fn nulled_child_references_keep_provenance_exact_sqlite() {
 async fn nulled_child_references_keep_provenance_exact_postgres() {
     nulled_child_references_keep_provenance_exact(Backend::Postgres).await;
 }
+
+/// A batch that deletes a viz (the legacy store's leftover) and re-reads its fork (the
+/// overlap), whose document still names the deleted viz: the fork takes its policy (NULL, a
+/// missing-reference record) instead of pointing at the row the batch deleted. The batch used
+/// to fail at commit on the fork's foreign key, in every run again.
+async fn deleted_parent_and_its_fork_in_one_batch(backend: Backend) {
+    let env = vizhub_env("deps_del_fork", backend).await;
+    env.insert("user", vec![user("a"), user("b")]).await;
+    env.insert(
+        "documentInfo",
+        vec![
+            viz("p", "a", T, None, &["b"], &["b"]),
+            viz("f", "b", T + 10, Some("p"), &[], &[]),
+        ],
+    )
+    .await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    run(s.clone(), opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run 1");
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM vizzes WHERE forked_from = 'p'"
+        )
+        .await,
+        1
+    );
+    env.db
+        .collection::<Document>("documentInfo")
+        .insert_one(doc! { "_type": bson::Bson::Null, "id": "p", "lastUpdatedTimestamp": T + 100 })
+        .await
+        .unwrap();
+    let r = run(s, opts(&["vizzes"], T + 3600), Default::default())
+        .await
+        .expect("run 2 deletes p and writes f in one batch");
+    assert_eq!(r.entities[0].counts.deleted, 1, "{r}");
+    assert_eq!(
+        env.dump(&env.target_url, "vizzes")
+            .await
+            .iter()
+            .filter(|r| r.contains("viz p") || r.contains("viz f"))
+            .count(),
+        1,
+        "only f is left"
+    );
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM vizzes WHERE id = 'f' AND forked_from IS NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_missing_refs WHERE ref_key = 'p'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&env, "upvotes").await + count(&env, "permissions").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn deleted_parent_and_its_fork_in_one_batch_sqlite() {
+    deleted_parent_and_its_fork_in_one_batch(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn deleted_parent_and_its_fork_in_one_batch_postgres() {
+    deleted_parent_and_its_fork_in_one_batch(Backend::Postgres).await;
+}
