@@ -31,6 +31,9 @@ pub async fn open_sink(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     let sink = Sink::connect(&s.target.url, s.target.max_connections)
         .await
         .map_err(Failure::Unavailable)?;
+    sink.check_foreign_key_checks(s.target.foreign_key_checks)
+        .await
+        .map_err(Failure::Config)?;
     sink.migrate_tool_tables().await?;
     // Several processes starting at once on a fresh target (backfill workers on many hosts)
     // race on CREATE TABLE IF NOT EXISTS, which PostgreSQL can fail with a duplicate
@@ -160,6 +163,9 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     let sink = Sink::connect(&s.target.url, s.target.max_connections)
         .await
         .map_err(Failure::Unavailable)?;
+    sink.check_foreign_key_checks(s.target.foreign_key_checks)
+        .await
+        .map_err(Failure::Config)?;
     if !sink.tool_tables_current().await? {
         sink.close().await;
         return Err(Failure::Config(anyhow::anyhow!(

@@ -622,6 +622,8 @@ pub async fn commit_batch(
             presume_new: mapped.presume_new,
             presume_dependents_new: mapped.presume_dependents_new,
             optimistic_inserts: true,
+            skip_fk_checks: ctx.settings.target.foreign_key_checks
+                == crate::settings::ForeignKeyChecks::Tidemark,
         })
         .await?;
     Ok(Counts {

@@ -64,6 +64,22 @@ pub struct TargetSettings {
     pub url: SecretUri,
     /// Pool size.
     pub max_connections: u32,
+    /// Who checks the foreign keys of the rows a run writes (PostgreSQL).
+    pub foreign_key_checks: ForeignKeyChecks,
+}
+
+/// `target.foreign_key_checks`: see `config/default.toml` and docs/DEPENDENCIES.md.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ForeignKeyChecks {
+    /// PostgreSQL checks every row a batch inserts or updates at commit (the deferred keys).
+    #[default]
+    Database,
+    /// A batch's inserts and updates run with `session_replication_role = replica`, so
+    /// PostgreSQL skips the per-row checks; tidemark's own resolution (every reference looked
+    /// up or pulled, the missing-reference policies) keeps them valid. Deletions still run
+    /// with the checks and their `ON DELETE` actions.
+    Tidemark,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +243,14 @@ impl Settings {
         if self.target.max_connections == 0 {
             bail!("target.max_connections must be at least 1");
         }
+        if self.target.foreign_key_checks == ForeignKeyChecks::Tidemark
+            && url.starts_with("sqlite:")
+        {
+            bail!(
+                "target.foreign_key_checks = \"tidemark\" is for PostgreSQL targets; target.url is \
+                 SQLite, whose checks stay on. Remove the key or set it to \"database\""
+            );
+        }
         self.validate_ops()?;
         Ok(())
     }
@@ -272,5 +296,22 @@ mod tests {
         let s = Settings::load(None).expect("defaults are valid");
         assert_eq!(s.source.batch_size, 1000);
         assert_eq!(s.sync.settle, Duration::from_secs(300));
+        assert_eq!(s.target.foreign_key_checks, ForeignKeyChecks::Database);
+    }
+
+    #[test]
+    fn tidemark_checking_references_is_refused_on_sqlite() {
+        let mut s = Settings::load(None).expect("defaults are valid");
+        s.target.foreign_key_checks = ForeignKeyChecks::Tidemark;
+        let e = s
+            .validate()
+            .expect_err("SQLite keeps its checks")
+            .to_string();
+        assert!(
+            e.contains("target.foreign_key_checks") && e.contains("SQLite"),
+            "{e}"
+        );
+        s.target.url = SecretUri::new("postgres://u@h/db");
+        s.validate().expect("PostgreSQL takes it");
     }
 }

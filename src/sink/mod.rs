@@ -9,6 +9,7 @@ mod sqlite;
 
 use crate::mapping::{Entity, TableRef, Value};
 use crate::secret::{redact_uri, SecretUri};
+use crate::settings::ForeignKeyChecks;
 use crate::source::Position;
 use crate::window::{LaneState, Window};
 use anyhow::{anyhow, Context, Result};
@@ -144,6 +145,11 @@ pub struct BatchWrite<'a> {
     /// insert. Saves two round-trips per insert (about 8,400 on the benchmark's full
     /// mapping), where such conflicts almost never happen.
     pub optimistic_inserts: bool,
+    /// `target.foreign_key_checks = "tidemark"`: the batch's inserts and updates run with
+    /// PostgreSQL's per-row foreign-key checks off (`session_replication_role = replica`);
+    /// deletions of an entity's rows turn them back on around the statement, so its
+    /// `ON DELETE` actions (cascades to child tables, references set to NULL) still run.
+    pub skip_fk_checks: bool,
 }
 
 /// A batch that presumed a first load found a row already stored; its transaction is rolled
@@ -282,6 +288,22 @@ impl Sink {
                 .map_err(fail)?;
             Ok(Sink::Postgres(pool))
         }
+    }
+
+    /// Check, before anything is written, that the target accepts the mode of
+    /// `target.foreign_key_checks` (`"tidemark"` needs the right to set
+    /// `session_replication_role`).
+    pub async fn check_foreign_key_checks(&self, mode: ForeignKeyChecks) -> Result<()> {
+        let Sink::Postgres(p) = self else {
+            return Ok(());
+        };
+        if mode == ForeignKeyChecks::Database {
+            return Ok(());
+        }
+        let mut tx = p.begin().await?;
+        tx.fk_checks(false).await?;
+        tx.rollback().await?;
+        Ok(())
     }
 
     pub fn backend(&self) -> &'static str {
@@ -455,6 +477,9 @@ impl Sink {
         let (resolved, clear_refs, pulled) = self.records_to_clear(b).await?;
         let out = on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
+            if b.skip_fk_checks {
+                tx.fk_checks(false).await?;
+            }
             // Documents that map now clear their old dead letters first.
             tx.delete_source_ids("tidemark_dead_letters", entity_name, &resolved).await?;
             // One multi-row statement per 1,000 dead letters; a key appearing twice keeps its
@@ -514,7 +539,7 @@ impl Sink {
             if let Some(e) = b.entity {
                 let o = write_rows(&mut tx, e, Rows {
                     rows: b.rows, meta: b.row_meta, children: b.children, child_meta: b.child_meta, deletes: b.deletes, soft_deletes: b.soft_deletes,
-                    presume_new: b.presume_new, optimistic,
+                    presume_new: b.presume_new, optimistic, skip_fk_checks: b.skip_fk_checks,
                 }, &mut trk).await?;
                 out = BatchOutcome { pulled_written: out.pulled_written, ..o };
             }
@@ -941,6 +966,11 @@ pub(crate) trait TableOps {
         key: &[Value],
         value: &Value,
     ) -> Result<u64>;
+    /// Turn the target's per-row foreign-key checks (and `ON DELETE` actions) on or off for
+    /// the rest of the transaction ([`BatchWrite::skip_fk_checks`]; PostgreSQL only).
+    async fn fk_checks(&mut self, _on: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One record of `tidemark_provenance`: table, canonical key, before-image, after-hash, and
@@ -976,6 +1006,8 @@ struct Rows<'a> {
     presume_new: bool,
     /// [`BatchWrite::optimistic_inserts`].
     optimistic: bool,
+    /// [`BatchWrite::skip_fk_checks`]: deletions turn the checks back on around them.
+    skip_fk_checks: bool,
 }
 
 /// Deletions, the entity's rows, then each child table's replace-the-whole-set. With the
@@ -996,6 +1028,7 @@ async fn write_rows<T: TableOps>(
         soft_deletes,
         presume_new,
         optimistic,
+        skip_fk_checks,
     } = w;
     let mut out = BatchOutcome::default();
     if !deletes.is_empty() {
@@ -1020,7 +1053,14 @@ async fn write_rows<T: TableOps>(
             let old = tx.select_rows(e.table_ref(), &e.pk, deletes).await?;
             trk.deletes(e.table_ref(), &old);
         }
+        // Rows of other tables may point at these: their ON DELETE actions must run.
+        if skip_fk_checks {
+            tx.fk_checks(true).await?;
+        }
         out.deleted += tx.delete_keys(e.table_ref(), &e.pk, deletes).await?;
+        if skip_fk_checks {
+            tx.fk_checks(false).await?;
+        }
     }
     if let Some(col) = e.deleted.as_ref().and_then(|d| d.column) {
         let old = if trk.on && !soft_deletes.is_empty() {

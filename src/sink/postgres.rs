@@ -622,4 +622,24 @@ impl TableOps for Transaction<'_, Postgres> {
         push_in(&mut q, t, t.pk, std::slice::from_ref(&key.to_vec()));
         Ok(q.build().execute(&mut **self).await?.rows_affected())
     }
+
+    async fn fk_checks(&mut self, on: bool) -> Result<()> {
+        let role = if on { "origin" } else { "replica" };
+        sqlx::query(&format!("SET LOCAL session_replication_role = {role}"))
+            .execute(&mut **self)
+            .await
+            .map_err(|e| fk_checks_error(&e))?;
+        Ok(())
+    }
+}
+
+/// The error of `target.foreign_key_checks = "tidemark"` when the role may not set
+/// `session_replication_role`, with the fix.
+pub(super) fn fk_checks_error(e: &sqlx::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "target.foreign_key_checks = \"tidemark\" needs to set session_replication_role, and the \
+         target refused: {e}. Run tidemark as a superuser, or on PostgreSQL 15 or later \
+         `GRANT SET ON PARAMETER session_replication_role TO <tidemark's role>`; or set \
+         target.foreign_key_checks = \"database\""
+    )
 }

@@ -10,6 +10,7 @@ mod fault_late;
 mod fault_source;
 mod fault_target;
 mod fault_util;
+mod fk_checks;
 mod fuzz_mapping;
 mod harness;
 mod hostile_config;
