@@ -35,7 +35,8 @@ pub struct Ctx {
     /// A mutex because backfill chunks of one run resolve concurrently.
     pub memo: tokio::sync::Mutex<crate::resolve::Memo>,
     /// Rows this run wrote on demand, so a lane reading them again skips them.
-    pub pulled: std::sync::Mutex<crate::pulled::Pulled>,
+    /// Shared with the window's mapper, which looks ahead in it (`pre_skip`).
+    pub pulled: Arc<std::sync::Mutex<crate::pulled::Pulled>>,
     /// Which documents have dead letters, missing references or pending records.
     pub records: crate::records::Known,
     /// Every batch is rolled back instead of committed and no checkpoint is saved.
@@ -241,6 +242,21 @@ pub struct MappedPage {
     /// A missing-reference policy nulled or dropped child rows: a later mapping of the same
     /// documents could write more, so [`crate::pulled`] does not record the page's rows.
     pub children_cut: bool,
+    /// Documents taken out of the page before mapping because this run already wrote them
+    /// (see [`pre_skip`]), to be confirmed when the batch's turn comes
+    /// ([`confirm_pre_skipped`]).
+    pub unmapped: Vec<PreSkipped>,
+    /// How many documents [`confirm_pre_skipped`] confirmed: read, skipped, never mapped.
+    pub skipped_unmapped: u64,
+}
+
+/// A document [`pre_skip`] took out of its page: its position in the page, the document,
+/// and its key and document hashes.
+pub struct PreSkipped {
+    at: usize,
+    doc: bson::RawDocumentBuf,
+    key: u64,
+    hash: u64,
 }
 
 impl MappedPage {
@@ -523,7 +539,7 @@ pub async fn resolve_batch(
     mut mapped: MappedPage,
 ) -> Result<Resolved> {
     let before_queries = ctx.source.queries.load(Ordering::Relaxed);
-    let skipped = skip_pulled(ctx, e, docs, &mut mapped);
+    let skipped = skip_pulled(ctx, e, docs, &mut mapped) + mapped.skipped_unmapped;
     let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");
@@ -580,6 +596,8 @@ pub async fn commit_batch(
         skipped,
         source_queries,
     } = ready;
+    // Documents skipped before they were mapped are not in `docs`, but they were read.
+    let read = (docs.len() as u64) + mapped.skipped_unmapped;
     let deferred: std::collections::HashSet<&str> =
         res.deferred.iter().map(|(id, _)| id.as_str()).collect();
     let clear: Vec<String> = if track_ids || !res.missing.is_empty() || !res.deferred.is_empty() {
@@ -627,7 +645,7 @@ pub async fn commit_batch(
         })
         .await?;
     Ok(Counts {
-        read: docs.len() as u64,
+        read,
         written: out.written,
         inserted: out.inserted,
         updated: out.updated,
@@ -649,6 +667,110 @@ pub async fn commit_batch(
         all_new: out.all_new,
         dependents_new: out.dependents_new,
     })
+}
+
+/// Take out of a page, before it is mapped, the documents this run already wrote as they
+/// are (pulled by an earlier lane, [`crate::pulled`]): most of what the lanes after the
+/// vizzes lane read on the benchmark's full mapping, where mapping them only to drop the
+/// rows was most of those lanes' time. A document's key comes from the key columns alone
+/// ([`Entity::key_of`]). Only documents whose key appears once in the page qualify (a later
+/// version of the same key in the page wins, so skipping one of them is not the same as
+/// skipping the row). The mapper looks ahead of the batches being resolved and written, so
+/// this is a guess: [`confirm_pre_skipped`] checks it again in the batch's turn. Returns
+/// the documents taken out, and the document hashes of those left (for [`skip_pulled`]).
+fn pre_skip(
+    pulled: &std::sync::Mutex<crate::pulled::Pulled>,
+    e: &Entity,
+    docs: &mut Vec<bson::RawDocumentBuf>,
+) -> (Vec<PreSkipped>, Vec<u64>) {
+    let hashes: Vec<u64> = docs.iter().map(|d| crate::pulled::doc_hash(d)).collect();
+    let keys: Vec<Option<u64>> = docs
+        .iter()
+        .map(|d| e.key_of(d).map(|k| crate::pulled::deleted_key_hash(e, &k)))
+        .collect();
+    let mut seen: HashMap<u64, u32> = HashMap::with_capacity(keys.len());
+    for k in keys.iter().flatten() {
+        *seen.entry(*k).or_default() += 1;
+    }
+    let hit: Vec<bool> = {
+        let pulled = pulled.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter()
+            .zip(&hashes)
+            .map(|(k, &h)| k.is_some_and(|k| seen[&k] == 1 && pulled.same(k, h)))
+            .collect()
+    };
+    if !hit.contains(&true) {
+        return (Vec::new(), hashes);
+    }
+    let mut out = Vec::new();
+    let mut kept = Vec::with_capacity(docs.len());
+    let mut kept_hashes = Vec::with_capacity(docs.len());
+    for (at, (((doc, key), hash), hit)) in std::mem::take(docs)
+        .into_iter()
+        .zip(keys)
+        .zip(hashes)
+        .zip(hit)
+        .enumerate()
+    {
+        match key.filter(|_| hit) {
+            Some(key) => out.push(PreSkipped { at, doc, key, hash }),
+            None => {
+                kept.push(doc);
+                kept_hashes.push(hash);
+            }
+        }
+    }
+    *docs = kept;
+    (out, kept_hashes)
+}
+
+/// In the batch's turn (after every earlier batch was resolved), skip the documents
+/// [`pre_skip`] took out, as [`skip_pulled`] would have skipped their rows. If one no longer
+/// qualifies (an earlier batch wrote its key since), the page is put back together and
+/// mapped again whole, as if nothing had been taken out.
+/// `hash`: as [`prepare`]'s.
+fn confirm_pre_skipped(
+    pulled: &std::sync::Mutex<crate::pulled::Pulled>,
+    e: &Entity,
+    page: &mut Page,
+    mapped: &mut MappedPage,
+    hash: bool,
+) {
+    if mapped.unmapped.is_empty() {
+        return;
+    }
+    let confirmed = {
+        let mut pulled = pulled.lock().unwrap_or_else(|p| p.into_inner());
+        // Every key is looked up, as `skip_pulled` would have (a stale one is forgotten).
+        mapped
+            .unmapped
+            .iter()
+            .filter(|p| !pulled.take_same(p.key, p.hash))
+            .count()
+            == 0
+    };
+    if confirmed {
+        mapped.skipped_unmapped = mapped.unmapped.len() as u64;
+        mapped
+            .resolved
+            .extend(mapped.unmapped.drain(..).map(|p| source_id(&p.doc)));
+        return;
+    }
+    let mut docs = std::mem::take(&mut page.docs).into_iter();
+    let mut unmapped = std::mem::take(&mut mapped.unmapped).into_iter().peekable();
+    let total = docs.len() + unmapped.len();
+    page.docs = (0..total)
+        .filter_map(|at| match unmapped.next_if(|p| p.at == at) {
+            Some(p) => Some(p.doc),
+            None => docs.next(),
+        })
+        .collect();
+    let mut again = map_page(e, &page.docs, true);
+    prepare(e, &mut again, hash);
+    again.hash_docs(&page.docs);
+    again.presume_new = mapped.presume_new;
+    again.presume_dependents_new = mapped.presume_dependents_new;
+    *mapped = again;
 }
 
 /// Take out of `mapped` the rows this run already wrote from the same documents (see
@@ -705,6 +827,7 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
     // the current one (mostly waiting on the databases).
     let (mtx, mrx) = tokio::sync::mpsc::channel::<Result<(Page, MappedPage)>>(1);
     let entity = Arc::new(e.clone());
+    let pulled = Arc::clone(&ctx.pulled);
     let hash = ctx.provenance || ctx.dry_run;
     // Rows this run pulled earlier may be skipped (`skip_pulled`), which compares document
     // hashes: computed here, with the mapping, when there is anything to compare against.
@@ -729,14 +852,19 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
             // while the writer's and the pump's I/O wakeups may be queued behind it: it runs
             // on the blocking pool (no measurable change on 2 cores; BENCHMARKS.md).
             let entity = entity.clone();
+            let pulled = Arc::clone(&pulled);
             let t1 = Instant::now();
             let mapped = tokio::task::spawn_blocking(move || {
-                page.map(|p| {
+                page.map(|mut p| {
+                    let (unmapped, hashes) = if hash_docs {
+                        pre_skip(&pulled, &entity, &mut p.docs)
+                    } else {
+                        Default::default()
+                    };
                     let mut m = map_page(&entity, &p.docs, true);
                     prepare(&entity, &mut m, hash);
-                    if hash_docs {
-                        m.hash_docs(&p.docs);
-                    }
+                    m.doc_hashes = hashes;
+                    m.unmapped = unmapped;
                     (p, m)
                 })
             })
@@ -844,8 +972,15 @@ async fn drive_window(
             let Some(item) = item else {
                 return Ok::<_, anyhow::Error>((None, waited, Default::default()));
             };
-            let (page, mapped) = item?;
+            let (mut page, mut mapped) = item?;
             let t = Instant::now();
+            confirm_pre_skipped(
+                &ctx.pulled,
+                e,
+                &mut page,
+                &mut mapped,
+                ctx.provenance || ctx.dry_run,
+            );
             // On a task of its own when there is anything to resolve: resolution's CPU work
             // (mapping what the batch pulls, the policies) then never delays the writer's
             // next statement on this task. Otherwise here: the hop to another thread and back
@@ -1146,4 +1281,101 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
         })
         .await?;
     Ok(dead.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pulled::{deleted_key_hash, doc_hash, Pulled};
+    use std::sync::Mutex;
+
+    const MAPPING: &str = r#"
+version = "t1"
+[entities.items]
+collection = "items"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "items"
+primary_key = ["id"]
+[entities.items.columns]
+id = { path = "k", type = "text", required = true }
+v = { path = "v", type = "integer" }
+"#;
+
+    fn doc(k: &str, v: i32) -> bson::RawDocumentBuf {
+        bson::rawdoc! { "_id": format!("{k}-{v}"), "k": k, "t": 1, "v": v }
+    }
+
+    fn key(e: &Entity, k: &str) -> u64 {
+        deleted_key_hash(e, &[Value::Text(k.into())])
+    }
+
+    /// The mapper's look-ahead: what it takes out, what it leaves, and the batch's turn
+    /// confirming the guess, or mapping the page again whole when an earlier batch wrote
+    /// one of the keys since.
+    #[test]
+    fn documents_already_written_are_skipped_unmapped_and_a_stale_guess_is_mapped_again() {
+        let m = Mapping::parse(MAPPING, "test").unwrap();
+        let e = m.entity("items").unwrap();
+        let (a, b, c, c2) = (doc("a", 1), doc("b", 1), doc("c", 1), doc("c", 2));
+        let pulled = Mutex::new(Pulled::default());
+        pulled.lock().unwrap().record(&[
+            (key(e, "a"), doc_hash(&a)),
+            (key(e, "b"), doc_hash(&doc("b", 0))),
+            (key(e, "c"), doc_hash(&c)),
+        ]);
+        // a: written as it is; b: another version was; c twice in the page: the later wins,
+        // so neither is taken out.
+        let page = || Page {
+            docs: vec![a.clone(), b.clone(), c.clone(), c2.clone()],
+            last: Position {
+                ts: Bson::Int32(1),
+                id: Bson::Null,
+            },
+        };
+        let mut p = page();
+        let (unmapped, hashes) = pre_skip(&pulled, e, &mut p.docs);
+        assert_eq!(unmapped.len(), 1);
+        assert_eq!(p.docs, vec![b.clone(), c.clone(), c2.clone()]);
+        assert_eq!(hashes, vec![doc_hash(&b), doc_hash(&c), doc_hash(&c2)]);
+        let mapped = |p: &Page, unmapped| {
+            let mut m = map_page(e, &p.docs, true);
+            m.unmapped = unmapped;
+            m
+        };
+
+        // The batch's turn, nothing changed: a is skipped, counted, its id resolved.
+        let mut m = mapped(&p, unmapped);
+        confirm_pre_skipped(&pulled, e, &mut p, &mut m, false);
+        assert_eq!(m.skipped_unmapped, 1);
+        assert_eq!(m.rows.len(), 2, "b and the later c");
+        assert_eq!(p.docs.len(), 3);
+        assert!(m.resolved.contains(&source_id(&a)), "{:?}", m.resolved);
+
+        // An earlier batch wrote a (another version) after the guess: the page is whole again.
+        let mut p = page();
+        let (unmapped, _) = pre_skip(&pulled, e, &mut p.docs);
+        let mut m = mapped(&p, unmapped);
+        pulled.lock().unwrap().forget(key(e, "a"));
+        confirm_pre_skipped(&pulled, e, &mut p, &mut m, false);
+        assert_eq!(m.skipped_unmapped, 0);
+        assert!(m.unmapped.is_empty());
+        assert_eq!(p.docs, page().docs, "in the page's order");
+        assert_eq!(m.rows.len(), 3, "a, b and the later c");
+        assert_eq!(m.doc_hashes.len(), 4);
+        assert_eq!(m.row_docs, vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn nothing_is_taken_out_when_nothing_matches() {
+        let m = Mapping::parse(MAPPING, "test").unwrap();
+        let e = m.entity("items").unwrap();
+        let pulled = Mutex::new(Pulled::default());
+        pulled.lock().unwrap().record(&[(key(e, "zz"), 1)]);
+        let mut docs = vec![doc("a", 1), bson::rawdoc! { "_id": 9, "t": 1 }];
+        let (unmapped, hashes) = pre_skip(&pulled, e, &mut docs);
+        assert!(unmapped.is_empty());
+        assert_eq!(docs.len(), 2);
+        assert_eq!(hashes.len(), 2);
+    }
 }

@@ -115,6 +115,7 @@ impl Pulled {
     }
 
     fn shard(&mut self, key: u64) -> &mut Shard {
+        // `same` finds a key's shard the same way, without creating the shards.
         if self.shards.is_empty() {
             self.shards.resize_with(SHARDS, Default::default);
         }
@@ -148,6 +149,16 @@ impl Pulled {
             }
             None => false,
         }
+    }
+
+    /// Whether the row for `key` was written this run from the same document, changing
+    /// nothing: a look ahead, before the batch's turn (`pipeline::pre_skip`); the batch
+    /// confirms it with [`Pulled::take_same`] when its turn comes.
+    pub fn same(&self, key: u64, doc: u64) -> bool {
+        self.shards
+            .get((key >> 32) as usize % SHARDS)
+            .and_then(|s| s.get(&key))
+            == Some(&doc)
     }
 
     /// Forget a key about to be written or deleted by something else than a skipped row.

@@ -348,16 +348,7 @@ impl Entity {
         };
         if let Some(d) = &self.deleted {
             if rule(&d.when, doc, "deleted.when")? {
-                let key: Option<Vec<Value>> = self
-                    .pk
-                    .iter()
-                    .map(|&i| {
-                        self.columns[i]
-                            .extract(&input)
-                            .ok()
-                            .filter(|v| *v != Value::Null)
-                    })
-                    .collect();
+                let key = self.key_from(&input);
                 let at = lookup(doc, std::slice::from_ref(&self.time_field))
                     .ok()
                     .flatten()
@@ -376,6 +367,36 @@ impl Entity {
             children.push(c.map(doc, &row)?);
         }
         Ok(Outcome::Row { row, children })
+    }
+
+    /// The primary key a document maps to, from the key columns alone (`None` when one of
+    /// them fails or is null). For a document that maps to a row, it is that row's key: the
+    /// same columns read the same input.
+    pub fn key_of(&self, doc: &RawDocument) -> Option<Vec<Value>> {
+        let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
+            doc.into_iter().collect::<Result<_, _>>().ok();
+        self.key_from(&Input {
+            base: RawBsonRef::Document(doc),
+            top: top.as_deref(),
+            parent_row: None,
+            index: None,
+            scope: Scope {
+                doc: Some(doc),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn key_from(&self, input: &Input<'_>) -> Option<Vec<Value>> {
+        self.pk
+            .iter()
+            .map(|&i| {
+                self.columns[i]
+                    .extract(input)
+                    .ok()
+                    .filter(|v| *v != Value::Null)
+            })
+            .collect()
     }
 
     /// Map only the main row (errors for deleted or filtered documents).
