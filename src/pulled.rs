@@ -21,12 +21,15 @@
 //!    not skipped forgets the key first, so the skip can never hide a later version behind an
 //!    earlier one (two source documents sharing a target key, read in time order).
 //!
-//! Memory is bounded: each key costs 16 bytes of payload (two 64-bit hashes; hashbrown adds
-//! about one byte and load-factor slack), and the set stops taking new keys at
-//! [`CAPACITY`]; a row that was not recorded is simply written the usual way. The keys are
-//! spread over [`SHARDS`] tables that grow one at a time: one table of a million keys
-//! doubling held its old and new buckets at once, 53 MB, the full mapping's peak heap
-//! (heaptrack, BENCHMARKS.md).
+//! Memory is bounded: each key costs 16 bytes (two 64-bit hashes), and the set stops taking
+//! new keys at [`CAPACITY`]; a row that was not recorded is simply written the usual way.
+//! The keys are spread over [`SHARDS`] shards. Each keeps its keys in a sorted vector of
+//! exactly the size it needs, plus a small hash table of recent keys that is merged into the
+//! vector when it fills ([`MERGE_AT`], or an eighth of the vector). Hash tables alone cost 26–34 bytes per key (load
+//! factor between 7/16 and 7/8, and a table doubling holds its old and new buckets at once:
+//! one table of a million keys reached 53 MB, the full mapping's peak heap, heaptrack,
+//! BENCHMARKS.md). A merge copies one shard (1/64 of the set); each key is copied a few
+//! times over a run.
 //!
 //! A collision of the key hash can only make a row miss the skip; a wrong skip needs the
 //! 64-bit document hash of two different documents recorded under one key slot to collide as
@@ -36,7 +39,7 @@ use crate::mapping::{Entity, Value};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-/// Keys recorded at most (about 36 MB at the limit). Past it, rows are written as if the set
+/// Keys recorded at most (about 26 MB at the limit). Past it, rows are written as if the set
 /// were not there.
 pub const CAPACITY: usize = 1_500_000;
 
@@ -61,11 +64,100 @@ impl Hasher for Prehashed {
 /// One row the current batch wrote on demand: `(key hash, document hash)`.
 pub type Fresh = (u64, u64);
 
-/// Tables the set is split into (by bits of the key hash that hashbrown uses for neither the
+/// Shards the set is split into (by bits of the key hash that hashbrown uses for neither the
 /// bucket index, the low bits, nor the control byte, the top seven).
 pub const SHARDS: usize = 64;
 
-type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+/// Recent keys a shard holds in its hash table before they are merged into its vector (or
+/// an eighth of the vector's length, if more: each key is then copied about eight times over
+/// a run whatever the shard's size, and the table adds about 4 bytes per key).
+pub const MERGE_AT: usize = 1024;
+
+/// The document hash of a key forgotten in a shard's vector (removed at the next merge).
+/// Real document hashes are stored with this value moved to 1 ([`stored`]).
+const GONE: u64 = 0;
+
+fn stored(doc: u64) -> u64 {
+    doc.max(1)
+}
+
+/// See the module documentation.
+#[derive(Default)]
+struct Shard {
+    /// `(key, document hash)` sorted by key; a forgotten key keeps its place with [`GONE`].
+    sorted: Vec<(u64, u64)>,
+    recent: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
+}
+
+impl Shard {
+    fn slot(&self, key: u64) -> Option<usize> {
+        self.sorted
+            .binary_search_by_key(&key, |&(k, _)| k)
+            .ok()
+            .filter(|&i| self.sorted[i].1 != GONE)
+    }
+
+    fn get(&self, key: u64) -> Option<u64> {
+        self.recent
+            .get(&key)
+            .copied()
+            .or_else(|| self.slot(key).map(|i| self.sorted[i].1))
+    }
+
+    /// Insert or update; whether the key is new.
+    fn insert(&mut self, key: u64, doc: u64) -> bool {
+        if let Some(i) = self.slot(key) {
+            self.sorted[i].1 = doc;
+            return false;
+        }
+        let new = self.recent.insert(key, doc).is_none();
+        if self.recent.len() >= MERGE_AT.max(self.sorted.len() / 8) {
+            self.merge();
+        }
+        new
+    }
+
+    /// Remove; whether the key was there.
+    fn remove(&mut self, key: u64) -> bool {
+        if self.recent.remove(&key).is_some() {
+            return true;
+        }
+        match self.slot(key) {
+            Some(i) => {
+                self.sorted[i].1 = GONE;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Move the recent keys into the vector, dropping forgotten keys, into a vector of
+    /// exactly the size needed. (A key is never in both: `insert` updates the vector's copy.)
+    fn merge(&mut self) {
+        let mut recent: Vec<(u64, u64)> = self.recent.drain().collect();
+        recent.sort_unstable_by_key(|&(k, _)| k);
+        let live = self.sorted.iter().filter(|&&(_, d)| d != GONE).count();
+        let mut out = Vec::with_capacity(live + recent.len());
+        let mut old = self
+            .sorted
+            .iter()
+            .copied()
+            .filter(|&(_, d)| d != GONE)
+            .peekable();
+        let mut new = recent.into_iter().peekable();
+        loop {
+            let next = match (old.peek(), new.peek()) {
+                (Some(a), Some(b)) if a.0 < b.0 => old.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => new.next(),
+                (Some(_), None) => old.next(),
+                (None, None) => break,
+            };
+            out.extend(next);
+        }
+        self.sorted = out;
+        self.recent.shrink_to(MERGE_AT);
+    }
+}
 
 /// See the module documentation.
 #[derive(Default)]
@@ -127,7 +219,7 @@ impl Pulled {
         for &(k, d) in fresh {
             let full = self.len >= CAPACITY;
             let shard = self.shard(k);
-            if (!full || shard.contains_key(&k)) && shard.insert(k, d).is_none() {
+            if (!full || shard.get(k).is_some()) && shard.insert(k, stored(d)) {
                 self.len += 1;
             }
         }
@@ -140,10 +232,10 @@ impl Pulled {
             return false;
         }
         let shard = self.shard(key);
-        match shard.get(&key) {
-            Some(&d) if d == doc => true,
+        match shard.get(key) {
+            Some(d) if d == stored(doc) => true,
             Some(_) => {
-                shard.remove(&key);
+                shard.remove(key);
                 self.len -= 1;
                 false
             }
@@ -157,13 +249,13 @@ impl Pulled {
     pub fn same(&self, key: u64, doc: u64) -> bool {
         self.shards
             .get((key >> 32) as usize % SHARDS)
-            .and_then(|s| s.get(&key))
-            == Some(&doc)
+            .and_then(|s| s.get(key))
+            == Some(stored(doc))
     }
 
     /// Forget a key about to be written or deleted by something else than a skipped row.
     pub fn forget(&mut self, key: u64) {
-        if !self.is_empty() && self.shard(key).remove(&key).is_some() {
+        if !self.is_empty() && self.shard(key).remove(key) {
             self.len -= 1;
         }
     }
@@ -210,13 +302,86 @@ mod tests {
         p.record(&keys);
         p.record(&keys[..5]);
         assert_eq!(p.len(), 1000);
-        assert!(p.shards.iter().filter(|s| !s.is_empty()).count() > SHARDS / 2);
+        assert!(
+            p.shards
+                .iter()
+                .filter(|s| !s.recent.is_empty() || !s.sorted.is_empty())
+                .count()
+                > SHARDS / 2
+        );
         assert!(keys[..10].iter().all(|&(k, d)| p.take_same(k, d)));
         assert!(!p.take_same(keys[10].0, 999_999));
         p.forget(keys[11].0);
         p.forget(keys[11].0);
         assert_eq!(p.len(), 998);
         assert!(!p.take_same(keys[11].0, keys[11].1));
+    }
+
+    /// Many keys through merges, updates, forgets and lookups, against a plain hash map.
+    #[test]
+    fn the_set_behaves_as_a_map_across_merges() {
+        let mut p = Pulled::default();
+        let mut model: std::collections::HashMap<u64, u64> = Default::default();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Few distinct keys per shard, so updates, forgets and lookups hit stored keys.
+        let keys: Vec<u64> = (0..SHARDS as u64 * MERGE_AT as u64 * 3)
+            .map(|_| next())
+            .collect();
+        for round in 0..600_000u64 {
+            let k = keys[(next() % keys.len() as u64) as usize];
+            let d = next() % 4; // includes 0, stored as 1 (and so equal to 1)
+            match next() % 4 {
+                0 | 1 => {
+                    p.record(&[(k, d)]);
+                    model.insert(k, d.max(1));
+                }
+                2 => {
+                    let got = p.take_same(k, d);
+                    let want = model.get(&k) == Some(&d.max(1));
+                    assert_eq!(got, want, "take_same at round {round}");
+                    if !want {
+                        model.remove(&k);
+                    }
+                }
+                _ => {
+                    p.forget(k);
+                    model.remove(&k);
+                }
+            }
+            assert_eq!(p.same(k, d), model.get(&k) == Some(&d.max(1)));
+            assert_eq!(p.len(), model.len(), "round {round}");
+        }
+        assert!(
+            p.shards.iter().all(|s| !s.sorted.is_empty()),
+            "merges happened"
+        );
+        for (&k, &d) in &model {
+            assert!(p.same(k, d));
+        }
+    }
+
+    #[test]
+    fn a_merged_shard_holds_exactly_its_live_keys() {
+        let mut s = Shard::default();
+        for k in 0..(MERGE_AT as u64 * 2 + 10) {
+            assert!(s.insert(k * 7, k + 1));
+        }
+        assert!(s.remove(7));
+        assert!(!s.remove(7));
+        assert!(!s.insert(14, 99), "an update, not a new key");
+        s.merge();
+        assert!(s.recent.is_empty());
+        assert_eq!(s.sorted.len(), MERGE_AT * 2 + 9);
+        assert_eq!(s.sorted.capacity(), s.sorted.len());
+        assert!(s.sorted.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(s.get(14), Some(99));
+        assert_eq!(s.get(7), None);
     }
 
     #[test]
