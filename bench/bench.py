@@ -380,8 +380,8 @@ def pg_counts(db):
 # Every foreign key of the database with its columns, to list rows that point at nothing.
 FKS_SQL = """
 SELECT con.conname, src.relname, dst.relname,
-       string_agg(quote_ident(sa.attname), ',' ORDER BY k.ord),
-       string_agg(quote_ident(da.attname), ',' ORDER BY k.ord)
+       array_agg(quote_ident(sa.attname) ORDER BY k.ord),
+       array_agg(quote_ident(da.attname) ORDER BY k.ord)
 FROM pg_constraint con
 JOIN pg_class src ON src.oid = con.conrelid
 JOIN pg_class dst ON dst.oid = con.confrelid
@@ -397,8 +397,13 @@ def pg_dangling(db):
     out = {}
     with psycopg.connect(pg_url(db)) as c:
         for name, src, dst, mine, theirs in c.execute(FKS_SQL).fetchall():
-            n = c.execute(f"SELECT count(*) FROM {src} s WHERE ({mine}) IS NOT NULL "
-                          f"AND ({mine}) NOT IN (SELECT {theirs} FROM {dst})").fetchone()[0]
+            # NOT EXISTS (an anti-join): NOT IN over a subquery larger than work_mem is
+            # re-scanned for every row.
+            pairs = list(zip(mine, theirs))
+            notnull = " AND ".join(f"s.{a} IS NOT NULL" for a, _ in pairs)
+            same = " AND ".join(f"d.{b} = s.{a}" for a, b in pairs)
+            n = c.execute(f"SELECT count(*) FROM {src} s WHERE {notnull} "
+                          f"AND NOT EXISTS (SELECT 1 FROM {dst} d WHERE {same})").fetchone()[0]
             if n:
                 out[name] = n
     return out

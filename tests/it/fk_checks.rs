@@ -22,10 +22,11 @@ async fn exec(url: &str, sql: &str) {
 async fn dangling(url: &str) -> Vec<String> {
     use sqlx::Connection;
     let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-    let fks: Vec<(String, String, String, String, String)> = sqlx::query_as(
+    #[allow(clippy::type_complexity)]
+    let fks: Vec<(String, String, String, Vec<String>, Vec<String>)> = sqlx::query_as(
         "SELECT con.conname, src.relname, dst.relname, \
-                string_agg(quote_ident(sa.attname), ',' ORDER BY k.ord), \
-                string_agg(quote_ident(da.attname), ',' ORDER BY k.ord) \
+                array_agg(quote_ident(sa.attname) ORDER BY k.ord), \
+                array_agg(quote_ident(da.attname) ORDER BY k.ord) \
          FROM pg_constraint con \
          JOIN pg_class src ON src.oid = con.conrelid \
          JOIN pg_class dst ON dst.oid = con.confrelid \
@@ -40,9 +41,17 @@ async fn dangling(url: &str) -> Vec<String> {
     assert!(fks.len() >= 10, "the VizHub schema's foreign keys: {fks:?}");
     let mut out = Vec::new();
     for (name, src, dst, mine, theirs) in fks {
+        let not_null: Vec<String> = mine.iter().map(|a| format!("s.{a} IS NOT NULL")).collect();
+        let same: Vec<String> = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| format!("d.{b} = s.{a}"))
+            .collect();
         let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM {src} s WHERE ({mine}) IS NOT NULL \
-             AND ({mine}) NOT IN (SELECT {theirs} FROM {dst})"
+            "SELECT COUNT(*) FROM {src} s WHERE {} \
+             AND NOT EXISTS (SELECT 1 FROM {dst} d WHERE {})",
+            not_null.join(" AND "),
+            same.join(" AND ")
         ))
         .fetch_one(&mut c)
         .await
