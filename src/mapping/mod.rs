@@ -201,6 +201,22 @@ struct Input<'a> {
     scope: Scope<'a>,
 }
 
+impl<'a> Input<'a> {
+    /// A top-level document, with its fields `top` read once (see [`Input::top`]).
+    fn document(doc: &'a RawDocument, top: Option<&'a [(&'a str, RawBsonRef<'a>)]>) -> Self {
+        Input {
+            base: RawBsonRef::Document(doc),
+            top,
+            parent_row: None,
+            index: None,
+            scope: Scope {
+                doc: Some(doc),
+                ..Default::default()
+            },
+        }
+    }
+}
+
 impl Column {
     /// The dotted source path this column copies, when it reads one directly.
     pub fn source_path(&self) -> Option<&[String]> {
@@ -336,16 +352,7 @@ impl Entity {
         // One pass over the document's fields instead of one per column.
         let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
             doc.into_iter().collect::<Result<_, _>>().ok();
-        let input = Input {
-            base: RawBsonRef::Document(doc),
-            top: top.as_deref(),
-            parent_row: None,
-            index: None,
-            scope: Scope {
-                doc: Some(doc),
-                ..Default::default()
-            },
-        };
+        let input = Input::document(doc, top.as_deref());
         if let Some(d) = &self.deleted {
             if rule(&d.when, doc, "deleted.when")? {
                 let key = self.key_from(&input);
@@ -375,16 +382,7 @@ impl Entity {
     pub fn key_of(&self, doc: &RawDocument) -> Option<Vec<Value>> {
         let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
             doc.into_iter().collect::<Result<_, _>>().ok();
-        self.key_from(&Input {
-            base: RawBsonRef::Document(doc),
-            top: top.as_deref(),
-            parent_row: None,
-            index: None,
-            scope: Scope {
-                doc: Some(doc),
-                ..Default::default()
-            },
-        })
+        self.key_from(&Input::document(doc, top.as_deref()))
     }
 
     fn key_from(&self, input: &Input<'_>) -> Option<Vec<Value>> {
