@@ -10,6 +10,11 @@
 //! marks it deleted), *extra* (a target row whose time column lies in the range but whose
 //! document is not in the source range: deleted, or moved out by a later update). Memory
 //! holds one page plus the keys of the range; the cost is one read of the range on each side.
+//!
+//! It also counts, over the whole of each verified entity's tables (not only the range),
+//! rows whose foreign key points at nothing: with `target.foreign_key_checks = "tidemark"`
+//! PostgreSQL no longer checks tidemark's writes, and this is the check after the fact (one
+//! anti-join per constraint; SQLite: `PRAGMA foreign_key_check`).
 
 use crate::app;
 use crate::canon;
@@ -63,10 +68,20 @@ pub struct EntityVerify {
     pub note: Option<String>,
 }
 
+/// Rows of a table whose foreign key points at nothing.
+#[derive(Debug, Serialize)]
+pub struct Dangling {
+    pub table: String,
+    pub constraint: String,
+    pub rows: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
     pub range: Window,
     pub entities: Vec<EntityVerify>,
+    /// Foreign keys of the verified entities' tables with rows pointing at nothing.
+    pub dangling: Vec<Dangling>,
     pub differences: u64,
     pub elapsed_ms: u64,
 }
@@ -103,6 +118,13 @@ impl std::fmt::Display for VerifyReport {
             if let Some(n) = &e.note {
                 writeln!(f, "  note: {n}")?;
             }
+        }
+        for d in &self.dangling {
+            writeln!(
+                f,
+                "  dangling  {} {}: {} row(s) point at nothing",
+                d.table, d.constraint, d.rows
+            )?;
         }
         write!(
             f,
@@ -421,15 +443,101 @@ pub async fn verify(s: &Settings, opts: &VerifyOptions) -> Result<VerifyReport> 
         let e = mapping.entity(n)?;
         entities.push(verify_entity(&source, &sink, e, range, opts).await?);
     }
+    let mut tables = Vec::new();
+    for n in &names {
+        let e = mapping.entity(n)?;
+        tables.push(e.table.clone());
+        tables.extend(e.children.iter().map(|c| c.table.clone()));
+    }
+    let dangling = dangling(&sink, &tables).await?;
     sink.close().await;
     let differences = entities
         .iter()
         .map(|e| e.missing_count + e.extra_count + e.different_count)
-        .sum();
+        .sum::<u64>()
+        + dangling.iter().map(|d| d.rows).sum::<u64>();
     Ok(VerifyReport {
         range,
         entities,
+        dangling,
         differences,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Rows of `tables` whose foreign key points at nothing, per constraint (see the module
+/// documentation).
+async fn dangling(sink: &Sink, tables: &[String]) -> Result<Vec<Dangling>> {
+    let mut out = Vec::new();
+    match sink {
+        Sink::Postgres(p) => {
+            #[allow(clippy::type_complexity)]
+            let fks: Vec<(String, String, String, Vec<String>, Vec<String>)> = sqlx::query_as(
+                "SELECT con.conname::text, src.relname::text, dst.relname::text, \
+                        array_agg(quote_ident(sa.attname) ORDER BY k.ord), \
+                        array_agg(quote_ident(da.attname) ORDER BY k.ord) \
+                 FROM pg_constraint con \
+                 JOIN pg_class src ON src.oid = con.conrelid \
+                 JOIN pg_class dst ON dst.oid = con.confrelid \
+                 CROSS JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(s, d, ord) \
+                 JOIN pg_attribute sa ON sa.attrelid = con.conrelid AND sa.attnum = k.s \
+                 JOIN pg_attribute da ON da.attrelid = con.confrelid AND da.attnum = k.d \
+                 WHERE con.contype = 'f' AND src.relname = ANY($1) \
+                   AND src.relnamespace = current_schema()::regnamespace \
+                 GROUP BY 1, 2, 3 ORDER BY 2, 1",
+            )
+            .bind(tables)
+            .fetch_all(p)
+            .await?;
+            for (constraint, table, parent, mine, theirs) in fks {
+                let not_null: Vec<String> =
+                    mine.iter().map(|c| format!("s.{c} IS NOT NULL")).collect();
+                let same: Vec<String> = mine
+                    .iter()
+                    .zip(&theirs)
+                    .map(|(c, p)| format!("d.{p} = s.{c}"))
+                    .collect();
+                // An anti-join: `NOT IN` over a parent table larger than work_mem is
+                // rescanned for every row.
+                let rows: i64 = sqlx::query_scalar(&format!(
+                    "SELECT COUNT(*) FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} d WHERE {})",
+                    crate::sink::ddl::quote(&table),
+                    not_null.join(" AND "),
+                    crate::sink::ddl::quote(&parent),
+                    same.join(" AND ")
+                ))
+                .fetch_one(p)
+                .await?;
+                if rows > 0 {
+                    out.push(Dangling {
+                        table,
+                        constraint,
+                        rows: rows as u64,
+                    });
+                }
+            }
+        }
+        Sink::Sqlite(p) => {
+            for table in tables {
+                let found: Vec<(i64,)> = sqlx::query_as(&format!(
+                    "SELECT fkid FROM pragma_foreign_key_check('{}')",
+                    table.replace('\'', "''")
+                ))
+                .fetch_all(p)
+                .await?;
+                let mut by: BTreeMap<i64, u64> = BTreeMap::new();
+                for (id,) in found {
+                    *by.entry(id).or_default() += 1;
+                }
+                for (id, rows) in by {
+                    out.push(Dangling {
+                        table: table.clone(),
+                        constraint: format!("foreign key #{id}"),
+                        rows,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
 }

@@ -123,8 +123,12 @@ fn viz(id: &str, at: i64, fork: Option<&str>, upvoters: &[&str]) -> Document {
 }
 
 async fn vizzes_env(name: &str) -> Env {
+    vizzes_env_on(name, Backend::Postgres).await
+}
+
+async fn vizzes_env_on(name: &str, backend: Backend) -> Env {
     let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
-    let env = Env::new(name, Backend::Postgres, &mapping).await;
+    let env = Env::new(name, backend, &mapping).await;
     env.insert(
         "user",
         ["a", "b"]
@@ -312,4 +316,77 @@ async fn a_role_without_the_right_fails_before_any_write() {
         ),
     )
     .await;
+}
+
+/// `tidemark verify` counts rows whose foreign key points at nothing (the check after the
+/// fact when PostgreSQL no longer checks tidemark's writes): none after a run, one after a
+/// row is slipped in past the checks.
+async fn verify_finds_rows_pointing_at_nothing(backend: Backend) {
+    let env = vizzes_env_on("fkc_verify", backend).await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    run(s.clone(), opts(T + 3600), Default::default())
+        .await
+        .expect("run");
+    let vopts = || tidemark::verify::VerifyOptions {
+        from: chrono::DateTime::from_timestamp(T - 3600, 0)
+            .unwrap()
+            .to_rfc3339(),
+        to: chrono::DateTime::from_timestamp(T + 3600, 0)
+            .unwrap()
+            .to_rfc3339(),
+        entities: vec!["vizzes".into()],
+        bucket: std::time::Duration::from_secs(3600),
+        limit: 50,
+    };
+    let clean = tidemark::verify::verify(&s, &vopts())
+        .await
+        .expect("verify");
+    assert!(clean.dangling.is_empty(), "{clean}");
+    assert_eq!(clean.differences, 0, "{clean}");
+
+    let slip = "INSERT INTO upvotes (id, viz_id, user_id) VALUES ('nobody-q', 'q', 'nobody')";
+    match backend {
+        Backend::Postgres => {
+            exec(
+                &env.target_url,
+                &format!("SET session_replication_role = replica; {slip}"),
+            )
+            .await
+        }
+        Backend::Sqlite => {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&env.target_url)
+                .await
+                .unwrap();
+            sqlx::raw_sql(&format!("PRAGMA foreign_keys = OFF; {slip}"))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+    let found = tidemark::verify::verify(&s, &vopts())
+        .await
+        .expect("verify");
+    assert_eq!(found.dangling.len(), 1, "{found}");
+    assert_eq!(
+        (found.dangling[0].table.as_str(), found.dangling[0].rows),
+        ("upvotes", 1),
+        "{found}"
+    );
+    assert_eq!(
+        found.differences, 2,
+        "the dangling row, and q differs (its child rows gained one): {found}"
+    );
+    assert!(found.to_string().contains("point at nothing"), "{found}");
+}
+
+#[tokio::test]
+async fn verify_finds_rows_pointing_at_nothing_postgres() {
+    verify_finds_rows_pointing_at_nothing(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn verify_finds_rows_pointing_at_nothing_sqlite() {
+    verify_finds_rows_pointing_at_nothing(Backend::Sqlite).await;
 }
