@@ -34,29 +34,12 @@ fn main() {
 /// two arenas (its wall time within the noise; the flat run ~6 % slower in an A/B, 51 against
 /// 59 MB: BENCHMARKS.md, sixth round). An operator's own `MALLOC_ARENA_MAX` wins. No crate sets this (it is one libc call); other allocators
 /// (musl, macOS) do not have arenas of this kind.
-///
-/// Fast bins are off too (`M_MXFAST = 0`; small blocks still go through glibc's per-thread
-/// cache): freeing any block of 64 KB or more (a page of documents, a piece of COPY data)
-/// made glibc consolidate the fast bins, and `malloc_consolidate` / `unlink_chunk` were ~9 %
-/// of tidemark's CPU samples in the full mapping's vizzes lane. Off: the full mapping's CPU
-/// 35.7–37.2 → 33.1–35.2 s and its wall time 4–5 % lower in alternating pairs, the flat run
-/// within 0.1 s (BENCHMARKS.md, ninth round). An operator's `GLIBC_TUNABLES` naming
-/// `mxfast` wins.
 fn cap_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
-            unsafe {
-                libc::mallopt(libc::M_ARENA_MAX, 2);
-            }
-        }
-        let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mxfast"));
-        if !tuned {
-            // SAFETY: as above.
-            unsafe {
-                libc::mallopt(libc::M_MXFAST, 0);
-            }
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }
