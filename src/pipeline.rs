@@ -250,11 +250,12 @@ pub struct MappedPage {
     pub skipped_unmapped: u64,
 }
 
-/// A document [`pre_skip`] took out of its page: its position in the page, the document,
-/// and its key and document hashes.
+/// A document [`pre_skip`] took out of its page: its position in the page, the document, its
+/// source id (computed in the mapper, off the window's task) and its key and document hashes.
 pub struct PreSkipped {
     at: usize,
     doc: bson::RawDocumentBuf,
+    id: String,
     key: u64,
     hash: u64,
 }
@@ -713,7 +714,13 @@ fn pre_skip(
         .enumerate()
     {
         match key.filter(|_| hit) {
-            Some(key) => out.push(PreSkipped { at, doc, key, hash }),
+            Some(key) => out.push(PreSkipped {
+                at,
+                id: source_id(&doc),
+                doc,
+                key,
+                hash,
+            }),
             None => {
                 kept.push(doc);
                 kept_hashes.push(hash);
@@ -753,7 +760,7 @@ fn confirm_pre_skipped(
         mapped.skipped_unmapped = mapped.unmapped.len() as u64;
         mapped
             .resolved
-            .extend(mapped.unmapped.drain(..).map(|p| source_id(&p.doc)));
+            .extend(mapped.unmapped.drain(..).map(|p| p.id));
         return;
     }
     let mut docs = std::mem::take(&mut page.docs).into_iter();
