@@ -283,7 +283,6 @@ impl MappedPage {
             return Vec::new();
         }
         let meta = std::mem::take(&mut self.row_meta);
-        self.child_meta.clear();
         let has_meta = meta.len() == self.rows.len();
         let rows = std::mem::take(&mut self.rows);
         let docs = std::mem::take(&mut self.row_docs);
@@ -304,8 +303,31 @@ impl MappedPage {
                 child.parent_links.iter().copied().unzip();
             let gone: std::collections::HashSet<String> =
                 removed.iter().map(|r| key_text(r, &parent_cols)).collect();
-            if let Some(rows) = self.children.get_mut(ci) {
-                rows.retain(|row| !gone.contains(&key_text(row, &by)));
+            let Some(rows) = self.children.get_mut(ci) else {
+                continue;
+            };
+            // The child rows' keys and hashes computed ahead go with their rows.
+            match self
+                .child_meta
+                .get_mut(ci)
+                .filter(|m| m.len() == rows.len())
+            {
+                Some(meta) => {
+                    let kept: Vec<bool> = rows
+                        .iter()
+                        .map(|row| !gone.contains(&key_text(row, &by)))
+                        .collect();
+                    let mut k = kept.iter();
+                    rows.retain(|_| *k.next().unwrap_or(&false));
+                    let mut k = kept.iter();
+                    meta.retain(|_| *k.next().unwrap_or(&false));
+                }
+                None => {
+                    rows.retain(|row| !gone.contains(&key_text(row, &by)));
+                    if let Some(meta) = self.child_meta.get_mut(ci) {
+                        meta.clear();
+                    }
+                }
             }
         }
         removed

@@ -10,7 +10,7 @@
 //! checked at commit, when every referenced row is present.
 
 use crate::mapping::spec::MissingPolicy;
-use crate::mapping::{lookup, Entity, Value};
+use crate::mapping::{lookup, Entity, TableRef, Value};
 use crate::pipeline::{map_page, source_id, Ctx, MappedPage};
 use crate::sink::{DeadLetter, EntityRows, MissingRef};
 use anyhow::Result;
@@ -486,7 +486,8 @@ fn apply_policies(
         .map(|(i, _)| i)
         .collect();
     let mut keep = vec![true; page.rows.len()];
-    let mut touched = false;
+    // Rows a policy nulled a column of: their keys and hashes computed ahead are redone below.
+    let mut touched = Vec::new();
     for (ri, row) in page.rows.iter_mut().enumerate() {
         let doc = &docs[page.row_docs[ri]];
         for &ci in &ref_cols {
@@ -512,7 +513,7 @@ fn apply_policies(
             match (state, c.on_missing) {
                 (Some(false), MissingPolicy::Null) => {
                     row[ci] = Value::Null;
-                    touched = true;
+                    touched.push(ri);
                     res.missing.push(record);
                 }
                 (Some(false), MissingPolicy::Skip) => {
@@ -542,38 +543,59 @@ fn apply_policies(
             }
         }
     }
+    // The keys and hashes computed ahead (`pipeline::prepare`) of the rows a policy changed
+    // are computed again here, on the resolve stage: clearing them all made the writer hash
+    // every row of the page on its own task, whenever one row of the page had a missing
+    // reference (most batches of the full mapping: ~4 % of tidemark's CPU, BENCHMARKS.md,
+    // tenth round). Rows dropped take their keys and hashes with them.
+    let t = e.table_ref();
+    if page.row_meta.len() == page.rows.len() {
+        for &ri in &touched {
+            page.row_meta[ri] = row_meta(t, &page.rows[ri]);
+        }
+    }
     // Child rows: null the column, or drop the child row (skip/defer cannot hold back one element).
     for (ci, child) in e.children.iter().enumerate() {
         let Some(rows) = page.children.get_mut(ci) else {
             continue;
         };
+        let mut meta = page
+            .child_meta
+            .get_mut(ci)
+            .filter(|m| m.len() == rows.len());
+        let ct = child.table_ref();
         for (i, c) in child.columns.iter().enumerate() {
             let Some(r) = &c.references else { continue };
-            rows.retain_mut(|row| {
-                if row[i] == Value::Null || memo.get(r, &key_text(&row[i])) == Some(true) {
-                    return true;
-                }
-                page.children_cut = true;
-                if c.on_missing == MissingPolicy::Null {
+            let mut old_meta = meta.as_mut().map(|m| std::mem::take(*m).into_iter());
+            for mut row in std::mem::take(rows) {
+                let m = old_meta.as_mut().and_then(Iterator::next);
+                let fine = row[i] == Value::Null || memo.get(r, &key_text(&row[i])) == Some(true);
+                if !fine {
+                    page.children_cut = true;
+                    if c.on_missing != MissingPolicy::Null {
+                        continue;
+                    }
                     row[i] = Value::Null;
-                    true
-                } else {
-                    false
                 }
-            });
+                if let Some(out) = meta.as_mut() {
+                    out.push(match m {
+                        Some(m) if fine => m,
+                        _ => row_meta(ct, &row),
+                    });
+                }
+                rows.push(row);
+            }
         }
     }
-    // The keys and hashes computed ahead are dropped below if anything changed.
-    let removed = page.retain_rows(e, &keep);
-    if touched || !removed.is_empty() {
-        // The keys and hashes computed ahead (`pipeline::prepare`) were of the rows before
-        // the policies nulled or dropped some; the writer computes them again.
-        page.row_meta.clear();
-    }
-    if page.children_cut {
-        page.child_meta.clear();
-    }
-    removed
+    page.retain_rows(e, &keep)
+}
+
+/// The canonical key and hash of a row, as `pipeline::prepare` computes them ahead.
+fn row_meta(t: TableRef<'_>, row: &[Value]) -> (String, String) {
+    (
+        crate::canon::key_of_row(t, row),
+        crate::canon::row_hash(t, row),
+    )
 }
 
 fn dead(doc: &RawDocumentBuf, error: String) -> DeadLetter {
@@ -581,5 +603,107 @@ fn dead(doc: &RawDocumentBuf, error: String) -> DeadLetter {
         source_id: source_id(doc),
         error,
         document: crate::pipeline::raw_json(doc),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::Mapping;
+
+    const MAPPING: &str = r#"
+version = "t1"
+[entities.users]
+collection = "users"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "users"
+id_field = "id"
+primary_key = ["id"]
+[entities.users.columns]
+id = { path = "id", type = "text", required = true }
+
+[entities.posts]
+collection = "posts"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "posts"
+primary_key = ["id"]
+[entities.posts.columns]
+id = { path = "id", type = "text", required = true }
+owner = { path = "owner", type = "text", references = "users", on_missing = "skip" }
+editor = { path = "editor", type = "text", references = "users", on_missing = "null" }
+extra = { remainder = true, type = "json" }
+[entities.posts.children.likes]
+path = "likes"
+table = "likes"
+primary_key = ["post_id", "position"]
+[entities.posts.children.likes.columns]
+post_id = { parent = "id", type = "text" }
+position = { ordinal = true, type = "integer" }
+user_id = { path = "u", type = "text", references = "users", on_missing = "skip" }
+by = { path = "by", type = "text", references = "users", on_missing = "null" }
+"#;
+
+    /// Keys and hashes computed ahead survive the missing-reference policies: rows a policy
+    /// nulled get theirs computed again, rows it dropped (and a dropped row's children) take
+    /// theirs with them, and every one left matches its row (a stale one would record a
+    /// wrong hash in the undo log; a cleared one sends the hashing to the writer's task).
+    #[test]
+    fn precomputed_keys_and_hashes_follow_the_policies() {
+        let m = Mapping::parse(MAPPING, "test").unwrap();
+        let e = m.entity("posts").unwrap();
+        let like = |u: &str, by: &str| bson::rawdoc! { "u": u, "by": by };
+        let docs = vec![
+            bson::rawdoc! { "_id": 1, "id": "p1", "t": 1, "owner": "alice", "editor": "ghost", "x": {"b": 1, "a": 2},
+            "likes": [like("alice", "bob"), like("ghost", "bob"), like("bob", "ghost")] },
+            bson::rawdoc! { "_id": 2, "id": "p2", "t": 1, "owner": "ghost", "editor": "bob",
+            "likes": [like("alice", "alice")] },
+            bson::rawdoc! { "_id": 3, "id": "p3", "t": 1, "owner": "bob", "editor": "alice", "x": {"z": 1, "a": [1, {"d": 2, "c": 3}]},
+            "likes": [like("bob", "alice"), like("alice", "ghost")] },
+        ];
+        let mut page = map_page(e, &docs, true);
+        crate::pipeline::prepare(e, &mut page, true);
+        let mut memo = Memo::default();
+        for (k, present) in [("alice", true), ("bob", true), ("ghost", false)] {
+            memo.set("users", k.into(), present);
+        }
+        let mut res = Resolution::default();
+        let removed = apply_policies(e, &mut page, &docs, &mut memo, &mut res, false);
+
+        assert_eq!(removed.len(), 1, "p2's owner is missing: skipped");
+        let ids: Vec<&Value> = page.rows.iter().map(|r| &r[0]).collect();
+        assert_eq!(ids, [&Value::Text("p1".into()), &Value::Text("p3".into())]);
+        assert_eq!(
+            page.rows[0][2],
+            Value::Null,
+            "p1's editor is missing: nulled"
+        );
+        let likes = &page.children[0];
+        assert_eq!(
+            likes.len(),
+            4,
+            "one like of p1 dropped, p2's like gone with p2"
+        );
+        assert_eq!(likes.iter().filter(|r| r[3] == Value::Null).count(), 2);
+
+        let t = e.table_ref();
+        assert_eq!(
+            page.row_meta.len(),
+            page.rows.len(),
+            "row keys and hashes kept"
+        );
+        for (row, meta) in page.rows.iter().zip(&page.row_meta) {
+            assert_eq!(meta, &row_meta(t, row));
+        }
+        let ct = e.children[0].table_ref();
+        assert_eq!(
+            page.child_meta[0].len(),
+            likes.len(),
+            "child keys and hashes kept"
+        );
+        for (row, meta) in likes.iter().zip(&page.child_meta[0]) {
+            assert_eq!(meta, &row_meta(ct, row));
+        }
     }
 }

@@ -994,6 +994,20 @@ fn key_text(key: &[Value]) -> String {
         .join("\u{1f}")
 }
 
+/// `key_text(&key_of(row, cols))`, borrowed from the row when the key is one text column
+/// (a child's link to its parent, most keys): the writer compares a batch's child rows with
+/// their parents by this text, and copying two strings per child row was ~4 % of tidemark's
+/// CPU on the full mapping, on the writer's task (BENCHMARKS.md, tenth round).
+fn key_text_at<'r>(row: &'r [Value], cols: &[usize]) -> Cow<'r, str> {
+    match cols {
+        [i] => match &row[*i] {
+            Value::Text(s) | Value::JsonText { text: s, .. } => Cow::Borrowed(s.as_str()),
+            v => Cow::Owned(v.key_text()),
+        },
+        _ => Cow::Owned(key_text(&key_of(row, cols))),
+    }
+}
+
 /// What [`write_rows`] writes for one entity (see [`BatchWrite`] for each part).
 #[derive(Default, Clone, Copy)]
 struct Rows<'a> {
@@ -1145,8 +1159,8 @@ async fn write_rows<T: TableOps>(
         let mut seen = std::collections::HashSet::new();
         let mut parents: Vec<Vec<Value>> = rows
             .iter()
+            .filter(|r| seen.insert(key_text_at(r, &parent_cols)))
             .map(|r| key_of(r, &parent_cols))
-            .filter(|k| seen.insert(key_text(k)))
             .collect();
         let mut new_rows = Cow::Borrowed(all_rows);
         // Parents that did not exist cannot have child rows: the child's foreign key to its
@@ -1159,15 +1173,15 @@ async fn write_rows<T: TableOps>(
             && soft_deletes.is_empty()
             && is_new.contains(&true)
         {
-            let born: std::collections::HashSet<String> = rows
+            let born: std::collections::HashSet<Cow<str>> = rows
                 .iter()
                 .zip(&is_new)
                 .filter(|(_, n)| **n)
-                .map(|(r, _)| key_text(&key_of(r, &parent_cols)))
+                .map(|(r, _)| key_text_at(r, &parent_cols))
                 .collect();
             let (fresh, rest): (Vec<&Vec<Value>>, Vec<&Vec<Value>>) = all_rows
                 .iter()
-                .partition(|r| born.contains(&key_text(&key_of(r, &by))));
+                .partition(|r| born.contains(&key_text_at(r, &by)));
             let fresh: Cow<[Vec<Value>]> = if rest.is_empty() {
                 Cow::Borrowed(all_rows)
             } else {
@@ -1185,22 +1199,20 @@ async fn write_rows<T: TableOps>(
                     trk.upserts(c.table_ref(), &Default::default(), &fresh, meta_of(&fresh));
                 }
                 out.child_written += n;
-                parents.retain(|k| !born.contains(&key_text(k)));
+                parents.retain(|k| !born.contains(key_text(k).as_str()));
                 new_rows = rest.into_iter().cloned().collect::<Vec<_>>().into();
             }
         }
         let mut child_same = Vec::new();
         if !parents.is_empty() {
-            let keep: std::collections::HashSet<String> = new_rows
-                .iter()
-                .map(|r| key_text(&key_of(r, &c.pk)))
-                .collect();
+            let keep: std::collections::HashSet<Cow<str>> =
+                new_rows.iter().map(|r| key_text_at(r, &c.pk)).collect();
             let stale: Vec<Vec<Value>> = if trk.on {
                 let old = tx.select_rows(c.table_ref(), &by, &parents).await?;
                 let (gone, _): (Vec<_>, Vec<_>) = old
                     .iter()
                     .cloned()
-                    .partition(|r| !keep.contains(&key_text(&key_of(r, &c.pk))));
+                    .partition(|r| !keep.contains(key_text_at(r, &c.pk).as_ref()));
                 trk.deletes(c.table_ref(), &gone);
                 let mut old = provenance::index_rows(c.table_ref(), old);
                 // A row new under these parents may be stored under another parent (two
@@ -1226,7 +1238,7 @@ async fn write_rows<T: TableOps>(
                 let existing = tx.select_keys(c.table_ref(), &by, &parents).await?;
                 existing
                     .into_iter()
-                    .filter(|k| !keep.contains(&key_text(k)))
+                    .filter(|k| !keep.contains(key_text(k).as_str()))
                     .collect()
             };
             if !stale.is_empty() {
@@ -1282,4 +1294,33 @@ fn changed<'r>(rows: &'r [Vec<Value>], same: &[bool]) -> Cow<'r, [Vec<Value>]> {
         .map(|(r, _)| r.clone())
         .collect::<Vec<_>>()
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The borrowed key text the writer matches children with parents by is the same text as
+    /// the owned one, whatever the key's columns and types (a difference would send a new
+    /// parent's children the slow way, or a stored parent's children the fast one).
+    #[test]
+    fn borrowed_key_text_is_the_owned_key_text() {
+        let row = vec![
+            Value::Text("viz-1".into()),
+            Value::Int(7),
+            Value::Null,
+            Value::json_text(r#"{"a":1}"#.into()),
+            Value::BigInt(-3),
+            Value::Text("a\u{1f}b".into()),
+        ];
+        let keys: [&[usize]; 8] = [&[0], &[1], &[2], &[3], &[4], &[0, 1], &[5, 2], &[3, 0, 4]];
+        for cols in keys {
+            assert_eq!(
+                key_text_at(&row, cols),
+                key_text(&key_of(&row, cols)),
+                "columns {cols:?}"
+            );
+        }
+        assert!(matches!(key_text_at(&row, &[0]), Cow::Borrowed("viz-1")));
+    }
 }
