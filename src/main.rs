@@ -51,8 +51,9 @@ fn cap_malloc_arenas() {
 /// process's peak RSS that no data structure holds (the full VizHub mapping: 104 → 94 MB,
 /// BENCHMARKS.md, tenth round). Once a second, a thread of its own hands those pages back
 /// (`malloc_trim` releases whole free pages inside the heaps too, since glibc 2.8). A page
-/// reused afterwards is faulted in again; at once a second that is far below 1 % of the CPU.
-/// No crate does this (it is one libc call); other allocators manage their own pages.
+/// reused afterwards is faulted in again: at once a second the flat mapping's CPU did not
+/// move measurably in alternating runs. No crate does this (it is one libc call); other
+/// allocators manage their own pages.
 fn spawn_malloc_trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
