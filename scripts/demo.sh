@@ -20,7 +20,7 @@ export TIDEMARK__SOURCE__URI
 export TIDEMARK__TARGET__URL="${TIDEMARK__TARGET__URL:-sqlite://state/tidemark.db}"
 echo "== building tidemark (release)" >&2
 cargo build --release --quiet
-BIN=target/release/tidemark
+BIN="${CARGO_TARGET_DIR:-target}/release/tidemark"
 echo "== seeding $VIZZES vizzes (seed $SEED) into ${TIDEMARK__SOURCE__URI}" >&2
 "$BIN" demo seed --vizzes "$VIZZES" --seed "$SEED"
 echo "== migrate" >&2
