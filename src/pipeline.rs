@@ -306,32 +306,32 @@ impl MappedPage {
             let Some(rows) = self.children.get_mut(ci) else {
                 continue;
             };
-            // The child rows' keys and hashes computed ahead go with their rows.
-            match self
+            let kept: Vec<bool> = rows
+                .iter()
+                .map(|row| !gone.contains(&key_text(row, &by)))
+                .collect();
+            let aligned = self
                 .child_meta
-                .get_mut(ci)
-                .filter(|m| m.len() == rows.len())
-            {
-                Some(meta) => {
-                    let kept: Vec<bool> = rows
-                        .iter()
-                        .map(|row| !gone.contains(&key_text(row, &by)))
-                        .collect();
-                    let mut k = kept.iter();
-                    rows.retain(|_| *k.next().unwrap_or(&false));
-                    let mut k = kept.iter();
-                    meta.retain(|_| *k.next().unwrap_or(&false));
-                }
-                None => {
-                    rows.retain(|row| !gone.contains(&key_text(row, &by)));
-                    if let Some(meta) = self.child_meta.get_mut(ci) {
-                        meta.clear();
-                    }
+                .get(ci)
+                .is_some_and(|m| m.len() == rows.len());
+            retain_marked(rows, &kept);
+            // The child rows' keys and hashes computed ahead go with their rows.
+            if let Some(meta) = self.child_meta.get_mut(ci) {
+                if aligned {
+                    retain_marked(meta, &kept);
+                } else {
+                    meta.clear();
                 }
             }
         }
         removed
     }
+}
+
+/// Keep the items of `v` whose mark in `keep` (indexed like them) is true.
+fn retain_marked<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut k = keep.iter();
+    v.retain(|_| *k.next().unwrap_or(&false));
 }
 
 fn key_text(row: &[Value], cols: &[usize]) -> String {
@@ -476,6 +476,14 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
     out
 }
 
+/// A row's canonical key and hash, as the writer records them for provenance.
+pub fn row_meta(t: TableRef<'_>, row: &[Value]) -> (String, String) {
+    (
+        crate::canon::key_of_row(t, row),
+        crate::canon::row_hash(t, row),
+    )
+}
+
 /// Get a mapped page ready for the writer, off its critical path: with `hash` (provenance
 /// on, or a dry run counting inserts and updates) compute each row's canonical key and
 /// hash, then serialize its JSON columns to text. The writer then only compares hashes and
@@ -483,9 +491,7 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
 pub fn prepare(e: &Entity, page: &mut MappedPage, hash: bool) {
     let t = e.table_ref();
     let meta = |t: TableRef<'_>, rows: &[Vec<Value>]| -> Vec<(String, String)> {
-        rows.iter()
-            .map(|r| (crate::canon::key_of_row(t, r), crate::canon::row_hash(t, r)))
-            .collect()
+        rows.iter().map(|r| row_meta(t, r)).collect()
     };
     if hash {
         page.row_meta = meta(t, &page.rows);

@@ -10,8 +10,8 @@
 //! checked at commit, when every referenced row is present.
 
 use crate::mapping::spec::MissingPolicy;
-use crate::mapping::{lookup, Entity, TableRef, Value};
-use crate::pipeline::{map_page, source_id, Ctx, MappedPage};
+use crate::mapping::{lookup, Entity, Value};
+use crate::pipeline::{map_page, row_meta, source_id, Ctx, MappedPage};
 use crate::sink::{DeadLetter, EntityRows, MissingRef};
 use anyhow::Result;
 use bson::{Bson, RawDocumentBuf};
@@ -588,14 +588,6 @@ fn apply_policies(
         }
     }
     page.retain_rows(e, &keep)
-}
-
-/// The canonical key and hash of a row, as `pipeline::prepare` computes them ahead.
-fn row_meta(t: TableRef<'_>, row: &[Value]) -> (String, String) {
-    (
-        crate::canon::key_of_row(t, row),
-        crate::canon::row_hash(t, row),
-    )
 }
 
 fn dead(doc: &RawDocumentBuf, error: String) -> DeadLetter {
