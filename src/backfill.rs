@@ -387,7 +387,11 @@ pub async fn backfill(
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
-    s.target.max_connections = s.target.max_connections.max(opts.parallel as u32 + 2);
+    // Each chunk's window holds a connection per batch in flight and one to resolve.
+    s.target.max_connections = s
+        .target
+        .max_connections
+        .max(opts.parallel as u32 * (s.target.batches_in_flight + 1) + 2);
     let sink = app::open_sink(&s, &mapping).await?;
     let mut ledger = Ledger {
         sink: sink.clone(),

@@ -121,6 +121,9 @@ pub struct Counts {
     pub limit_hits: u64,
     /// Round-trips to the source.
     pub source_queries: u64,
+    /// Batches written while the batch before them was still being written (on their own
+    /// connection, committed after it: `target.batches_in_flight`).
+    pub overlapped_batches: u64,
     /// Of one batch: none of its rows was stored before (the window's next batch then
     /// presumes a first load, [`crate::sink::BatchWrite::presume_new`]). Not summed.
     #[serde(skip)]
@@ -152,6 +155,7 @@ impl Counts {
         self.deferred += o.deferred;
         self.limit_hits += o.limit_hits;
         self.source_queries += o.source_queries;
+        self.overlapped_batches += o.overlapped_batches;
     }
 }
 
@@ -540,7 +544,7 @@ pub async fn write_mapped(
     track_ids: bool,
 ) -> Result<Counts> {
     let ready = resolve_batch(ctx, e, docs, mapped).await?;
-    let out = commit_batch(ctx, e, docs, ready, cp, track_ids).await;
+    let out = commit_batch(ctx, e, docs, ready, cp, track_ids, None).await;
     if out.is_err() {
         forget_pulled(ctx);
     }
@@ -554,6 +558,8 @@ pub struct Resolved {
     res: crate::resolve::Resolution,
     skipped: u64,
     source_queries: u64,
+    /// What the batch writes, when batches may be written at once ([`touched`]).
+    touched: Option<crate::sink::order::Touched>,
 }
 
 /// The first half of a batch: skip rows this run already wrote, resolve references and
@@ -596,12 +602,81 @@ pub async fn resolve_batch(
         .queries
         .load(Ordering::Relaxed)
         .saturating_sub(before_queries);
+    let touched = (batches_in_flight(ctx) > 1).then(|| touched(e, &mapped, &res));
     Ok(Resolved {
         mapped,
         res,
         skipped,
         source_queries,
+        touched,
     })
+}
+
+/// Batches of one window this run writes at once (see [`crate::sink::order`]).
+fn batches_in_flight(ctx: &Ctx) -> usize {
+    if ctx.dry_run || !matches!(ctx.sink, Sink::Postgres(_)) {
+        1
+    } else {
+        ctx.settings.batches_in_flight()
+    }
+}
+
+/// Every row key a batch writes (its rows, child rows, pulled rows and theirs) and every
+/// tool record it writes or clears, for [`crate::sink::order`]. Hard deletions make the
+/// batch exclusive: their `ON DELETE` actions reach rows by reference, not by key.
+fn touched(
+    e: &Entity,
+    m: &MappedPage,
+    res: &crate::resolve::Resolution,
+) -> crate::sink::order::Touched {
+    use crate::sink::key_text_at;
+    let mut t = crate::sink::order::Touched::default();
+    t.exclusive = !m.deletes.is_empty();
+    let add_rows = |t: &mut crate::sink::order::Touched,
+                    e: &Entity,
+                    rows: &[Vec<Value>],
+                    children: &[Vec<Vec<Value>>]| {
+        for r in rows {
+            t.add(&e.table, &key_text_at(r, &e.pk));
+        }
+        for (c, rows) in e.children.iter().zip(children) {
+            for r in rows {
+                t.add(&c.table, &key_text_at(r, &c.pk));
+            }
+        }
+    };
+    add_rows(&mut t, e, &m.rows, &m.children);
+    for r in res.before.iter().chain(&res.after) {
+        add_rows(&mut t, &r.entity, &r.rows, &r.children);
+    }
+    for (key, _) in &m.soft_deletes {
+        t.add(
+            &e.table,
+            &crate::sink::key_text_at(key, &(0..key.len()).collect::<Vec<_>>()),
+        );
+    }
+    for id in m
+        .dead
+        .iter()
+        .chain(&res.dead)
+        .map(|d| &d.source_id)
+        .chain(&m.resolved)
+    {
+        t.add_record(&e.name, id);
+    }
+    for (id, _) in &res.deferred {
+        t.add_record(&e.name, id);
+    }
+    for (entity, d) in &res.other_dead {
+        t.add_record(entity, &d.source_id);
+    }
+    for m in &res.missing {
+        t.add_record(&m.entity, &m.source_id);
+    }
+    for (entity, id) in &res.pulled_ids {
+        t.add_record(entity, id);
+    }
+    t
 }
 
 /// A batch failed after [`resolve_batch`] recorded it: nothing this run pulled may be
@@ -618,12 +693,14 @@ pub async fn commit_batch(
     ready: Resolved,
     cp: Option<&Checkpoint>,
     track_ids: bool,
+    order: Option<&crate::sink::order::Order>,
 ) -> Result<Counts> {
     let Resolved {
         mapped,
         res,
         skipped,
         source_queries,
+        touched: _,
     } = ready;
     // Documents skipped before they were mapped are not in `docs`, but they were read.
     let read = (docs.len() as u64) + mapped.skipped_unmapped;
@@ -671,6 +748,7 @@ pub async fn commit_batch(
             optimistic_inserts: true,
             skip_fk_checks: ctx.settings.target.foreign_key_checks
                 == crate::settings::ForeignKeyChecks::Tidemark,
+            order,
         })
         .await?;
     Ok(Counts {
@@ -693,6 +771,7 @@ pub async fn commit_batch(
         deferred: res.deferred.len() as u64,
         limit_hits: res.limit_hit.is_some() as u64,
         source_queries,
+        overlapped_batches: 0,
         all_new: out.all_new,
         dependents_new: out.dependents_new,
     })
@@ -945,6 +1024,75 @@ pub async fn run_window(
     .await
 }
 
+/// A batch being written by a task of its own.
+struct InFlight {
+    task: AbortOnDrop<(usize, Result<Counts>, std::time::Duration)>,
+    /// Its place in the order of commits, when batches are written at once.
+    order: Option<Arc<crate::sink::order::Order>>,
+    touched: Option<crate::sink::order::Touched>,
+    /// Started while another batch was in flight.
+    beside: bool,
+}
+
+type Received = (
+    Option<(Page, Resolved)>,
+    std::time::Duration,
+    std::time::Duration,
+);
+
+type Mapped = tokio::sync::mpsc::Receiver<Result<(Page, MappedPage)>>;
+
+/// The next batch of a window, received from the mapper and resolved (the receiver comes
+/// back with it).
+type NextBatch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Mapped, Result<Received>)> + Send + 'a>>;
+
+async fn next_batch(ctx: &Arc<Ctx>, e: &Entity, mut mrx: Mapped) -> (Mapped, Result<Received>) {
+    let got = receive_and_resolve(ctx, e, &mut mrx).await;
+    (mrx, got)
+}
+
+/// Receive the window's next mapped page and resolve it: `None` at the window's end; with
+/// the time spent waiting for the page, and resolving it.
+async fn receive_and_resolve(ctx: &Arc<Ctx>, e: &Entity, mrx: &mut Mapped) -> Result<Received> {
+    let t = Instant::now();
+    let item = mrx.recv().await;
+    let waited = t.elapsed();
+    let Some(item) = item else {
+        return Ok((None, waited, Default::default()));
+    };
+    let (mut page, mut mapped) = item?;
+    let t = Instant::now();
+    confirm_pre_skipped(
+        &ctx.pulled,
+        e,
+        &mut page,
+        &mut mapped,
+        ctx.provenance || ctx.dry_run,
+    );
+    // On a task of its own when there is anything to resolve: resolution's CPU work
+    // (mapping what the batch pulls, the policies) then never delays the window's loop.
+    // Otherwise here: the hop to another thread and back cost the flat mapping ~5 % (a
+    // wake-up per batch on two busy cores).
+    if !e.has_references() && e.dependents.is_empty() {
+        let ready = resolve_batch(ctx, e, &page.docs, mapped).await?;
+        return Ok((Some((page, ready)), waited, t.elapsed()));
+    }
+    let task = {
+        let ctx = Arc::clone(ctx);
+        let e = ctx.entity_arc(&e.name)?;
+        tokio::spawn(async move {
+            let ready = resolve_batch(&ctx, &e, &page.docs, mapped).await;
+            (page, ready)
+        })
+    };
+    let mut task = AbortOnDrop(task);
+    let (page, ready) = (&mut task.0)
+        .await
+        .map_err(|err| anyhow::anyhow!("resolving a batch failed: {err}"))?;
+    Ok((Some((page, ready?)), waited, t.elapsed()))
+}
+
 /// The window's last stage: resolve and write what [`open_window`] reads. `presume_new`:
 /// the first batch presumes a first load (the previous window's last batch was one).
 #[allow(clippy::too_many_arguments)]
@@ -963,7 +1111,7 @@ async fn drive_window(
     let mut counts = Counts::default();
     let mut batches = 0;
     let Opened {
-        rx: mut mrx,
+        rx: mrx,
         _mapper,
         source_wait,
         map_time,
@@ -971,110 +1119,158 @@ async fn drive_window(
     let mut presume_new = presume_new;
     let mut presume_dependents_new = false;
     // Where the window's time went: waiting for the next mapped page (`wait_ms`), resolving
-    // it (`resolve_ms`: source reads and mapping of what it pulls) and writing the batch
-    // before it (`write_ms`), which run at the same time; the mapper waiting for the
-    // source's next page (`source_wait_ms`) versus mapping one (`map_ms`).
-    // Logged with "window done".
+    // it (`resolve_ms`: source reads and mapping of what it pulls) and writing batches
+    // (`write_ms`, summed over batches written at once), which run at the same time; the
+    // mapper waiting for the source's next page (`source_wait_ms`) versus mapping one
+    // (`map_ms`). Logged with "window done".
     let (mut wait_ms, mut resolve_ms, mut write_ms) = (0u64, 0u64, 0u64);
-    // Two batches in flight: while batch N is written, batch N+1 is received and resolved
-    // (its reads of the source and of committed target rows do not depend on N's writes:
-    // what N pulls is in the resolution memo before N+1 is resolved). Writes stay in order,
-    // one transaction each.
+    // While batches are written, the next one is received and resolved (its reads of the
+    // source and of committed target rows do not depend on the writes in flight: what they
+    // pull is in the resolution memo before it is resolved). On PostgreSQL up to
+    // `target.batches_in_flight` batches are written at once, each in its own transaction,
+    // committed in order ([`crate::sink::order`]); elsewhere one after the other.
+    let max_in_flight = batches_in_flight(ctx);
+    let entity = ctx.entity_arc(&e.name)?;
+    let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
     let mut ahead: Option<(Page, Resolved)> = None;
+    let mut next: Option<NextBatch<'_>> = None;
+    let mut mrx = Some(mrx);
+    let mut ended = false;
     loop {
-        let commit = async {
-            let (page, mut ready) = ahead.take()?;
-            ready.mapped.presume_new = presume_new;
-            ready.mapped.presume_dependents_new = presume_dependents_new;
-            let cp = Checkpoint {
-                lane: lane.to_owned(),
-                entity: e.name.clone(),
-                state: LaneState {
-                    watermark,
-                    open: Some(w),
-                },
-                last: Some(page.last.clone()),
-                run_id: ctx.run_id.clone(),
-            };
-            let t = Instant::now();
-            let c = commit_batch(ctx, e, &page.docs, ready, Some(&cp), outstanding).await;
-            Some((page.docs.len(), c, t.elapsed()))
-        };
-        let next = async {
-            let t = Instant::now();
-            let item = mrx.recv().await;
-            let waited = t.elapsed();
-            let Some(item) = item else {
-                return Ok::<_, anyhow::Error>((None, waited, Default::default()));
-            };
-            let (mut page, mut mapped) = item?;
-            let t = Instant::now();
-            confirm_pre_skipped(
-                &ctx.pulled,
-                e,
-                &mut page,
-                &mut mapped,
-                ctx.provenance || ctx.dry_run,
-            );
-            // On a task of its own when there is anything to resolve: resolution's CPU work
-            // (mapping what the batch pulls, the policies) then never delays the writer's
-            // next statement on this task. Otherwise here: the hop to another thread and back
-            // cost the flat mapping ~5 % (a wake-up per batch on two busy cores).
-            if !e.has_references() && e.dependents.is_empty() {
-                let ready = resolve_batch(ctx, e, &page.docs, mapped).await?;
-                return Ok((Some((page, ready)), waited, t.elapsed()));
-            }
-            let task = {
-                let ctx = Arc::clone(ctx);
-                let e = ctx.entity_arc(&e.name)?;
-                tokio::spawn(async move {
-                    let ready = resolve_batch(&ctx, &e, &page.docs, mapped).await;
-                    (page, ready)
-                })
-            };
-            let mut task = AbortOnDrop(task);
-            let (page, ready) = (&mut task.0)
-                .await
-                .map_err(|err| anyhow::anyhow!("resolving a batch failed: {err}"))?;
-            Ok((Some((page, ready?)), waited, t.elapsed()))
-        };
-        let (committed, next) = tokio::join!(commit, next);
-        if let Some((docs, c, took)) = committed {
-            write_ms += took.as_millis() as u64;
-            let c = match c {
-                Ok(c) => c,
-                Err(err) => {
-                    forget_pulled(ctx);
-                    return Err(err);
-                }
-            };
-            presume_new = c.all_new;
-            presume_dependents_new = c.dependents_new;
-            batches += 1;
-            counts.add(&c);
-            debug!(entity = %e.name, batch = batches, docs, written = c.written, "batch committed");
-            let dead_total =
-                ctx.dead_total.fetch_add(c.dead_lettered, Ordering::SeqCst) + c.dead_lettered;
-            if dead_total > ctx.settings.sync.error_budget {
-                forget_pulled(ctx);
-                return Err(Failure::Partial(format!(
-                    "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
-                     stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
-                    ctx.settings.sync.error_budget
-                ))
-                .into());
-            }
-            if ctx.stop.load(Ordering::SeqCst) {
-                forget_pulled(ctx);
-                anyhow::bail!("stopped by signal after a committed batch; the next run resumes from the checkpoint");
+        // Start writing the batch ahead if it may go beside those in flight.
+        if let Some((_, r)) = &ahead {
+            let fits = in_flight.is_empty()
+                || (in_flight.len() < max_in_flight
+                    && r.touched.as_ref().is_some_and(|t| {
+                        in_flight
+                            .iter()
+                            .all(|f| f.touched.as_ref().is_some_and(|o| o.disjoint(t)))
+                    }));
+            if fits {
+                let (page, mut ready) = ahead.take().expect("checked above");
+                ready.mapped.presume_new = presume_new;
+                ready.mapped.presume_dependents_new = presume_dependents_new;
+                let cp = Checkpoint {
+                    lane: lane.to_owned(),
+                    entity: e.name.clone(),
+                    state: LaneState {
+                        watermark,
+                        open: Some(w),
+                    },
+                    last: Some(page.last.clone()),
+                    run_id: ctx.run_id.clone(),
+                };
+                let beside = !in_flight.is_empty();
+                let order = (max_in_flight > 1).then(|| {
+                    Arc::new(crate::sink::order::Order::new(
+                        in_flight.back().and_then(|f| f.order.as_deref()),
+                    ))
+                });
+                let touched = ready.touched.take();
+                let task = {
+                    let (ctx, e, order) = (Arc::clone(ctx), entity.clone(), order.clone());
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        let c = commit_batch(
+                            &ctx,
+                            &e,
+                            &page.docs,
+                            ready,
+                            Some(&cp),
+                            outstanding,
+                            order.as_deref(),
+                        )
+                        .await;
+                        (page.docs.len(), c, t.elapsed())
+                    })
+                };
+                in_flight.push_back(InFlight {
+                    task: AbortOnDrop(task),
+                    order,
+                    touched,
+                    beside,
+                });
             }
         }
-        let (resolved, waited, took) = next?;
-        wait_ms += waited.as_millis() as u64;
-        resolve_ms += took.as_millis() as u64;
-        match resolved {
-            Some(r) => ahead = Some(r),
-            None => break,
+        if ahead.is_none() && !ended {
+            if let Some(rx) = mrx.take() {
+                next = Some(Box::pin(next_batch(ctx, e, rx)));
+            }
+        }
+        if in_flight.is_empty() && ahead.is_none() && ended {
+            break;
+        }
+        tokio::select! {
+            joined = async {
+                match in_flight.front_mut() {
+                    Some(f) => (&mut f.task.0).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let f = in_flight.pop_front().expect("a batch was in flight");
+                let verdict = |ok: bool| {
+                    if let Some(o) = &f.order {
+                        o.done(ok);
+                    }
+                };
+                let (docs, c, took) = match joined {
+                    Ok(j) => j,
+                    Err(err) => {
+                        verdict(false);
+                        forget_pulled(ctx);
+                        return Err(anyhow::anyhow!("writing a batch failed: {err}"));
+                    }
+                };
+                write_ms += took.as_millis() as u64;
+                let c = match c {
+                    Ok(c) => Counts { overlapped_batches: f.beside as u64, ..c },
+                    Err(err) => {
+                        verdict(false);
+                        forget_pulled(ctx);
+                        return Err(err);
+                    }
+                };
+                presume_new = c.all_new;
+                presume_dependents_new = c.dependents_new;
+                batches += 1;
+                counts.add(&c);
+                debug!(entity = %e.name, batch = batches, docs, written = c.written, "batch committed");
+                let dead_total =
+                    ctx.dead_total.fetch_add(c.dead_lettered, Ordering::SeqCst) + c.dead_lettered;
+                if dead_total > ctx.settings.sync.error_budget {
+                    verdict(false);
+                    forget_pulled(ctx);
+                    return Err(Failure::Partial(format!(
+                        "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
+                         stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
+                        ctx.settings.sync.error_budget
+                    ))
+                    .into());
+                }
+                if ctx.stop.load(Ordering::SeqCst) {
+                    verdict(false);
+                    forget_pulled(ctx);
+                    anyhow::bail!("stopped by signal after a committed batch; the next run resumes from the checkpoint");
+                }
+                verdict(true);
+            }
+            got = async {
+                match next.as_mut() {
+                    Some(n) => n.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                next = None;
+                let (rx, got) = got;
+                mrx = Some(rx);
+                let (resolved, waited, took) = got?;
+                wait_ms += waited.as_millis() as u64;
+                resolve_ms += took.as_millis() as u64;
+                match resolved {
+                    Some(r) => ahead = Some(r),
+                    None => ended = true,
+                }
+            }
         }
     }
     let done = Checkpoint {
@@ -1100,7 +1296,7 @@ async fn drive_window(
         ended_new: presume_new,
     };
     info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
-          already = counts.already_written, dead = counts.dead_lettered, ms = report.elapsed_ms, wait_ms, resolve_ms, write_ms,
+          already = counts.already_written, dead = counts.dead_lettered, overlapped = counts.overlapped_batches, ms = report.elapsed_ms, wait_ms, resolve_ms, write_ms,
           source_wait_ms = source_wait.load(Ordering::Relaxed), map_ms = map_time.load(Ordering::Relaxed),
           "window done");
     Ok(report)

@@ -66,6 +66,9 @@ pub struct TargetSettings {
     pub max_connections: u32,
     /// Who checks the foreign keys of the rows a run writes (PostgreSQL).
     pub foreign_key_checks: ForeignKeyChecks,
+    /// Batches of one window written at once on their own connections, committed in order
+    /// (PostgreSQL; SQLite writes one at a time). See `sink::order`.
+    pub batches_in_flight: u32,
 }
 
 /// `target.foreign_key_checks`: see `config/default.toml` and docs/DEPENDENCIES.md.
@@ -163,6 +166,17 @@ pub enum LogFormat {
 
 impl Settings {
     /// The directory run reports are written to.
+    /// Batches one window may write at once on PostgreSQL: `target.batches_in_flight`, as
+    /// far as the pool leaves a connection for the resolve stage and one more (ANALYZE, the
+    /// lease) beside them (a batch waiting for the one before it holds its connection).
+    pub fn batches_in_flight(&self) -> usize {
+        (self.target.batches_in_flight as usize).min(
+            (self.target.max_connections as usize)
+                .saturating_sub(2)
+                .max(1),
+        )
+    }
+
     pub fn reports_path(&self) -> PathBuf {
         if self.reports_dir.as_os_str().is_empty() {
             self.state_dir.join("reports")
@@ -242,6 +256,12 @@ impl Settings {
         }
         if self.target.max_connections == 0 {
             bail!("target.max_connections must be at least 1");
+        }
+        if !(1..=8).contains(&self.target.batches_in_flight) {
+            bail!(
+                "target.batches_in_flight = {} is out of range: use 1 (one batch after the other) to 8; the default is 2",
+                self.target.batches_in_flight
+            );
         }
         if self.target.foreign_key_checks == ForeignKeyChecks::Tidemark
             && url.starts_with("sqlite:")

@@ -3,6 +3,7 @@
 //! that is the same on both is written once and expanded per pool by `on_pool!`.
 
 pub mod ddl;
+pub mod order;
 mod postgres;
 pub(crate) mod provenance;
 mod sqlite;
@@ -150,6 +151,9 @@ pub struct BatchWrite<'a> {
     /// deletions of an entity's rows turn them back on around the statement, so its
     /// `ON DELETE` actions (cascades to child tables, references set to NULL) still run.
     pub skip_fk_checks: bool,
+    /// This batch's place among the window's batches in flight (PostgreSQL; see [`order`]):
+    /// it takes its advisory lock first and commits only after the batch before it.
+    pub order: Option<&'a order::Order>,
 }
 
 /// A batch that presumed a first load found a row already stored; its transaction is rolled
@@ -393,17 +397,41 @@ impl Sink {
     /// transaction. An error names the target and says that nothing of the batch was kept.
     pub async fn write_batch(&self, b: &BatchWrite<'_>) -> Result<BatchOutcome> {
         let entity = b.entity.map_or("tool records", |e| e.name.as_str());
-        let written = match self.write_batch_tx(b).await {
-            Err(e) if e.chain().any(|c| c.is::<PresumedNewConflict>()) => {
-                let again = BatchWrite {
+        let mut b = b.clone();
+        let mut deadlocks = 0;
+        let written = loop {
+            let out = self.write_batch_tx(&b).await;
+            let Err(e) = out else { break out };
+            if let Some(o) = b.order {
+                // This attempt's transaction is over: the batch after it waits for the next.
+                let deadlock = order::is_deadlock(&e);
+                o.next_attempt(deadlock);
+                let follower = o.after.is_some();
+                if follower && (deadlock || e.chain().any(|c| c.is::<order::Yielded>())) {
+                    // Wait for the batch before, outside any transaction, then write alone.
+                    if !o.before_done().await {
+                        break Err(e.context(order::PredecessorFailed));
+                    }
+                    continue;
+                }
+                if deadlock && deadlocks < 3 {
+                    // The batch after this one gives way at its turn.
+                    deadlocks += 1;
+                    continue;
+                }
+            }
+            if e.chain().any(|c| c.is::<PresumedNewConflict>())
+                && (b.optimistic_inserts || b.presume_new || b.presume_dependents_new)
+            {
+                b = BatchWrite {
                     presume_new: false,
                     presume_dependents_new: false,
                     optimistic_inserts: false,
-                    ..b.clone()
+                    ..b
                 };
-                self.write_batch_tx(&again).await
+                continue;
             }
-            other => other,
+            break Err(e);
         };
         written.with_context(|| {
             format!(
@@ -477,6 +505,10 @@ impl Sink {
         let (resolved, clear_refs, pulled) = self.records_to_clear(b).await?;
         let out = on_pool!(self, p => {
             let mut tx = p.begin_write().await?;
+            if let Some(o) = b.order {
+                tx.take_turn_lock(o.lock_key()).await?;
+                o.locked();
+            }
             if b.skip_fk_checks {
                 tx.fk_checks(false).await?;
             }
@@ -563,6 +595,10 @@ impl Sink {
                     .chain(inserted.iter().map(|(table, list)| (*table, "", None, None, Some(list.as_str()))))
                     .collect();
                 tx.insert_provenance(b.run_id, &rows, now).await.context("recording provenance")?;
+            }
+            // Everything but the checkpoint is sent: commit after the batch before, or not at all.
+            if let Some(after) = b.order.and_then(|o| o.after.as_ref()) {
+                tx.wait_turn(after).await?;
             }
             let capture = b.checkpoint.filter(|cp| !b.dry_run && !lane_captured(cp));
             if let Some(cp) = b.checkpoint {
@@ -971,6 +1007,18 @@ pub(crate) trait TableOps {
     async fn fk_checks(&mut self, _on: bool) -> Result<()> {
         Ok(())
     }
+    /// Take this batch's advisory lock, which the batch after it waits on ([`order`];
+    /// PostgreSQL only: elsewhere batches are written one after the other).
+    async fn take_turn_lock(&mut self, _key: i64) -> Result<()> {
+        Ok(())
+    }
+    /// Wait until the batch before this one is committed ([`order::wait_turn`]).
+    async fn wait_turn(
+        &mut self,
+        _after: &(i64, tokio::sync::watch::Receiver<order::Turn>),
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One record of `tidemark_provenance`: table, canonical key, before-image, after-hash, and
@@ -998,7 +1046,7 @@ fn key_text(key: &[Value]) -> String {
 /// (a child's link to its parent, most keys): the writer compares a batch's child rows with
 /// their parents by this text, and copying two strings per child row was ~4 % of tidemark's
 /// CPU on the full mapping, on the writer's task (BENCHMARKS.md, tenth round).
-fn key_text_at<'r>(row: &'r [Value], cols: &[usize]) -> Cow<'r, str> {
+pub(crate) fn key_text_at<'r>(row: &'r [Value], cols: &[usize]) -> Cow<'r, str> {
     match cols {
         [i] => match &row[*i] {
             Value::Text(s) | Value::JsonText { text: s, .. } => Cow::Borrowed(s.as_str()),

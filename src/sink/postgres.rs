@@ -631,6 +631,21 @@ impl TableOps for Transaction<'_, Postgres> {
             .map_err(|e| fk_checks_error(&e))?;
         Ok(())
     }
+
+    async fn take_turn_lock(&mut self, key: i64) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key)
+            .execute(&mut **self)
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_turn(
+        &mut self,
+        after: &(i64, tokio::sync::watch::Receiver<super::order::Turn>),
+    ) -> Result<()> {
+        super::order::wait_turn(self, after).await
+    }
 }
 
 /// The error of `target.foreign_key_checks = "tidemark"` when the role may not set

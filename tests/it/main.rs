@@ -17,6 +17,7 @@ mod hostile_config;
 mod hostile_docs;
 mod hostile_ids;
 mod idempotence;
+mod inflight;
 mod mapping_domains;
 mod mapping_golden;
 mod ops_backfill;
