@@ -1136,6 +1136,7 @@ async fn drive_window(
     let mut next: Option<NextBatch<'_>> = None;
     let mut mrx = Some(mrx);
     let mut ended = false;
+    let mut failed: Option<anyhow::Error> = None;
     loop {
         // Start writing the batch ahead if it may go beside those in flight.
         if let Some((_, r)) = &ahead {
@@ -1263,15 +1264,26 @@ async fn drive_window(
                 next = None;
                 let (rx, got) = got;
                 mrx = Some(rx);
-                let (resolved, waited, took) = got?;
-                wait_ms += waited.as_millis() as u64;
-                resolve_ms += took.as_millis() as u64;
-                match resolved {
-                    Some(r) => ahead = Some(r),
-                    None => ended = true,
+                match got {
+                    Ok((resolved, waited, took)) => {
+                        wait_ms += waited.as_millis() as u64;
+                        resolve_ms += took.as_millis() as u64;
+                        match resolved {
+                            Some(r) => ahead = Some(r),
+                            None => ended = true,
+                        }
+                    }
+                    // The batches in flight were resolved cleanly: they commit first.
+                    Err(err) => {
+                        failed = Some(err);
+                        ended = true;
+                    }
                 }
             }
         }
+    }
+    if let Some(err) = failed {
+        return Err(err);
     }
     let done = Checkpoint {
         lane: lane.to_owned(),

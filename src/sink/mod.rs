@@ -403,20 +403,16 @@ impl Sink {
             let out = self.write_batch_tx(&b).await;
             let Err(e) = out else { break out };
             if let Some(o) = b.order {
-                // This attempt's transaction is over: the batch after it waits for the next.
+                // This attempt's transaction is over: the batch after it waits for the next
+                // one, and gives way to it after a deadlock.
                 let deadlock = order::is_deadlock(&e);
                 o.next_attempt(deadlock);
-                let follower = o.after.is_some();
-                if follower && (deadlock || e.chain().any(|c| c.is::<order::Yielded>())) {
-                    // Wait for the batch before, outside any transaction, then write alone.
+                if (deadlock || e.chain().any(|c| c.is::<order::Yielded>())) && deadlocks < 5 {
+                    deadlocks += 1;
+                    // Wait for the batch before (if any), outside any transaction.
                     if !o.before_done().await {
                         break Err(e.context(order::PredecessorFailed));
                     }
-                    continue;
-                }
-                if deadlock && deadlocks < 3 {
-                    // The batch after this one gives way at its turn.
-                    deadlocks += 1;
                     continue;
                 }
             }
