@@ -45,7 +45,7 @@ pub const CAPACITY: usize = 1_500_000;
 
 /// The keys are already hashes: hashing them again would only cost time.
 #[derive(Default)]
-struct Prehashed(u64);
+pub(crate) struct Prehashed(u64);
 
 impl Hasher for Prehashed {
     fn finish(&self) -> u64 {

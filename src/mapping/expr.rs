@@ -91,11 +91,17 @@ impl Expr {
             let mut ctx = root.new_inner_scope();
             for (var, fields) in &self.fields {
                 let counted = self.counted.get(var);
+                let doc = match *var {
+                    "doc" => Some(scope.doc),
+                    "parent" => Some(scope.parent),
+                    _ => None,
+                };
                 let v = match *var {
-                    "doc" => scope.doc.map(|d| doc_to_cel(d, fields.as_ref(), counted)),
-                    "parent" => scope
-                        .parent
-                        .map(|d| doc_to_cel(d, fields.as_ref(), counted)),
+                    "doc" | "parent" => doc.flatten().map(|d| match scope.cache {
+                        Some(cache) => cache
+                            .get_or_build(self, var, || doc_to_cel(d, fields.as_ref(), counted)),
+                        None => doc_to_cel(d, fields.as_ref(), counted),
+                    }),
                     "element" => scope.element.map(to_cel),
                     "index" => scope.index.map(|i| Cel::Int(i as i64)),
                     _ => None,
@@ -116,6 +122,34 @@ pub struct Scope<'a> {
     pub element: Option<RawBsonRef<'a>>,
     pub parent: Option<&'a RawDocument>,
     pub index: Option<usize>,
+    /// `doc` and `parent` as CEL values already built, valid while both stay the same.
+    pub cache: Option<&'a DocCache>,
+}
+
+/// The CEL values of `doc` and `parent` built for each expression, kept while one parent's
+/// array elements are mapped: every element's columns see the same parent, and building
+/// its CEL map again for each element (VizHub's upvote ids read `parent.id`, 550,000 times
+/// on the benchmark) was ~4 % of tidemark's CPU on the full mapping (BENCHMARKS.md).
+#[derive(Default)]
+pub struct DocCache(std::cell::RefCell<Vec<(usize, &'static str, Cel)>>);
+
+impl DocCache {
+    fn get_or_build(&self, e: &Expr, var: &'static str, build: impl FnOnce() -> Cel) -> Cel {
+        // The expression's address identifies it: it outlives the cache (both belong to one
+        // call mapping one parent's elements).
+        let id = e as *const Expr as usize;
+        if let Some((_, _, v)) = self
+            .0
+            .borrow()
+            .iter()
+            .find(|(i, n, _)| *i == id && *n == var)
+        {
+            return v.clone();
+        }
+        let v = build();
+        self.0.borrow_mut().push((id, var, v.clone()));
+        v
+    }
 }
 
 /// `doc.title`, `has(doc.title)` → {"title"}; any other use of `doc` → None (convert everything).

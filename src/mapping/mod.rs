@@ -454,6 +454,7 @@ impl Child {
             Some(_) => return Err(err("expected an array".into())),
         };
         let mut rows = Vec::new();
+        let cache = expr::DocCache::default();
         for (i, el) in arr.into_iter().enumerate() {
             let el = el.map_err(|e| err(format!("undecodable element {i}: {e}")))?;
             let input = Input {
@@ -466,6 +467,7 @@ impl Child {
                     element: Some(el),
                     parent: Some(doc),
                     index: Some(i),
+                    cache: Some(&cache),
                 },
             };
             let row = map_columns(&self.columns, &input).map_err(|e| MapError {

@@ -123,6 +123,36 @@ fn arrays_explode_into_child_rows_with_derived_keys() {
     assert_eq!(children[0][1][3], Value::Int(1));
 }
 
+/// Each expression of a child table sees the parent fields it names, for every element,
+/// although the parent's CEL value is built once per expression and parent (`DocCache`).
+#[test]
+fn child_expressions_each_see_their_own_parent_fields() {
+    let mapping = CHILDREN.replace(
+        "position = { ordinal = true, type = \"integer\" }",
+        "position = { ordinal = true, type = \"integer\" }\n\
+         label = { expr = 'parent.title + \"/\" + element.userId', type = \"text\" }\n\
+         liked = { expr = 'size(parent.upvotes) * 10 + index', type = \"integer\" }",
+    );
+    let m = Mapping::parse(&mapping, "test").unwrap();
+    for (id, title) in [("v1", "One"), ("v2", "Two")] {
+        let out = m.entities[0]
+            .map(&raw(doc! {
+                "id": id, "t": 1, "title": title,
+                "upvotes": [{"userId": "a"}, {"userId": "b"}, {"userId": "c"}]
+            }))
+            .unwrap();
+        let Outcome::Row { children, .. } = out else {
+            panic!("{out:?}")
+        };
+        for (i, user) in ["a", "b", "c"].into_iter().enumerate() {
+            let row = &children[0][i];
+            assert_eq!(row[0], Value::Text(format!("{user}-{id}")));
+            assert_eq!(row[4], Value::Text(format!("{title}/{user}")));
+            assert_eq!(row[5], Value::Int(30 + i as i32));
+        }
+    }
+}
+
 #[test]
 fn deleted_and_filtered_documents_are_classified() {
     let m = Mapping::parse(CHILDREN, "test").unwrap();

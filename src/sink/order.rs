@@ -158,7 +158,8 @@ pub(crate) fn is_deadlock(e: &anyhow::Error) -> bool {
 /// are not written at the same time.
 #[derive(Debug, Default)]
 pub struct Touched {
-    keys: std::collections::HashSet<u64>,
+    /// Already hashes: the set does not hash them again.
+    keys: std::collections::HashSet<u64, std::hash::BuildHasherDefault<crate::pulled::Prehashed>>,
     /// Deletions: nothing may be written beside this batch.
     pub exclusive: bool,
 }
