@@ -184,10 +184,13 @@ pub async fn resolve(
         }
     }
     let mut budget = ctx.settings.sync.max_pulled_per_batch;
-    let mut levels = pull(ctx, &mut memo, refs_of(e, page), &mut budget, &mut res).await?;
+    let refs = refs_of(e, page);
 
     let mut dependents = Vec::new();
-    // Fetch every dependent collection concurrently (one `$in` each), then process in order.
+    // Fetch every dependent collection concurrently (one `$in` each), while the batch's own
+    // references are pulled (the fetches read only the batch's ids); then process in order.
+    // Resolution is the vizzes lane's critical path once batches are written at once
+    // (BENCHMARKS.md, eleventh round), and these are its longest source reads.
     let mut fetches = Vec::new();
     for d in &e.dependents {
         let dent = ctx.mapping.entity(&d.entity)?;
@@ -210,7 +213,12 @@ pub async fn resolve(
             });
         }
     }
-    for fetched in futures::future::join_all(fetches).await {
+    let (levels, fetched) = tokio::join!(
+        pull(ctx, &mut memo, refs, &mut budget, &mut res),
+        futures::future::join_all(fetches)
+    );
+    let mut levels = levels?;
+    for fetched in fetched {
         let (dent, ddocs) = fetched?;
         res.pulled += ddocs.len() as u64;
         let (ddocs, dpage) = map_fetched(ctx, dent, ddocs).await?;
