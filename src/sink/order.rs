@@ -76,7 +76,7 @@ impl Order {
 
     /// The advisory lock key of this batch's current attempt.
     pub(crate) fn lock_key(&self) -> i64 {
-        self.key | i64::from(self.turn.borrow().attempt & 0xffff)
+        attempt_key(self.key, self.turn.borrow().attempt)
     }
 
     /// Called once the attempt's transaction holds its advisory lock.
@@ -130,9 +130,8 @@ pub(crate) async fn wait_turn(
         if t.locked {
             // Returns once that attempt's transaction has ended; the lock stays with this
             // transaction (shared, on a key no one takes again).
-            let k = key | i64::from(t.attempt & 0xffff);
             sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-                .bind(k)
+                .bind(attempt_key(*key, t.attempt))
                 .execute(&mut *tx)
                 .await?;
             if rx.wait_for(|n| *n != t).await.is_err() {
@@ -142,6 +141,12 @@ pub(crate) async fn wait_turn(
             bail!(PredecessorFailed);
         }
     }
+}
+
+/// The advisory lock key of a batch's attempt: its base key (low 16 bits clear) and the
+/// attempt in those bits.
+fn attempt_key(base: i64, attempt: u32) -> i64 {
+    base | i64::from(attempt & 0xffff)
 }
 
 /// PostgreSQL aborted the transaction to break a deadlock (SQLSTATE 40P01).
@@ -184,20 +189,7 @@ impl Touched {
 
     /// Whether this batch and `other` may be written at the same time.
     pub fn disjoint(&self, other: &Touched) -> bool {
-        let (small, large) = if self.keys.len() <= other.keys.len() {
-            (self, other)
-        } else {
-            (other, self)
-        };
-        !self.exclusive && !other.exclusive && small.keys.is_disjoint(&large.keys)
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        !self.exclusive && !other.exclusive && self.keys.is_disjoint(&other.keys)
     }
 }
 
