@@ -11,8 +11,6 @@ use tidemark::trust;
 use tidemark::{app, backfill, daemon, prom, secret, status, telemetry};
 
 fn main() {
-    cap_malloc_arenas();
-    spawn_malloc_trim();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -27,56 +25,6 @@ fn main() {
         }
     };
     std::process::exit(code);
-}
-
-/// glibc gives each thread that allocates concurrently its own malloc arena (up to 8 per
-/// core), and each arena keeps its freed pages: with the runtime's workers and the blocking
-/// pool's mapping threads, the full VizHub mapping peaked at 178 MB RSS, against 130 MB with
-/// two arenas (its wall time within the noise; the flat run ~6 % slower in an A/B, 51 against
-/// 59 MB: BENCHMARKS.md, sixth round). An operator's own `MALLOC_ARENA_MAX` wins. No crate sets this (it is one libc call); other allocators
-/// (musl, macOS) do not have arenas of this kind.
-fn cap_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
-/// glibc returns freed memory to the kernel only from the top of an arena's heap: pages freed
-/// in the middle stay resident until something reuses them. Over a long run (batches of
-/// documents of every size, pages read ahead, COPY data) that is 10 MB or more of the
-/// process's peak RSS that no data structure holds (the full VizHub mapping: 104 → 94 MB,
-/// BENCHMARKS.md, tenth round). Once a second, a thread of its own hands those pages back
-/// (`malloc_trim` releases whole free pages inside the heaps too, since glibc 2.8). A page
-/// reused afterwards is faulted in again: at once a second the flat mapping's CPU did not
-/// move measurably in alternating runs. No crate does this (it is one libc call); other
-/// allocators manage their own pages.
-fn spawn_malloc_trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let every = std::env::var("TIDEMARK_MALLOC_TRIM_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(1000);
-        if every == 0 {
-            return;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("malloc-trim".into())
-            .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_millis(every));
-                // SAFETY: malloc_trim only returns free memory to the kernel; it takes the
-                // allocator's own locks and may be called from any thread at any time.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            });
-        // Without the thread the process only keeps more memory; nothing to report.
-        drop(spawned);
-    }
 }
 
 async fn dispatch(cli: Cli) -> Result<i32> {
@@ -202,3 +150,28 @@ fn spawn_signal_watch(stop: Arc<AtomicBool>) {
         }
     });
 }
+
+/// jemalloc, not glibc's malloc. On the full VizHub mapping glibc's `malloc`/`free` were
+/// ~12 % of tidemark's CPU, and its arenas kept freed pages in the middle of their heaps
+/// (it took two arenas and a `malloc_trim` thread to hold the peak near 100 MB). jemalloc,
+/// in alternating runs on one machine (BENCHMARKS.md, twelfth round): tidemark's CPU on the
+/// full mapping 27 → 20 s, peak RSS 98–101 → 82 MB; the flat mapping 5–10 % faster at the
+/// same RSS. Its settings below ([`MALLOC_CONF`]).
+#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its start; an operator's `_RJEM_MALLOC_CONF` environment
+/// variable overrides them (docs/OPERATIONS.md, Memory).
+/// - `narenas:1`: one arena. tidemark's threads are few (two runtime workers, the mapping
+///   threads); more arenas each keep their own free pages (full mapping, 100 ms decay: 95 MB
+///   with 2 arenas, 82 MB with 1, no measurable difference in time).
+/// - `dirty_decay_ms:100`, `muzzy_decay_ms:0`, `background_thread:true`: freed pages go back
+///   to the kernel within ~0.1 s, by a background thread, not on the allocating path.
+///   jemalloc's default (10 s) kept 124 MB, 300 ms 87 MB; 0 ms (at once) kept 78 MB but
+///   tripled the system CPU (3 → 11 s, `madvise` on every free) and cost the run 5 s.
+#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8] =
+    b"narenas:1,background_thread:true,dirty_decay_ms:100,muzzy_decay_ms:0\0";
