@@ -21,19 +21,22 @@
 //!    not skipped forgets the key first, so the skip can never hide a later version behind an
 //!    earlier one (two source documents sharing a target key, read in time order).
 //!
-//! Memory is bounded: each key costs 16 bytes (two 64-bit hashes), and the set stops taking
-//! new keys at [`CAPACITY`]; a row that was not recorded is simply written the usual way.
-//! The keys are spread over [`SHARDS`] shards. Each keeps its keys in a sorted vector of
-//! exactly the size it needs, plus a small hash table of recent keys that is merged into the
-//! vector when it fills ([`MERGE_AT`], or an eighth of the vector). Hash tables alone cost 26–34 bytes per key (load
-//! factor between 7/16 and 7/8, and a table doubling holds its old and new buckets at once:
-//! one table of a million keys reached 53 MB, the full mapping's peak heap, heaptrack,
-//! BENCHMARKS.md). A merge copies one shard (1/64 of the set); each key is copied a few
-//! times over a run.
+//! Memory is bounded: each key costs 12 bytes (a 32-bit tag of the key hash and the 64-bit
+//! document hash), and the set stops taking new keys at [`CAPACITY`]; a row that was not
+//! recorded is simply written the usual way. The keys are spread over [`SHARDS`] shards by six
+//! other bits of the key hash, so a key's slot is named by 38 bits. Each shard keeps its tags
+//! and document hashes in two sorted vectors of exactly the size they need, plus a small hash
+//! table of recent keys that is merged into them when it fills ([`MERGE_AT`], or an eighth of
+//! the vectors). Hash tables alone cost 26–34 bytes per key (load factor between 7/16 and 7/8,
+//! and a table doubling holds its old and new buckets at once: one table of a million keys
+//! reached 53 MB, the full mapping's peak heap, heaptrack, BENCHMARKS.md). A merge copies one
+//! shard (1/64 of the set); each key is copied a few times over a run.
 //!
-//! A collision of the key hash can only make a row miss the skip; a wrong skip needs the
-//! 64-bit document hash of two different documents recorded under one key slot to collide as
-//! well.
+//! Two keys with the same slot (about one pair per million keys recorded) share it: the later
+//! one overwrites the earlier one's document hash, and forgetting either forgets both. That
+//! can only make a row miss the skip: a wrong skip needs the 64-bit document hash of two
+//! different documents recorded under one slot to collide as well. (16-byte slots, the whole
+//! key hash, cost the full mapping 4–5 MB more at its peak.)
 
 use crate::mapping::{Entity, Value};
 use std::collections::HashMap;
@@ -58,6 +61,11 @@ impl Hasher for Prehashed {
     }
     fn write_u64(&mut self, n: u64) {
         self.0 = n;
+    }
+    /// A shard's 32-bit tags: spread over all 64 bits (Fibonacci hashing), because the hash
+    /// table takes its control byte from the top seven bits, which a tag alone leaves zero.
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -84,64 +92,68 @@ fn stored(doc: u64) -> u64 {
 /// See the module documentation.
 #[derive(Default)]
 struct Shard {
-    /// `(key, document hash)` sorted by key; a forgotten key keeps its place with [`GONE`].
-    sorted: Vec<(u64, u64)>,
-    recent: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
+    /// Tags of the merged keys, sorted; `docs[i]` is the document hash of `tags[i]`, or
+    /// [`GONE`] for a forgotten key that keeps its place until the next merge.
+    tags: Vec<u32>,
+    docs: Vec<u64>,
+    recent: HashMap<u32, u64, BuildHasherDefault<Prehashed>>,
 }
 
 impl Shard {
-    fn slot(&self, key: u64) -> Option<usize> {
-        self.sorted
-            .binary_search_by_key(&key, |&(k, _)| k)
+    fn slot(&self, tag: u32) -> Option<usize> {
+        self.tags
+            .binary_search(&tag)
             .ok()
-            .filter(|&i| self.sorted[i].1 != GONE)
+            .filter(|&i| self.docs[i] != GONE)
     }
 
-    fn get(&self, key: u64) -> Option<u64> {
+    fn get(&self, tag: u32) -> Option<u64> {
         self.recent
-            .get(&key)
+            .get(&tag)
             .copied()
-            .or_else(|| self.slot(key).map(|i| self.sorted[i].1))
+            .or_else(|| self.slot(tag).map(|i| self.docs[i]))
     }
 
     /// Insert or update; whether the key is new.
-    fn insert(&mut self, key: u64, doc: u64) -> bool {
-        if let Some(i) = self.slot(key) {
-            self.sorted[i].1 = doc;
+    fn insert(&mut self, tag: u32, doc: u64) -> bool {
+        if let Some(i) = self.slot(tag) {
+            self.docs[i] = doc;
             return false;
         }
-        let new = self.recent.insert(key, doc).is_none();
-        if self.recent.len() >= MERGE_AT.max(self.sorted.len() / 8) {
+        let new = self.recent.insert(tag, doc).is_none();
+        if self.recent.len() >= MERGE_AT.max(self.tags.len() / 8) {
             self.merge();
         }
         new
     }
 
     /// Remove; whether the key was there.
-    fn remove(&mut self, key: u64) -> bool {
-        if self.recent.remove(&key).is_some() {
+    fn remove(&mut self, tag: u32) -> bool {
+        if self.recent.remove(&tag).is_some() {
             return true;
         }
-        match self.slot(key) {
+        match self.slot(tag) {
             Some(i) => {
-                self.sorted[i].1 = GONE;
+                self.docs[i] = GONE;
                 true
             }
             None => false,
         }
     }
 
-    /// Move the recent keys into the vector, dropping forgotten keys, into a vector of
-    /// exactly the size needed. (A key is never in both: `insert` updates the vector's copy.)
+    /// Move the recent keys into the vectors, dropping forgotten keys, into vectors of
+    /// exactly the size needed. (A tag is never in both: `insert` updates the vectors' copy.)
     fn merge(&mut self) {
-        let mut recent: Vec<(u64, u64)> = self.recent.drain().collect();
+        let mut recent: Vec<(u32, u64)> = self.recent.drain().collect();
         recent.sort_unstable_by_key(|&(k, _)| k);
-        let live = self.sorted.iter().filter(|&&(_, d)| d != GONE).count();
-        let mut out = Vec::with_capacity(live + recent.len());
+        let live = self.docs.iter().filter(|&&d| d != GONE).count();
+        let mut tags = Vec::with_capacity(live + recent.len());
+        let mut docs = Vec::with_capacity(live + recent.len());
         let mut old = self
-            .sorted
+            .tags
             .iter()
             .copied()
+            .zip(self.docs.iter().copied())
             .filter(|&(_, d)| d != GONE)
             .peekable();
         let mut new = recent.into_iter().peekable();
@@ -152,11 +164,20 @@ impl Shard {
                 (Some(_), None) => old.next(),
                 (None, None) => break,
             };
-            out.extend(next);
+            if let Some((t, d)) = next {
+                tags.push(t);
+                docs.push(d);
+            }
         }
-        self.sorted = out;
+        self.tags = tags;
+        self.docs = docs;
         self.recent.shrink_to(MERGE_AT);
     }
+}
+
+/// A key hash's shard and its tag there (the two together name its slot).
+fn place(key: u64) -> (usize, u32) {
+    ((key >> 32) as usize % SHARDS, key as u32)
 }
 
 /// See the module documentation.
@@ -206,20 +227,21 @@ impl Pulled {
         self.len
     }
 
-    fn shard(&mut self, key: u64) -> &mut Shard {
+    fn shard(&mut self, key: u64) -> (&mut Shard, u32) {
         // `same` finds a key's shard the same way, without creating the shards.
         if self.shards.is_empty() {
             self.shards.resize_with(SHARDS, Default::default);
         }
-        &mut self.shards[(key >> 32) as usize % SHARDS]
+        let (i, tag) = place(key);
+        (&mut self.shards[i], tag)
     }
 
     /// Record rows a committed batch wrote on demand.
     pub fn record(&mut self, fresh: &[Fresh]) {
         for &(k, d) in fresh {
             let full = self.len >= CAPACITY;
-            let shard = self.shard(k);
-            if (!full || shard.get(k).is_some()) && shard.insert(k, stored(d)) {
+            let (shard, tag) = self.shard(k);
+            if (!full || shard.get(tag).is_some()) && shard.insert(tag, stored(d)) {
                 self.len += 1;
             }
         }
@@ -231,11 +253,11 @@ impl Pulled {
         if self.is_empty() {
             return false;
         }
-        let shard = self.shard(key);
-        match shard.get(key) {
+        let (shard, tag) = self.shard(key);
+        match shard.get(tag) {
             Some(d) if d == stored(doc) => true,
             Some(_) => {
-                shard.remove(key);
+                shard.remove(tag);
                 self.len -= 1;
                 false
             }
@@ -247,15 +269,17 @@ impl Pulled {
     /// nothing: a look ahead, before the batch's turn (`pipeline::pre_skip`); the batch
     /// confirms it with [`Pulled::take_same`] when its turn comes.
     pub fn same(&self, key: u64, doc: u64) -> bool {
-        self.shards
-            .get((key >> 32) as usize % SHARDS)
-            .and_then(|s| s.get(key))
-            == Some(stored(doc))
+        let (i, tag) = place(key);
+        self.shards.get(i).and_then(|s| s.get(tag)) == Some(stored(doc))
     }
 
     /// Forget a key about to be written or deleted by something else than a skipped row.
     pub fn forget(&mut self, key: u64) {
-        if !self.is_empty() && self.shard(key).remove(key) {
+        if self.is_empty() {
+            return;
+        }
+        let (shard, tag) = self.shard(key);
+        if shard.remove(tag) {
             self.len -= 1;
         }
     }
@@ -305,7 +329,7 @@ mod tests {
         assert!(
             p.shards
                 .iter()
-                .filter(|s| !s.recent.is_empty() || !s.sorted.is_empty())
+                .filter(|s| !s.recent.is_empty() || !s.tags.is_empty())
                 .count()
                 > SHARDS / 2
         );
@@ -329,9 +353,12 @@ mod tests {
             x ^= x << 17;
             x
         };
-        // Few distinct keys per shard, so updates, forgets and lookups hit stored keys.
+        // Few distinct keys per shard, so updates, forgets and lookups hit stored keys; one key
+        // per slot, so the map is exact (shared slots: the test below).
+        let mut slots = std::collections::HashSet::new();
         let keys: Vec<u64> = (0..SHARDS as u64 * MERGE_AT as u64 * 3)
             .map(|_| next())
+            .filter(|&k| slots.insert(place(k)))
             .collect();
         for round in 0..600_000u64 {
             let k = keys[(next() % keys.len() as u64) as usize];
@@ -358,7 +385,7 @@ mod tests {
             assert_eq!(p.len(), model.len(), "round {round}");
         }
         assert!(
-            p.shards.iter().all(|s| !s.sorted.is_empty()),
+            p.shards.iter().all(|s| !s.tags.is_empty()),
             "merges happened"
         );
         for (&k, &d) in &model {
@@ -366,20 +393,47 @@ mod tests {
         }
     }
 
+    /// Two keys whose hashes name one slot (same shard bits, same low 32 bits) share it: each
+    /// may lose its skip, neither is skipped for a document it was not recorded with.
+    #[test]
+    fn keys_sharing_a_slot_only_lose_their_skip() {
+        let a = 0x0000_0005_1234_5678u64;
+        let b = 0x1000_0005_1234_5678u64;
+        assert_eq!(place(a), place(b));
+        for merged in [false, true] {
+            let mut p = Pulled::default();
+            p.record(&[(a, 10)]);
+            if merged {
+                p.shards[place(a).0].merge();
+            }
+            p.record(&[(b, 20)]);
+            assert_eq!(p.len(), 1, "one slot");
+            assert!(!p.same(a, 10), "a lost its skip, merged {merged}");
+            assert!(!p.take_same(a, 10), "and is forgotten, merged {merged}");
+            assert!(
+                !p.take_same(b, 20),
+                "forgetting a forgot b, merged {merged}"
+            );
+            assert!(p.is_empty());
+        }
+    }
+
     #[test]
     fn a_merged_shard_holds_exactly_its_live_keys() {
         let mut s = Shard::default();
-        for k in 0..(MERGE_AT as u64 * 2 + 10) {
-            assert!(s.insert(k * 7, k + 1));
+        for k in 0..(MERGE_AT as u32 * 2 + 10) {
+            assert!(s.insert(k * 7, u64::from(k) + 1));
         }
         assert!(s.remove(7));
         assert!(!s.remove(7));
         assert!(!s.insert(14, 99), "an update, not a new key");
         s.merge();
         assert!(s.recent.is_empty());
-        assert_eq!(s.sorted.len(), MERGE_AT * 2 + 9);
-        assert_eq!(s.sorted.capacity(), s.sorted.len());
-        assert!(s.sorted.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(s.tags.len(), MERGE_AT * 2 + 9);
+        assert_eq!(s.docs.len(), s.tags.len());
+        assert_eq!(s.tags.capacity(), s.tags.len());
+        assert_eq!(s.docs.capacity(), s.docs.len());
+        assert!(s.tags.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(s.get(14), Some(99));
         assert_eq!(s.get(7), None);
     }
