@@ -28,9 +28,12 @@ pub struct Memo {
 
 /// Keys the memo holds before it starts over (at the start of a batch). It only saves
 /// lookups across batches (a forgotten key is looked up again in the target, where earlier
-/// batches committed it), so it is bounded: a full-mapping run touches millions of keys,
-/// and an unbounded memo was most of its 345 MB peak RSS. About 100 bytes per key.
-const MEMO_CAPACITY: usize = 100_000;
+/// batches committed it, in the one bulk lookup the batch makes anyway), so it is bounded: a
+/// full-mapping run touches millions of keys, and an unbounded memo was most of its 345 MB
+/// peak RSS. About 90 bytes per key (its text, its entry, the table's spare room): 100,000
+/// keys were ~9 MB of the full mapping's peak. 40,000 hold the keys of about 20 batches of
+/// the VizHub example's vizzes lane (250 vizzes and ~1,750 rows they pull or reference).
+const MEMO_CAPACITY: usize = 40_000;
 
 /// The outcome of resolving one batch.
 #[derive(Debug, Default)]
