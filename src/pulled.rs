@@ -42,7 +42,7 @@ use crate::mapping::{Entity, Value};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-/// Keys recorded at most (about 26 MB at the limit). Past it, rows are written as if the set
+/// Keys recorded at most (about 20 MB at the limit). Past it, rows are written as if the set
 /// were not there.
 pub const CAPACITY: usize = 1_500_000;
 
