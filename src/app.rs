@@ -188,6 +188,21 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
 }
 
 /// `tidemark run`: catch every selected entity up (or, with `ids`, migrate single records).
+/// The settings a run's target pool is opened with. On SQLite a run writes one batch at a
+/// time (`target.batches_in_flight` is 1 there), and each pooled connection keeps a page
+/// cache of its own (SQLite's default, ~2 MB): the batches' transactions rotate over the
+/// pool's idle connections and warm every one. Two connections hold the writer and, beside
+/// it, the resolve stage or the lease; more only add caches. The flat run into SQLite
+/// peaked at 55–66 MB with 4 (the default `target.max_connections`), 56–57 MB with 2
+/// (BENCHMARKS.md, twelfth round). A backfill sizes its own pool (its chunks write at once).
+fn run_pool(s: &Settings) -> Settings {
+    let mut pool = s.clone();
+    if s.target.url.expose().starts_with("sqlite:") {
+        pool.target.max_connections = s.target.max_connections.min(2);
+    }
+    pool
+}
+
 pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
@@ -219,10 +234,11 @@ pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
+    let pool = run_pool(&s);
     let sink = if opts.dry_run {
-        open_sink_dry(&s, &mapping).await?
+        open_sink_dry(&pool, &mapping).await?
     } else {
-        open_sink(&s, &mapping).await?
+        open_sink(&pool, &mapping).await?
     };
     // Single records move no checkpoint and a dry run writes nothing: neither takes the lanes.
     let lease = if opts.dry_run || !opts.ids.is_empty() {
@@ -507,4 +523,26 @@ pub async fn backfill_dry_run(
     }
     ctx.sink.close().await;
     result.map(|_| report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_on_sqlite_pools_two_connections_at_most() {
+        let mut s = Settings::load(None).expect("defaults are valid");
+        s.target.url = crate::secret::SecretUri::new("sqlite://state/x.db");
+        s.target.max_connections = 4;
+        assert_eq!(run_pool(&s).target.max_connections, 2);
+        s.target.max_connections = 1;
+        assert_eq!(run_pool(&s).target.max_connections, 1);
+        s.target.max_connections = 6;
+        s.target.url = crate::secret::SecretUri::new("postgres://u@h/db");
+        assert_eq!(
+            run_pool(&s).target.max_connections,
+            6,
+            "PostgreSQL keeps its pool"
+        );
+    }
 }

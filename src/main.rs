@@ -151,18 +151,21 @@ fn spawn_signal_watch(stop: Arc<AtomicBool>) {
     });
 }
 
-/// jemalloc, not glibc's malloc. On the full VizHub mapping glibc's `malloc`/`free` were
+/// jemalloc, not glibc's malloc, for Rust and C alike (the bundled SQLite's allocations too:
+/// jemalloc provides `malloc` itself). On the full VizHub mapping glibc's `malloc`/`free` were
 /// ~12 % of tidemark's CPU, and its arenas kept freed pages in the middle of their heaps
 /// (it took two arenas and a `malloc_trim` thread to hold the peak near 100 MB). jemalloc,
 /// in alternating runs on one machine (BENCHMARKS.md, twelfth round): tidemark's CPU on the
-/// full mapping 27 → 20 s, peak RSS 98–101 → 82 MB; the flat mapping 5–10 % faster at the
-/// same RSS. Its settings below ([`MALLOC_CONF`]).
+/// full mapping 30–32 → 23–25 s, peak RSS 98–101 → 82–89 MB; the flat mapping 5–10 % faster
+/// at the same RSS. With jemalloc for Rust only, SQLite's allocations stayed with glibc, now
+/// without the arena cap: the flat run into SQLite peaked at 55–63 MB against 54–55 MB. Its
+/// settings below ([`MALLOC_CONF`]).
 #[cfg(all(target_os = "linux", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's settings, read at its start; an operator's `_RJEM_MALLOC_CONF` environment
-/// variable overrides them (docs/OPERATIONS.md, Memory).
+/// jemalloc's settings, read at its start; an operator's `MALLOC_CONF` environment variable
+/// overrides them (docs/OPERATIONS.md, Memory).
 /// - `narenas:1`: one arena. tidemark's threads are few (two runtime workers, the mapping
 ///   threads); more arenas each keep their own free pages (full mapping, 100 ms decay: 95 MB
 ///   with 2 arenas, 82 MB with 1, no measurable difference in time).
@@ -172,6 +175,6 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   tripled the system CPU (3 → 11 s, `madvise` on every free) and cost the run 5 s.
 #[cfg(all(target_os = "linux", not(target_env = "msvc")))]
 #[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
+#[export_name = "malloc_conf"]
 pub static MALLOC_CONF: &[u8] =
     b"narenas:1,background_thread:true,dirty_decay_ms:100,muzzy_decay_ms:0\0";
