@@ -187,7 +187,6 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     Ok(sink)
 }
 
-/// `tidemark run`: catch every selected entity up (or, with `ids`, migrate single records).
 /// The settings a run's target pool is opened with. On SQLite a run writes one batch at a
 /// time (`target.batches_in_flight` is 1 there), and each pooled connection keeps a page
 /// cache of its own (SQLite's default, ~2 MB): the batches' transactions rotate over the
@@ -197,12 +196,13 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
 /// (BENCHMARKS.md, twelfth round). A backfill sizes its own pool (its chunks write at once).
 fn run_pool(s: &Settings) -> Settings {
     let mut pool = s.clone();
-    if s.target.url.expose().starts_with("sqlite:") {
+    if s.target.is_sqlite() {
         pool.target.max_connections = s.target.max_connections.min(2);
     }
     pool
 }
 
+/// `tidemark run`: catch every selected entity up (or, with `ids`, migrate single records).
 pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();

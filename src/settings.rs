@@ -71,6 +71,13 @@ pub struct TargetSettings {
     pub batches_in_flight: u32,
 }
 
+impl TargetSettings {
+    /// Whether the target is SQLite (`target.url` = `sqlite:…`).
+    pub fn is_sqlite(&self) -> bool {
+        self.url.expose().starts_with("sqlite:")
+    }
+}
+
 /// `target.foreign_key_checks`: see `config/default.toml` and docs/DEPENDENCIES.md.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -263,9 +270,7 @@ impl Settings {
                 self.target.batches_in_flight
             );
         }
-        if self.target.foreign_key_checks == ForeignKeyChecks::Tidemark
-            && url.starts_with("sqlite:")
-        {
+        if self.target.foreign_key_checks == ForeignKeyChecks::Tidemark && self.target.is_sqlite() {
             bail!(
                 "target.foreign_key_checks = \"tidemark\" is for PostgreSQL targets; target.url is \
                  SQLite, whose checks stay on. Remove the key or set it to \"database\""

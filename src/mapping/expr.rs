@@ -91,17 +91,20 @@ impl Expr {
             let mut ctx = root.new_inner_scope();
             for (var, fields) in &self.fields {
                 let counted = self.counted.get(var);
-                let doc = match *var {
-                    "doc" => Some(scope.doc),
-                    "parent" => Some(scope.parent),
-                    _ => None,
-                };
                 let v = match *var {
-                    "doc" | "parent" => doc.flatten().map(|d| match scope.cache {
-                        Some(cache) => cache
-                            .get_or_build(self, var, || doc_to_cel(d, fields.as_ref(), counted)),
-                        None => doc_to_cel(d, fields.as_ref(), counted),
-                    }),
+                    "doc" | "parent" => {
+                        let d = if *var == "doc" {
+                            scope.doc
+                        } else {
+                            scope.parent
+                        };
+                        d.map(|d| match scope.cache {
+                            Some(cache) => cache.get_or_build(self, var, || {
+                                doc_to_cel(d, fields.as_ref(), counted)
+                            }),
+                            None => doc_to_cel(d, fields.as_ref(), counted),
+                        })
+                    }
                     "element" => scope.element.map(to_cel),
                     "index" => scope.index.map(|i| Cel::Int(i as i64)),
                     _ => None,
