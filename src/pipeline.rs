@@ -76,7 +76,9 @@ impl Ctx {
             dead_total: AtomicU64::new(0),
             stop,
             memo: Default::default(),
-            pulled: Default::default(),
+            pulled: Arc::new(std::sync::Mutex::new(crate::pulled::Pulled::new(
+                settings.state_dir.clone(),
+            ))),
             records: Default::default(),
             dry_run: false,
             provenance: settings.sync.provenance,
@@ -583,8 +585,10 @@ pub async fn resolve_batch(
         let mut pulled = ctx.pulled.lock().unwrap_or_else(|p| p.into_inner());
         pulled.record(&res.fresh);
         // Rule 4 of `crate::pulled`: what this batch writes of `e` itself replaces any
-        // pulled version of the same key (also one pulled by this very batch).
-        if !pulled.is_empty() {
+        // pulled version of the same key (also one pulled by this very batch). Rows of an
+        // entity with dependents are never recorded (rule 3), so there is nothing to forget
+        // (each forget may read the set's spill file).
+        if !pulled.is_empty() && e.dependents.is_empty() {
             for row in &mapped.rows {
                 pulled.forget(crate::pulled::key_hash(e, row));
             }
@@ -682,7 +686,7 @@ fn touched(
 /// A batch failed after [`resolve_batch`] recorded it: nothing this run pulled may be
 /// skipped any more (the set described a target that the rollback did not produce).
 pub fn forget_pulled(ctx: &Ctx) {
-    *ctx.pulled.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    ctx.pulled.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 /// The second half of a batch: write it, with `cp` when given, in one transaction.
@@ -801,7 +805,7 @@ fn pre_skip(
         *seen.entry(*k).or_default() += 1;
     }
     let hit: Vec<bool> = {
-        let pulled = pulled.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pulled = pulled.lock().unwrap_or_else(|p| p.into_inner());
         keys.iter()
             .zip(&hashes)
             .map(|(k, &h)| k.is_some_and(|k| seen[&k] == 1 && pulled.same(k, h)))
