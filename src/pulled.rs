@@ -516,6 +516,8 @@ impl Pulled {
                 .filter(|&(_, &d)| d != GONE)
                 .map(move |(&t, &d)| (slot_of(i, t), d))
         });
+        let started = std::time::Instant::now();
+        let (in_memory, in_file) = (self.mem, self.spill.as_ref().map_or(0, |s| s.live));
         let tmp = std::env::temp_dir();
         let mut merged = Spill::merge(self.spill.as_ref(), mem.clone(), &dir);
         if merged.is_err() && dir != tmp {
@@ -525,6 +527,13 @@ impl Pulled {
         }
         match merged {
             Ok(spill) => {
+                tracing::debug!(
+                    in_memory,
+                    in_file,
+                    entries = spill.entries,
+                    ms = started.elapsed().as_millis() as u64,
+                    "skip set spilled"
+                );
                 self.spill = Some(spill);
                 self.shards = Vec::new();
                 self.mem = 0;
