@@ -661,6 +661,25 @@ mod tests {
         assert!(p.is_empty());
     }
 
+    /// A xorshift64 generator: the same keys every run.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// Up to `n` random keys, no two in one slot (so the set answers exactly as a map).
+    fn one_per_slot(next: &mut impl FnMut() -> u64, n: usize) -> Vec<u64> {
+        let mut slots = std::collections::HashSet::new();
+        (0..n)
+            .map(|_| next())
+            .filter(|&k| slots.insert(place(k)))
+            .collect()
+    }
+
     /// A set that spills every `spill_at` keys, under the system's temporary directory.
     fn spilling(spill_at: usize, capacity: usize) -> Pulled {
         Pulled {
@@ -766,18 +785,8 @@ mod tests {
     fn a_spilling_set_behaves_as_a_map() {
         let mut p = spilling(700, CAPACITY);
         let mut model: std::collections::HashMap<u64, u64> = Default::default();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut slots = std::collections::HashSet::new();
-        let keys: Vec<u64> = (0..5000)
-            .map(|_| next())
-            .filter(|&k| slots.insert(place(k)))
-            .collect();
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
+        let keys = one_per_slot(&mut next, 5000);
         let mut spills = 0;
         for round in 0..200_000u64 {
             let k = keys[(next() % keys.len() as u64) as usize];
@@ -853,20 +862,10 @@ mod tests {
     fn the_set_behaves_as_a_map_across_merges() {
         let mut p = spilling(usize::MAX, CAPACITY);
         let mut model: std::collections::HashMap<u64, u64> = Default::default();
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
         // Few distinct keys per shard, so updates, forgets and lookups hit stored keys; one key
         // per slot, so the map is exact (shared slots: the test below).
-        let mut slots = std::collections::HashSet::new();
-        let keys: Vec<u64> = (0..SHARDS as u64 * MERGE_AT as u64 * 3)
-            .map(|_| next())
-            .filter(|&k| slots.insert(place(k)))
-            .collect();
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
+        let keys = one_per_slot(&mut next, SHARDS * MERGE_AT * 3);
         for round in 0..600_000u64 {
             let k = keys[(next() % keys.len() as u64) as usize];
             let d = next() % 4; // includes 0, stored as 1 (and so equal to 1)
