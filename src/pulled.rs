@@ -176,29 +176,52 @@ impl Shard {
         let live = self.docs.iter().filter(|&&d| d != GONE).count();
         let mut tags = Vec::with_capacity(live + recent.len());
         let mut docs = Vec::with_capacity(live + recent.len());
-        let mut old = self
+        let old = self
             .tags
             .iter()
             .copied()
             .zip(self.docs.iter().copied())
             .filter(|&(_, d)| d != GONE)
-            .peekable();
-        let mut new = recent.into_iter().peekable();
-        loop {
-            let next = match (old.peek(), new.peek()) {
-                (Some(a), Some(b)) if a.0 < b.0 => old.next(),
-                (Some(_), Some(_)) | (None, Some(_)) => new.next(),
-                (Some(_), None) => old.next(),
-                (None, None) => break,
-            };
-            if let Some((t, d)) = next {
-                tags.push(t);
-                docs.push(d);
-            }
-        }
+            .map(Ok::<_, std::convert::Infallible>);
+        let Ok(()) = merge_sorted(old, recent.into_iter(), |t, d| {
+            tags.push(t);
+            docs.push(d);
+            Ok(())
+        });
         self.tags = tags;
         self.docs = docs;
         self.recent.shrink_to(MERGE_AT);
+    }
+}
+
+/// Merge two runs sorted by key into `put`, in key order; `new` wins a key both hold. `old`
+/// may fail as it is read (the spill file).
+fn merge_sorted<K: Ord + Copy, V, E>(
+    mut old: impl Iterator<Item = Result<(K, V), E>>,
+    new: impl Iterator<Item = (K, V)>,
+    mut put: impl FnMut(K, V) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut new = new.peekable();
+    let mut next_old = old.next().transpose()?;
+    loop {
+        let take_old = match (&next_old, new.peek()) {
+            (None, None) => return Ok(()),
+            (Some(o), Some(n)) => o.0 < n.0,
+            (o, _) => o.is_some(),
+        };
+        let (k, v) = if take_old {
+            next_old.take().expect("peeked")
+        } else {
+            let (k, v) = new.next().expect("peeked");
+            if next_old.as_ref().is_some_and(|o| o.0 == k) {
+                next_old = None; // replaced by the new version
+            }
+            (k, v)
+        };
+        put(k, v)?;
+        if next_old.is_none() {
+            next_old = old.next().transpose()?;
+        }
     }
 }
 
@@ -305,34 +328,7 @@ impl Spill {
             out.write_all(&slot.to_le_bytes())?;
             out.write_all(&doc.to_le_bytes())
         };
-        let mut old = OldEntries::new(old);
-        let mut mem = mem.peekable();
-        let mut next_old = old.next()?;
-        loop {
-            match (next_old, mem.peek().copied()) {
-                (Some((os, od)), Some((ms, md))) => {
-                    if os < ms {
-                        put(os, od)?;
-                        next_old = old.next()?;
-                    } else {
-                        put(ms, md)?;
-                        mem.next();
-                        if os == ms {
-                            next_old = old.next()?;
-                        }
-                    }
-                }
-                (Some((os, od)), None) => {
-                    put(os, od)?;
-                    next_old = old.next()?;
-                }
-                (None, Some((ms, md))) => {
-                    put(ms, md)?;
-                    mem.next();
-                }
-                (None, None) => break,
-            }
-        }
+        merge_sorted(OldEntries::new(old), mem, &mut put)?;
         out.flush()?;
         drop(out);
         fences.shrink_to_fit();
@@ -364,7 +360,7 @@ impl<'a> OldEntries<'a> {
         }
     }
 
-    fn next(&mut self) -> std::io::Result<Option<(u64, u64)>> {
+    fn read_next(&mut self) -> std::io::Result<Option<(u64, u64)>> {
         let Some(s) = self.spill else {
             return Ok(None);
         };
@@ -388,6 +384,14 @@ impl<'a> OldEntries<'a> {
                 return Ok(Some((slot, doc)));
             }
         }
+    }
+}
+
+impl Iterator for OldEntries<'_> {
+    type Item = std::io::Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.read_next().transpose()
     }
 }
 
@@ -538,32 +542,24 @@ impl Pulled {
                 self.shards = Vec::new();
                 self.mem = 0;
             }
-            Err(err) => {
-                // Dropping keys only costs skips; the set goes on in memory, bounded.
-                tracing::warn!(
-                    dir = %dir.display(),
-                    "cannot write the skip set's spill file ({err}); rows this run pulled \
-                     will be compared with the target again instead of skipped"
-                );
-                self.spill = None;
-                self.dir = None;
-            }
+            Err(err) => self.spill_failed(err),
         }
     }
 
-    /// The document hash recorded for `key`, looking in memory, then the file (`consume`: a
-    /// look ahead of [`Pulled::same`] confirmed now is not kept any longer).
-    fn get(&mut self, key: u64, look_ahead: bool, consume: bool) -> Option<u64> {
+    /// The document hash recorded for `key`, looking in memory, then the file. A look ahead
+    /// ([`Pulled::same`]) keeps what it read from the file for the batch's turn; otherwise
+    /// ([`Pulled::take_same`]) that kept answer is used up.
+    fn get(&mut self, key: u64, look_ahead: bool) -> Option<u64> {
         let (i, tag) = place(key);
         if let Some(d) = self.shards.get(i).and_then(|s| s.get(tag)) {
             return Some(d);
         }
         let slot = slot_of(i, tag);
         let spill = self.spill.as_mut()?;
-        let looked = if consume {
-            spill.looked.remove(&spread(slot))
-        } else {
+        let looked = if look_ahead {
             spill.looked.get(&spread(slot)).copied()
+        } else {
+            spill.looked.remove(&spread(slot))
         };
         if looked.is_some() {
             return looked;
@@ -585,9 +581,13 @@ impl Pulled {
         }
     }
 
+    /// The spill file cannot be created, written or read: its keys are dropped (that only
+    /// costs skips), and the set goes on in memory, bounded.
     fn spill_failed(&mut self, err: std::io::Error) {
         tracing::warn!(
-            "cannot read or write the skip set's spill file ({err}); its keys are dropped"
+            dir = ?self.dir,
+            "cannot use the skip set's spill file ({err}); rows this run pulled will be \
+             compared with the target again instead of skipped"
         );
         self.spill = None;
         self.dir = None;
@@ -609,7 +609,7 @@ impl Pulled {
         if self.is_empty() {
             return false;
         }
-        match self.get(key, false, true) {
+        match self.get(key, false) {
             Some(d) if d == stored(doc) => true,
             Some(_) => {
                 self.forget(key);
@@ -623,7 +623,7 @@ impl Pulled {
     /// nothing: a look ahead, before the batch's turn (`pipeline::pre_skip`); the batch
     /// confirms it with [`Pulled::take_same`] when its turn comes.
     pub fn same(&mut self, key: u64, doc: u64) -> bool {
-        !self.is_empty() && self.get(key, true, false) == Some(stored(doc))
+        !self.is_empty() && self.get(key, true) == Some(stored(doc))
     }
 
     /// Forget a key about to be written or deleted by something else than a skipped row.
