@@ -160,7 +160,7 @@ fn spawn_signal_watch(stop: Arc<AtomicBool>) {
 /// at the same RSS. With jemalloc for Rust only, SQLite's allocations stayed with glibc, now
 /// without the arena cap: the flat run into SQLite peaked at 55–63 MB against 54–55 MB. Its
 /// settings below ([`MALLOC_CONF`]).
-#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+#[cfg(all(feature = "jemalloc", target_os = "linux", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -173,7 +173,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   to the kernel within ~0.1 s, by a background thread, not on the allocating path.
 ///   jemalloc's default (10 s) kept 124 MB, 300 ms 87 MB; 0 ms (at once) kept 78 MB but
 ///   tripled the system CPU (3 → 11 s, `madvise` on every free) and cost the run 5 s.
-#[cfg(all(target_os = "linux", not(target_env = "msvc")))]
+#[cfg(all(feature = "jemalloc", target_os = "linux", not(target_env = "msvc")))]
 #[allow(non_upper_case_globals)]
 #[export_name = "malloc_conf"]
 pub static MALLOC_CONF: &[u8] =

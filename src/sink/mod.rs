@@ -523,7 +523,7 @@ impl Sink {
                         .push_bind(b.mapping_version).push_bind(now);
                 });
                 q.push(DEAD_LETTER_CONFLICT);
-                q.build().execute(&mut *tx).await.context("recording dead letters")?;
+                q.build().persistent(false).execute(&mut *tx).await.context("recording dead letters")?;
             }
             for table in ["tidemark_missing_refs", "tidemark_pending"] {
                 tx.delete_source_ids(table, entity_name, &clear_refs).await?;
@@ -542,7 +542,7 @@ impl Sink {
                         .push_bind(format!("{:?}", m.policy).to_lowercase()).push_bind(b.run_id).push_bind(now);
                 });
                 q.push(MISSING_REF_CONFLICT);
-                q.build().execute(&mut *tx).await.context("recording missing references")?;
+                q.build().persistent(false).execute(&mut *tx).await.context("recording missing references")?;
             }
             for (id, reason) in b.deferred {
                 sqlx::query(PENDING_UPSERT)

@@ -1,5 +1,13 @@
 //! SQLite: multi-row `INSERT … VALUES … ON CONFLICT` statements sized to stay under
 //! SQLite's bound-parameter limit, all inside the batch's one transaction.
+//!
+//! A statement whose text grows with the rows it carries (the multi-row writes, the
+//! `IN (VALUES …)` reads and deletes) is prepared for one use (`persistent(false)`). sqlx
+//! keeps up to 100 prepared statements per connection, and a multi-row statement's compiled
+//! program is large (a 240-row `vizzes` upsert is ~3,000 VDBE instructions plus a register
+//! per bound value) and rarely used again, as each row count is a new text. On the full VizHub mapping into SQLite (20k demo set) heaptrack put
+//! 15.7 MB of a 43 MB heap peak in cached statements; one-use statements took the run's
+//! peak RSS from 73 MB to 53 MB (BENCHMARKS.md, fourteenth round).
 
 use super::ddl::quote;
 use super::{ProvenanceRow, TableOps};
@@ -133,6 +141,7 @@ impl TableOps for Transaction<'_, Sqlite> {
             push_in(&mut q, t, by, chunk);
             for row in q
                 .build()
+                .persistent(false)
                 .fetch_all(&mut **self)
                 .await
                 .with_context(|| format!("reading rows of {}", t.name))?
@@ -197,6 +206,7 @@ impl TableOps for Transaction<'_, Sqlite> {
             q.push(&tail);
             let done = q
                 .build()
+                .persistent(false)
                 .execute(&mut **self)
                 .await
                 .with_context(|| format!("writing {} rows into {}", chunk.len(), t.name))?;
@@ -219,6 +229,7 @@ impl TableOps for Transaction<'_, Sqlite> {
             push_in(&mut q, t, by, chunk);
             for row in q
                 .build()
+                .persistent(false)
                 .fetch_all(&mut **self)
                 .await
                 .with_context(|| format!("reading keys of {}", t.name))?
@@ -246,6 +257,7 @@ impl TableOps for Transaction<'_, Sqlite> {
             push_in(&mut q, t, by, chunk);
             n += q
                 .build()
+                .persistent(false)
                 .execute(&mut **self)
                 .await
                 .with_context(|| format!("deleting from {}", t.name))?
@@ -264,6 +276,7 @@ impl TableOps for Transaction<'_, Sqlite> {
             }
             q.push(")");
             q.build()
+                .persistent(false)
                 .execute(&mut **self)
                 .await
                 .with_context(|| format!("clearing {table} of {entity}"))?;
@@ -290,7 +303,7 @@ impl TableOps for Transaction<'_, Sqlite> {
                     .push_bind(*inserted)
                     .push_bind(now);
             });
-            q.build().execute(&mut **self).await?;
+            q.build().persistent(false).execute(&mut **self).await?;
         }
         Ok(())
     }
