@@ -2,7 +2,7 @@
 //! nullable columns, and report (never apply) destructive differences.
 
 use super::{BeginWrite, Sink};
-use crate::mapping::{ColumnType, Mapping, TableRef};
+use crate::mapping::{ColumnType, Entity, Mapping, TableRef};
 use anyhow::Result;
 use sqlx::Row;
 
@@ -27,6 +27,22 @@ fn col_type(sink: &Sink, t: ColumnType) -> &'static str {
     }
 }
 
+/// The columns of `t` that reference another entity by its whole primary key, each with that
+/// entity and its key column: `(column, entity, key column)`.
+fn references<'m>(
+    mapping: &'m Mapping,
+    t: TableRef<'m>,
+) -> impl Iterator<Item = (usize, &'m Entity, usize)> + 'm {
+    t.columns.iter().enumerate().filter_map(move |(i, c)| {
+        let r = mapping
+            .entities
+            .iter()
+            .find(|x| Some(x.name.as_str()) == c.references.as_deref())?;
+        let kc = r.key_column.filter(|kc| r.pk == [*kc])?;
+        Some((i, r, kc))
+    })
+}
+
 /// Foreign keys a mapped table carries: `(constraint name, clause)`. References point at the
 /// referenced entity's key column (when it is that entity's whole primary key) and set the
 /// column to NULL if that row is deleted; child tables point at their parent and cascade.
@@ -41,17 +57,8 @@ pub fn foreign_keys(mapping: &Mapping, table: &str) -> Vec<(String, String)> {
             if t.name != table {
                 continue;
             }
-            for c in t.columns {
-                let Some(r) = c
-                    .references
-                    .as_deref()
-                    .and_then(|r| mapping.entities.iter().find(|x| x.name == r))
-                else {
-                    continue;
-                };
-                let Some(kc) = r.key_column.filter(|kc| r.pk == [*kc]) else {
-                    continue;
-                };
+            for (c, r, kc) in references(mapping, t) {
+                let c = &t.columns[c];
                 out.push((
                     format!("fk_{}_{}", t.name, c.name),
                     format!(
@@ -209,7 +216,7 @@ pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
         }
     }
     plan.apply.extend(late_fks);
-    for (name, sql) in parent_indexes(mapping) {
+    for (name, sql) in fk_indexes(mapping, matches!(sink, Sink::Sqlite(_))) {
         if !index_exists(sink, &name).await? {
             plan.apply.push(sql);
         }
@@ -217,30 +224,53 @@ pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
     Ok(plan)
 }
 
-/// An index on each child table's link to its parent, unless its primary key already starts
-/// with it: every batch reads and replaces a parent's child rows by that link, and a
-/// parent's delete cascades through it. Without one, each batch scanned the whole child
-/// table (`upvotes`, keyed by its own id, cost the full VizHub mapping minutes).
-fn parent_indexes(mapping: &Mapping) -> Vec<(String, String)> {
+/// An index on every column set a foreign key points from, unless the table's primary key
+/// starts with it, so that no check or action on a foreign key scans a table:
+/// - each child table's link to its parent (`ix_<table>_parent`): every batch reads and
+///   replaces a parent's child rows by that link, and a parent's delete cascades through it.
+///   Without one, each batch scanned the whole child table (`upvotes`, keyed by its own id,
+///   cost the full VizHub mapping minutes).
+/// - on SQLite, each reference column (`ix_<table>_ref_<column>`). SQLite searches it for
+///   every row inserted into the referenced table while the batch's transaction holds a
+///   deferred violation (a row written before the row it points at), and for every
+///   referenced row deleted (`ON DELETE SET NULL`). Without these, each pulled `vizzes` row
+///   scanned `vizzes`, `commits` and `analytics_events` whole: 16 s of a 27 s demo run, and
+///   quadratic in the table sizes. PostgreSQL searches a reference column only when the
+///   referenced row is deleted; there the nine indexes cost the full VizHub mapping ~10 %
+///   (BENCHMARKS.md, fourteenth round), so they are left to the operator
+///   (docs/DEPENDENCIES.md).
+fn fk_indexes(mapping: &Mapping, sqlite: bool) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for c in mapping.entities.iter().flat_map(|e| &e.children) {
-        let links: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
-        let mut prefix: Vec<usize> = c.pk.iter().take(links.len()).copied().collect();
-        let mut sorted_links = links.clone();
-        prefix.sort();
-        sorted_links.sort();
-        if links.is_empty() || prefix == sorted_links {
-            continue;
+    let mut index = |name: String, t: TableRef<'_>, cols: &[usize]| {
+        // Covered when the key's leading columns are these, in any order.
+        let mut lead: Vec<usize> = t.pk.iter().take(cols.len()).copied().collect();
+        let mut want = cols.to_vec();
+        lead.sort_unstable();
+        want.sort_unstable();
+        if lead == want {
+            return;
         }
-        let name = format!("ix_{}_parent", c.table);
-        let cols: Vec<String> = links.iter().map(|&i| quote(&c.columns[i].name)).collect();
+        let names: Vec<String> = cols.iter().map(|&i| quote(&t.columns[i].name)).collect();
         let sql = format!(
             "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
             quote(&name),
-            quote(&c.table),
-            cols.join(", ")
+            quote(t.name),
+            names.join(", ")
         );
         out.push((name, sql));
+    };
+    for e in &mapping.entities {
+        let tables = std::iter::once((e.table_ref(), None))
+            .chain(e.children.iter().map(|c| (c.table_ref(), Some(c))));
+        for (t, child) in tables {
+            if let Some(c) = child.filter(|c| !c.parent_links.is_empty()) {
+                let links: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
+                index(format!("ix_{}_parent", t.name), t, &links);
+            }
+            for (c, _, _) in references(mapping, t).filter(|_| sqlite) {
+                index(format!("ix_{}_ref_{}", t.name, t.columns[c].name), t, &[c]);
+            }
+        }
     }
     out
 }

@@ -70,6 +70,40 @@ async fn migrate_postgres() {
     additive_and_destructive(Backend::Postgres).await;
 }
 
+/// On SQLite every column a foreign key points from is indexed, unless the table's key starts
+/// with it: SQLite searches those columns for every row inserted into the referenced table
+/// while a deferred violation is open, and would scan the whole table without them.
+#[tokio::test]
+async fn reference_indexes_sqlite() {
+    let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
+    let env = Env::new("schema_ref_ix", Backend::Sqlite, &mapping).await;
+    let s = env.settings();
+    tidemark::app::migrate(&s, false).await.expect("migrate");
+    let url = &env.target_url;
+    let index = |name: &str| {
+        format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = '{name}'")
+    };
+    for (name, want) in [
+        ("ix_vizzes_ref_forked_from", 1),
+        ("ix_vizzes_ref_owner_id", 1),
+        ("ix_commits_ref_viz_id", 1),
+        ("ix_commits_ref_parent_commit_id", 1),
+        ("ix_analytics_events_ref_viz_id", 1),
+        ("ix_upvotes_ref_user_id", 1),
+        ("ix_permissions_ref_user_id", 1),
+        ("ix_upvotes_parent", 1),
+        // viz_contents is keyed by the viz it references; files by its parent link.
+        ("ix_viz_contents_ref_viz_id", 0),
+        ("ix_files_parent", 0),
+    ] {
+        assert_eq!(scalar_i64(url, &index(name)).await, want, "{name}");
+    }
+    let again = tidemark::app::migrate(&s, false)
+        .await
+        .expect("migrate again");
+    assert!(again.contains("applied 0 statement"), "{again}");
+}
+
 /// Child tables get an index on their link to the parent unless their primary key starts
 /// with it, once (a second migrate has nothing to apply); and a table tidemark fills is
 /// analyzed once the rows it wrote pass 1,000, so its key lookups are planned on statistics.
@@ -92,6 +126,11 @@ async fn parent_link_indexes_and_statistics_postgres() {
         "files' key starts with viz_id"
     );
     assert_eq!(scalar_i64(url, &index("ix_permissions_parent")).await, 0);
+    assert_eq!(
+        scalar_i64(url, &index("ix_vizzes_ref_forked_from")).await,
+        0,
+        "PostgreSQL gets no reference-column indexes"
+    );
     let again = tidemark::app::migrate(&s, false)
         .await
         .expect("migrate again");
