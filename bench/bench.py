@@ -604,7 +604,7 @@ TOOLS = [
     ("tm_flat_alt", "ALT tidemark, flat mapping → PostgreSQL", lambda c, n: run_tidemark(c, n, c.flat, "pg", c.alt_bin)),
     ("tm_full_alt", "ALT tidemark, full VizHub mapping → PostgreSQL", lambda c, n: run_tidemark(c, n, c.full, "pg", c.alt_bin)),
 ]
-DEFAULT_TOOLS = "tm_flat,baseline,dlt,tm_full,tm_full_tmfk,read_limit,copy_limit,tm_flat_sqlite"
+DEFAULT_TOOLS = "tm_flat,baseline,dlt,tm_full,tm_full_tmfk,read_limit,copy_limit,tm_flat_sqlite,tm_full_sqlite"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -818,6 +818,8 @@ def report(args, ctx, results, scale, meta):
         ("tm_flat_alt", "dlt", "[alt] tidemark flat ÷ dlt", "target ≥ 8"),
         ("tm_full_alt", "baseline", "[alt] tidemark full mapping ÷ hand-written flat baseline", "target ≥ 1.0"),
         ("tm_flat_sqlite", "tm_flat", "tidemark flat: SQLite ÷ PostgreSQL", ""),
+        ("tm_flat_sqlite", "baseline", "tidemark flat into SQLite ÷ hand-written baseline (into PostgreSQL)", ""),
+        ("tm_full_sqlite", "tm_full", "tidemark full mapping: SQLite ÷ PostgreSQL", ""),
     ]:
         if a not in s or b not in s:
             continue
