@@ -260,7 +260,8 @@ fn decode_row(t: TableRef<'_>, row: &sqlx::postgres::PgRow) -> Result<Vec<Value>
 /// connection's buffer, was ~16 MB of the full mapping's peak heap (heaptrack, BENCHMARKS.md).
 /// Each pooled connection keeps its write buffer at the largest message it sent: with 1 MB
 /// pieces, three connections' buffers held 5.7 MB at the full mapping's heap peak (heaptrack,
-/// fourteenth round); 256 KiB pieces hold it to about a quarter.
+/// fourteenth round); 256 KiB pieces bound each to about a quarter of that (the run's peak
+/// RSS did not move beyond its run-to-run spread).
 const COPY_CHUNK: usize = 256 << 10;
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.

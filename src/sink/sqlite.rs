@@ -5,9 +5,10 @@
 //! `IN (VALUES …)` reads and deletes) is prepared for one use (`persistent(false)`). sqlx
 //! keeps up to 100 prepared statements per connection, and a multi-row statement's compiled
 //! program is large (a 240-row `vizzes` upsert is ~3,000 VDBE instructions plus a register
-//! per bound value) and rarely used again, as each row count is a new text. On the full VizHub mapping into SQLite (20k demo set) heaptrack put
-//! 15.7 MB of a 43 MB heap peak in cached statements; one-use statements took the run's
-//! peak RSS from 73 MB to 53 MB (BENCHMARKS.md, fourteenth round).
+//! per bound value) and rarely used again, as each row count is a new text. On the full
+//! VizHub mapping into SQLite (20k demo set) heaptrack put 15.7 MB of a 43 MB heap peak in
+//! cached statements; one-use statements took the run's peak RSS from 71 MB to 51–52 MB
+//! (BENCHMARKS.md, fourteenth round).
 
 use super::ddl::quote;
 use super::{ProvenanceRow, TableOps};
