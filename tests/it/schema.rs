@@ -70,15 +70,21 @@ async fn migrate_postgres() {
     additive_and_destructive(Backend::Postgres).await;
 }
 
+/// A target named `name` with the VizHub mapping's schema, migrated once.
+async fn vizhub_migrated(name: &str, backend: Backend) -> (Env, tidemark::settings::Settings) {
+    let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
+    let env = Env::new(name, backend, &mapping).await;
+    let s = env.settings();
+    tidemark::app::migrate(&s, false).await.expect("migrate");
+    (env, s)
+}
+
 /// On SQLite every column a foreign key points from is indexed, unless the table's key starts
 /// with it: SQLite searches those columns for every row inserted into the referenced table
 /// while a deferred violation is open, and would scan the whole table without them.
 #[tokio::test]
 async fn reference_indexes_sqlite() {
-    let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
-    let env = Env::new("schema_ref_ix", Backend::Sqlite, &mapping).await;
-    let s = env.settings();
-    tidemark::app::migrate(&s, false).await.expect("migrate");
+    let (env, s) = vizhub_migrated("schema_ref_ix", Backend::Sqlite).await;
     let url = &env.target_url;
     let index = |name: &str| {
         format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = '{name}'")
@@ -109,10 +115,7 @@ async fn reference_indexes_sqlite() {
 /// analyzed once the rows it wrote pass 1,000, so its key lookups are planned on statistics.
 #[tokio::test]
 async fn parent_link_indexes_and_statistics_postgres() {
-    let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
-    let env = Env::new("schema_parent_ix", Backend::Postgres, &mapping).await;
-    let s = env.settings();
-    tidemark::app::migrate(&s, false).await.expect("migrate");
+    let (env, s) = vizhub_migrated("schema_parent_ix", Backend::Postgres).await;
     let url = &env.target_url;
     let index = |name: &str| format!("SELECT COUNT(*) FROM pg_indexes WHERE indexname = '{name}'");
     assert_eq!(
