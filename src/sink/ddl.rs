@@ -267,8 +267,10 @@ fn fk_indexes(mapping: &Mapping, sqlite: bool) -> Vec<(String, String)> {
                 let links: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
                 index(format!("ix_{}_parent", t.name), t, &links);
             }
-            for (c, _, _) in references(mapping, t).filter(|_| sqlite) {
-                index(format!("ix_{}_ref_{}", t.name, t.columns[c].name), t, &[c]);
+            if sqlite {
+                for (c, _, _) in references(mapping, t) {
+                    index(format!("ix_{}_ref_{}", t.name, t.columns[c].name), t, &[c]);
+                }
             }
         }
     }
