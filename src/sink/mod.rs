@@ -57,6 +57,14 @@ macro_rules! on_pool {
     };
 }
 
+/// SQLite page size for databases tidemark creates (an existing database keeps its own: in
+/// WAL mode the page size is fixed once the file exists). 16 KiB instead of SQLite's 4 KiB
+/// quarters the pages a batch dirties and the WAL frames and checkpoint writes behind them:
+/// the demo job (full mapping, 20k vizzes) in 3 alternating runs took 26.5 / 29.2 / 27.1 s
+/// with 4 KiB pages, 21.7 / 21.8 / 20.3 s with 16 KiB (system time 9.1–10.0 → 6.7–7.0 s), at
+/// the same peak RSS (the page cache stays 2 MB). 32 and 64 KiB were no faster (19.5, 20.3 s).
+const SQLITE_PAGE_SIZE: u32 = 16 << 10;
+
 /// A connected target.
 #[derive(Clone, Debug)]
 pub enum Sink {
@@ -273,6 +281,7 @@ impl Sink {
             let opts = SqliteConnectOptions::from_str(raw)
                 .map_err(fail)?
                 .create_if_missing(true)
+                .page_size(SQLITE_PAGE_SIZE)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)
@@ -603,6 +612,13 @@ impl Sink {
                 }
                 checkpoint_query!(cp).execute(&mut *tx).await?;
             }
+            // The connection's buffers keep the size of the largest message they carried (a
+            // batch with a megabyte-sized file sends and holds a bind message that large), on
+            // every pooled connection, for the life of the process: bounded by the largest
+            // document ever written, not by the batch settings. Back to 8 KiB each (sqlx's
+            // default) before the connection returns to the pool; regrowing them costs a few
+            // reallocations per batch. Full mapping, 20 ms RSS samples: median 45.7 → 44.6 MB.
+            sqlx::Connection::shrink_buffers(&mut *tx);
             if b.dry_run {
                 tx.rollback().await?;
             } else {

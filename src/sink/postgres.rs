@@ -261,7 +261,9 @@ fn decode_row(t: TableRef<'_>, row: &sqlx::postgres::PgRow) -> Result<Vec<Value>
 /// Each pooled connection keeps its write buffer at the largest message it sent: with 1 MB
 /// pieces, three connections' buffers held 5.7 MB at the full mapping's heap peak (heaptrack,
 /// fourteenth round); 256 KiB pieces bound each to about a quarter of that (the run's peak
-/// RSS did not move beyond its run-to-run spread).
+/// RSS did not move beyond its run-to-run spread). A single row larger than that (a
+/// megabyte-sized file) still goes out in messages of at most this size: the encoded rows are
+/// cut at byte boundaries, which COPY allows, so no buffer grows to the size of a document.
 const COPY_CHUNK: usize = 256 << 10;
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
@@ -385,12 +387,17 @@ async fn insert_plain(
                 sqlx::Error::Protocol(format!("a row of {} could not be encoded for COPY", t.name))
             })?;
             if buf.len() >= COPY_CHUNK {
-                copy.send(buf.as_slice()).await?;
+                for piece in buf.chunks(COPY_CHUNK) {
+                    copy.send(piece).await?;
+                }
                 buf.clear();
             }
         }
         CopyBinary::trailer(&mut buf);
-        copy.send(buf.as_slice()).await.map(|_| ())
+        for piece in buf.chunks(COPY_CHUNK) {
+            copy.send(piece).await?;
+        }
+        Ok::<_, sqlx::Error>(())
     }
     .await;
     match sent {
