@@ -57,14 +57,6 @@ macro_rules! on_pool {
     };
 }
 
-/// SQLite page size for databases tidemark creates (an existing database keeps its own: in
-/// WAL mode the page size is fixed once the file exists). 16 KiB instead of SQLite's 4 KiB
-/// quarters the pages a batch dirties and the WAL frames and checkpoint writes behind them:
-/// the demo job (full mapping, 20k vizzes) in 3 alternating runs took 26.5 / 29.2 / 27.1 s
-/// with 4 KiB pages, 21.7 / 21.8 / 20.3 s with 16 KiB (system time 9.1–10.0 → 6.7–7.0 s), at
-/// the same peak RSS (the page cache stays 2 MB). 32 and 64 KiB were no faster (19.5, 20.3 s).
-const SQLITE_PAGE_SIZE: u32 = 16 << 10;
-
 /// A connected target.
 #[derive(Clone, Debug)]
 pub enum Sink {
@@ -281,7 +273,10 @@ impl Sink {
             let opts = SqliteConnectOptions::from_str(raw)
                 .map_err(fail)?
                 .create_if_missing(true)
-                .page_size(SQLITE_PAGE_SIZE)
+                // SQLite's 4 KiB pages: 16 KiB took ~20 % off the 20,000-viz demo job but
+                // made the 200,000-viz full mapping ~10 % slower (BENCHMARKS.md, fifteenth
+                // round): random-key inserts into large tables dirty one page per row either
+                // way, and the 2 MB cache holds a quarter as many pages.
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)

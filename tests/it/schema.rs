@@ -110,19 +110,6 @@ async fn reference_indexes_sqlite() {
     assert!(again.contains("applied 0 statement"), "{again}");
 }
 
-/// A SQLite target tidemark creates uses 16 KiB pages (a quarter of the WAL frames and
-/// checkpoint writes of SQLite's 4 KiB), and keeps them across reconnects.
-#[tokio::test]
-async fn sqlite_page_size() {
-    let (env, s) = vizhub_migrated("schema_page_size", Backend::Sqlite).await;
-    let page_size = "SELECT page_size FROM pragma_page_size()";
-    assert_eq!(scalar_i64(&env.target_url, page_size).await, 16384);
-    tidemark::app::migrate(&s, false)
-        .await
-        .expect("migrate again");
-    assert_eq!(scalar_i64(&env.target_url, page_size).await, 16384);
-}
-
 /// Child tables get an index on their link to the parent unless their primary key starts
 /// with it, once (a second migrate has nothing to apply); and a table tidemark fills is
 /// analyzed once the rows it wrote pass 1,000, so its key lookups are planned on statistics.
