@@ -275,8 +275,8 @@ impl Sink {
                 .create_if_missing(true)
                 // SQLite's 4 KiB pages: 16 KiB took ~20 % off the 20,000-viz demo job but
                 // made the 200,000-viz full mapping ~10 % slower (BENCHMARKS.md, fifteenth
-                // round): random-key inserts into large tables dirty one page per row either
-                // way, and the 2 MB cache holds a quarter as many pages.
+                // round), likely because random-key inserts into large tables dirty about one
+                // page per row either way and the 2 MB cache holds a quarter as many pages.
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)
@@ -612,7 +612,8 @@ impl Sink {
             // every pooled connection, for the life of the process: bounded by the largest
             // document ever written, not by the batch settings. Back to 8 KiB each (sqlx's
             // default) before the connection returns to the pool; regrowing them costs a few
-            // reallocations per batch. Full mapping, 20 ms RSS samples: median 45.7 → 44.6 MB.
+            // reallocations per batch. Full mapping, 20 ms RSS samples, one run each: median
+            // 45.7 → 44.6 MB, peak within the spread (BENCHMARKS.md, fifteenth round).
             sqlx::Connection::shrink_buffers(&mut *tx);
             if b.dry_run {
                 tx.rollback().await?;
