@@ -291,7 +291,7 @@ impl Settings {
             );
         }
         let d = &self.daemon;
-        crate::daemon::parse_schedule(&d.schedule).map_err(|e| {
+        crate::schedule::parse_schedule(&d.schedule).map_err(|e| {
             anyhow::anyhow!(
                 "daemon.schedule = {:?} is not a valid cron expression: {e}. \
                  Use six fields with seconds first, e.g. \"0 30 2 * * *\" for 02:30:00 UTC daily",
@@ -299,7 +299,7 @@ impl Settings {
             )
         })?;
         if !d.metrics_listen.is_empty() {
-            crate::daemon::listen_addr(&d.metrics_listen)?;
+            crate::schedule::listen_addr(&d.metrics_listen)?;
         }
         if d.backoff_initial.is_zero() || d.backoff_max < d.backoff_initial {
             bail!(

@@ -2,6 +2,7 @@
 //! into a row (plus child rows for exploded arrays). Knows neither MongoDB connections
 //! nor SQL. Compile errors name the file, entity, column and the fix.
 
+pub mod canon;
 mod compile;
 pub mod expr;
 pub mod spec;

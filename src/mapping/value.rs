@@ -105,7 +105,7 @@ impl Value {
             Value::BigInt(i) => i.to_string(),
             Value::Double(d) => d.to_string(),
             Value::Bool(b) => b.to_string(),
-            Value::Timestamp(t) => crate::window::fmt_ts(*t),
+            Value::Timestamp(t) => crate::engine::window::fmt_ts(*t),
             Value::Json(j) => j.to_string(),
             Value::JsonText { text, .. } => text.clone(),
         }
@@ -503,7 +503,7 @@ pub fn coerce(
             RawBsonRef::Boolean(b) => Ok(Value::Text(b.to_string())),
             RawBsonRef::Decimal128(d) => Ok(Value::Text(d.to_string())),
             RawBsonRef::DateTime(_) => {
-                to_timestamp(v, None).map(|t| Value::Text(crate::window::fmt_ts(t)))
+                to_timestamp(v, None).map(|t| Value::Text(crate::engine::window::fmt_ts(t)))
             }
             _ => Err(format!("expected text, found {}", type_name(v))),
         },

@@ -1,18 +1,23 @@
 //! The target database: bulk upserts of mapped rows, with the checkpoint and
 //! dead letters written in the same transaction. One enum, two backends; SQL
-//! that is the same on both is written once and expanded per pool by `on_pool!`.
+//! that is the same on both is written once and expanded per pool by `with_pool!`.
 
+pub mod chunks;
 pub mod ddl;
+pub mod dead_letters;
 pub mod order;
 mod postgres;
 pub(crate) mod provenance;
+pub mod records;
+pub mod runs;
 mod sqlite;
+pub mod undo;
 
+use crate::engine::window::{LaneState, Window};
 use crate::mapping::{Entity, TableRef, Value};
 use crate::secret::{redact_uri, SecretUri};
 use crate::settings::ForeignKeyChecks;
 use crate::source::Position;
-use crate::window::{LaneState, Window};
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
 use indexmap::IndexMap;
@@ -47,15 +52,17 @@ impl BeginWrite for SqlitePool {
     }
 }
 
-/// Expand one body for either pool type (SQL identical on both backends).
-macro_rules! on_pool {
+/// Expand one body for either pool type (SQL identical on both backends). The one pool
+/// macro of the crate: every module of `sink` uses it.
+macro_rules! with_pool {
     ($sink:expr, $pool:ident => $body:expr) => {
         match $sink {
-            Sink::Postgres($pool) => $body,
-            Sink::Sqlite($pool) => $body,
+            $crate::sink::Sink::Postgres($pool) => $body,
+            $crate::sink::Sink::Sqlite($pool) => $body,
         }
     };
 }
+pub(crate) use with_pool;
 
 /// A connected target.
 #[derive(Clone, Debug)]
@@ -122,10 +129,10 @@ pub struct BatchWrite<'a> {
     /// `(entity, source id)` of pulled documents written: their missing-reference records
     /// are cleared (before `missing` is written, so a reference still missing stays recorded).
     pub clear_pulled: &'a [(String, String)],
-    /// Which documents have records this run knows of (see [`crate::records`]): only their
+    /// Which documents have records this run knows of (see [`crate::sink::records`]): only their
     /// ids are sent to the clearing deletes above, and the records written are added. `None`:
     /// every id is sent.
-    pub known: Option<&'a crate::records::Known>,
+    pub known: Option<&'a crate::sink::records::Known>,
     /// Roll the transaction back instead of committing it: the batch is counted, not kept.
     pub dry_run: bool,
     /// Record what the batch changes in `tidemark_provenance` (for `tidemark rollback`).
@@ -338,7 +345,7 @@ impl Sink {
         } as i64;
         let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
         let have: Result<i64, sqlx::Error> =
-            on_pool!(self, p => sqlx::query_scalar(sql).fetch_one(p).await);
+            with_pool!(self, p => sqlx::query_scalar(sql).fetch_one(p).await);
         Ok(have.is_ok_and(|n| n >= want))
     }
 
@@ -347,7 +354,7 @@ impl Sink {
         let sql =
             "SELECT entity, watermark_ms, open_from_ms, open_to_ms, last_ts, last_id, run_id \
                    FROM tidemark_checkpoints WHERE lane = $1";
-        let row = on_pool!(self, p => sqlx::query(sql).bind(lane).fetch_optional(p).await?.map(|r| {
+        let row = with_pool!(self, p => sqlx::query(sql).bind(lane).fetch_optional(p).await?.map(|r| {
             (r.get::<String, _>(0), r.get::<Option<i64>, _>(1), r.get::<Option<i64>, _>(2),
              r.get::<Option<i64>, _>(3), r.get::<Option<String>, _>(4), r.get::<Option<String>, _>(5),
              r.get::<Option<String>, _>(6))
@@ -377,7 +384,7 @@ impl Sink {
 
     /// All checkpoints (for status).
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let lanes: Vec<String> = on_pool!(self, p => sqlx::query_scalar("SELECT lane FROM tidemark_checkpoints ORDER BY lane")
+        let lanes: Vec<String> = with_pool!(self, p => sqlx::query_scalar("SELECT lane FROM tidemark_checkpoints ORDER BY lane")
             .fetch_all(p).await?);
         let mut out = Vec::new();
         for l in lanes {
@@ -388,7 +395,7 @@ impl Sink {
 
     /// Save a checkpoint on its own (end of a window, empty windows).
     pub async fn save_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
-        on_pool!(self, p => {
+        with_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             capture_lane_query!(cp).execute(&mut *tx).await?;
             checkpoint_query!(cp).execute(&mut *tx).await?;
@@ -444,7 +451,7 @@ impl Sink {
     /// The ids whose records a batch clears: its documents' dead letters (`resolved`), their
     /// missing references and pending entries (`clear_refs`), and the pulled documents'
     /// missing references by entity. With [`BatchWrite::known`], only ids that can have a
-    /// record, and the records the batch writes are noted first (see [`crate::records`]).
+    /// record, and the records the batch writes are noted first (see [`crate::sink::records`]).
     #[allow(clippy::type_complexity)]
     async fn records_to_clear<'b>(
         &self,
@@ -468,7 +475,10 @@ impl Sink {
         };
         for entity in std::iter::once(entity_name).chain(pulled.keys().copied()) {
             if !known.is_loaded(entity) {
-                known.load(entity, self.record_ids(entity, crate::records::CAP).await?);
+                known.load(
+                    entity,
+                    self.record_ids(entity, crate::sink::records::CAP).await?,
+                );
             }
         }
         for (entity, ids) in pulled.iter_mut() {
@@ -503,7 +513,7 @@ impl Sink {
         let now = ms(Utc::now());
         let entity_name = b.entity.map(|e| e.name.as_str()).unwrap_or_default();
         let (resolved, clear_refs, pulled) = self.records_to_clear(b).await?;
-        let out = on_pool!(self, p => {
+        let out = with_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             if let Some(o) = b.order {
                 tx.take_turn_lock(o.lock_key()).await?;
@@ -694,7 +704,7 @@ impl Sink {
         by: &[usize],
         keys: &[Vec<Value>],
     ) -> Result<Vec<Vec<Value>>> {
-        Ok(on_pool!(self, p => {
+        Ok(with_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             let rows = tx.select_rows(t, by, keys).await?;
             tx.rollback().await?;
@@ -712,7 +722,7 @@ impl Sink {
         range: Option<(usize, &Value, &Value)>,
         limit: usize,
     ) -> Result<Vec<Vec<Value>>> {
-        Ok(on_pool!(self, p => {
+        Ok(with_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             let rows = tx.scan_rows(t, order, after, range, limit).await?;
             tx.rollback().await?;
@@ -733,7 +743,7 @@ impl Sink {
             pk: std::slice::from_ref(&col),
         };
         let keys: Vec<Vec<Value>> = keys.iter().map(|k| vec![k.clone()]).collect();
-        let found = on_pool!(self, p => {
+        let found = with_pool!(self, p => {
             let mut tx = p.begin().await?;
             let found = tx.select_keys(probe, &[col], &keys).await?;
             tx.rollback().await?;
@@ -750,11 +760,13 @@ impl Sink {
             }
             other => anyhow::bail!("not a per-entity tool table: {other}"),
         };
-        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(&sql).bind(entity).fetch_one(p).await?))
+        Ok(
+            with_pool!(self, p => sqlx::query_scalar::<_, i64>(&sql).bind(entity).fetch_one(p).await?),
+        )
     }
 
     /// Source ids of `entity` with a dead letter, a missing reference or a pending record;
-    /// `None` when there are more than `cap` (see [`crate::records`]).
+    /// `None` when there are more than `cap` (see [`crate::sink::records`]).
     pub async fn record_ids(
         &self,
         entity: &str,
@@ -763,7 +775,7 @@ impl Sink {
         let sql = "SELECT source_id FROM tidemark_dead_letters WHERE entity = $1 \
                    UNION SELECT source_id FROM tidemark_missing_refs WHERE entity = $1 \
                    UNION SELECT source_id FROM tidemark_pending WHERE entity = $1 LIMIT $2";
-        let ids: Vec<String> = on_pool!(self, p => sqlx::query_scalar(sql)
+        let ids: Vec<String> = with_pool!(self, p => sqlx::query_scalar(sql)
             .bind(entity).bind(cap as i64 + 1).fetch_all(p).await
             .with_context(|| format!("reading which documents of {entity} have records"))?);
         Ok((ids.len() <= cap).then(|| ids.into_iter().collect()))
@@ -771,7 +783,7 @@ impl Sink {
 
     /// Pending documents of an entity: `(source_id, attempts)`.
     pub async fn pending(&self, entity: &str) -> Result<Vec<(String, i64)>> {
-        Ok(on_pool!(self, p => sqlx::query_as::<_, (String, i64)>(
+        Ok(with_pool!(self, p => sqlx::query_as::<_, (String, i64)>(
             "SELECT source_id, attempts FROM tidemark_pending WHERE entity = $1 ORDER BY source_id")
             .bind(entity).fetch_all(p).await?))
     }
@@ -779,7 +791,7 @@ impl Sink {
     /// Number of outstanding dead letters of an entity.
     pub async fn dead_letter_count(&self, entity: &str) -> Result<i64> {
         Ok(
-            on_pool!(self, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tidemark_dead_letters WHERE entity = $1")
+            with_pool!(self, p => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tidemark_dead_letters WHERE entity = $1")
             .bind(entity).fetch_one(p).await?),
         )
     }
@@ -804,7 +816,7 @@ impl Sink {
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
-        on_pool!(self, p => sqlx::query(
+        with_pool!(self, p => sqlx::query(
             "INSERT INTO tidemark_runs (id, kind, dry_run, status, host, pid, started_at_ms, settings_fingerprint, mapping_version) \
              VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)")
             .bind(&r.id).bind(&r.kind).bind(r.dry_run).bind(host).bind(std::process::id() as i64)
@@ -820,7 +832,7 @@ impl Sink {
         status: &str,
         report: &serde_json::Value,
     ) -> Result<()> {
-        on_pool!(self, p => sqlx::query("UPDATE tidemark_runs SET status = $1, finished_at_ms = $2, report = $3 WHERE id = $4")
+        with_pool!(self, p => sqlx::query("UPDATE tidemark_runs SET status = $1, finished_at_ms = $2, report = $3 WHERE id = $4")
             .bind(status).bind(ms(Utc::now())).bind(report.to_string()).bind(id)
             .execute(p).await.map(|_| ())?);
         Ok(())
@@ -831,7 +843,7 @@ impl Sink {
         &self,
         kind: &str,
     ) -> Result<Option<(String, String, Option<i64>, i64, Option<String>)>> {
-        Ok(on_pool!(self, p => sqlx::query(
+        Ok(with_pool!(self, p => sqlx::query(
             "SELECT id, status, finished_at_ms, started_at_ms, report FROM tidemark_runs WHERE kind = $1 \
              ORDER BY started_at_ms DESC LIMIT 1")
             .bind(kind).fetch_optional(p).await?
@@ -839,7 +851,7 @@ impl Sink {
     }
 
     pub async fn close(&self) {
-        on_pool!(self, p => p.close().await)
+        with_pool!(self, p => p.close().await)
     }
 }
 
@@ -1143,7 +1155,7 @@ async fn write_rows<T: TableOps>(
             Default::default()
         };
         for (key, at) in soft_deletes {
-            if let Some(prev) = old.get(&crate::canon::key_text(e.table_ref(), key)) {
+            if let Some(prev) = old.get(&crate::mapping::canon::key_text(e.table_ref(), key)) {
                 trk.set_column(e.table_ref(), prev, col, at);
             }
             out.deleted += tx.set_column(e.table_ref(), col, key, at).await?;
@@ -1280,7 +1292,9 @@ async fn write_rows<T: TableOps>(
                     .enumerate()
                     .filter(|(n, r)| match meta.get(*n) {
                         Some((k, _)) => !old.contains_key(k),
-                        None => !old.contains_key(&crate::canon::key_of_row(c.table_ref(), r)),
+                        None => {
+                            !old.contains_key(&crate::mapping::canon::key_of_row(c.table_ref(), r))
+                        }
                     })
                     .map(|(_, r)| key_of(r, &c.pk))
                     .collect();

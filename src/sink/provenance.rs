@@ -6,7 +6,7 @@
 //! Only rows that actually change are recorded, so a re-run over unchanged data stores
 //! nothing.
 
-use crate::canon;
+use crate::mapping::canon;
 use crate::mapping::{TableRef, Value};
 use indexmap::IndexMap;
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 
 use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use bson::{doc, Document};
-use tidemark::app::{run, RunOptions};
+use tidemark::commands::run::{run, RunOptions};
 
 const T: i64 = 1_700_000_000; // 2023-11-14, epoch seconds
 
@@ -236,7 +236,7 @@ async fn fork_chains_and_cycles(backend: Backend) {
     let mut s2 = s.clone();
     s2.sync.start = chrono::DateTime::from_timestamp(T - 400 * day, 0).unwrap();
     let before = env.dump(&env.target_url, "vizzes").await;
-    tidemark::app::run(s2, opts(&["vizzes"], T + 10 * day), Default::default())
+    tidemark::commands::run::run(s2, opts(&["vizzes"], T + 10 * day), Default::default())
         .await
         .expect("run 3");
     assert_eq!(env.dump(&env.target_url, "vizzes").await, before);
@@ -506,7 +506,7 @@ aid = {{ path = "aid", type = "text", required = true }}
         if policy != "defer" {
             // The provenance of the batch names the rows as written (p1 dropped or nulled
             // after its key and hash were computed ahead): the rollback undoes them exactly.
-            tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
+            tidemark::commands::rollback::rollback(s.clone(), &r.run_id, false, false)
                 .await
                 .unwrap_or_else(|e| panic!("{policy}: rollback: {e:#}"));
             assert_eq!(count(&env, "posts").await, 0, "{policy}");
@@ -829,7 +829,7 @@ async fn mixed_new_and_stored_parents(backend: Backend) {
         1
     );
 
-    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
+    tidemark::commands::rollback::rollback(s.clone(), &r.run_id, false, false)
         .await
         .unwrap_or_else(|e| panic!("rollback: {e:#}"));
     for (t, was) in tables.iter().zip(before) {
@@ -971,7 +971,7 @@ async fn dependents_presumed_new(backend: Backend) {
     );
     // The rollback restores c3 (under v9) before it deletes v3, whose ON DELETE SET NULL
     // would otherwise change c3 first; every row inserted without reading is undone.
-    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
+    tidemark::commands::rollback::rollback(s.clone(), &r.run_id, false, false)
         .await
         .unwrap_or_else(|e| panic!("rollback: {e:#}"));
     for (t, was) in tables.iter().zip(before) {
@@ -1054,7 +1054,7 @@ async fn new_parent_takes_a_child_from_another(backend: Backend) {
     );
     // The move is recorded as an update of `b` (before: under item 1), so a rollback puts it
     // back, before it deletes item 2 (whose ON DELETE CASCADE would take `b` with it).
-    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
+    tidemark::commands::rollback::rollback(s.clone(), &r.run_id, false, false)
         .await
         .unwrap_or_else(|e| panic!("rollback: {e:#}"));
     assert_eq!(env.dump(&env.target_url, "parts").await, before);
@@ -1136,7 +1136,7 @@ item = { path = "item", type = "bigint", required = true, references = "items", 
         2,
         "parts a and c lost their maker"
     );
-    tidemark::rollback::rollback(s.clone(), &r.run_id, false, false)
+    tidemark::commands::rollback::rollback(s.clone(), &r.run_id, false, false)
         .await
         .unwrap_or_else(|e| panic!("rollback: {e:#}"));
     for t in ["items", "parts", "orders"] {

@@ -10,7 +10,7 @@ fn encode(enc: &str, ms: i64) -> Bson {
         "date" => Bson::DateTime(bson::DateTime::from_millis(ms)),
         "epoch_seconds" => Bson::Int64(ms / 1000),
         "epoch_millis" => Bson::Int64(ms),
-        _ => Bson::String(tidemark::window::fmt_ts(
+        _ => Bson::String(tidemark::engine::window::fmt_ts(
             Utc.timestamp_millis_opt(ms).unwrap(),
         )),
     }
@@ -69,9 +69,9 @@ async fn encoding(enc: &str, backend: Backend) {
     s.sync.start = Utc.timestamp_millis_opt(base - 86_400_000).unwrap();
     let until = Utc.timestamp_millis_opt(base + 86_400_000).unwrap();
 
-    let report = tidemark::app::run(
+    let report = tidemark::commands::run::run(
         s,
-        tidemark::app::RunOptions {
+        tidemark::commands::run::RunOptions {
             until: Some(until.to_rfc3339()),
             ..Default::default()
         },
@@ -130,7 +130,7 @@ async fn window_query_uses_the_index() {
     env.index("items", doc! { "t": 1, "_id": 1 }).await;
     let m = tidemark::mapping::Mapping::parse(&items_mapping("epoch_seconds"), "t").unwrap();
     let e = &m.entities[0];
-    let w = tidemark::window::Window::new(
+    let w = tidemark::engine::window::Window::new(
         Utc.timestamp_opt(1_600_000_000, 0).unwrap(),
         Utc.timestamp_opt(1_600_000_050, 0).unwrap(),
     );

@@ -36,9 +36,12 @@ pub async fn demo_env(mongo: &str, name: &str, backend: Backend, vizzes: usize, 
     ))
     .unwrap();
     let env = Env::new_at(mongo, name, backend, &mapping).await;
-    tidemark::demo::seed(&env.db, &tidemark::demo::SeedOptions { vizzes, seed })
-        .await
-        .expect("demo seed");
+    tidemark::commands::demo::seed(
+        &env.db,
+        &tidemark::commands::demo::SeedOptions { vizzes, seed },
+    )
+    .await
+    .expect("demo seed");
     env
 }
 

@@ -7,7 +7,7 @@ use crate::fault_util::Mongod;
 use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use bson::doc;
 use std::time::Duration;
-use tidemark::verify::{verify, VerifyOptions};
+use tidemark::commands::verify::{verify, VerifyOptions};
 
 #[tokio::test]
 async fn late_writes_inside_the_overlap_are_caught_outside_reported_by_verify() {
@@ -48,10 +48,10 @@ async fn late_writes_inside_the_overlap_are_caught_outside_reported_by_verify() 
     let rep = verify(
         &s,
         &VerifyOptions {
-            from: tidemark::window::fmt_ts(
+            from: tidemark::engine::window::fmt_ts(
                 chrono::DateTime::from_timestamp_millis(now - 4 * h).unwrap(),
             ),
-            to: tidemark::window::fmt_ts(
+            to: tidemark::engine::window::fmt_ts(
                 chrono::DateTime::from_timestamp_millis(now + 60_000).unwrap(),
             ),
             entities: vec![],
@@ -117,7 +117,7 @@ async fn documents_updated_during_the_read_end_in_their_latest_version() {
     let coll = env.db.collection::<bson::Document>("items");
 
     // Act: while the run reads (about 2 s), update documents all over the window.
-    let run = tidemark::app::run(s.clone(), Default::default(), Default::default());
+    let run = tidemark::commands::run::run(s.clone(), Default::default(), Default::default());
     let writer = async {
         for round in 0..10i64 {
             tokio::time::sleep(Duration::from_millis(150)).await;

@@ -9,7 +9,7 @@ use crate::ops_util::items;
 use bson::doc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tidemark::app::{self, RunOptions};
+use tidemark::commands::run::RunOptions;
 use tidemark::secret::SecretUri;
 
 const DOCS: i64 = 30_000;
@@ -33,7 +33,7 @@ async fn arrange(name: &str, backend: Backend) -> (Mongod, Env, String) {
 async fn run_during<F, Fut>(
     s: tidemark::settings::Settings,
     fault: F,
-) -> anyhow::Result<app::RunReport>
+) -> anyhow::Result<tidemark::commands::run::RunReport>
 where
     F: FnOnce(std::sync::Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -41,7 +41,7 @@ where
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let d = done.clone();
     let run = async move {
-        let r = app::run(s, RunOptions::default(), Default::default()).await;
+        let r = tidemark::commands::run::run(s, RunOptions::default(), Default::default()).await;
         d.store(true, Ordering::SeqCst);
         r
     };

@@ -9,7 +9,7 @@ use crate::ops_util::items;
 use bson::doc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tidemark::app::{self, RunOptions};
+use tidemark::commands::run::RunOptions;
 use tidemark::secret::SecretUri;
 
 const DOCS: i64 = 20_000;
@@ -71,7 +71,7 @@ async fn postgres_connections_cut_mid_run() {
             ..Default::default()
         };
         let run = async {
-            let r = app::run(s.clone(), opts, Default::default()).await;
+            let r = tidemark::commands::run::run(s.clone(), opts, Default::default()).await;
             done.store(true, Ordering::SeqCst);
             r
         };
@@ -258,7 +258,7 @@ async fn full_sqlite_target_fails_cleanly_and_rerun_completes() {
     }
     let mapping = tidemark::mapping::Mapping::load(&s.sync.mapping).unwrap();
     let source = tidemark::source::Source::connect(&s.source).await.unwrap();
-    let ctx = std::sync::Arc::new(tidemark::pipeline::Ctx::new(
+    let ctx = std::sync::Arc::new(tidemark::engine::pipeline::Ctx::new(
         s.clone(),
         mapping.clone(),
         source,
@@ -267,7 +267,7 @@ async fn full_sqlite_target_fails_cleanly_and_rerun_completes() {
         Default::default(),
     ));
     let e = mapping.entity("items").unwrap();
-    let err = tidemark::pipeline::catch_up(&ctx, e, None)
+    let err = tidemark::engine::pipeline::catch_up(&ctx, e, None)
         .await
         .expect_err("the file fills up");
     ctx.sink.close().await;

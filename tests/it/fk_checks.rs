@@ -6,7 +6,7 @@
 use crate::fault_kill::{demo_env, dump_all};
 use crate::harness::{mongo_uri, pg_admin_url, scalar_i64, Backend, Env};
 use bson::{doc, Document};
-use tidemark::app::{run, RunOptions};
+use tidemark::commands::run::{run, RunOptions};
 use tidemark::secret::SecretUri;
 use tidemark::settings::{ForeignKeyChecks, Settings};
 
@@ -328,7 +328,7 @@ async fn verify_finds_rows_pointing_at_nothing(backend: Backend) {
     run(s.clone(), opts(T + 3600), Default::default())
         .await
         .expect("run");
-    let vopts = || tidemark::verify::VerifyOptions {
+    let vopts = || tidemark::commands::verify::VerifyOptions {
         from: chrono::DateTime::from_timestamp(T - 3600, 0)
             .unwrap()
             .to_rfc3339(),
@@ -339,7 +339,7 @@ async fn verify_finds_rows_pointing_at_nothing(backend: Backend) {
         bucket: std::time::Duration::from_secs(3600),
         limit: 50,
     };
-    let clean = tidemark::verify::verify(&s, &vopts())
+    let clean = tidemark::commands::verify::verify(&s, &vopts())
         .await
         .expect("verify");
     assert!(clean.dangling.is_empty(), "{clean}");
@@ -365,7 +365,7 @@ async fn verify_finds_rows_pointing_at_nothing(backend: Backend) {
                 .unwrap();
         }
     }
-    let found = tidemark::verify::verify(&s, &vopts())
+    let found = tidemark::commands::verify::verify(&s, &vopts())
         .await
         .expect("verify");
     assert_eq!(found.dangling.len(), 1, "{found}");

@@ -136,7 +136,7 @@ fn check(mappings: &[Mapping], docs: &[Document]) -> Result<(), TestCaseError> {
         .collect();
     for m in mappings {
         for e in &m.entities {
-            let page = tidemark::pipeline::map_page(e, &raws, true);
+            let page = tidemark::engine::pipeline::map_page(e, &raws, true);
             let accounted = page.rows.len() as u64
                 + page.duplicates
                 + page.dead.len() as u64

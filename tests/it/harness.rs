@@ -5,7 +5,7 @@ use bson::Document;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use tidemark::app::{self, RunOptions, RunReport};
+use tidemark::commands::run::{RunOptions, RunReport};
 use tidemark::secret::SecretUri;
 use tidemark::settings::Settings;
 
@@ -152,7 +152,8 @@ impl Env {
     }
 
     pub async fn run(&self, s: Settings) -> anyhow::Result<RunReport> {
-        app::run(s, RunOptions::default(), Arc::new(AtomicBool::new(false))).await
+        tidemark::commands::run::run(s, RunOptions::default(), Arc::new(AtomicBool::new(false)))
+            .await
     }
 
     /// Every row of `table`, as text, sorted: equal dumps mean identical tables.

@@ -333,7 +333,9 @@ async fn undecodable_strings(backend: Backend) {
     let s = env.settings();
     let mapping = tidemark::mapping::Mapping::parse(MAPPING, "test").unwrap();
     let source = tidemark::source::Source::connect(&s.source).await.unwrap();
-    let sink = tidemark::app::open_sink(&s, &mapping).await.unwrap();
+    let sink = tidemark::commands::setup::open_sink(&s, &mapping)
+        .await
+        .unwrap();
     let t0 = Utc
         .with_ymd_and_hms(2022, 5, 1, 0, 0, 0)
         .unwrap()
@@ -344,7 +346,7 @@ async fn undecodable_strings(backend: Backend) {
         .map(|(j, (_, bytes))| raw_with_bad_string(900 + j as i64, t0, "txt", bytes))
         .collect();
     docs.push(raw_with_bad_string(950, t0, "txt", b"fine"));
-    let ctx = tidemark::pipeline::Ctx::new(
+    let ctx = tidemark::engine::pipeline::Ctx::new(
         s,
         mapping.clone(),
         source,
@@ -355,7 +357,7 @@ async fn undecodable_strings(backend: Backend) {
     let e = mapping.entity("items").unwrap();
 
     // Act
-    let counts = tidemark::pipeline::write_docs(&ctx, e, &docs, None, false)
+    let counts = tidemark::engine::pipeline::write_docs(&ctx, e, &docs, None, false)
         .await
         .expect("the batch is written");
 

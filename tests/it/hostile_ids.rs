@@ -115,7 +115,7 @@ async fn keyset_resume_crosses_id_type_boundaries() {
     let source = tidemark::source::Source::connect(&s.source).await.unwrap();
     let mapping = tidemark::mapping::Mapping::parse(MAPPING, "test").unwrap();
     let e = mapping.entity("items").unwrap();
-    let w = tidemark::window::Window::new(t, t + chrono::TimeDelta::seconds(1));
+    let w = tidemark::engine::window::Window::new(t, t + chrono::TimeDelta::seconds(1));
     let read_all = |after: Option<tidemark::source::Position>| {
         let mut rx = source.stream_window(e, w, after);
         async move {

@@ -7,7 +7,7 @@ use crate::fault_kill::{demo_env, dump_all};
 use crate::harness::{items_mapping, mongo_uri, scalar_i64, Backend, Env};
 use crate::ops_util::items;
 use bson::doc;
-use tidemark::app::{run, RunOptions};
+use tidemark::commands::run::{run, RunOptions};
 use tidemark::secret::SecretUri;
 use tidemark::settings::Settings;
 
@@ -49,7 +49,7 @@ async fn demo_data_lands_the_same_with_batches_in_flight() {
     )
     .await
     .expect("run four batches at once");
-    let overlapped = |r: &tidemark::app::RunReport| -> u64 {
+    let overlapped = |r: &tidemark::commands::run::RunReport| -> u64 {
         r.entities.iter().map(|e| e.counts.overlapped_batches).sum()
     };
     assert_eq!(overlapped(&one), 0, "{one}");
@@ -82,7 +82,9 @@ async fn items_env(name: &str) -> (Env, Settings) {
     env.index("items", doc! { "t": 1, "_id": 1 }).await;
     let mut s = in_flight(&env.settings(), &env.target_url, 2);
     s.source.batch_size = 100;
-    tidemark::app::migrate(&s, false).await.expect("migrate");
+    tidemark::commands::migrate::migrate(&s, false)
+        .await
+        .expect("migrate");
     (env, s)
 }
 

@@ -47,11 +47,11 @@ async fn studies(backend: Backend) {
     let mut s = env.settings();
     s.sync.start = "2024-01-01T00:00:00Z".parse().unwrap();
 
-    let until = |t: &str| tidemark::app::RunOptions {
+    let until = |t: &str| tidemark::commands::run::RunOptions {
         until: Some(t.into()),
         ..Default::default()
     };
-    let first = tidemark::app::run(s.clone(), until("2024-03-02"), Default::default())
+    let first = tidemark::commands::run::run(s.clone(), until("2024-03-02"), Default::default())
         .await
         .expect("first run");
     assert_eq!(first.entities[0].counts.written, 3, "{first}");
@@ -92,7 +92,7 @@ async fn studies(backend: Backend) {
     )
     .await
     .unwrap();
-    let second = tidemark::app::run(s, until("2024-03-03"), Default::default())
+    let second = tidemark::commands::run::run(s, until("2024-03-03"), Default::default())
         .await
         .expect("second run");
 

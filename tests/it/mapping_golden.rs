@@ -4,7 +4,7 @@
 
 use crate::harness::{Backend, Env};
 use bson::{doc, Bson, Document};
-use tidemark::app::{run, RunOptions};
+use tidemark::commands::run::{run, RunOptions};
 
 const T: i64 = 1_700_000_000;
 

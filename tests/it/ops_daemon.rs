@@ -9,13 +9,13 @@ use chrono::{TimeZone, Utc};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tidemark::daemon::{self, Outcome, Policy, State};
-use tidemark::prom;
+use tidemark::commands::daemon::{self, Outcome, Policy, State};
+use tidemark::telemetry::metrics;
 
 #[test]
 fn ops_schedule_fires_at_the_configured_times() {
     let t = Utc.with_ymd_and_hms(2026, 3, 1, 2, 30, 0).unwrap();
-    let next = daemon::upcoming("0 30 2 * * *", t, 3).unwrap();
+    let next = tidemark::schedule::upcoming("0 30 2 * * *", t, 3).unwrap();
     assert_eq!(
         next,
         vec![
@@ -24,7 +24,7 @@ fn ops_schedule_fires_at_the_configured_times() {
             Utc.with_ymd_and_hms(2026, 3, 4, 2, 30, 0).unwrap(),
         ]
     );
-    let every15 = daemon::upcoming("*/15 * * * * *", t, 2).unwrap();
+    let every15 = tidemark::schedule::upcoming("*/15 * * * * *", t, 2).unwrap();
     assert_eq!(every15[1] - every15[0], chrono::TimeDelta::seconds(15));
     // Five-field cron (no seconds) is rejected with the fix in the message.
     let dir = tempfile::tempdir().unwrap();
@@ -137,7 +137,7 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-fn value(samples: &[prom::Sample], name: &str, entity: Option<&str>) -> Option<f64> {
+fn value(samples: &[metrics::Sample], name: &str, entity: Option<&str>) -> Option<f64> {
     samples
         .iter()
         .find(|s| {
@@ -163,8 +163,8 @@ async fn ops_daemon_metrics_scraped_and_parsed() {
     let mut samples = Vec::new();
     for _ in 0..600 {
         if let Some((200, body)) = get(port, "/metrics").await {
-            samples = prom::parse(&body).expect("valid exposition format");
-            if value(&samples, prom::RUNS, None).unwrap_or(0.0) >= 1.0 {
+            samples = metrics::parse(&body).expect("valid exposition format");
+            if value(&samples, metrics::RUNS, None).unwrap_or(0.0) >= 1.0 {
                 break;
             }
         }
@@ -179,25 +179,28 @@ async fn ops_daemon_metrics_scraped_and_parsed() {
     // Assert
     let now = Utc::now().timestamp() as f64;
     assert_eq!(
-        value(&samples, prom::READ, Some("items")),
+        value(&samples, metrics::READ, Some("items")),
         Some(1500.0),
         "{samples:?}"
     );
-    assert_eq!(value(&samples, prom::WRITTEN, Some("items")), Some(1500.0));
-    assert_eq!(value(&samples, prom::DEAD, Some("items")), Some(0.0));
-    let wm = value(&samples, prom::WATERMARK, Some("items")).expect("watermark gauge");
+    assert_eq!(
+        value(&samples, metrics::WRITTEN, Some("items")),
+        Some(1500.0)
+    );
+    assert_eq!(value(&samples, metrics::DEAD, Some("items")), Some(0.0));
+    let wm = value(&samples, metrics::WATERMARK, Some("items")).expect("watermark gauge");
     assert!(
         (now - 120.0..=now + 1.0).contains(&wm),
         "watermark {wm} is not about now ({now})"
     );
-    let lag = value(&samples, prom::LAG, Some("items")).expect("lag gauge");
+    let lag = value(&samples, metrics::LAG, Some("items")).expect("lag gauge");
     assert!((0.0..120.0).contains(&lag), "lag {lag}");
-    assert!(value(&samples, prom::LAST_SUCCESS, None).unwrap() > now - 120.0);
-    assert_eq!(value(&samples, prom::IN_PROGRESS, None), Some(0.0));
+    assert!(value(&samples, metrics::LAST_SUCCESS, None).unwrap() > now - 120.0);
+    assert_eq!(value(&samples, metrics::IN_PROGRESS, None), Some(0.0));
     assert!(samples
         .iter()
-        .any(|s| s.name.starts_with(prom::RUN_DURATION)));
-    let ok = samples.iter().find(|s| s.name == prom::RUNS).unwrap();
+        .any(|s| s.name.starts_with(metrics::RUN_DURATION)));
+    let ok = samples.iter().find(|s| s.name == metrics::RUNS).unwrap();
     assert_eq!(ok.labels.get("result").map(String::as_str), Some("ok"));
     for s in &samples {
         for k in s.labels.keys() {

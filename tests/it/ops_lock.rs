@@ -6,7 +6,7 @@ use crate::ops_util::{items, seed, stderr_of, tidemark, wait_exit, wait_for};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark::app::{self, RunOptions};
+use tidemark::commands::run::RunOptions;
 use tidemark::exit;
 
 const DOCS: i64 = 20_000;
@@ -89,13 +89,15 @@ async fn leases_expire(backend: Backend) {
     )
     .await;
     let run = || {
-        app::run(
+        tidemark::commands::run::run(
             env.settings(),
             RunOptions::default(),
             Arc::new(AtomicBool::new(false)),
         )
     };
-    app::migrate(&env.settings(), false).await.unwrap();
+    tidemark::commands::migrate::migrate(&env.settings(), false)
+        .await
+        .unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     exec(
         &env.target_url,

@@ -3,8 +3,8 @@
 
 use crate::harness::{items_mapping, Backend, Env};
 use crate::ops_util::{dead_mongo_uri, items, seed, tidemark};
-use tidemark::prom;
-use tidemark::status::{NAGIOS_CRITICAL, NAGIOS_OK, NAGIOS_UNKNOWN, NAGIOS_WARNING};
+use tidemark::commands::status::{NAGIOS_CRITICAL, NAGIOS_OK, NAGIOS_UNKNOWN, NAGIOS_WARNING};
+use tidemark::telemetry::metrics;
 
 fn status(env: &Env, args: &[&str]) -> (i32, String) {
     let mut all = vec!["status"];
@@ -147,23 +147,27 @@ async fn ops_run_writes_a_textfile() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let samples = prom::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let samples = metrics::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let get = |name: &str| {
         samples
             .iter()
             .find(|s| s.name == name)
             .map(|s| (s.labels.clone(), s.value))
     };
-    let (labels, read) = get(prom::READ).expect("documents read");
+    let (labels, read) = get(metrics::READ).expect("documents read");
     assert_eq!(labels.get("entity").map(String::as_str), Some("items"));
     assert_eq!(read, 700.0);
     assert!(
-        get(prom::WATERMARK).is_some()
-            && get(prom::LAG).is_some()
-            && get(prom::LAST_SUCCESS).is_some()
+        get(metrics::WATERMARK).is_some()
+            && get(metrics::LAG).is_some()
+            && get(metrics::LAST_SUCCESS).is_some()
     );
     assert_eq!(
-        get(prom::RUNS).unwrap().0.get("result").map(String::as_str),
+        get(metrics::RUNS)
+            .unwrap()
+            .0
+            .get("result")
+            .map(String::as_str),
         Some("ok")
     );
     assert!(

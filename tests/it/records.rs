@@ -1,5 +1,5 @@
 //! A batch clears the dead letters, missing references and pending records of the documents
-//! it writes cleanly; the run sends only the ids that can have one (`tidemark::records`).
+//! it writes cleanly; the run sends only the ids that can have one (`tidemark::sink::records`).
 //! These tests check that no record that should go stays, and none that should stay goes.
 
 use crate::harness::{items_mapping, scalar_i64, Backend, Env};
@@ -35,7 +35,10 @@ async fn dead_ids(env: &Env) -> Vec<i64> {
     out
 }
 
-async fn run_until(s: &tidemark::settings::Settings, until: i64) -> tidemark::app::RunReport {
+async fn run_until(
+    s: &tidemark::settings::Settings,
+    until: i64,
+) -> tidemark::commands::run::RunReport {
     let until = chrono::DateTime::from_timestamp(T + until, 0).unwrap();
     crate::trust_util::run_until(s.clone(), &until.to_rfc3339(), false)
         .await

@@ -24,7 +24,7 @@ async fn additive_and_destructive(backend: Backend) {
     );
     std::fs::write(&env.mapping_path, &v2).unwrap();
     let s = env.settings();
-    let printed = tidemark::app::migrate(&s, true)
+    let printed = tidemark::commands::migrate::migrate(&s, true)
         .await
         .expect("migrate --print");
     assert!(printed.contains("ADD COLUMN \"w2\""), "{printed}");
@@ -34,7 +34,9 @@ async fn additive_and_destructive(backend: Backend) {
         "--print changes nothing"
     );
 
-    let out = tidemark::app::migrate(&s, false).await.expect("migrate");
+    let out = tidemark::commands::migrate::migrate(&s, false)
+        .await
+        .expect("migrate");
     assert!(
         out.contains("NOT APPLIED") && out.contains("items.v"),
         "destructive change reported: {out}"
@@ -75,7 +77,9 @@ async fn vizhub_migrated(name: &str, backend: Backend) -> (Env, tidemark::settin
     let mapping = std::fs::read_to_string("config/mappings/vizhub.toml").unwrap();
     let env = Env::new(name, backend, &mapping).await;
     let s = env.settings();
-    tidemark::app::migrate(&s, false).await.expect("migrate");
+    tidemark::commands::migrate::migrate(&s, false)
+        .await
+        .expect("migrate");
     (env, s)
 }
 
@@ -104,7 +108,7 @@ async fn reference_indexes_sqlite() {
     ] {
         assert_eq!(scalar_i64(url, &index(name)).await, want, "{name}");
     }
-    let again = tidemark::app::migrate(&s, false)
+    let again = tidemark::commands::migrate::migrate(&s, false)
         .await
         .expect("migrate again");
     assert!(again.contains("applied 0 statement"), "{again}");
@@ -134,7 +138,7 @@ async fn parent_link_indexes_and_statistics_postgres() {
         0,
         "PostgreSQL gets no reference-column indexes"
     );
-    let again = tidemark::app::migrate(&s, false)
+    let again = tidemark::commands::migrate::migrate(&s, false)
         .await
         .expect("migrate again");
     assert!(again.contains("applied 0 statement"), "{again}");

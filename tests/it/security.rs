@@ -168,7 +168,7 @@ async fn the_source_is_never_written() {
 
     // Act
     let report = env.run(s.clone()).await.expect("run");
-    let status = tidemark::status::status(&s, true, None, None).await;
+    let status = tidemark::commands::status::status(&s, true, None, None).await;
 
     // Assert
     assert!(report.totals.read > 1000, "{report}");
@@ -212,6 +212,6 @@ async fn the_source_is_never_written() {
 fn metrics_endpoint_binds_localhost_by_default() {
     let s = tidemark::settings::Settings::load(None).unwrap();
     assert_eq!(s.daemon.metrics_listen, "", "off unless configured");
-    let addr = tidemark::daemon::listen_addr("9464").unwrap();
+    let addr = tidemark::schedule::listen_addr("9464").unwrap();
     assert!(addr.ip().is_loopback(), "{addr}");
 }

@@ -24,18 +24,18 @@ async fn ties(backend: Backend) {
     s.sync.overlap = std::time::Duration::ZERO;
 
     // Act: the first run's last window ends exactly at T (exclusive); the next one starts at T.
-    let opts = |until: Option<String>| tidemark::app::RunOptions {
+    let opts = |until: Option<String>| tidemark::commands::run::RunOptions {
         until,
         ..Default::default()
     };
-    let first = tidemark::app::run(
+    let first = tidemark::commands::run::run(
         s.clone(),
-        opts(Some(tidemark::window::fmt_ts(t))),
+        opts(Some(tidemark::engine::window::fmt_ts(t))),
         Default::default(),
     )
     .await
     .expect("first run");
-    let second = tidemark::app::run(s, opts(None), Default::default())
+    let second = tidemark::commands::run::run(s, opts(None), Default::default())
         .await
         .expect("second run");
 
@@ -96,15 +96,17 @@ async fn read_ahead_across_windows(backend: Backend) {
     s.sync.start = t;
     s.sync.max_window = std::time::Duration::from_secs(3600);
     s.sync.overlap = std::time::Duration::ZERO;
-    let opts = || tidemark::app::RunOptions {
-        until: Some(tidemark::window::fmt_ts(t + chrono::TimeDelta::hours(9))),
+    let opts = || tidemark::commands::run::RunOptions {
+        until: Some(tidemark::engine::window::fmt_ts(
+            t + chrono::TimeDelta::hours(9),
+        )),
         ..Default::default()
     };
 
-    let first = tidemark::app::run(s.clone(), opts(), Default::default())
+    let first = tidemark::commands::run::run(s.clone(), opts(), Default::default())
         .await
         .expect("first run");
-    let again = tidemark::app::run(s, opts(), Default::default())
+    let again = tidemark::commands::run::run(s, opts(), Default::default())
         .await
         .expect("second run");
 

@@ -5,7 +5,8 @@ use crate::harness::{scalar_i64, Backend};
 use crate::trust_util::{at, run_until, seed, MAPPING};
 use bson::{doc, Document};
 use tidemark::cli::DeadLetterFilter;
-use tidemark::deadletters::{discard, list, retry};
+use tidemark::commands::dead_letters::retry;
+use tidemark::sink::dead_letters::{discard, list};
 
 async fn sink(url: &str) -> tidemark::sink::Sink {
     tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.to_owned()), 1)
@@ -49,7 +50,7 @@ async fn retry_after_fix(backend: Backend) {
     );
     assert_ne!(fixed, MAPPING);
     std::fs::write(&env.mapping_path, fixed).unwrap();
-    tidemark::app::migrate(&env.settings(), false)
+    tidemark::commands::migrate::migrate(&env.settings(), false)
         .await
         .unwrap();
     let dry = retry(env.settings(), all.clone(), true)

@@ -101,7 +101,7 @@ async fn backfill_dry_run_changes_nothing() {
     day_two(&env).await;
     let before = dump_all(&env.target_url).await;
 
-    let r = tidemark::app::backfill_dry_run(
+    let r = tidemark::commands::backfill::backfill_dry_run(
         env.settings(),
         "2019-01-01",
         "2019-01-03",

@@ -4,7 +4,7 @@
 
 use crate::harness::{scalar_i64, Backend};
 use crate::trust_util::{day_two, dump_domain, exec, run_until, seed};
-use tidemark::rollback::rollback;
+use tidemark::commands::rollback::rollback;
 
 async fn rollback_restores_prior_state(backend: Backend) {
     // Arrange: run A (day 0), a row written by hand, then run B (day 1: updates, inserts, a pulled owner).
@@ -31,7 +31,7 @@ async fn rollback_restores_prior_state(backend: Backend) {
     assert_eq!((b.totals.inserted, b.totals.updated), (10, 5), "{b}");
     let after_b = dump_domain(&url).await;
     assert_ne!(after_a, after_b);
-    let run_a = tidemark::reports::list(
+    let run_a = tidemark::sink::runs::list(
         &tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 1)
             .await
             .unwrap(),
@@ -98,7 +98,7 @@ async fn rollback_restores_prior_state(backend: Backend) {
     )
     .await;
     assert_eq!(wm, watermark_a, "checkpoint moved back");
-    let status = tidemark::reports::list(
+    let status = tidemark::sink::runs::list(
         &tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 1)
             .await
             .unwrap(),
@@ -145,7 +145,7 @@ async fn batch(
         .iter()
         .map(|d| bson::RawDocumentBuf::from_document(d).unwrap())
         .collect();
-    let mapped = tidemark::pipeline::map_page(e, &raw, true);
+    let mapped = tidemark::engine::pipeline::map_page(e, &raw, true);
     assert!(mapped.dead.is_empty(), "{:?}", mapped.dead);
     let deletes: Vec<Vec<tidemark::mapping::Value>> = deletes
         .iter()
@@ -177,7 +177,7 @@ async fn rollback_undoes_rows_touched_by_several_batches(backend: Backend) {
         .expect("run A");
     let before = dump_domain(&url).await;
     let settings = env.settings();
-    let mapping = tidemark::app::load_mapping(&settings).unwrap();
+    let mapping = tidemark::commands::setup::load_mapping(&settings).unwrap();
     let items = mapping.entity("items").unwrap();
     let sink = tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 2)
         .await

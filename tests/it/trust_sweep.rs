@@ -6,7 +6,7 @@ use crate::trust_util::{dump_domain, run_until, seed, MAPPING};
 use bson::{doc, Document};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tidemark::sweep::sweep;
+use tidemark::commands::sweep::sweep;
 
 async fn sweep_applies_delete_rule(backend: Backend) {
     // Arrange: 20 items migrated, then 3 hard-deleted from the source.
@@ -68,7 +68,7 @@ async fn sweep_applies_delete_rule(backend: Backend) {
     );
 
     // The sweep is a run like any other: it can be rolled back.
-    tidemark::rollback::rollback(env.settings(), &real.run_id, false, false)
+    tidemark::commands::rollback::rollback(env.settings(), &real.run_id, false, false)
         .await
         .expect("rollback the sweep");
     assert_eq!(dump_domain(&env.target_url).await, before);
@@ -88,9 +88,9 @@ async fn sweep_applies_delete_rule_postgres() {
 #[tokio::test]
 async fn single_record_run() {
     let env = seed(Backend::Sqlite, "record").await;
-    let r = tidemark::app::run(
+    let r = tidemark::commands::run::run(
         env.settings(),
-        tidemark::app::RunOptions {
+        tidemark::commands::run::RunOptions {
             entities: vec!["items".into()],
             ids: vec!["5".into()],
             ..Default::default()
@@ -116,7 +116,7 @@ async fn single_record_run() {
     let sink = tidemark::sink::Sink::connect(&tidemark::secret::SecretUri::new(url.clone()), 1)
         .await
         .unwrap();
-    let runs = tidemark::reports::list(&sink, None, 10).await.unwrap();
+    let runs = tidemark::sink::runs::list(&sink, None, 10).await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(
         (runs[0].kind.as_str(), runs[0].status.as_str()),
@@ -130,9 +130,9 @@ async fn single_record_run() {
     let text = std::fs::read_to_string(file).unwrap();
     assert!(text.contains("\"kind\": \"record\""), "{text}");
 
-    let err = tidemark::app::run(
+    let err = tidemark::commands::run::run(
         env.settings(),
-        tidemark::app::RunOptions {
+        tidemark::commands::run::RunOptions {
             entities: vec!["items".into()],
             ids: vec!["424242".into()],
             ..Default::default()

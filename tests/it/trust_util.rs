@@ -6,7 +6,7 @@ use bson::{doc, Document};
 use chrono::{TimeZone, Utc};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tidemark::app::{self, RunOptions, RunReport};
+use tidemark::commands::run::{RunOptions, RunReport};
 use tidemark::settings::Settings;
 
 pub const MAPPING: &str = r#"
@@ -100,7 +100,7 @@ pub async fn day_two(env: &Env) {
 }
 
 pub async fn run_until(s: Settings, until: &str, dry_run: bool) -> anyhow::Result<RunReport> {
-    app::run(
+    tidemark::commands::run::run(
         s,
         RunOptions {
             until: Some(until.into()),

@@ -5,7 +5,7 @@ use crate::harness::Backend;
 use crate::trust_util::{at, day_two, exec, run_until, seed};
 use bson::{doc, Document};
 use tidemark::cli::VerifyArgs;
-use tidemark::verify::{verify, VerifyOptions};
+use tidemark::commands::verify::{verify, VerifyOptions};
 
 fn opts() -> VerifyOptions {
     VerifyOptions {
@@ -60,7 +60,7 @@ async fn verify_finds_differences(backend: Backend) {
     assert_eq!(e.extra, vec!["[11]"], "{r}");
     assert_eq!(r.differences, 5, "{r}");
     assert!(!e.differing_buckets.is_empty(), "{r}");
-    let code = tidemark::trust::verify(
+    let code = tidemark::commands::verify_command(
         env.settings(),
         VerifyArgs {
             from: "2019-01-01".into(),
@@ -73,7 +73,7 @@ async fn verify_finds_differences(backend: Backend) {
     )
     .await
     .expect("verify command");
-    assert_eq!(code, tidemark::verify::DIFFERENCES);
+    assert_eq!(code, tidemark::commands::verify::DIFFERENCES);
 }
 
 fn sorted(v: &[String]) -> Vec<String> {

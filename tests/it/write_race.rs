@@ -34,7 +34,7 @@ async fn race(name: &str, optimistic: bool) -> tidemark::sink::BatchOutcome {
     run_until(env.settings(), "2019-01-02", false)
         .await
         .expect("first run");
-    let mapping = tidemark::app::load_mapping(&env.settings()).unwrap();
+    let mapping = tidemark::commands::setup::load_mapping(&env.settings()).unwrap();
     let items = mapping.entity("items").unwrap().clone();
     let other = sqlx::PgPool::connect(&url).await.unwrap();
     let mut rival = other.begin().await.unwrap();
@@ -48,7 +48,7 @@ async fn race(name: &str, optimistic: bool) -> tidemark::sink::BatchOutcome {
         .unwrap();
     let writer = tokio::spawn(async move {
         let raw = vec![bson::RawDocumentBuf::from_document(&item(500, 0, "ours", "o0")).unwrap()];
-        let mapped = tidemark::pipeline::map_page(&items, &raw, true);
+        let mapped = tidemark::engine::pipeline::map_page(&items, &raw, true);
         let out = sink
             .write_batch(&tidemark::sink::BatchWrite {
                 entity: Some(&items),
@@ -140,7 +140,7 @@ async fn presumed_first_load_falls_back_when_rows_exist() {
         assert_eq!(v, format!("changed {i}"));
     }
     assert_eq!(scalar_i64(&url, "SELECT COUNT(*) FROM items").await, 80);
-    tidemark::rollback::rollback(env.settings(), &b.run_id, false, false)
+    tidemark::commands::rollback::rollback(env.settings(), &b.run_id, false, false)
         .await
         .expect("rollback B");
     assert_eq!(crate::trust_util::dump_domain(&url).await, before);

@@ -1,6 +1,9 @@
 //! Logging: human lines on a terminal, JSON lines otherwise (journald-friendly).
 //! `RUST_LOG` overrides the configured level.
 
+pub mod metrics;
+pub mod progress;
+
 use crate::settings::LogFormat;
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
@@ -17,7 +20,7 @@ pub fn init(format: LogFormat, level: &str) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::progress::log_writer);
+        .with_writer(crate::telemetry::progress::log_writer);
     let _ = if json {
         builder
             .json()

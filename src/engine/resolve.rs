@@ -9,9 +9,9 @@
 //! and the foreign keys tidemark creates are `DEFERRABLE INITIALLY DEFERRED`, so they are
 //! checked at commit, when every referenced row is present.
 
+use crate::engine::pipeline::{map_page, row_meta, source_id, Ctx, MappedPage};
 use crate::mapping::spec::MissingPolicy;
 use crate::mapping::{lookup, Entity, Value};
-use crate::pipeline::{map_page, row_meta, source_id, Ctx, MappedPage};
 use crate::sink::{DeadLetter, EntityRows, MissingRef};
 use anyhow::Result;
 use bson::{Bson, RawDocumentBuf};
@@ -56,9 +56,9 @@ pub struct Resolution {
     pub pulled: u64,
     /// Set when `max_depth` or `max_pulled_per_batch` stopped resolution.
     pub limit_hit: Option<String>,
-    /// Pulled rows written with every reference resolved, for [`crate::pulled`] once the
+    /// Pulled rows written with every reference resolved, for [`crate::engine::pulled`] once the
     /// batch commits.
-    pub fresh: Vec<crate::pulled::Fresh>,
+    pub fresh: Vec<crate::engine::pulled::Fresh>,
 }
 
 /// A pulled page of one entity at one depth, with its documents (for source ids).
@@ -277,7 +277,7 @@ pub async fn resolve(
                 continue;
             }
             let doc_hash = l.page.doc_hash(&l.docs, di);
-            fresh.push((crate::pulled::key_hash(&l.entity, row), doc_hash));
+            fresh.push((crate::engine::pulled::key_hash(&l.entity, row), doc_hash));
         }
     }
     res.fresh = fresh;
@@ -366,7 +366,7 @@ fn map_in_time_order(e: &Entity, docs: &mut [RawDocumentBuf]) -> MappedPage {
     map_page(e, docs, false)
 }
 
-/// Map documents fetched by key and get them ready for the writer ([`crate::pipeline::prepare`]),
+/// Map documents fetched by key and get them ready for the writer ([`crate::engine::pipeline::prepare`]),
 /// on the blocking pool: a batch of 250 vizzes pulls ~1,400 documents (contents with their
 /// files, commits, events), tens of milliseconds of CPU that a runtime worker should not
 /// spend while the source pump's and the writer's I/O wake-ups wait behind it.
@@ -379,7 +379,7 @@ async fn map_fetched(
     let hash = ctx.provenance || ctx.dry_run;
     tokio::task::spawn_blocking(move || {
         let mut page = map_in_time_order(&e, &mut docs);
-        crate::pipeline::prepare(&e, &mut page, hash);
+        crate::engine::pipeline::prepare(&e, &mut page, hash);
         // What `resolve` records in `fresh` (rows of entities without dependents).
         if e.dependents.is_empty() {
             page.hash_docs(&docs);
@@ -605,7 +605,7 @@ fn dead(doc: &RawDocumentBuf, error: String) -> DeadLetter {
     DeadLetter {
         source_id: source_id(doc),
         error,
-        document: crate::pipeline::raw_json(doc),
+        document: crate::engine::pipeline::raw_json(doc),
     }
 }
 
@@ -666,7 +666,7 @@ by = { path = "by", type = "text", references = "users", on_missing = "null" }
             "likes": [like("bob", "alice"), like("alice", "ghost")] },
         ];
         let mut page = map_page(e, &docs, true);
-        crate::pipeline::prepare(e, &mut page, true);
+        crate::engine::pipeline::prepare(e, &mut page, true);
         let mut memo = Memo::default();
         for (k, present) in [("alice", true), ("bob", true), ("ghost", false)] {
             memo.set("users", k.into(), present);

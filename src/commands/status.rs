@@ -1,13 +1,13 @@
 //! `tidemark status`: how far behind each entity is, for people and for monitoring.
 //! Exit codes follow the Nagios plugin convention.
 
-use crate::app::load_mapping;
-use crate::pipeline::nightly_lane;
+use crate::commands::setup::load_mapping;
+use crate::engine::pipeline::nightly_lane;
+use crate::engine::window::{fmt_ts, lag};
 use crate::secret::redact_uri;
 use crate::settings::Settings;
 use crate::sink::{from_ms, Sink};
 use crate::source::Source;
-use crate::window::{fmt_ts, lag};
 use anyhow::Result;
 use serde::Serialize;
 use std::time::Duration;
@@ -46,7 +46,7 @@ pub struct Status {
     pub entities: Vec<EntityStatus>,
     pub last_run: Option<serde_json::Value>,
     /// Backfills not finished yet, with their progress and live workers.
-    pub backfills: Vec<crate::backfill::BackfillStatus>,
+    pub backfills: Vec<crate::sink::chunks::BackfillStatus>,
 }
 
 /// Print the status and return the Nagios exit code.
@@ -112,7 +112,7 @@ async fn collect(s: &Settings) -> Result<Status> {
     let source = Source::connect(&s.source).await?;
     let now = source.server_time().await?;
     let history = run_history(&sink).await?;
-    let leases = crate::lock::live(&sink).await?;
+    let leases = crate::engine::lane::live(&sink).await?;
     let mut entities = Vec::new();
     for e in &mapping.entities {
         let last = last_result(&history, &e.name);
@@ -150,7 +150,7 @@ async fn collect(s: &Settings) -> Result<Status> {
                 "duration_s": fin.map(|f| (f - start) as f64 / 1000.0),
             })
         });
-    let backfills = crate::backfill::unfinished(&sink).await?;
+    let backfills = crate::sink::chunks::unfinished(&sink).await?;
     sink.close().await;
     Ok(Status {
         state: "OK",
@@ -173,7 +173,7 @@ async fn run_history(sink: &Sink) -> Result<Vec<PastRun>> {
     let sql = "SELECT status, started_at_ms, finished_at_ms, report FROM tidemark_runs \
                WHERE kind = 'run' AND status <> 'running' ORDER BY started_at_ms DESC LIMIT 50";
     let rows: Vec<(String, i64, Option<i64>, Option<String>)> =
-        crate::lock::with_pool!(sink, p => sqlx::query_as(sql).fetch_all(p).await?);
+        crate::sink::with_pool!(sink, p => sqlx::query_as(sql).fetch_all(p).await?);
     Ok(rows
         .into_iter()
         .map(|(status, started_ms, finished_ms, report)| PastRun {

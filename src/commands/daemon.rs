@@ -9,18 +9,18 @@
 //! uncommitted batch is re-read by the next run). SIGHUP re-reads the settings for the
 //! next run. Metrics and `/health` are served on `daemon.metrics_listen` (off by default).
 
-use crate::app::{self, RunOptions};
+use crate::commands::run::RunOptions;
 use crate::exit;
-use crate::prom;
+use crate::retry::backoff_delay;
+use crate::schedule::{listen_addr, upcoming};
 use crate::settings::Settings;
+use crate::telemetry::metrics;
 use anyhow::{anyhow, Context, Result};
 use axum::extract::State as AxState;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use croner::parser::{CronParser, Seconds};
-use croner::Cron;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,43 +30,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tracing::{error, info, warn};
-
-/// Parse a schedule exactly as tokio-cron-scheduler does (seconds required, day-of-month
-/// and day-of-week both required to match), so what `check-config` accepts is what runs.
-pub fn parse_schedule(expr: &str) -> Result<Cron> {
-    CronParser::builder()
-        .seconds(Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(expr)
-        .map_err(|e| anyhow!("{e}"))
-}
-
-/// The next `n` times a schedule fires strictly after `after` (UTC).
-pub fn upcoming(expr: &str, after: DateTime<Utc>, n: usize) -> Result<Vec<DateTime<Utc>>> {
-    Ok(parse_schedule(expr)?.iter_after(after).take(n).collect())
-}
-
-/// `daemon.metrics_listen`: `PORT` (binds 127.0.0.1) or `ADDR:PORT`.
-pub fn listen_addr(text: &str) -> Result<SocketAddr> {
-    let t = text.trim();
-    if let Ok(port) = t.parse::<u16>() {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    t.parse().map_err(|_| {
-        anyhow!(
-            "daemon.metrics_listen = {text:?} is not PORT or ADDR:PORT; use e.g. \"9464\" or \"127.0.0.1:9464\", or \"\" for off"
-        )
-    })
-}
-
-/// Delay before retry number `failures` (1-based): `initial * 2^(failures-1)`, capped at
-/// `max`, plus up to 20% jitter (`jitter` in `[0, 1)`) so several daemons do not retry in step.
-pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
-    let doublings = failures.saturating_sub(1).min(20);
-    let base = initial.saturating_mul(1u32 << doublings).min(max);
-    base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.2)
-}
 
 /// How a run ended, as far as scheduling is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +118,7 @@ pub async fn runner<F, Fut>(
                 Outcome::Stopped => return,
                 Outcome::Retry(msg) => {
                     let n = state.failures.fetch_add(1, Ordering::SeqCst) + 1;
-                    prom::set_failures(n);
+                    metrics::set_failures(n);
                     let delay = backoff_delay(n, policy.initial, policy.max, rand::random());
                     error!(error = %msg, failures = n, retry_in_s = delay.as_secs_f64(), "run failed; retrying after a backoff");
                     *state.last_error.lock().expect("state lock") = Some(msg);
@@ -166,13 +129,13 @@ pub async fn runner<F, Fut>(
                 }
             }
         }
-        prom::set_failures(state.failures.load(Ordering::SeqCst));
+        metrics::set_failures(state.failures.load(Ordering::SeqCst));
         state.busy.store(false, Ordering::SeqCst);
     }
 }
 
 /// Turn a run's result into a scheduling outcome.
-pub fn classify(result: &Result<app::RunReport>, stop: &AtomicBool) -> Outcome {
+pub fn classify(result: &Result<crate::commands::run::RunReport>, stop: &AtomicBool) -> Outcome {
     match result {
         Ok(_) => Outcome::Ok,
         Err(_) if stop.load(Ordering::SeqCst) => Outcome::Stopped,
@@ -192,7 +155,7 @@ pub async fn daemon(
     settings: Settings,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    prom::install();
+    metrics::install();
     let d = settings.daemon.clone();
     let state = Arc::new(State::default());
     if !d.metrics_listen.is_empty() {
@@ -222,7 +185,7 @@ pub async fn daemon(
         .next_run
         .lock()
         .expect("state lock")
-        .map(crate::window::fmt_ts);
+        .map(crate::engine::window::fmt_ts);
     info!(schedule = %d.schedule, next = next.as_deref().unwrap_or("never"), "daemon started");
     if d.run_on_start {
         tick(&state, &tx);
@@ -237,7 +200,7 @@ pub async fn daemon(
         let s = shared.read().expect("settings lock").clone();
         let stop = run_stop.clone();
         async move {
-            let r = app::run(s, RunOptions::default(), stop.clone()).await;
+            let r = crate::commands::run::run(s, RunOptions::default(), stop.clone()).await;
             if let Ok(report) = &r {
                 info!(run_id = %report.run_id, read = report.totals.read, written = report.totals.written, ms = report.elapsed_ms, "scheduled run done");
             }
@@ -264,7 +227,7 @@ fn note_next_run(state: &State, expr: &str) {
         .ok()
         .and_then(|v| v.into_iter().next());
     *state.next_run.lock().expect("state lock") = next;
-    prom::set_next_run(next);
+    metrics::set_next_run(next);
 }
 
 /// Publish the stored watermarks before the first run, so lag is visible at once.
@@ -275,7 +238,7 @@ async fn seed_watermarks(s: &Settings) {
         for cp in sink.checkpoints().await? {
             if let (Some(entity), Some(wm)) = (cp.lane.strip_prefix("nightly:"), cp.state.watermark)
             {
-                prom::record_watermark(entity, wm);
+                metrics::record_watermark(entity, wm);
             }
         }
         sink.close().await;
@@ -345,7 +308,7 @@ async fn metrics_handler() -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        prom::render(Utc::now()),
+        metrics::render(Utc::now()),
     )
 }
 
@@ -357,9 +320,9 @@ async fn health_handler(AxState(state): AxState<Arc<State>>) -> impl IntoRespons
         "status": if failures == 0 { "ok" } else { "failing" },
         "run_in_progress": state.running.load(Ordering::SeqCst),
         "consecutive_failures": failures,
-        "last_success": state.last_success.lock().expect("state lock").map(crate::window::fmt_ts),
+        "last_success": state.last_success.lock().expect("state lock").map(crate::engine::window::fmt_ts),
         "last_error": last_error,
-        "next_run": state.next_run.lock().expect("state lock").map(crate::window::fmt_ts),
+        "next_run": state.next_run.lock().expect("state lock").map(crate::engine::window::fmt_ts),
     });
     let code = if failures == 0 {
         StatusCode::OK
@@ -367,27 +330,4 @@ async fn health_handler(AxState(state): AxState<Arc<State>>) -> impl IntoRespons
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, axum::Json(body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
-        let (i, m) = (Duration::from_secs(30), Duration::from_secs(600));
-        assert_eq!(backoff_delay(1, i, m, 0.0), Duration::from_secs(30));
-        assert_eq!(backoff_delay(2, i, m, 0.0), Duration::from_secs(60));
-        assert_eq!(backoff_delay(5, i, m, 0.0), Duration::from_secs(480));
-        assert_eq!(backoff_delay(6, i, m, 0.0), m);
-        assert_eq!(backoff_delay(60, i, m, 0.0), m);
-        assert_eq!(backoff_delay(60, i, m, 0.999), m.mul_f64(1.0 + 0.999 * 0.2));
-    }
-
-    #[test]
-    fn listen_addr_defaults_to_loopback() {
-        assert_eq!(listen_addr("9464").unwrap().to_string(), "127.0.0.1:9464");
-        assert_eq!(listen_addr("0.0.0.0:1").unwrap().to_string(), "0.0.0.0:1");
-        assert!(listen_addr("localhost").is_err());
-    }
 }

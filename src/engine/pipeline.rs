@@ -2,12 +2,12 @@
 //! and checkpoint in one transaction per batch. `run`, tests and (later) backfill and
 //! the daemon all go through [`catch_up`] / [`run_window`].
 
+use crate::engine::window::{self, LaneState, PlanInput, Window};
 use crate::exit::Failure;
 use crate::mapping::{Entity, Mapping, Outcome, TableRef, Value};
 use crate::settings::Settings;
 use crate::sink::{BatchWrite, Checkpoint, DeadLetter, Sink};
 use crate::source::{Page, Position, Source};
-use crate::window::{self, LaneState, PlanInput, Window};
 use anyhow::Result;
 use bson::Bson;
 use chrono::{DateTime, Utc};
@@ -33,12 +33,12 @@ pub struct Ctx {
     pub stop: Arc<AtomicBool>,
     /// What reference resolution learned this run (each key fetched at most once per run).
     /// A mutex because backfill chunks of one run resolve concurrently.
-    pub memo: tokio::sync::Mutex<crate::resolve::Memo>,
+    pub memo: tokio::sync::Mutex<crate::engine::resolve::Memo>,
     /// Rows this run wrote on demand, so a lane reading them again skips them.
     /// Shared with the window's mapper, which looks ahead in it (`pre_skip`).
-    pub pulled: Arc<std::sync::Mutex<crate::pulled::Pulled>>,
+    pub pulled: Arc<std::sync::Mutex<crate::engine::pulled::Pulled>>,
     /// Which documents have dead letters, missing references or pending records.
-    pub records: crate::records::Known,
+    pub records: crate::sink::records::Known,
     /// Every batch is rolled back instead of committed and no checkpoint is saved.
     pub dry_run: bool,
     /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
@@ -76,7 +76,7 @@ impl Ctx {
             dead_total: AtomicU64::new(0),
             stop,
             memo: Default::default(),
-            pulled: Arc::new(std::sync::Mutex::new(crate::pulled::Pulled::new(
+            pulled: Arc::new(std::sync::Mutex::new(crate::engine::pulled::Pulled::new(
                 settings.state_dir.clone(),
             ))),
             records: Default::default(),
@@ -98,7 +98,7 @@ pub struct Counts {
     pub updated: u64,
     pub unchanged: u64,
     /// Of `unchanged`: rows this run had already written from the same document (pulled on
-    /// demand by another batch), skipped without reading the target ([`crate::pulled`]).
+    /// demand by another batch), skipped without reading the target ([`crate::engine::pulled`]).
     pub already_written: u64,
     pub dead_lettered: u64,
     /// Earlier versions of a key superseded inside the same batch.
@@ -226,7 +226,7 @@ pub struct MappedPage {
     /// The same per child table, for each of `children`' rows; emptied when the children
     /// change after [`prepare`] (the writer then computes them itself).
     pub child_meta: Vec<Vec<(String, String)>>,
-    /// [`crate::pulled::doc_hash`] of each of the page's documents (indexed like them), when
+    /// [`crate::engine::pulled::doc_hash`] of each of the page's documents (indexed like them), when
     /// computed ahead, off the writer's task; empty: computed where needed.
     pub doc_hashes: Vec<u64>,
     /// Write without reading first (the window's previous batch was all new rows).
@@ -246,7 +246,7 @@ pub struct MappedPage {
     pub deleted: u64,
     pub filtered: u64,
     /// A missing-reference policy nulled or dropped child rows: a later mapping of the same
-    /// documents could write more, so [`crate::pulled`] does not record the page's rows.
+    /// documents could write more, so [`crate::engine::pulled`] does not record the page's rows.
     pub children_cut: bool,
     /// Documents taken out of the page before mapping because this run already wrote them
     /// (see [`pre_skip`]), to be confirmed when the batch's turn comes
@@ -269,15 +269,18 @@ pub struct PreSkipped {
 impl MappedPage {
     /// Compute [`MappedPage::doc_hashes`] for the page's documents `docs`.
     pub fn hash_docs(&mut self, docs: &[bson::RawDocumentBuf]) {
-        self.doc_hashes = docs.iter().map(|d| crate::pulled::doc_hash(d)).collect();
+        self.doc_hashes = docs
+            .iter()
+            .map(|d| crate::engine::pulled::doc_hash(d))
+            .collect();
     }
 
-    /// [`crate::pulled::doc_hash`] of document `di` of `docs` (the page's documents):
+    /// [`crate::engine::pulled::doc_hash`] of document `di` of `docs` (the page's documents):
     /// computed ahead when it was, else now.
     pub fn doc_hash(&self, docs: &[bson::RawDocumentBuf], di: usize) -> u64 {
         match self.doc_hashes.get(di) {
             Some(&h) => h,
-            None => crate::pulled::doc_hash(&docs[di]),
+            None => crate::engine::pulled::doc_hash(&docs[di]),
         }
     }
 
@@ -485,8 +488,8 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
 /// A row's canonical key and hash, as the writer records them for provenance.
 pub fn row_meta(t: TableRef<'_>, row: &[Value]) -> (String, String) {
     (
-        crate::canon::key_of_row(t, row),
-        crate::canon::row_hash(t, row),
+        crate::mapping::canon::key_of_row(t, row),
+        crate::mapping::canon::row_hash(t, row),
     )
 }
 
@@ -554,10 +557,10 @@ pub async fn write_mapped(
 }
 
 /// A page resolved and ready to write: its rows (without those skipped, see
-/// [`crate::pulled`]) and everything resolution pulled for them.
+/// [`crate::engine::pulled`]) and everything resolution pulled for them.
 pub struct Resolved {
     mapped: MappedPage,
-    res: crate::resolve::Resolution,
+    res: crate::engine::resolve::Resolution,
     skipped: u64,
     source_queries: u64,
     /// What the batch writes, when batches may be written at once ([`touched`]).
@@ -565,7 +568,7 @@ pub struct Resolved {
 }
 
 /// The first half of a batch: skip rows this run already wrote, resolve references and
-/// dependents (source reads, mapping), and bring [`crate::pulled`] up to date as if the batch
+/// dependents (source reads, mapping), and bring [`crate::engine::pulled`] up to date as if the batch
 /// had committed. Batches must be resolved in the order they are committed; the window
 /// resolves the next batch while the previous one is written. If a batch then fails,
 /// [`forget_pulled`] must run before anything else is skipped.
@@ -577,27 +580,27 @@ pub async fn resolve_batch(
 ) -> Result<Resolved> {
     let before_queries = ctx.source.queries.load(Ordering::Relaxed);
     let skipped = skip_pulled(ctx, e, docs, &mut mapped) + mapped.skipped_unmapped;
-    let res = crate::resolve::resolve(ctx, e, &mut mapped, docs).await?;
+    let res = crate::engine::resolve::resolve(ctx, e, &mut mapped, docs).await?;
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");
     }
     if !ctx.dry_run {
         let mut pulled = ctx.pulled.lock().unwrap_or_else(|p| p.into_inner());
         pulled.record(&res.fresh);
-        // Rule 4 of `crate::pulled`: what this batch writes of `e` itself replaces any
+        // Rule 4 of `crate::engine::pulled`: what this batch writes of `e` itself replaces any
         // pulled version of the same key (also one pulled by this very batch). Rows of an
         // entity with dependents are never recorded (rule 3), so there is nothing to forget
         // (each forget may read the set's spill file).
         if !pulled.is_empty() && e.dependents.is_empty() {
             for row in &mapped.rows {
-                pulled.forget(crate::pulled::key_hash(e, row));
+                pulled.forget(crate::engine::pulled::key_hash(e, row));
             }
             for key in mapped
                 .deletes
                 .iter()
                 .chain(mapped.soft_deletes.iter().map(|(k, _)| k))
             {
-                pulled.forget(crate::pulled::deleted_key_hash(e, key));
+                pulled.forget(crate::engine::pulled::deleted_key_hash(e, key));
             }
         }
     }
@@ -631,7 +634,7 @@ fn batches_in_flight(ctx: &Ctx) -> usize {
 fn touched(
     e: &Entity,
     m: &MappedPage,
-    res: &crate::resolve::Resolution,
+    res: &crate::engine::resolve::Resolution,
 ) -> crate::sink::order::Touched {
     use crate::sink::key_text_at;
     let mut t = crate::sink::order::Touched::default();
@@ -782,7 +785,7 @@ pub async fn commit_batch(
 }
 
 /// Take out of a page, before it is mapped, the documents this run already wrote as they
-/// are (pulled by an earlier lane, [`crate::pulled`]): most of what the lanes after the
+/// are (pulled by an earlier lane, [`crate::engine::pulled`]): most of what the lanes after the
 /// vizzes lane read on the benchmark's full mapping, where mapping them only to drop the
 /// rows was most of those lanes' time. A document's key comes from the key columns alone
 /// ([`Entity::key_of`]). Only documents whose key appears once in the page qualify (a later
@@ -791,14 +794,20 @@ pub async fn commit_batch(
 /// this is a guess: [`confirm_pre_skipped`] checks it again in the batch's turn. Returns
 /// the documents taken out, and the document hashes of those left (for [`skip_pulled`]).
 fn pre_skip(
-    pulled: &std::sync::Mutex<crate::pulled::Pulled>,
+    pulled: &std::sync::Mutex<crate::engine::pulled::Pulled>,
     e: &Entity,
     docs: &mut Vec<bson::RawDocumentBuf>,
 ) -> (Vec<PreSkipped>, Vec<u64>) {
-    let hashes: Vec<u64> = docs.iter().map(|d| crate::pulled::doc_hash(d)).collect();
+    let hashes: Vec<u64> = docs
+        .iter()
+        .map(|d| crate::engine::pulled::doc_hash(d))
+        .collect();
     let keys: Vec<Option<u64>> = docs
         .iter()
-        .map(|d| e.key_of(d).map(|k| crate::pulled::deleted_key_hash(e, &k)))
+        .map(|d| {
+            e.key_of(d)
+                .map(|k| crate::engine::pulled::deleted_key_hash(e, &k))
+        })
         .collect();
     let mut seen: HashMap<u64, u32> = HashMap::with_capacity(keys.len());
     for k in keys.iter().flatten() {
@@ -848,7 +857,7 @@ fn pre_skip(
 /// mapped again whole, as if nothing had been taken out.
 /// `hash`: as [`prepare`]'s.
 fn confirm_pre_skipped(
-    pulled: &std::sync::Mutex<crate::pulled::Pulled>,
+    pulled: &std::sync::Mutex<crate::engine::pulled::Pulled>,
     e: &Entity,
     page: &mut Page,
     mapped: &mut MappedPage,
@@ -892,7 +901,7 @@ fn confirm_pre_skipped(
 }
 
 /// Take out of `mapped` the rows this run already wrote from the same documents (see
-/// [`crate::pulled`]); returns how many.
+/// [`crate::engine::pulled`]); returns how many.
 fn skip_pulled(
     ctx: &Ctx,
     e: &Entity,
@@ -911,7 +920,10 @@ fn skip_pulled(
         .iter()
         .zip(&mapped.row_docs)
         .map(|(row, &di)| {
-            !pulled.take_same(crate::pulled::key_hash(e, row), mapped.doc_hash(docs, di))
+            !pulled.take_same(
+                crate::engine::pulled::key_hash(e, row),
+                mapped.doc_hash(docs, di),
+            )
         })
         .collect();
     drop(pulled);
@@ -1533,7 +1545,7 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pulled::{deleted_key_hash, doc_hash, Pulled};
+    use crate::engine::pulled::{deleted_key_hash, doc_hash, Pulled};
     use std::sync::Mutex;
 
     const MAPPING: &str = r#"

@@ -16,16 +16,15 @@
 //! PostgreSQL no longer checks tidemark's writes, and this is the check after the fact (one
 //! anti-join per constraint; SQLite: `PRAGMA foreign_key_check`).
 
-use crate::app;
-use crate::canon;
+use crate::engine::pipeline::map_page;
+use crate::engine::window::{fmt_ts, Window};
 use crate::exit::Failure;
+use crate::mapping::canon;
 use crate::mapping::spec::MissingPolicy;
 use crate::mapping::{ColumnType, Entity, Value};
-use crate::pipeline::map_page;
 use crate::settings::Settings;
 use crate::sink::Sink;
 use crate::source::Source;
-use crate::window::{fmt_ts, Window};
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -417,10 +416,13 @@ async fn extras(sink: &Sink, acc: &mut Acc<'_>, range: Window) -> Result<()> {
 /// `tidemark verify`.
 pub async fn verify(s: &Settings, opts: &VerifyOptions) -> Result<VerifyReport> {
     let started = Instant::now();
-    let mapping = app::load_mapping(s)?;
+    let mapping = crate::commands::setup::load_mapping(s)?;
     let (f, t) =
         crate::timearg::parse_range(&opts.from, &opts.to, Utc::now()).map_err(Failure::Config)?;
-    let range = Window::new(crate::window::to_millis(f), crate::window::to_millis(t));
+    let range = Window::new(
+        crate::engine::window::to_millis(f),
+        crate::engine::window::to_millis(t),
+    );
     let names: Vec<String> = if opts.entities.is_empty() {
         mapping
             .entities
@@ -437,7 +439,7 @@ pub async fn verify(s: &Settings, opts: &VerifyOptions) -> Result<VerifyReport> 
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
-    let sink = app::open_sink_dry(s, &mapping).await?;
+    let sink = crate::commands::setup::open_sink_dry(s, &mapping).await?;
     let mut entities = Vec::new();
     for n in &names {
         let e = mapping.entity(n)?;

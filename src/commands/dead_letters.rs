@@ -4,15 +4,15 @@
 //! what now maps is written and its dead letter removed, what still fails is kept with the
 //! new error.
 
-use crate::app::{self, fingerprint};
-use crate::cli::DeadLetterFilter;
-use crate::exit::Failure;
-use crate::lock::with_pool;
-use crate::pipeline::{self, Counts, Ctx};
+use crate::cli::{DeadLetterCommand, DeadLetterFilter};
+use crate::commands::lifecycle::{outcome, RunLog};
+use crate::engine::pipeline::{self, Counts, Ctx};
+use crate::engine::window::fmt_ts;
+use crate::exit::{self, Failure};
 use crate::settings::Settings;
-use crate::sink::{from_ms, RunRecord, Sink};
+use crate::sink::dead_letters::{discard, list, DeadLetterRow};
+use crate::sink::from_ms;
 use crate::source::Source;
-use crate::window::fmt_ts;
 use anyhow::{anyhow, Result};
 use bson::{Bson, RawDocumentBuf};
 use serde::Serialize;
@@ -20,59 +20,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// One dead letter.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct DeadLetterRow {
-    pub entity: String,
-    pub source_id: String,
-    pub run_id: String,
-    pub error: String,
-    pub document: String,
-    pub mapping_version: String,
-    pub created_at_ms: i64,
-}
-
-fn push_filter<'a, DB: sqlx::Database>(q: &mut sqlx::QueryBuilder<'a, DB>, f: &'a DeadLetterFilter)
-where
-    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push(" WHERE 1 = 1");
-    if let Some(e) = &f.entity {
-        q.push(" AND entity = ").push_bind(e.clone());
-    }
-    if let Some(r) = &f.run {
-        q.push(" AND run_id = ").push_bind(r.clone());
-    }
-    if !f.ids.is_empty() {
-        q.push(" AND source_id IN (");
-        let mut sep = q.separated(", ");
-        for id in &f.ids {
-            sep.push_bind(id.clone());
-        }
-        q.push(")");
-    }
-}
-
-/// Dead letters matching `f`, ordered by entity and source id.
-pub async fn list(sink: &Sink, f: &DeadLetterFilter, limit: i64) -> Result<Vec<DeadLetterRow>> {
-    Ok(with_pool!(sink, p => {
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT entity, source_id, run_id, error, document, mapping_version, created_at_ms FROM tidemark_dead_letters");
-        push_filter(&mut q, f);
-        q.push(" ORDER BY entity, source_id LIMIT ").push_bind(limit);
-        q.build_query_as::<DeadLetterRow>().fetch_all(p).await?
-    }))
-}
-
-/// Delete the dead letters matching `f`; returns how many.
-pub async fn discard(sink: &Sink, f: &DeadLetterFilter) -> Result<u64> {
-    Ok(with_pool!(sink, p => {
-        let mut q = sqlx::QueryBuilder::new("DELETE FROM tidemark_dead_letters");
-        push_filter(&mut q, f);
-        q.build().execute(p).await?.rows_affected()
-    }))
-}
 
 /// `dead-letters list`.
 pub fn format_list(rows: &[DeadLetterRow]) -> String {
@@ -170,28 +117,18 @@ fn stored_doc(d: &DeadLetterRow) -> Option<RawDocumentBuf> {
 pub async fn retry(s: Settings, f: DeadLetterFilter, dry_run: bool) -> Result<RetryReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
-    let mapping = app::load_mapping(&s)?;
+    let mapping = crate::commands::setup::load_mapping(&s)?;
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
     let sink = if dry_run {
-        app::open_sink_dry(&s, &mapping).await?
+        crate::commands::setup::open_sink_dry(&s, &mapping).await?
     } else {
-        app::open_sink(&s, &mapping).await?
+        crate::commands::setup::open_sink(&s, &mapping).await?
     };
     let letters = list(&sink, &f, i64::MAX).await?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let record = RunRecord {
-        id: id.clone(),
-        kind: "retry".into(),
-        dry_run,
-        settings_fingerprint: fingerprint(&s),
-        mapping_version: mapping.version.clone(),
-    };
-    if !dry_run {
-        sink.start_run(&record).await?;
-    }
-    let dir = s.reports_path();
+    let log = RunLog::start(&s, &sink, "retry", dry_run, &mapping.version, started_at).await?;
+    let id = log.id().to_owned();
     let mut ctx = Ctx::new(
         s,
         mapping,
@@ -213,18 +150,8 @@ pub async fn retry(s: Settings, f: DeadLetterFilter, dry_run: bool) -> Result<Re
     let result = retry_all(&ctx, by_entity, &mut rep).await;
     rep.elapsed_ms = started.elapsed().as_millis() as u64;
     let mut json = serde_json::to_value(&rep)?;
-    let status = match &result {
-        Ok(()) => "ok",
-        Err(e) => {
-            json["error"] = serde_json::Value::String(crate::secret::redact_uri(&format!("{e:#}")));
-            "failed"
-        }
-    };
-    let file = if dry_run {
-        crate::reports::finish_dry(&dir, &record, started_at, status, &json)
-    } else {
-        crate::reports::finish(&sink, &dir, &id, status, &json).await
-    };
+    let status = outcome(&result, &mut json, false);
+    let file = log.finish(&sink, status, &json).await;
     rep.report_file = file.ok().map(|p| p.display().to_string());
     sink.close().await;
     result.map(|_| rep)
@@ -263,4 +190,47 @@ async fn retry_all(
         tally.fixed = tally.retried.saturating_sub(tally.still_failing);
     }
     Ok(())
+}
+
+/// `tidemark dead-letters …`.
+pub async fn execute(s: Settings, cmd: DeadLetterCommand) -> Result<i32> {
+    match cmd {
+        DeadLetterCommand::List {
+            filter,
+            limit,
+            json,
+        } => {
+            let sink = super::setup::connect_dry(&s).await?;
+            let rows = list(&sink, &filter, limit).await?;
+            sink.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", format_list(&rows));
+            }
+        }
+        DeadLetterCommand::Show { filter } => {
+            let sink = super::setup::connect_dry(&s).await?;
+            let rows = list(&sink, &filter, 1000).await?;
+            sink.close().await;
+            print!("{}", format_full(&rows));
+        }
+        DeadLetterCommand::Retry { filter, dry_run } => {
+            let rep = retry(s, filter, dry_run).await?;
+            println!("{rep}");
+        }
+        DeadLetterCommand::Discard { filter, all } => {
+            if !all && filter.entity.is_none() && filter.run.is_none() && filter.ids.is_empty() {
+                return Err(Failure::Config(anyhow!(
+                    "discard needs a filter (--entity, --run, --id) or --all"
+                ))
+                .into());
+            }
+            let sink = super::setup::connect_dry(&s).await?;
+            let n = discard(&sink, &filter).await?;
+            sink.close().await;
+            println!("discarded {n} dead letter(s)");
+        }
+    }
+    Ok(exit::OK)
 }

@@ -1,9 +1,9 @@
 //! `tidemark run --entity NAME --id ID`: migrate single records (and what they depend on)
 //! regardless of windows, for support cases. No checkpoint moves.
 
+use crate::engine::pipeline::{self, Ctx, EntityReport};
 use crate::exit::Failure;
 use crate::mapping::Entity;
-use crate::pipeline::{self, Ctx, EntityReport};
 use anyhow::{anyhow, Result};
 use bson::Bson;
 use std::time::Instant;

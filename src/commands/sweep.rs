@@ -9,12 +9,13 @@
 //! exists is never taken for deleted). Changes go through the normal batch writer, so they
 //! have provenance and can be rolled back like a run.
 
-use crate::app::{self, fingerprint};
-use crate::exit::Failure;
+use crate::cli::SweepArgs;
+use crate::commands::lifecycle::{outcome, RunLog};
+use crate::exit::{self, Failure};
 use crate::mapping::spec::DeleteAction;
 use crate::mapping::{Entity, Value};
 use crate::settings::Settings;
-use crate::sink::{BatchWrite, RunRecord, Sink};
+use crate::sink::{BatchWrite, Sink};
 use crate::source::Source;
 use anyhow::{anyhow, Result};
 use bson::{doc, Bson, Document};
@@ -90,7 +91,7 @@ fn bson_text(b: &Bson) -> String {
 
 fn lookup_values(v: &Value) -> Vec<Bson> {
     match v {
-        Value::Text(s) => crate::record::id_values(s),
+        Value::Text(s) => crate::commands::record::id_values(s),
         Value::Int(i) => vec![
             Bson::Int32(*i),
             Bson::Int64(*i as i64),
@@ -165,14 +166,15 @@ async fn sweep_entity(j: &Job<'_>, e: &Entity) -> Result<EntitySweep> {
         out.vanished += gone.len() as u64;
         for r in &gone {
             if out.ids.len() < 100 {
-                out.ids.push(crate::canon::key_of_row(e.table_ref(), r));
+                out.ids
+                    .push(crate::mapping::canon::key_of_row(e.table_ref(), r));
             }
         }
         let keys: Vec<Vec<Value>> = gone
             .iter()
             .map(|r| e.pk.iter().map(|&i| r[i].clone()).collect())
             .collect();
-        let now = Value::Timestamp(crate::window::to_millis(chrono::Utc::now()));
+        let now = Value::Timestamp(crate::engine::window::to_millis(chrono::Utc::now()));
         let soft: Vec<(Vec<Value>, Value)> = match soft_col {
             Some(c) => gone
                 .iter()
@@ -217,7 +219,7 @@ pub async fn sweep(
 ) -> Result<SweepReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
-    let mapping = app::load_mapping(&s)?;
+    let mapping = crate::commands::setup::load_mapping(&s)?;
     let names: Vec<String> = if entities.is_empty() {
         mapping
             .entities
@@ -235,21 +237,12 @@ pub async fn sweep(
         .await
         .map_err(Failure::Unavailable)?;
     let sink = if dry_run {
-        app::open_sink_dry(&s, &mapping).await?
+        crate::commands::setup::open_sink_dry(&s, &mapping).await?
     } else {
-        app::open_sink(&s, &mapping).await?
+        crate::commands::setup::open_sink(&s, &mapping).await?
     };
-    let id = uuid::Uuid::new_v4().to_string();
-    let record = RunRecord {
-        id: id.clone(),
-        kind: "sweep".into(),
-        dry_run,
-        settings_fingerprint: fingerprint(&s),
-        mapping_version: mapping.version.clone(),
-    };
-    if !dry_run {
-        sink.start_run(&record).await?;
-    }
+    let log = RunLog::start(&s, &sink, "sweep", dry_run, &mapping.version, started_at).await?;
+    let id = log.id().to_owned();
     let job = Job {
         source: &source,
         sink: &sink,
@@ -276,20 +269,16 @@ pub async fn sweep(
     }
     rep.elapsed_ms = started.elapsed().as_millis() as u64;
     let mut json = serde_json::to_value(&rep)?;
-    let status = match &result {
-        Ok(()) => "ok",
-        Err(e) => {
-            json["error"] = serde_json::Value::String(crate::secret::redact_uri(&format!("{e:#}")));
-            "failed"
-        }
-    };
-    let dir = s.reports_path();
-    let file = if dry_run {
-        crate::reports::finish_dry(&dir, &record, started_at, status, &json)
-    } else {
-        crate::reports::finish(&sink, &dir, &id, status, &json).await
-    };
+    let status = outcome(&result, &mut json, false);
+    let file = log.finish(&sink, status, &json).await;
     rep.report_file = file.ok().map(|p| p.display().to_string());
     sink.close().await;
     result.map(|_| rep)
+}
+
+/// `tidemark sweep`.
+pub async fn execute(s: Settings, args: SweepArgs) -> Result<i32> {
+    let rep = sweep(s, args.entities, args.dry_run, args.chunk).await?;
+    println!("{rep}");
+    Ok(exit::OK)
 }

@@ -12,20 +12,22 @@
 //! The backfill id is derived from the range, chunk size and entities, so running the
 //! same command again (or on another host) resumes or joins the same backfill.
 
-use crate::app::{self, fingerprint};
+use crate::commands::lifecycle::{outcome, RunLog};
+use crate::commands::run::RunReport;
+use crate::commands::setup::{load_mapping, open_sink_dry};
+use crate::engine::lane::{holder_is_dead, this_host};
+use crate::engine::pipeline::EntityReport;
+use crate::engine::pipeline::{self, Counts, Ctx};
+use crate::engine::window::{fmt_ts, to_millis, Window};
 use crate::exit::Failure;
-use crate::lock::{holder_is_dead, this_host, with_pool};
-use crate::pipeline::{self, Counts, Ctx};
 use crate::settings::Settings;
-use crate::sink::BeginWrite;
-use crate::sink::{from_ms, ms, RunRecord, Sink};
+use crate::sink::chunks::{plan_id, Chunk, ChunkCounts, Ledger, Plan, Progress};
+use crate::sink::Sink;
 use crate::source::Source;
 use crate::timearg;
-use crate::window::{self, fmt_ts, to_millis, Window};
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,47 +44,6 @@ pub struct BackfillOptions {
     pub parallel: usize,
     /// Resume or join this backfill; the range and entities come from the ledger.
     pub resume: Option<String>,
-}
-
-/// A backfill as stored in the ledger.
-#[derive(Debug, Clone, Serialize)]
-pub struct Plan {
-    pub id: String,
-    pub range: Window,
-    pub chunk_ms: i64,
-    pub entities: Vec<String>,
-}
-
-/// Deterministic id of a backfill: same range, chunk and entities, same id.
-pub fn plan_id(range: Window, chunk: Duration, entities: &[String]) -> String {
-    let mut names = entities.to_vec();
-    names.sort();
-    let key = format!(
-        "{}|{}|{}|{}",
-        ms(range.from),
-        ms(range.to),
-        chunk.as_millis(),
-        names.join(",")
-    );
-    format!("bf-{}", &hex::encode(Sha256::digest(key.as_bytes()))[..10])
-}
-
-/// One claimed chunk.
-#[derive(Debug, Clone)]
-struct Chunk {
-    entity: String,
-    window: Window,
-    lane: String,
-}
-
-/// Counts of chunks by state, and documents read by finished chunks.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct Progress {
-    pub total: u64,
-    pub done: u64,
-    pub running: u64,
-    pub failed: u64,
-    pub docs_read: u64,
 }
 
 /// The outcome of this worker's part of a backfill.
@@ -131,248 +92,6 @@ impl std::fmt::Display for BackfillReport {
     }
 }
 
-/// The ledger, seen by one worker process.
-struct Ledger {
-    sink: Sink,
-    id: String,
-    /// This process's claim token.
-    holder: String,
-    host: String,
-    pid: i64,
-    lease: Duration,
-}
-
-const CLAIMABLE: &str =
-    "backfill_id = $1 AND (status = 'pending' OR (status = 'running' AND lease_expires_ms < $2))";
-
-impl Ledger {
-    async fn create(&self, plan: &Plan) -> Result<()> {
-        let now = ms(Utc::now());
-        let by = format!("{}:{}", self.host, self.pid);
-        let chunks: Vec<(String, Window)> = plan
-            .entities
-            .iter()
-            .flat_map(|e| {
-                window::chunks(
-                    plan.range.from,
-                    plan.range.to,
-                    Duration::from_millis(plan.chunk_ms as u64),
-                )
-                .into_iter()
-                .map(move |w| (e.clone(), w))
-            })
-            .collect();
-        with_pool!(&self.sink, p => {
-            let mut tx = p.begin_write().await?;
-            let created = sqlx::query(
-                "INSERT INTO tidemark_backfills (id, from_ms, to_ms, chunk_ms, entities, status, created_by, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, 'running', $6, $7) ON CONFLICT (id) DO NOTHING")
-                .bind(&plan.id).bind(ms(plan.range.from)).bind(ms(plan.range.to)).bind(plan.chunk_ms)
-                .bind(plan.entities.join(",")).bind(&by).bind(now)
-                .execute(&mut *tx).await?.rows_affected();
-            if created > 0 {
-                for (e, w) in &chunks {
-                    sqlx::query(
-                        "INSERT INTO tidemark_backfill_chunks (backfill_id, entity, from_ms, to_ms, lane) \
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
-                        .bind(&plan.id).bind(e).bind(ms(w.from)).bind(ms(w.to)).bind(lane(&plan.id, e, w))
-                        .execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-        });
-        Ok(())
-    }
-
-    async fn load(sink: &Sink, id: &str) -> Result<Option<Plan>> {
-        let sql = "SELECT from_ms, to_ms, chunk_ms, entities FROM tidemark_backfills WHERE id = $1";
-        let row: Option<(i64, i64, i64, String)> =
-            with_pool!(sink, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?);
-        Ok(row.map(|(f, t, c, e)| Plan {
-            id: id.to_owned(),
-            range: Window::new(from_ms(f), from_ms(t)),
-            chunk_ms: c,
-            entities: e.split(',').map(str::to_owned).collect(),
-        }))
-    }
-
-    /// Failed chunks get another try whenever a worker starts; chunks claimed by a process
-    /// of this host that no longer exists are freed at once instead of after their lease.
-    async fn prepare(&self) -> Result<()> {
-        with_pool!(&self.sink, p => sqlx::query(
-            "UPDATE tidemark_backfill_chunks SET status = 'pending' WHERE backfill_id = $1 AND status = 'failed'")
-            .bind(&self.id).execute(p).await?.rows_affected());
-        let sql = "SELECT DISTINCT holder, pid FROM tidemark_backfill_chunks \
-                   WHERE backfill_id = $1 AND status = 'running' AND host = $2";
-        let claims: Vec<(String, i64)> = with_pool!(&self.sink, p => sqlx::query_as(sql).bind(&self.id).bind(&self.host).fetch_all(p).await?);
-        for (holder, pid) in claims {
-            if holder_is_dead(&self.host, pid) {
-                warn!(backfill = %self.id, pid, "freeing chunks claimed by a worker of this host that has exited");
-                with_pool!(&self.sink, p => sqlx::query(
-                    "UPDATE tidemark_backfill_chunks SET status = 'pending', holder = NULL \
-                     WHERE backfill_id = $1 AND holder = $2 AND status = 'running'")
-                    .bind(&self.id).bind(&holder).execute(p).await?.rows_affected());
-            }
-        }
-        Ok(())
-    }
-
-    async fn claim_once(&self) -> Result<Option<Chunk>> {
-        let now = ms(Utc::now());
-        let lock = match self.sink {
-            Sink::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-            Sink::Sqlite(_) => "",
-        };
-        let sql = format!(
-            "UPDATE tidemark_backfill_chunks SET status = 'running', holder = $3, host = $4, pid = $5, \
-             claimed_at_ms = $2, lease_expires_ms = $6, attempts = attempts + 1, error = NULL \
-             WHERE (backfill_id, entity, from_ms) IN (SELECT backfill_id, entity, from_ms \
-               FROM tidemark_backfill_chunks WHERE {CLAIMABLE} ORDER BY from_ms, entity LIMIT 1{lock}) \
-             RETURNING entity, from_ms, to_ms, lane"
-        );
-        let row: Option<(String, i64, i64, String)> = with_pool!(&self.sink, p => sqlx::query_as(&sql)
-            .bind(&self.id).bind(now).bind(&self.holder).bind(&self.host).bind(self.pid)
-            .bind(now + self.lease.as_millis() as i64)
-            .fetch_optional(p).await?);
-        Ok(row.map(|(entity, f, t, lane)| Chunk {
-            entity,
-            window: Window::new(from_ms(f), from_ms(t)),
-            lane,
-        }))
-    }
-
-    /// Claim the next chunk; None when nothing is left to claim. `SKIP LOCKED` can come back
-    /// empty while another worker's claim commits, so an empty answer is double-checked.
-    async fn claim(&self) -> Result<Option<Chunk>> {
-        for attempt in 0..20u64 {
-            if let Some(c) = self.claim_once().await? {
-                return Ok(Some(c));
-            }
-            let sql = format!("SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE {CLAIMABLE}");
-            let left: i64 = with_pool!(&self.sink, p => sqlx::query_scalar(&sql)
-                .bind(&self.id).bind(ms(Utc::now())).fetch_one(p).await?);
-            if left == 0 {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
-        }
-        Ok(None)
-    }
-
-    async fn set_state(
-        &self,
-        c: &Chunk,
-        status: &str,
-        counts: &Counts,
-        error: Option<&str>,
-    ) -> Result<bool> {
-        let sql =
-            "UPDATE tidemark_backfill_chunks SET status = $1, docs_read = $2, docs_written = $3, \
-                   dead_lettered = $4, finished_at_ms = $5, error = $6, lease_expires_ms = NULL, \
-                   holder = CASE WHEN $1 = 'pending' THEN NULL ELSE holder END \
-                   WHERE backfill_id = $7 AND entity = $8 AND from_ms = $9 AND holder = $10";
-        let n = with_pool!(&self.sink, p => sqlx::query(sql)
-            .bind(status).bind(counts.read as i64).bind(counts.written as i64).bind(counts.dead_lettered as i64)
-            .bind((status == "done").then(|| ms(Utc::now()))).bind(error)
-            .bind(&self.id).bind(&c.entity).bind(ms(c.window.from)).bind(&self.holder)
-            .execute(p).await?.rows_affected());
-        Ok(n > 0)
-    }
-
-    async fn heartbeat(&self) -> Result<()> {
-        let expires = ms(Utc::now()) + self.lease.as_millis() as i64;
-        with_pool!(&self.sink, p => sqlx::query(
-            "UPDATE tidemark_backfill_chunks SET lease_expires_ms = $1 \
-             WHERE backfill_id = $2 AND holder = $3 AND status = 'running'")
-            .bind(expires).bind(&self.id).bind(&self.holder).execute(p).await?.rows_affected());
-        Ok(())
-    }
-
-    async fn progress(sink: &Sink, id: &str) -> Result<Progress> {
-        let sql = "SELECT status, COUNT(*), CAST(COALESCE(SUM(docs_read), 0) AS BIGINT) FROM tidemark_backfill_chunks \
-                   WHERE backfill_id = $1 GROUP BY status";
-        let rows: Vec<(String, i64, i64)> =
-            with_pool!(sink, p => sqlx::query_as(sql).bind(id).fetch_all(p).await?);
-        let mut pr = Progress::default();
-        for (status, n, docs) in rows {
-            pr.total += n as u64;
-            match status.as_str() {
-                "done" => {
-                    pr.done = n as u64;
-                    pr.docs_read = docs as u64;
-                }
-                "running" => pr.running = n as u64,
-                "failed" => pr.failed = n as u64,
-                _ => {}
-            }
-        }
-        Ok(pr)
-    }
-
-    /// Mark the backfill finished once every chunk is done, and drop its chunk checkpoints.
-    async fn close_if_complete(&self) -> Result<bool> {
-        let pr = Self::progress(&self.sink, &self.id).await?;
-        if pr.done < pr.total {
-            return Ok(false);
-        }
-        let pattern = format!("backfill:{}:%", self.id);
-        with_pool!(&self.sink, p => {
-            let mut tx = p.begin_write().await?;
-            sqlx::query("UPDATE tidemark_backfills SET status = 'done', finished_at_ms = $1 WHERE id = $2 AND status <> 'done'")
-                .bind(ms(Utc::now())).bind(&self.id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM tidemark_checkpoints WHERE lane LIKE $1")
-                .bind(&pattern).execute(&mut *tx).await?;
-            tx.commit().await?;
-        });
-        Ok(true)
-    }
-}
-
-/// An unfinished backfill, for `tidemark status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackfillStatus {
-    pub id: String,
-    pub range: String,
-    pub entities: Vec<String>,
-    pub progress: Progress,
-    /// `host:pid` of every worker holding a live claim.
-    pub workers: Vec<String>,
-    pub started_at: String,
-}
-
-/// Every backfill that is not finished, with its progress and live workers.
-pub async fn unfinished(sink: &Sink) -> Result<Vec<BackfillStatus>> {
-    let sql = "SELECT id, created_at_ms FROM tidemark_backfills WHERE status <> 'done' ORDER BY created_at_ms";
-    let rows: Vec<(String, i64)> = with_pool!(sink, p => sqlx::query_as(sql).fetch_all(p).await?);
-    let mut out = Vec::new();
-    for (id, created) in rows {
-        let Some(plan) = Ledger::load(sink, &id).await? else {
-            continue;
-        };
-        let sql = "SELECT DISTINCT host, pid FROM tidemark_backfill_chunks \
-                   WHERE backfill_id = $1 AND status = 'running' AND lease_expires_ms >= $2 ORDER BY host, pid";
-        let workers: Vec<(String, i64)> = with_pool!(sink, p => sqlx::query_as(sql)
-            .bind(&id).bind(ms(Utc::now())).fetch_all(p).await?);
-        out.push(BackfillStatus {
-            progress: Ledger::progress(sink, &id).await?,
-            id,
-            range: plan.range.to_string(),
-            entities: plan.entities,
-            workers: workers
-                .into_iter()
-                .map(|(h, p)| format!("{h}:{p}"))
-                .collect(),
-            started_at: fmt_ts(from_ms(created)),
-        });
-    }
-    Ok(out)
-}
-
-/// The checkpoint lane of one chunk.
-pub fn lane(id: &str, entity: &str, w: &Window) -> String {
-    format!("backfill:{id}:{entity}:{}", ms(w.from))
-}
-
 /// `tidemark backfill`.
 pub async fn backfill(
     mut s: Settings,
@@ -380,10 +99,11 @@ pub async fn backfill(
     stop: Arc<AtomicBool>,
 ) -> Result<BackfillReport> {
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
     if opts.parallel == 0 {
         return Err(Failure::Config(anyhow!("--parallel must be at least 1")).into());
     }
-    let mapping = app::load_mapping(&s)?;
+    let mapping = crate::commands::setup::load_mapping(&s)?;
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
@@ -392,7 +112,7 @@ pub async fn backfill(
         .target
         .max_connections
         .max(opts.parallel as u32 * (s.target.batches_in_flight + 1) + 2);
-    let sink = app::open_sink(&s, &mapping).await?;
+    let sink = crate::commands::setup::open_sink(&s, &mapping).await?;
     let mut ledger = Ledger {
         sink: sink.clone(),
         id: String::new(),
@@ -418,16 +138,9 @@ pub async fn backfill(
     for n in &plan.entities {
         mapping.entity(n).map_err(Failure::Config)?;
     }
-    ledger.prepare().await?;
-    let run_id = uuid::Uuid::new_v4().to_string();
-    sink.start_run(&RunRecord {
-        id: run_id.clone(),
-        kind: "backfill".into(),
-        dry_run: false,
-        settings_fingerprint: fingerprint(&s),
-        mapping_version: mapping.version.clone(),
-    })
-    .await?;
+    ledger.prepare(holder_is_dead).await?;
+    let log = RunLog::start(&s, &sink, "backfill", false, &mapping.version, started_at).await?;
+    let run_id = log.id().to_owned();
     let before = Ledger::progress(&sink, &plan.id).await?;
     info!(backfill = %plan.id, range = %plan.range, entities = %plan.entities.join(","),
           chunks = before.total, done = before.done, parallel = opts.parallel, "backfill started");
@@ -485,21 +198,9 @@ pub async fn backfill(
         progress,
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
-    let (status, mut json) = match &result {
-        Ok(()) => ("ok", serde_json::to_value(&report)?),
-        Err(e) => (
-            if crate::exit::code(e) == crate::exit::PARTIAL {
-                "partial"
-            } else {
-                "failed"
-            },
-            serde_json::to_value(&report)?,
-        ),
-    };
-    if let Err(e) = &result {
-        json["error"] = serde_json::Value::String(crate::secret::redact_uri(&format!("{e:#}")));
-    }
-    crate::reports::finish(&sink, &ctx.settings.reports_path(), &run_id, status, &json).await?;
+    let mut json = serde_json::to_value(&report)?;
+    let status = outcome(&result, &mut json, true);
+    log.finish(&sink, status, &json).await?;
     sink.close().await;
     if complete {
         info!(backfill = %report.id, "backfill complete");
@@ -609,7 +310,10 @@ async fn worker(
         };
         match run_chunk(&ctx, &chunk).await {
             Ok(c) => {
-                if !ledger.set_state(&chunk, "done", &c, None).await? {
+                if !ledger
+                    .set_state(&chunk, "done", chunk_counts(&c), None)
+                    .await?
+                {
                     warn!(lane = %chunk.lane, "chunk was taken over by another worker after this one's lease expired; both wrote the same rows");
                 }
                 let mut t = tally.lock().expect("tally lock");
@@ -618,7 +322,7 @@ async fn worker(
             }
             Err(e) if ctx.stop.load(Ordering::SeqCst) => {
                 ledger
-                    .set_state(&chunk, "pending", &Counts::default(), None)
+                    .set_state(&chunk, "pending", ChunkCounts::default(), None)
                     .await?;
                 return Err(e);
             }
@@ -626,7 +330,7 @@ async fn worker(
                 abort.store(true, Ordering::SeqCst);
                 let msg = crate::secret::redact_uri(&format!("{e:#}"));
                 ledger
-                    .set_state(&chunk, "failed", &Counts::default(), Some(&msg))
+                    .set_state(&chunk, "failed", ChunkCounts::default(), Some(&msg))
                     .await?;
                 return Err(e.context(format!("chunk {} of {}", chunk.window, chunk.entity)));
             }
@@ -681,7 +385,7 @@ async fn show_progress(
         );
         b.set_position(start.docs_read);
         b.reset_eta();
-        crate::progress::set_active(Some(b.clone()));
+        crate::telemetry::progress::set_active(Some(b.clone()));
         b
     });
     let started = Instant::now();
@@ -721,25 +425,114 @@ async fn show_progress(
     }
     if let Some(b) = bar {
         b.finish();
-        crate::progress::set_active(None);
+        crate::telemetry::progress::set_active(None);
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
-
-    #[test]
-    fn same_request_same_id() {
-        let w = Window::new(
-            Utc.with_ymd_and_hms(2019, 1, 1, 0, 0, 0).unwrap(),
-            Utc.with_ymd_and_hms(2019, 7, 1, 0, 0, 0).unwrap(),
+/// `tidemark backfill --dry-run`: every chunk of the range read, mapped and resolved in
+/// this process, one after another, with every batch rolled back. No backfill ledger, no
+/// checkpoints, no runs-ledger row: only the report file.
+pub async fn backfill_dry_run(
+    s: Settings,
+    from: &str,
+    to: &str,
+    entities: Vec<String>,
+    chunk: std::time::Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<RunReport> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let mapping = load_mapping(&s)?;
+    let (f, t) = timearg::parse_range(from, to, chrono::Utc::now()).map_err(Failure::Config)?;
+    let (f, t) = (
+        crate::engine::window::to_millis(f),
+        crate::engine::window::to_millis(t),
+    );
+    if chunk.is_zero() {
+        return Err(
+            Failure::Config(anyhow::anyhow!("--chunk must be longer than 0s, e.g. 1d")).into(),
         );
-        let day = Duration::from_secs(86_400);
-        let a = plan_id(w, day, &["users".into(), "vizzes".into()]);
-        assert_eq!(a, plan_id(w, day, &["vizzes".into(), "users".into()]));
-        assert_ne!(a, plan_id(w, day * 2, &["users".into(), "vizzes".into()]));
-        assert!(a.starts_with("bf-") && a.len() == 13, "{a}");
+    }
+    let names: Vec<String> = if !entities.is_empty() {
+        entities
+    } else if !s.sync.entities.is_empty() {
+        s.sync.entities.clone()
+    } else {
+        mapping
+            .entities
+            .iter()
+            .filter(|e| e.windowed)
+            .map(|e| e.name.clone())
+            .collect()
+    };
+    for n in &names {
+        mapping.entity(n).map_err(Failure::Config)?;
+    }
+    let source = Source::connect(&s.source)
+        .await
+        .map_err(Failure::Unavailable)?;
+    let settled = source.server_time().await? - chrono::TimeDelta::from_std(s.sync.settle)?;
+    let t = t.min(crate::engine::window::to_millis(settled));
+    let sink = open_sink_dry(&s, &mapping).await?;
+    let log = RunLog::new(&s, "backfill", true, &mapping.version, started_at);
+    let run_id = log.id().to_owned();
+    let mut ctx = Ctx::new(s, mapping, source, sink, run_id.clone(), stop);
+    ctx.dry_run = true;
+    let ctx = Arc::new(ctx);
+    let mut reports = Vec::new();
+    let mut totals = Counts::default();
+    let mut result = Ok(());
+    'entities: for n in &names {
+        let e = ctx.mapping.entity(n)?.clone();
+        let e_started = Instant::now();
+        let mut counts = Counts::default();
+        let windows = if f < t {
+            crate::engine::window::chunks(f, t, chunk)
+        } else {
+            Vec::new()
+        };
+        for w in &windows {
+            let lane = format!("dry-run:{run_id}:{n}");
+            match pipeline::run_window(&ctx, &e, &lane, None, *w, None, true).await {
+                Ok(r) => counts.add(&r.counts),
+                Err(err) => {
+                    result = Err(err);
+                    break 'entities;
+                }
+            }
+        }
+        totals.add(&counts);
+        reports.push(EntityReport {
+            entity: n.clone(),
+            windows: windows.len(),
+            counts,
+            watermark: None,
+            warnings: Vec::new(),
+            elapsed_ms: e_started.elapsed().as_millis() as u64,
+        });
+    }
+    let mut report = RunReport {
+        run_id,
+        dry_run: true,
+        entities: reports,
+        totals,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        report_file: None,
+    };
+    let mut json = serde_json::to_value(&report)?;
+    json["range"] = serde_json::json!({ "from": fmt_ts(f), "to": fmt_ts(t), "chunk": humantime::format_duration(chunk).to_string() });
+    let status = outcome(&result, &mut json, false);
+    if let Ok(p) = log.finish(&ctx.sink, status, &json).await {
+        report.report_file = Some(p.display().to_string());
+    }
+    ctx.sink.close().await;
+    result.map(|_| report)
+}
+
+fn chunk_counts(c: &Counts) -> ChunkCounts {
+    ChunkCounts {
+        read: c.read,
+        written: c.written,
+        dead_lettered: c.dead_lettered,
     }
 }

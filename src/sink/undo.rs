@@ -1,26 +1,13 @@
-//! `tidemark rollback --run ID [--dry-run] [--force]`: undo one run from its provenance.
-//!
-//! Rows the run inserted are deleted, rows it changed or deleted get their before-image
-//! back, and every lane the run moved gets its previous checkpoint back (a backfill chunk
-//! goes back to `pending`), so the next run repeats the window. Rows the tool never wrote
-//! have no provenance and are never touched. A row changed by someone else since the run
-//! (its content no longer matches what the run left) is a conflict: reported and left
-//! alone unless `--force`. Later runs that touched the same rows or lanes must be rolled
-//! back first (newest first). Everything happens in one transaction; with `--dry-run`
-//! that transaction is rolled back, so the report says exactly what would happen.
+//! Undoing one run from its provenance, in the target: the rows it inserted, changed or
+//! deleted, the checkpoints it moved, the backfill chunks it finished. `tidemark rollback`
+//! (src/commands/rollback.rs) checks and leases first, then calls [`undo_run`].
 
-use crate::app::{self, fingerprint};
-use crate::canon;
-use crate::exit::Failure;
-use crate::lock::with_pool;
+use crate::mapping::canon;
 use crate::mapping::{Mapping, TableRef, Value};
-use crate::settings::Settings;
-use crate::sink::BeginWrite;
-use crate::sink::{RunRecord, TableOps};
+use crate::sink::{with_pool, BeginWrite, Sink, TableOps};
 use anyhow::{anyhow, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Instant;
 
 /// Rows undone per round (one read and one write per table).
 const CHUNK: usize = 1000;
@@ -210,7 +197,7 @@ fn touched(run: &str, pg: bool) -> String {
 }
 
 /// Runs started after `run` that touched one of its rows or lanes and are not rolled back.
-fn later_runs(pg: bool) -> String {
+fn later_runs_sql(pg: bool) -> String {
     format!(
         "SELECT DISTINCT r.id, r.started_at_ms FROM tidemark_runs r WHERE r.started_at_ms > $2 \
          AND r.status <> 'rolled_back' AND r.id <> $1 AND (EXISTS (SELECT 1 FROM ({}) a \
@@ -239,7 +226,7 @@ type ProvRow = (
     Option<String>,
     Option<String>,
 );
-type LaneRow = (
+pub type LaneRow = (
     String,
     String,
     bool,
@@ -259,166 +246,91 @@ fn backfill_lane(lane: &str) -> Option<(&str, &str, i64)> {
     Some((id, entity, from.parse().ok()?))
 }
 
-/// `tidemark rollback`.
-pub async fn rollback(
-    s: Settings,
+/// Undo run `run` in one transaction: its rows newest first (see [`undo_chunk`]), then its
+/// lanes' checkpoints (`lanes_of_run`, from [`lanes_of_run`]) and backfill chunks, then mark
+/// it rolled back. Rolled back instead of committed when `dry_run`, or when rows conflict
+/// and not `force`. What was (or would be) done goes into `rep`.
+pub async fn undo_run(
+    sink: &Sink,
+    mapping: &Mapping,
     run: &str,
-    dry_run: bool,
+    lanes_of_run: &[LaneRow],
     force: bool,
-) -> Result<RollbackReport> {
-    let started = Instant::now();
-    let started_at = chrono::Utc::now();
-    let mapping = app::load_mapping(&s)?;
-    let sink = app::open_sink_dry(&s, &mapping).await?;
-    let target = crate::reports::get(&sink, run).await?.ok_or_else(|| {
-        Failure::Config(anyhow!(
-            "there is no run {run} in tidemark_runs; `tidemark runs` lists them (dry runs wrote nothing to roll back)"
-        ))
-    })?;
-    if target.status == "rolled_back" {
-        return Err(Failure::Config(anyhow!("run {run} is already rolled back")).into());
-    }
-    let started_ms = chrono::DateTime::parse_from_rfc3339(&target.started_at)
-        .map(|d| d.timestamp_millis())
-        .unwrap_or(0);
-    let later_sql = later_runs(matches!(sink, crate::sink::Sink::Postgres(_)));
-    let later: Vec<(String, i64)> = with_pool!(&sink, p => sqlx::query_as(&later_sql)
-        .bind(run).bind(started_ms).fetch_all(p).await?);
-    if !later.is_empty() {
-        let ids: Vec<&str> = later.iter().map(|(id, _)| id.as_str()).collect();
-        return Err(Failure::Config(anyhow!(
-            "later runs touched the same rows or checkpoints: {}. Roll them back first, newest first \
-             (tidemark rollback --run {}), then this one",
-            ids.join(", "),
-            ids[0]
-        ))
-        .into());
-    }
-    let lanes_of_run: Vec<LaneRow> = with_pool!(&sink, p => sqlx::query_as(
+    dry_run: bool,
+    rep: &mut RollbackReport,
+) -> Result<()> {
+    let tables = tables(mapping);
+    with_pool!(sink, p => {
+        let mut tx = p.begin_write().await?;
+        // Undo newest first, each record against the state the newer ones left. A chunk
+        // holds each row at most once (undo_chunk reads and writes a chunk per table), so
+        // a row the run touched in two batches closes the chunk.
+        let mut before = i64::MAX;
+        let mut chunk: Vec<Prov> = Vec::new();
+        let mut in_chunk: HashSet<(String, String)> = HashSet::new();
+        let mut undo = Undo { force, conflicted: HashSet::new() };
+        loop {
+            let rows: Vec<ProvRow> = sqlx::query_as(PROV_NEWEST_FIRST).bind(run).bind(before).bind(RECORDS).fetch_all(&mut *tx).await?;
+            let Some(last) = rows.last() else { break };
+            before = last.0;
+            for p in expand(rows)? {
+                let key = (p.table.clone(), p.pk.clone());
+                if chunk.len() >= CHUNK || in_chunk.contains(&key) {
+                    undo_chunk(&mut tx, &tables, &chunk, &mut undo, rep).await?;
+                    chunk.clear();
+                    in_chunk.clear();
+                }
+                in_chunk.insert(key);
+                chunk.push(p);
+            }
+        }
+        undo_chunk(&mut tx, &tables, &chunk, &mut undo, rep).await?;
+        for (lane, entity, existed, wm, of, ot, lts, lid, prev) in lanes_of_run {
+            if *existed {
+                sqlx::query("INSERT INTO tidemark_checkpoints (lane, entity, watermark_ms, open_from_ms, open_to_ms, \
+                             last_ts, last_id, run_id, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                             ON CONFLICT (lane) DO UPDATE SET entity = excluded.entity, watermark_ms = excluded.watermark_ms, \
+                             open_from_ms = excluded.open_from_ms, open_to_ms = excluded.open_to_ms, last_ts = excluded.last_ts, \
+                             last_id = excluded.last_id, run_id = excluded.run_id, updated_at_ms = excluded.updated_at_ms")
+                    .bind(lane).bind(entity).bind(wm).bind(of).bind(ot).bind(lts).bind(lid).bind(prev)
+                    .bind(crate::sink::runs::now_ms()).execute(&mut *tx).await?;
+            } else {
+                sqlx::query("DELETE FROM tidemark_checkpoints WHERE lane = $1").bind(lane).execute(&mut *tx).await?;
+            }
+            if let Some((bf, ent, from)) = backfill_lane(lane) {
+                sqlx::query("UPDATE tidemark_backfill_chunks SET status = 'pending', holder = NULL, finished_at_ms = NULL, \
+                             lease_expires_ms = NULL WHERE backfill_id = $1 AND entity = $2 AND from_ms = $3")
+                    .bind(bf).bind(ent).bind(from).execute(&mut *tx).await?;
+                sqlx::query("UPDATE tidemark_backfills SET status = 'running', finished_at_ms = NULL WHERE id = $1")
+                    .bind(bf).execute(&mut *tx).await?;
+            }
+            rep.lanes.push(lane.clone());
+        }
+        sqlx::query("UPDATE tidemark_runs SET status = 'rolled_back' WHERE id = $1").bind(run).execute(&mut *tx).await?;
+        // All or nothing: with conflicts (and no --force) nothing is changed.
+        if dry_run || (rep.conflict_count > 0 && !force) {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
+    });
+    Ok(())
+}
+
+/// Runs started after `run` (which started at `started_ms`) that touched one of its rows or
+/// lanes and are not rolled back, newest first.
+pub async fn later_runs(sink: &Sink, run: &str, started_ms: i64) -> Result<Vec<(String, i64)>> {
+    let sql = later_runs_sql(matches!(sink, Sink::Postgres(_)));
+    Ok(with_pool!(sink, p => sqlx::query_as(&sql)
+        .bind(run).bind(started_ms).fetch_all(p).await?))
+}
+
+/// The lanes run `run` moved, with the checkpoint each had before it.
+pub async fn lanes_of_run(sink: &Sink, run: &str) -> Result<Vec<LaneRow>> {
+    Ok(with_pool!(sink, p => sqlx::query_as(
         "SELECT lane, entity, existed, watermark_ms, open_from_ms, open_to_ms, last_ts, last_id, prev_run_id \
          FROM tidemark_run_lanes WHERE run_id = $1 ORDER BY lane")
-        .bind(run).fetch_all(p).await?);
-    let nightly: Vec<String> = lanes_of_run
-        .iter()
-        .map(|l| l.0.clone())
-        .filter(|l| l.starts_with("nightly:"))
-        .collect();
-    let lease = if dry_run || nightly.is_empty() {
-        None
-    } else {
-        let opts = crate::lock::LockOptions {
-            lease: s.lock.lease,
-            wait: false,
-        };
-        Some(crate::lock::acquire(&sink, &nightly, opts, Default::default()).await?)
-    };
-    let id = uuid::Uuid::new_v4().to_string();
-    let record = RunRecord {
-        id: id.clone(),
-        kind: "rollback".into(),
-        dry_run,
-        settings_fingerprint: fingerprint(&s),
-        mapping_version: mapping.version.clone(),
-    };
-    if !dry_run {
-        sink.start_run(&record).await?;
-    }
-    let mut rep = RollbackReport {
-        run_id: id.clone(),
-        rolled_back_run: run.to_owned(),
-        dry_run,
-        ..Default::default()
-    };
-    let tables = tables(&mapping);
-    let result: Result<()> = async {
-        with_pool!(&sink, p => {
-            let mut tx = p.begin_write().await?;
-            // Undo newest first, each record against the state the newer ones left. A chunk
-            // holds each row at most once (undo_chunk reads and writes a chunk per table), so
-            // a row the run touched in two batches closes the chunk.
-            let mut before = i64::MAX;
-            let mut chunk: Vec<Prov> = Vec::new();
-            let mut in_chunk: HashSet<(String, String)> = HashSet::new();
-            let mut undo = Undo { force, conflicted: HashSet::new() };
-            loop {
-                let rows: Vec<ProvRow> = sqlx::query_as(PROV_NEWEST_FIRST).bind(run).bind(before).bind(RECORDS).fetch_all(&mut *tx).await?;
-                let Some(last) = rows.last() else { break };
-                before = last.0;
-                for p in expand(rows)? {
-                    let key = (p.table.clone(), p.pk.clone());
-                    if chunk.len() >= CHUNK || in_chunk.contains(&key) {
-                        undo_chunk(&mut tx, &tables, &chunk, &mut undo, &mut rep).await?;
-                        chunk.clear();
-                        in_chunk.clear();
-                    }
-                    in_chunk.insert(key);
-                    chunk.push(p);
-                }
-            }
-            undo_chunk(&mut tx, &tables, &chunk, &mut undo, &mut rep).await?;
-            for (lane, entity, existed, wm, of, ot, lts, lid, prev) in &lanes_of_run {
-                if *existed {
-                    sqlx::query("INSERT INTO tidemark_checkpoints (lane, entity, watermark_ms, open_from_ms, open_to_ms, \
-                                 last_ts, last_id, run_id, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                                 ON CONFLICT (lane) DO UPDATE SET entity = excluded.entity, watermark_ms = excluded.watermark_ms, \
-                                 open_from_ms = excluded.open_from_ms, open_to_ms = excluded.open_to_ms, last_ts = excluded.last_ts, \
-                                 last_id = excluded.last_id, run_id = excluded.run_id, updated_at_ms = excluded.updated_at_ms")
-                        .bind(lane).bind(entity).bind(wm).bind(of).bind(ot).bind(lts).bind(lid).bind(prev)
-                        .bind(crate::reports::now_ms()).execute(&mut *tx).await?;
-                } else {
-                    sqlx::query("DELETE FROM tidemark_checkpoints WHERE lane = $1").bind(lane).execute(&mut *tx).await?;
-                }
-                if let Some((bf, ent, from)) = backfill_lane(lane) {
-                    sqlx::query("UPDATE tidemark_backfill_chunks SET status = 'pending', holder = NULL, finished_at_ms = NULL, \
-                                 lease_expires_ms = NULL WHERE backfill_id = $1 AND entity = $2 AND from_ms = $3")
-                        .bind(bf).bind(ent).bind(from).execute(&mut *tx).await?;
-                    sqlx::query("UPDATE tidemark_backfills SET status = 'running', finished_at_ms = NULL WHERE id = $1")
-                        .bind(bf).execute(&mut *tx).await?;
-                }
-                rep.lanes.push(lane.clone());
-            }
-            sqlx::query("UPDATE tidemark_runs SET status = 'rolled_back' WHERE id = $1").bind(run).execute(&mut *tx).await?;
-            // All or nothing: with conflicts (and no --force) nothing is changed.
-            if dry_run || (rep.conflict_count > 0 && !force) {
-                tx.rollback().await?;
-            } else {
-                tx.commit().await?;
-            }
-        });
-        Ok(())
-    }
-    .await;
-    rep.elapsed_ms = started.elapsed().as_millis() as u64;
-    let (status, mut json) = match &result {
-        Ok(()) if rep.conflict_count > 0 && !force => ("partial", serde_json::to_value(&rep)?),
-        Ok(()) => ("ok", serde_json::to_value(&rep)?),
-        Err(_) => ("failed", serde_json::to_value(&rep)?),
-    };
-    if let Err(e) = &result {
-        json["error"] = serde_json::Value::String(crate::secret::redact_uri(&format!("{e:#}")));
-    }
-    let dir = s.reports_path();
-    let file = if dry_run {
-        crate::reports::finish_dry(&dir, &record, started_at, status, &json)
-    } else {
-        crate::reports::finish(&sink, &dir, &id, status, &json).await
-    };
-    rep.report_file = file.ok().map(|p| p.display().to_string());
-    if let Some(l) = lease {
-        let _ = l.release().await;
-    }
-    sink.close().await;
-    result?;
-    if rep.conflict_count > 0 && !force {
-        println!("{rep}");
-        return Err(Failure::Partial(format!(
-            "{} row(s) were changed by someone else since run {run}; nothing was rolled back. \
-             Inspect them, then run again with --force to overwrite them with their state before the run",
-            rep.conflict_count
-        ))
-        .into());
-    }
-    Ok(rep)
+        .bind(run).fetch_all(p).await?))
 }
 
 /// Records (newest first) to single-row undo steps, newest first: a grouped insert record

@@ -3,10 +3,10 @@
 //! nothing to the target). `tidemark runs` lists the ledger, `tidemark runs show ID` prints
 //! one report. Error texts pass through `redact_uri`, so no secret reaches a report.
 
-use crate::lock::with_pool;
+use crate::engine::window::fmt_ts;
 use crate::secret::redact_uri;
+use crate::sink::with_pool;
 use crate::sink::{from_ms, ms, RunRecord, Sink};
-use crate::window::fmt_ts;
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -120,6 +120,7 @@ pub async fn finish(
 pub fn finish_dry(
     dir: &Path,
     rec: &RunRecord,
+    host: String,
     started: DateTime<Utc>,
     status: &str,
     report: &J,
@@ -129,7 +130,7 @@ pub fn finish_dry(
         kind: rec.kind.clone(),
         dry_run: true,
         status: status.to_owned(),
-        host: crate::lock::this_host(),
+        host,
         pid: std::process::id() as i64,
         started_at: fmt_ts(started),
         finished_at: Some(fmt_ts(Utc::now())),
@@ -177,42 +178,6 @@ pub async fn find(sink: &Sink, dir: &Path, id: &str) -> Result<Option<RunRow>> {
         }
     }
     Ok(None)
-}
-
-/// `tidemark runs`: one line per run.
-pub fn format_list(rows: &[RunRow]) -> String {
-    let mut out = format!(
-        "{:<36} {:<11} {:<8} {:<24} {:>9} {:>9} {:>9}\n",
-        "id", "kind", "status", "started", "read", "written", "dead"
-    );
-    for r in rows {
-        let t = r
-            .report
-            .as_ref()
-            .map(|j| {
-                let c = if j["totals"].is_object() {
-                    &j["totals"]
-                } else {
-                    &j["counts"]
-                };
-                (
-                    c["read"].as_u64().unwrap_or(0),
-                    c["written"].as_u64().unwrap_or(0),
-                    c["dead_lettered"].as_u64().unwrap_or(0),
-                )
-            })
-            .unwrap_or_default();
-        let status = if r.dry_run {
-            format!("{}*", r.status)
-        } else {
-            r.status.clone()
-        };
-        out.push_str(&format!(
-            "{:<36} {:<11} {:<8} {:<24} {:>9} {:>9} {:>9}\n",
-            r.id, r.kind, status, r.started_at, t.0, t.1, t.2
-        ));
-    }
-    out
 }
 
 /// Lanes a run moved, with their checkpoint before the run (for `runs show` and rollback).

@@ -8,9 +8,10 @@
 //! not used: they pin one pooled connection per lane for the whole run, vanish behind a
 //! transaction-pooling proxy (PgBouncer), and cannot say who holds them.
 
+use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
+use crate::sink::with_pool;
 use crate::sink::{from_ms, ms, Sink};
-use crate::window::fmt_ts;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,17 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
-
-/// Expand one body for either pool type (the same SQL on both backends).
-macro_rules! with_pool {
-    ($sink:expr, $pool:ident => $body:expr) => {
-        match $sink {
-            $crate::sink::Sink::Postgres($pool) => $body,
-            $crate::sink::Sink::Sqlite($pool) => $body,
-        }
-    };
-}
-pub(crate) use with_pool;
 
 /// Who holds a lane.
 #[derive(Debug, Clone, PartialEq, Eq)]

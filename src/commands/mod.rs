@@ -1,0 +1,185 @@
+//! The commands: one module per subcommand, and [`execute`], which dispatches to them.
+//! This is the only layer that prints, chooses exit codes, or writes the run ledger and
+//! the report file ([`lifecycle`]); everything below returns values and errors.
+
+pub mod backfill;
+pub mod check_config;
+pub mod daemon;
+pub mod dead_letters;
+pub mod demo;
+pub mod lifecycle;
+pub mod migrate;
+pub mod record;
+pub mod rollback;
+pub mod run;
+pub mod runs;
+pub mod setup;
+pub mod status;
+pub mod sweep;
+pub mod verify;
+
+use crate::cli::{Cli, Command, DemoCommand, VerifyArgs};
+use crate::exit::{self, Failure};
+use crate::settings::Settings;
+use crate::telemetry::metrics;
+use crate::{secret, telemetry};
+use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Run the command line to its end and return the process's exit code; an error is printed
+/// (redacted) on stderr and mapped to its exit code ([`exit::code`]).
+pub async fn execute(cli: Cli) -> i32 {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            let msg = secret::redact_uri(&format!("{err:#}"));
+            eprintln!("error: {msg}");
+            exit::code(&err)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    let config = cli.config.clone();
+    let settings = Settings::load(config.as_deref()).map_err(Failure::Config)?;
+    telemetry::init(settings.log.format, &settings.log.level);
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_signal_watch(stop.clone());
+    match cli.command {
+        Command::Run(args) => {
+            if args.textfile.is_some() {
+                metrics::install();
+            }
+            let result = run::run(
+                settings,
+                run::RunOptions {
+                    entities: args.entities,
+                    until: args.until,
+                    wait: args.wait,
+                    dry_run: args.dry_run,
+                    ids: args.ids,
+                },
+                stop,
+            )
+            .await;
+            if let Some(path) = &args.textfile {
+                // A textfile failure must not hide the run's own error.
+                match (metrics::write_textfile(path, chrono::Utc::now()), &result) {
+                    (Err(e), Ok(_)) => return Err(e),
+                    (Err(e), Err(_)) => {
+                        tracing::error!(error = %format!("{e:#}"), "metrics textfile not written")
+                    }
+                    _ => {}
+                }
+            }
+            println!("{}", result?);
+            Ok(exit::OK)
+        }
+        Command::Backfill(args) if args.dry_run => {
+            let (Some(from), Some(to)) = (&args.from, &args.to) else {
+                return Err(
+                    Failure::Config(anyhow::anyhow!("--dry-run needs --from and --to")).into(),
+                );
+            };
+            let report =
+                backfill::backfill_dry_run(settings, from, to, args.entities, args.chunk, stop)
+                    .await?;
+            println!("{report}");
+            Ok(exit::OK)
+        }
+        Command::Backfill(args) => {
+            let report = backfill::backfill(
+                settings,
+                backfill::BackfillOptions {
+                    from: args.from,
+                    to: args.to,
+                    entities: args.entities,
+                    chunk: args.chunk,
+                    parallel: args.parallel,
+                    resume: args.resume,
+                },
+                stop,
+            )
+            .await?;
+            println!("{report}");
+            Ok(exit::OK)
+        }
+        Command::Daemon => {
+            daemon::daemon(config, settings, stop).await?;
+            Ok(exit::OK)
+        }
+        Command::Migrate { print } => {
+            print!("{}", migrate::migrate(&settings, print).await?);
+            Ok(exit::OK)
+        }
+        Command::CheckConfig => {
+            print!("{}", check_config::check_config(&settings)?);
+            Ok(exit::OK)
+        }
+        Command::Status { json, warn, crit } => {
+            Ok(status::status(&settings, json, warn, crit).await)
+        }
+        Command::Runs(args) => runs::runs(&settings, args).await,
+        Command::Rollback(args) => {
+            let report = rollback::rollback(settings, &args.run, args.dry_run, args.force).await?;
+            println!("{report}");
+            Ok(exit::OK)
+        }
+        Command::DeadLetters(cmd) => dead_letters::execute(settings, cmd).await,
+        Command::Verify(args) => verify_command(settings, args).await,
+        Command::Sweep(args) => sweep::execute(settings, args).await,
+        Command::Demo(DemoCommand::Seed { vizzes, seed }) => {
+            let source = crate::source::Source::connect(&settings.source)
+                .await
+                .map_err(Failure::Unavailable)?;
+            let report = demo::seed(&source.db, &demo::SeedOptions { vizzes, seed }).await?;
+            println!("{report}");
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: finish the current batch, save the checkpoint, exit. Second: exit now.
+fn spawn_signal_watch(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("second signal: exiting without waiting for the current batch");
+                std::process::exit(130);
+            }
+            tracing::warn!("signal received: stopping after the current batch commits");
+        }
+    });
+}
+
+/// `tidemark verify`: exit 0 when source and target agree, 7 otherwise.
+pub async fn verify_command(s: Settings, args: VerifyArgs) -> Result<i32> {
+    let opts = verify::VerifyOptions {
+        from: args.from,
+        to: args.to,
+        entities: args.entities,
+        bucket: args.bucket,
+        limit: args.limit,
+    };
+    let rep = verify::verify(&s, &opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!("{rep}");
+    }
+    Ok(if rep.differences == 0 {
+        exit::OK
+    } else {
+        verify::DIFFERENCES
+    })
+}

@@ -1,0 +1,274 @@
+//! `tidemark run`: catch every selected entity up, or migrate single records (`--id`).
+
+use crate::commands::lifecycle::{outcome, RunLog};
+use crate::commands::setup::{load_mapping, open_sink, open_sink_dry};
+use crate::engine::pipeline::{self, Counts, Ctx, EntityReport};
+use crate::engine::window::fmt_ts;
+use crate::exit::Failure;
+use crate::settings::Settings;
+use crate::source::Source;
+use crate::timearg;
+use anyhow::Result;
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, warn};
+/// The result of `tidemark run`.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    /// Nothing was written: the counts say what a real run would have done.
+    pub dry_run: bool,
+    pub entities: Vec<EntityReport>,
+    pub totals: Counts,
+    pub elapsed_ms: u64,
+    /// Where the JSON report was written.
+    #[serde(skip)]
+    pub report_file: Option<String>,
+}
+
+impl std::fmt::Display for RunReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<18} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>8} {:>7}  watermark",
+            "entity",
+            "read",
+            "written",
+            "unchanged",
+            "dead",
+            "filtered",
+            "deleted",
+            "pulled",
+            "missing",
+            "deferred",
+            "badtime"
+        )?;
+        for e in &self.entities {
+            let c = &e.counts;
+            writeln!(
+                f,
+                "{:<18} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>8} {:>7}  {}",
+                e.entity,
+                c.read,
+                c.written,
+                c.unchanged,
+                c.dead_lettered,
+                c.filtered,
+                c.deleted,
+                c.pulled,
+                c.missing_refs,
+                c.deferred,
+                c.invalid_time,
+                e.watermark.map(fmt_ts).unwrap_or_else(|| "-".into())
+            )?;
+        }
+        let secs = self.elapsed_ms as f64 / 1000.0;
+        if self.dry_run {
+            let t = &self.totals;
+            writeln!(
+                f,
+                "DRY RUN, nothing written: would insert {}, update {}, leave {} unchanged, \
+                 dead-letter {}, pull {} documents on demand ({} rows)",
+                t.inserted, t.updated, t.unchanged, t.dead_lettered, t.pulled, t.pulled_written
+            )?;
+        }
+        if let Some(p) = &self.report_file {
+            writeln!(f, "report: {p}")?;
+        }
+        write!(
+            f,
+            "run {}: {} documents read, {} rows written in {:.1}s ({:.0} documents/s)",
+            self.run_id,
+            self.totals.read,
+            self.totals.written,
+            secs,
+            self.totals.read as f64 / secs.max(0.001)
+        )
+    }
+}
+
+/// Options of a catch-up run.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    pub entities: Vec<String>,
+    pub until: Option<String>,
+    /// Wait for lanes held by another process instead of failing with exit code 4.
+    pub wait: bool,
+    /// Read, map and resolve everything but roll every batch back: nothing is written.
+    pub dry_run: bool,
+    /// Migrate only these records (by the entity's `id_field`), regardless of windows.
+    pub ids: Vec<String>,
+}
+
+/// The settings a run's target pool is opened with. On SQLite a run writes one batch at a
+/// time (`target.batches_in_flight` is 1 there), and each pooled connection keeps a page
+/// cache of its own (SQLite's default, ~2 MB): the batches' transactions rotate over the
+/// pool's idle connections and warm every one. Two connections hold the writer and, beside
+/// it, the resolve stage or the lease; more only add caches. The flat run into SQLite
+/// peaked at 55–66 MB with 4 (the default `target.max_connections`), 56–57 MB with 2
+/// (BENCHMARKS.md, twelfth round). A backfill sizes its own pool (its chunks write at once).
+fn run_pool(s: &Settings) -> Settings {
+    let mut pool = s.clone();
+    if s.target.is_sqlite() {
+        pool.target.max_connections = s.target.max_connections.min(2);
+    }
+    pool
+}
+
+/// `tidemark run`: catch every selected entity up (or, with `ids`, migrate single records).
+pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let mapping = load_mapping(&s)?;
+    let mut names = if opts.entities.is_empty() {
+        s.sync.entities.clone()
+    } else {
+        opts.entities.clone()
+    };
+    if names.is_empty() {
+        names = mapping.entities.iter().map(|e| e.name.clone()).collect();
+    }
+    for n in &names {
+        mapping.entity(n).map_err(Failure::Config)?;
+    }
+    if !opts.ids.is_empty() && opts.entities.len() != 1 {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "--id needs exactly one --entity, e.g. tidemark run --entity vizzes --id 1a2b…"
+        ))
+        .into());
+    }
+    let until = opts
+        .until
+        .as_deref()
+        .map(|u| timearg::parse_instant(u, chrono::Utc::now()))
+        .transpose()
+        .map_err(Failure::Config)?
+        .map(crate::engine::window::to_millis);
+    let source = Source::connect(&s.source)
+        .await
+        .map_err(Failure::Unavailable)?;
+    let pool = run_pool(&s);
+    let sink = if opts.dry_run {
+        open_sink_dry(&pool, &mapping).await?
+    } else {
+        open_sink(&pool, &mapping).await?
+    };
+    // Single records move no checkpoint and a dry run writes nothing: neither takes the lanes.
+    let lease = if opts.dry_run || !opts.ids.is_empty() {
+        None
+    } else {
+        let lanes: Vec<String> = names.iter().map(|n| pipeline::nightly_lane(n)).collect();
+        let lock_opts = crate::engine::lane::LockOptions {
+            lease: s.lock.lease,
+            wait: opts.wait,
+        };
+        match crate::engine::lane::acquire(&sink, &lanes, lock_opts, stop.clone()).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                if crate::exit::code(&e) == crate::exit::LOCK_HELD {
+                    crate::telemetry::metrics::record_run("lock_held", 0, chrono::Utc::now());
+                }
+                sink.close().await;
+                return Err(e);
+            }
+        }
+    };
+    if !opts.dry_run {
+        crate::telemetry::metrics::set_in_progress(true);
+    }
+    let kind = if opts.ids.is_empty() { "run" } else { "record" };
+    let log = RunLog::start(&s, &sink, kind, opts.dry_run, &mapping.version, started_at).await?;
+    let run_id = log.id().to_owned();
+    info!(run_id = %run_id, dry_run = opts.dry_run, target = %s.target.url, source = %s.source.uri, "run started");
+    let mut ctx = Ctx::new(s, mapping, source, sink, run_id.clone(), stop);
+    ctx.dry_run = opts.dry_run;
+    let ctx = Arc::new(ctx);
+    let mut reports = Vec::new();
+    let mut result = Ok(());
+    let mut failed_entity = None;
+    for n in &names {
+        let e = ctx.mapping.entity(n)?.clone();
+        let r = if opts.ids.is_empty() {
+            pipeline::catch_up(&ctx, &e, until).await
+        } else {
+            crate::commands::record::migrate_records(&ctx, &e, &opts.ids).await
+        };
+        match r {
+            Ok(r) => {
+                if !opts.dry_run {
+                    crate::telemetry::metrics::record_entity(&r, chrono::Utc::now());
+                }
+                reports.push(r);
+            }
+            Err(err) => {
+                failed_entity = Some(n.clone());
+                result = Err(err);
+                break;
+            }
+        }
+    }
+    if lease.as_ref().is_some_and(|l| l.is_lost()) && result.is_ok() {
+        result = Err(anyhow::anyhow!(
+            "the lease on {:?} was lost during the run (another process took a lane over after it expired); \
+             check lock.lease against how long the target stalls",
+            lease.as_ref().map(|l| l.lanes()).unwrap_or_default()
+        ));
+    }
+    let mut totals = Counts::default();
+    for r in &reports {
+        totals.add(&r.counts);
+    }
+    let mut report = RunReport {
+        run_id: run_id.clone(),
+        dry_run: opts.dry_run,
+        entities: reports,
+        totals,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        report_file: None,
+    };
+    let mut json = serde_json::to_value(&report)?;
+    let status = outcome(&result, &mut json, true);
+    if let Some(n) = &failed_entity {
+        json["failed_entity"] = serde_json::Value::String(n.clone());
+    }
+    let written = log.finish(&ctx.sink, status, &json).await;
+    match written {
+        Ok(p) => report.report_file = Some(p.display().to_string()),
+        Err(e) => warn!(error = %format!("{e:#}"), "run report file not written"),
+    }
+    if !opts.dry_run {
+        crate::telemetry::metrics::record_run(status, report.elapsed_ms, chrono::Utc::now());
+        crate::telemetry::metrics::set_in_progress(false);
+    }
+    if let Some(lease) = lease {
+        if let Err(e) = lease.release().await {
+            warn!(error = %format!("{e:#}"), "could not release the lane leases; they expire after lock.lease");
+        }
+    }
+    ctx.sink.close().await;
+    result.map(|_| report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_on_sqlite_pools_two_connections_at_most() {
+        let mut s = Settings::load(None).expect("defaults are valid");
+        s.target.url = crate::secret::SecretUri::new("sqlite://state/x.db");
+        s.target.max_connections = 4;
+        assert_eq!(run_pool(&s).target.max_connections, 2);
+        s.target.max_connections = 1;
+        assert_eq!(run_pool(&s).target.max_connections, 1);
+        s.target.max_connections = 6;
+        s.target.url = crate::secret::SecretUri::new("postgres://u@h/db");
+        assert_eq!(
+            run_pool(&s).target.max_connections,
+            6,
+            "PostgreSQL keeps its pool"
+        );
+    }
+}
