@@ -1,9 +1,13 @@
-//! One window of one entity: plan the windows ([`window`]), read and map pages, resolve
-//! what they depend on ([`resolve`]), commit rows with the checkpoint ([`pipeline`]), and
-//! remember what this run already wrote ([`pulled`]). One writer per lane ([`lane`]).
+//! One window of one entity: plan the windows ([`window`]), read a page and map it
+//! ([`page`]), resolve what it depends on ([`resolve`], with the run's [`memo`]), commit rows
+//! with the checkpoint ([`pipeline`]), and remember what this run already wrote
+//! ([`pulled`]). What a run shares and counts: [`ctx`]. One writer per lane ([`lane`]).
 //! No printing: commands report what the engine returns.
 
+pub mod ctx;
 pub mod lane;
+pub mod memo;
+pub mod page;
 pub mod pipeline;
 pub mod pulled;
 pub mod resolve;

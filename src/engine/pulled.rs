@@ -1,8 +1,8 @@
 //! Rows this run already wrote on demand, so a lane that reads the same documents again later
 //! in the run does not resolve and write them a second time.
 //!
-//! A viz pulls its content, commits and events in its own transaction (DESIGN.md, dependencies
-//! on demand). The `viz_contents`, `commits` and `analytics_events` lanes then read those same
+//! A viz pulls its content, commits and events in its own transaction (ARCHITECTURE.md,
+//! invariant 6: dependencies on demand). The `viz_contents`, `commits` and `analytics_events` lanes then read those same
 //! documents in their own windows: on the benchmark's full mapping, about a million documents
 //! that were each mapped, resolved against the target, read back and compared only to find
 //! them unchanged (most of the run's time, BENCHMARKS.md).

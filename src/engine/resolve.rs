@@ -9,31 +9,15 @@
 //! and the foreign keys tidemark creates are `DEFERRABLE INITIALLY DEFERRED`, so they are
 //! checked at commit, when every referenced row is present.
 
-use crate::engine::pipeline::{map_page, row_meta, source_id, Ctx, MappedPage};
+use crate::engine::ctx::Ctx;
+use crate::engine::memo::Memo;
+use crate::engine::page::{map_page, row_meta, source_id, MappedPage};
 use crate::mapping::spec::MissingPolicy;
 use crate::mapping::{lookup, Entity, Value};
 use crate::sink::{DeadLetter, EntityRows, MissingRef};
 use anyhow::Result;
 use bson::{Bson, RawDocumentBuf};
 use std::collections::{HashMap, HashSet};
-
-/// What reference resolution knows about keys this run: `true` present, `false` missing from the source.
-#[derive(Debug, Default)]
-pub struct Memo {
-    /// entity → key → present (true: in the target or pulled this batch; false: absent in
-    /// the source).
-    known: HashMap<String, HashMap<String, bool>>,
-    len: usize,
-}
-
-/// Keys the memo holds before it starts over (at the start of a batch). It only saves
-/// lookups across batches (a forgotten key is looked up again in the target, where earlier
-/// batches committed it, in the one bulk lookup the batch makes anyway), so it is bounded: a
-/// full-mapping run touches millions of keys, and an unbounded memo was most of its 345 MB
-/// peak RSS. About 90 bytes per key (its text, its entry, the table's spare room): 100,000
-/// keys were ~9 MB of the full mapping's peak. 40,000 hold the keys of about 20 batches of
-/// the VizHub example's vizzes lane (250 vizzes and ~1,750 rows they pull or reference).
-const MEMO_CAPACITY: usize = 40_000;
 
 /// The outcome of resolving one batch.
 #[derive(Debug, Default)]
@@ -117,36 +101,6 @@ fn lookup_values(keys: &[Value]) -> Vec<Bson> {
         }
     }
     out
-}
-
-impl Memo {
-    fn get(&self, entity: &str, key: &str) -> Option<bool> {
-        self.known.get(entity)?.get(key).copied()
-    }
-    fn set(&mut self, entity: &str, key: String, present: bool) {
-        let keys = match self.known.get_mut(entity) {
-            Some(k) => k,
-            None => self.known.entry(entity.to_owned()).or_default(),
-        };
-        if keys.insert(key, present).is_none() {
-            self.len += 1;
-        }
-    }
-    fn forget(&mut self, entity: &str, key: &str) {
-        if let Some(keys) = self.known.get_mut(entity) {
-            if keys.remove(key).is_some() {
-                self.len -= 1;
-            }
-        }
-    }
-    /// Start over once over [`MEMO_CAPACITY`]; only called between batches (within a batch
-    /// the policies rely on what resolution recorded).
-    fn bound(&mut self) {
-        if self.len > MEMO_CAPACITY {
-            self.known = HashMap::new();
-            self.len = 0;
-        }
-    }
 }
 
 /// Keys the batch deletes are gone: a row of this batch (written after its deletions, in the
@@ -366,7 +320,7 @@ fn map_in_time_order(e: &Entity, docs: &mut [RawDocumentBuf]) -> MappedPage {
     map_page(e, docs, false)
 }
 
-/// Map documents fetched by key and get them ready for the writer ([`crate::engine::pipeline::prepare`]),
+/// Map documents fetched by key and get them ready for the writer ([`crate::engine::page::prepare`]),
 /// on the blocking pool: a batch of 250 vizzes pulls ~1,400 documents (contents with their
 /// files, commits, events), tens of milliseconds of CPU that a runtime worker should not
 /// spend while the source pump's and the writer's I/O wake-ups wait behind it.
@@ -379,7 +333,7 @@ async fn map_fetched(
     let hash = ctx.provenance || ctx.dry_run;
     tokio::task::spawn_blocking(move || {
         let mut page = map_in_time_order(&e, &mut docs);
-        crate::engine::pipeline::prepare(&e, &mut page, hash);
+        crate::engine::page::prepare(&e, &mut page, hash);
         // What `resolve` records in `fresh` (rows of entities without dependents).
         if e.dependents.is_empty() {
             page.hash_docs(&docs);
@@ -605,7 +559,7 @@ fn dead(doc: &RawDocumentBuf, error: String) -> DeadLetter {
     DeadLetter {
         source_id: source_id(doc),
         error,
-        document: crate::engine::pipeline::raw_json(doc),
+        document: crate::engine::page::raw_json(doc),
     }
 }
 
@@ -666,7 +620,7 @@ by = { path = "by", type = "text", references = "users", on_missing = "null" }
             "likes": [like("bob", "alice"), like("alice", "ghost")] },
         ];
         let mut page = map_page(e, &docs, true);
-        crate::engine::pipeline::prepare(e, &mut page, true);
+        crate::engine::page::prepare(e, &mut page, true);
         let mut memo = Memo::default();
         for (k, present) in [("alice", true), ("bob", true), ("ghost", false)] {
             memo.set("users", k.into(), present);

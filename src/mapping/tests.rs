@@ -258,7 +258,7 @@ mod props {
             let m = Mapping::parse(CHILDREN, "p").unwrap();
             let e = &m.entities[0];
             let raws: Vec<_> = docs.iter().map(|d| raw(d.clone())).collect();
-            let page = crate::engine::pipeline::map_page(e, &raws, false);
+            let page = crate::engine::page::map_page(e, &raws, false);
             let accounted = page.rows.len() as u64 + page.duplicates + page.dead.len() as u64 + page.deleted + page.filtered;
             prop_assert_eq!(accounted, raws.len() as u64);
         }

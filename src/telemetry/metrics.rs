@@ -5,7 +5,7 @@
 //! Label values are bounded: entity names from the mapping and a fixed set of results.
 //! Never document ids, run ids, URIs or anything else that could grow or hold a secret.
 
-use crate::engine::pipeline::EntityReport;
+use crate::engine::ctx::EntityReport;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};

@@ -1,0 +1,188 @@
+//! What one run shares across its entities and windows ([`Ctx`]), and what it counts and
+//! reports ([`Counts`], [`WindowReport`], [`EntityReport`]).
+
+use crate::engine::window::Window;
+use crate::mapping::{Entity, Mapping};
+use crate::settings::Settings;
+use crate::sink::Sink;
+use crate::source::Source;
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+/// Everything a run needs, shared by all entities of the run.
+pub struct Ctx {
+    pub settings: Settings,
+    pub mapping: Mapping,
+    /// The mapping's entities by name, shared with work sent off the async runtime.
+    pub shared: HashMap<String, Arc<Entity>>,
+    pub source: Source,
+    pub sink: Sink,
+    pub run_id: String,
+    /// Dead letters written by this run so far (checked against the error budget).
+    pub dead_total: AtomicU64,
+    /// Set by a shutdown signal; checked between batches so the current batch commits first.
+    pub stop: Arc<AtomicBool>,
+    /// What reference resolution learned this run (each key fetched at most once per run).
+    /// A mutex because backfill chunks of one run resolve concurrently.
+    pub memo: tokio::sync::Mutex<crate::engine::memo::Memo>,
+    /// Rows this run wrote on demand, so a lane reading them again skips them.
+    /// Shared with the window's mapper, which looks ahead in it (`pre_skip`).
+    pub pulled: Arc<std::sync::Mutex<crate::engine::pulled::Pulled>>,
+    /// Which documents have dead letters, missing references or pending records.
+    pub records: crate::sink::records::Known,
+    /// Every batch is rolled back instead of committed and no checkpoint is saved.
+    pub dry_run: bool,
+    /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
+    pub provenance: bool,
+}
+
+impl Ctx {
+    /// Entity `name` of the mapping, shareable with other tasks.
+    pub fn entity_arc(&self, name: &str) -> Result<Arc<Entity>> {
+        match self.shared.get(name) {
+            Some(e) => Ok(e.clone()),
+            None => Ok(Arc::new(self.mapping.entity(name)?.clone())),
+        }
+    }
+
+    pub fn new(
+        settings: Settings,
+        mapping: Mapping,
+        source: Source,
+        sink: Sink,
+        run_id: String,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        let shared = mapping
+            .entities
+            .iter()
+            .map(|e| (e.name.clone(), Arc::new(e.clone())))
+            .collect();
+        Ctx {
+            shared,
+            mapping,
+            source,
+            sink,
+            run_id,
+            dead_total: AtomicU64::new(0),
+            stop,
+            memo: Default::default(),
+            pulled: Arc::new(std::sync::Mutex::new(crate::engine::pulled::Pulled::new(
+                settings.state_dir.clone(),
+            ))),
+            records: Default::default(),
+            dry_run: false,
+            provenance: settings.sync.provenance,
+            settings,
+        }
+    }
+}
+
+/// Document counts: `read = written + unchanged + dead_lettered + duplicates + deleted + filtered`.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub read: u64,
+    pub written: u64,
+    /// Of `written`: new rows, and rows that existed with other content (counted when
+    /// provenance is on or in a dry run; otherwise 0).
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    /// Of `unchanged`: rows this run had already written from the same document (pulled on
+    /// demand by another batch), skipped without reading the target ([`crate::engine::pulled`]).
+    pub already_written: u64,
+    pub dead_lettered: u64,
+    /// Earlier versions of a key superseded inside the same batch.
+    pub duplicates: u64,
+    /// Documents whose time field is missing or mistyped (dead-lettered by the scan).
+    pub invalid_time: u64,
+    /// Documents matching the deleted rule.
+    pub deleted: u64,
+    /// Documents matching `skip_when`.
+    pub filtered: u64,
+    /// Child rows inserted or changed, and removed (element gone from the source array).
+    pub child_written: u64,
+    pub child_removed: u64,
+    /// Documents pulled on demand (references and dependents), and their rows written.
+    pub pulled: u64,
+    pub pulled_written: u64,
+    /// References that could not be resolved (recorded in tidemark_missing_refs).
+    pub missing_refs: u64,
+    /// Documents held back for a later run (on_missing = defer, or over a limit).
+    pub deferred: u64,
+    /// Batches where max_depth or max_pulled_per_batch stopped resolution.
+    pub limit_hits: u64,
+    /// Round-trips to the source.
+    pub source_queries: u64,
+    /// Batches written while the batch before them was still being written (on their own
+    /// connection, committed after it: `target.batches_in_flight`).
+    pub overlapped_batches: u64,
+    /// Of one batch: none of its rows was stored before (the window's next batch then
+    /// presumes a first load, [`crate::sink::BatchWrite::presume_new`]). Not summed.
+    #[serde(skip)]
+    pub all_new: bool,
+    /// Of one batch: it had dependents and none was stored before (the next batch presumes
+    /// the same, [`crate::sink::BatchWrite::presume_dependents_new`]). Not summed.
+    #[serde(skip)]
+    pub dependents_new: bool,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.read += o.read;
+        self.written += o.written;
+        self.inserted += o.inserted;
+        self.updated += o.updated;
+        self.unchanged += o.unchanged;
+        self.already_written += o.already_written;
+        self.dead_lettered += o.dead_lettered;
+        self.duplicates += o.duplicates;
+        self.invalid_time += o.invalid_time;
+        self.deleted += o.deleted;
+        self.filtered += o.filtered;
+        self.child_written += o.child_written;
+        self.child_removed += o.child_removed;
+        self.pulled += o.pulled;
+        self.pulled_written += o.pulled_written;
+        self.missing_refs += o.missing_refs;
+        self.deferred += o.deferred;
+        self.limit_hits += o.limit_hits;
+        self.source_queries += o.source_queries;
+        self.overlapped_batches += o.overlapped_batches;
+    }
+}
+
+/// The outcome of one window.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowReport {
+    pub entity: String,
+    pub window: Window,
+    pub resumed: bool,
+    pub batches: u64,
+    pub counts: Counts,
+    pub elapsed_ms: u64,
+    /// The window's last batch stored only new rows (the next window's first batch then
+    /// presumes a first load too).
+    #[serde(skip)]
+    pub ended_new: bool,
+}
+
+/// The outcome of catching one entity up.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntityReport {
+    pub entity: String,
+    pub windows: usize,
+    pub counts: Counts,
+    pub watermark: Option<DateTime<Utc>>,
+    pub warnings: Vec<String>,
+    pub elapsed_ms: u64,
+}
+
+/// The nightly lane of an entity.
+pub fn nightly_lane(entity: &str) -> String {
+    format!("nightly:{entity}")
+}

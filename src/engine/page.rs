@@ -1,0 +1,343 @@
+//! One page of source documents mapped to rows ([`map_page`], [`MappedPage`]) and made
+//! ready for the writer ([`prepare`]: keys and hashes computed ahead, off the async runtime).
+
+use crate::mapping::{Entity, Outcome, TableRef, Value};
+use crate::sink::DeadLetter;
+use bson::Bson;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+
+/// Source id used for dead letters: relaxed extended JSON of `_id`.
+pub fn source_id(doc: &bson::RawDocument) -> String {
+    match doc.get("_id") {
+        Ok(Some(v)) => Bson::try_from(v)
+            .map(|b| b.into_relaxed_extjson().to_string())
+            .unwrap_or_else(|_| "<undecodable _id>".into()),
+        _ => "<missing _id>".into(),
+    }
+}
+
+pub fn raw_json(doc: &bson::RawDocument) -> String {
+    // Too deep for the recursive converters: keep the exact bytes instead.
+    if crate::mapping::value::nested_deeper_than(
+        bson::raw::RawBsonRef::Document(doc),
+        crate::mapping::value::MAX_NESTING,
+    ) {
+        return serde_json::json!({ "$nestedTooDeep": true, "$hex": hex::encode(doc.as_bytes()) })
+            .to_string();
+    }
+    match bson::Document::try_from(doc) {
+        Ok(d) => Bson::Document(d).into_relaxed_extjson().to_string(),
+        Err(e) => serde_json::json!({ "$undecodable": e.to_string(), "$hex": hex::encode(doc.as_bytes()) }).to_string(),
+    }
+}
+
+/// A mapped page: rows de-duplicated on the primary key (last version wins).
+#[derive(Default)]
+pub struct MappedPage {
+    pub rows: Vec<Vec<Value>>,
+    /// Canonical key and hash of each row, when [`prepare`] computed them ahead.
+    pub row_meta: Vec<(String, String)>,
+    /// The same per child table, for each of `children`' rows; emptied when the children
+    /// change after [`prepare`] (the writer then computes them itself).
+    pub child_meta: Vec<Vec<(String, String)>>,
+    /// [`crate::engine::pulled::doc_hash`] of each of the page's documents (indexed like them), when
+    /// computed ahead, off the writer's task; empty: computed where needed.
+    pub doc_hashes: Vec<u64>,
+    /// Write without reading first (the window's previous batch was all new rows).
+    pub presume_new: bool,
+    /// Write the dependents without reading first (the previous batch's were all new).
+    pub presume_dependents_new: bool,
+    /// For each row, the index of its document in the page.
+    pub row_docs: Vec<usize>,
+    /// Per child table: rows of the kept parents, de-duplicated on the child key.
+    pub children: Vec<Vec<Vec<Value>>>,
+    pub deletes: Vec<Vec<Value>>,
+    pub soft_deletes: Vec<(Vec<Value>, Value)>,
+    pub dead: Vec<DeadLetter>,
+    pub resolved: Vec<String>,
+    pub duplicates: u64,
+    /// Documents matching the deleted rule (with or without a derivable key).
+    pub deleted: u64,
+    pub filtered: u64,
+    /// A missing-reference policy nulled or dropped child rows: a later mapping of the same
+    /// documents could write more, so [`crate::engine::pulled`] does not record the page's rows.
+    pub children_cut: bool,
+    /// Documents taken out of the page before mapping because this run already wrote them
+    /// (see [`pre_skip`]), to be confirmed when the batch's turn comes
+    /// ([`confirm_pre_skipped`]).
+    pub unmapped: Vec<PreSkipped>,
+    /// How many documents [`confirm_pre_skipped`] confirmed: read, skipped, never mapped.
+    pub skipped_unmapped: u64,
+}
+
+/// A document [`pre_skip`] took out of its page: its position in the page, the document, its
+/// source id (computed in the mapper, off the window's task) and its key and document hashes.
+pub struct PreSkipped {
+    pub(crate) at: usize,
+    pub(crate) doc: bson::RawDocumentBuf,
+    pub(crate) id: String,
+    pub(crate) key: u64,
+    pub(crate) hash: u64,
+}
+
+impl MappedPage {
+    /// Compute [`MappedPage::doc_hashes`] for the page's documents `docs`.
+    pub fn hash_docs(&mut self, docs: &[bson::RawDocumentBuf]) {
+        self.doc_hashes = docs
+            .iter()
+            .map(|d| crate::engine::pulled::doc_hash(d))
+            .collect();
+    }
+
+    /// [`crate::engine::pulled::doc_hash`] of document `di` of `docs` (the page's documents):
+    /// computed ahead when it was, else now.
+    pub fn doc_hash(&self, docs: &[bson::RawDocumentBuf], di: usize) -> u64 {
+        match self.doc_hashes.get(di) {
+            Some(&h) => h,
+            None => crate::engine::pulled::doc_hash(&docs[di]),
+        }
+    }
+
+    /// Keep the rows marked in `keep` (with their documents, precomputed keys and hashes, and
+    /// child rows); returns the rows removed. A child row goes with its parent, matched on
+    /// the child's parent link.
+    pub fn retain_rows(&mut self, e: &Entity, keep: &[bool]) -> Vec<Vec<Value>> {
+        if keep.iter().all(|k| *k) {
+            return Vec::new();
+        }
+        let meta = std::mem::take(&mut self.row_meta);
+        let has_meta = meta.len() == self.rows.len();
+        let rows = std::mem::take(&mut self.rows);
+        let docs = std::mem::take(&mut self.row_docs);
+        let mut removed = Vec::new();
+        let mut meta = meta.into_iter();
+        for ((row, d), k) in rows.into_iter().zip(docs).zip(keep) {
+            let m = if has_meta { meta.next() } else { None };
+            if *k {
+                self.rows.push(row);
+                self.row_docs.push(d);
+                self.row_meta.extend(m);
+            } else {
+                removed.push(row);
+            }
+        }
+        for (ci, child) in e.children.iter().enumerate() {
+            let (by, parent_cols): (Vec<usize>, Vec<usize>) =
+                child.parent_links.iter().copied().unzip();
+            let gone: std::collections::HashSet<String> =
+                removed.iter().map(|r| key_text(r, &parent_cols)).collect();
+            let Some(rows) = self.children.get_mut(ci) else {
+                continue;
+            };
+            let kept: Vec<bool> = rows
+                .iter()
+                .map(|row| !gone.contains(&key_text(row, &by)))
+                .collect();
+            let aligned = self
+                .child_meta
+                .get(ci)
+                .is_some_and(|m| m.len() == rows.len());
+            retain_marked(rows, &kept);
+            // The child rows' keys and hashes computed ahead go with their rows.
+            if let Some(meta) = self.child_meta.get_mut(ci) {
+                if aligned {
+                    retain_marked(meta, &kept);
+                } else {
+                    meta.clear();
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// Keep the items of `v` whose mark in `keep` (indexed like them) is true.
+fn retain_marked<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut k = keep.iter();
+    v.retain(|_| *k.next().unwrap_or(&false));
+}
+
+fn key_text(row: &[Value], cols: &[usize]) -> String {
+    cols.iter()
+        .map(|&i| row[i].key_text())
+        .collect::<Vec<_>>()
+        .join("\u{1f}")
+}
+
+type RowWithChildren = (Vec<Value>, Vec<Vec<Vec<Value>>>, usize);
+type Deletion = (Vec<Value>, Option<DateTime<Utc>>);
+
+/// Map every document of a page; failures become dead letters, nothing is dropped.
+/// Within a page the last event per key wins: a later version replaces an earlier one,
+/// a deletion cancels an earlier row and a row cancels an earlier deletion.
+pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool) -> MappedPage {
+    let mut out = MappedPage::default();
+    let mut rows: Vec<Option<RowWithChildren>> = Vec::with_capacity(docs.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(docs.len());
+    let mut deletes: Vec<Option<Deletion>> = Vec::new();
+    let mut del_index: HashMap<String, usize> = HashMap::new();
+    let mut last_ok: HashMap<String, bool> = HashMap::new();
+    let soft = e
+        .deleted
+        .as_ref()
+        .is_some_and(|d| d.action == crate::mapping::spec::DeleteAction::SoftDelete);
+    for (di, doc) in docs.iter().enumerate() {
+        let outcome = match e.map(doc) {
+            Ok(o) => o,
+            Err(err) => {
+                let id = source_id(doc);
+                if track_resolved {
+                    last_ok.insert(id.clone(), false);
+                }
+                out.dead.push(DeadLetter {
+                    source_id: id,
+                    error: err.to_string(),
+                    document: raw_json(doc),
+                });
+                continue;
+            }
+        };
+        if track_resolved {
+            let id = source_id(doc);
+            last_ok.insert(id.clone(), true);
+            out.resolved.push(id);
+        }
+        match outcome {
+            Outcome::Row { row, children } => {
+                let key = key_text(&row, &e.pk);
+                if let Some(at) = del_index.remove(&key) {
+                    deletes[at] = None;
+                    out.duplicates += 1;
+                    out.deleted -= 1;
+                }
+                match index.get(&key) {
+                    Some(&at) => {
+                        rows[at] = Some((row, children, di));
+                        out.duplicates += 1;
+                    }
+                    None => {
+                        index.insert(key, rows.len());
+                        rows.push(Some((row, children, di)));
+                    }
+                }
+            }
+            Outcome::Deleted { key, at } => {
+                out.deleted += 1;
+                let Some(k) = key else { continue };
+                let kt = k
+                    .iter()
+                    .map(Value::key_text)
+                    .collect::<Vec<_>>()
+                    .join("\u{1f}");
+                if let Some(i) = index.remove(&kt) {
+                    rows[i] = None;
+                    out.duplicates += 1;
+                }
+                match del_index.get(&kt) {
+                    Some(&i) => {
+                        deletes[i] = Some((k, at));
+                        out.duplicates += 1;
+                        out.deleted -= 1;
+                    }
+                    None => {
+                        del_index.insert(kt, deletes.len());
+                        deletes.push(Some((k, at)));
+                    }
+                }
+            }
+            Outcome::Filtered => out.filtered += 1,
+        }
+    }
+    if track_resolved && last_ok.len() < out.dead.len() + out.resolved.len() {
+        // A document came twice in the page (changed while being read): its last version
+        // decides whether it is dead-lettered or resolved; a superseded failure counts as a
+        // duplicate.
+        let before = out.dead.len();
+        out.dead
+            .retain(|d| last_ok.get(&d.source_id) != Some(&true));
+        out.duplicates += (before - out.dead.len()) as u64;
+        let mut seen = std::collections::HashSet::new();
+        out.resolved
+            .retain(|id| last_ok.get(id) == Some(&true) && seen.insert(id.clone()));
+    }
+    for (k, at) in deletes.into_iter().flatten() {
+        if soft {
+            out.soft_deletes
+                .push((k, at.map_or(Value::Null, Value::Timestamp)));
+        } else {
+            out.deletes.push(k);
+        }
+    }
+    let mut parent_children = Vec::with_capacity(rows.len());
+    for (row, children, di) in rows.into_iter().flatten() {
+        out.rows.push(row);
+        out.row_docs.push(di);
+        parent_children.push(children);
+    }
+    out.children = e
+        .children
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            let mut rows: Vec<Vec<Value>> = Vec::new();
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for pc in &parent_children {
+                for r in &pc[ci] {
+                    let k = key_text(r, &c.pk);
+                    match seen.get(&k) {
+                        Some(&at) => rows[at] = r.clone(),
+                        None => {
+                            seen.insert(k, rows.len());
+                            rows.push(r.clone());
+                        }
+                    }
+                }
+            }
+            rows
+        })
+        .collect();
+    out
+}
+
+/// A row's canonical key and hash, as the writer records them for provenance.
+pub fn row_meta(t: TableRef<'_>, row: &[Value]) -> (String, String) {
+    (
+        crate::mapping::canon::key_of_row(t, row),
+        crate::mapping::canon::row_hash(t, row),
+    )
+}
+
+/// Get a mapped page ready for the writer, off its critical path: with `hash` (provenance
+/// on, or a dry run counting inserts and updates) compute each row's canonical key and
+/// hash, then serialize its JSON columns to text. The writer then only compares hashes and
+/// binds text while the database works (the window pipeline runs this in its mapper stage).
+pub fn prepare(e: &Entity, page: &mut MappedPage, hash: bool) {
+    let t = e.table_ref();
+    let meta = |t: TableRef<'_>, rows: &[Vec<Value>]| -> Vec<(String, String)> {
+        rows.iter().map(|r| row_meta(t, r)).collect()
+    };
+    if hash {
+        page.row_meta = meta(t, &page.rows);
+        page.child_meta = e
+            .children
+            .iter()
+            .zip(&page.children)
+            .map(|(c, rows)| meta(c.table_ref(), rows))
+            .collect();
+    }
+    for row in page
+        .rows
+        .iter_mut()
+        .chain(page.children.iter_mut().flatten())
+    {
+        for v in row.iter_mut() {
+            match v {
+                Value::Json(j) => *v = Value::json_text(j.to_string()),
+                // Hashed: the writer needs only the text.
+                Value::JsonText { sorted, .. } => *sorted = None,
+                _ => {}
+            }
+        }
+    }
+}
