@@ -1,5 +1,6 @@
 //! Logging: human lines on a terminal, JSON lines otherwise (journald-friendly).
-//! `RUST_LOG` overrides the configured level.
+//! `RUST_LOG` overrides the configured level. Every line passes through secret redaction
+//! (`secret::RedactingWriter`), whatever module or dependency logged it.
 
 pub mod metrics;
 pub mod progress;
@@ -20,7 +21,9 @@ pub fn init(format: LogFormat, level: &str) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::telemetry::progress::log_writer);
+        .with_writer(|| {
+            crate::secret::RedactingWriter::new(crate::telemetry::progress::log_writer())
+        });
     let _ = if json {
         builder
             .json()
