@@ -1,4 +1,5 @@
-//! Security: passwords never leak (logs, JSON logs, status, reports, metrics, errors),
+//! Security: passwords never leak (logs, JSON logs, status, reports, metrics, errors), not
+//! even in generated connection strings with credentials in every position (issue 29),
 //! SCRAM authentication against a server started with `--auth`, and the source is never
 //! written (every command the run sends is seen by a sniffing proxy).
 
@@ -214,4 +215,192 @@ fn metrics_endpoint_binds_localhost_by_default() {
     assert_eq!(s.daemon.metrics_listen, "", "off unless configured");
     let addr = tidemark::schedule::listen_addr("9464").unwrap();
     assert!(addr.ip().is_loopback(), "{addr}");
+}
+
+/// A word of a generated secret: never an ordinary word of an output.
+fn secret_word() -> proptest::strategy::BoxedStrategy<String> {
+    use proptest::strategy::Strategy;
+    "Q[A-Z]{2}[0-9][A-Z0-9]{3,5}".boxed()
+}
+
+/// Secret words joined by characters drawn from `seps`, and the words.
+fn generated_secret(
+    runner: &mut proptest::test_runner::TestRunner,
+    seps: &[&'static str],
+) -> (String, Vec<String>) {
+    use proptest::strategy::{Strategy, ValueTree};
+    let strategy = proptest::collection::vec(
+        (secret_word(), proptest::sample::select(seps.to_vec())),
+        1..=3,
+    );
+    let parts = strategy.new_tree(runner).unwrap().current();
+    let mut s = String::new();
+    let mut words = Vec::new();
+    for (w, sep) in parts {
+        s.push_str(&w);
+        s.push_str(sep);
+        words.push(w);
+    }
+    (s, words)
+}
+
+/// Reserved characters, quotes, escapes and non-ASCII, as people type them in passwords.
+const PASSWORD_SEPS: &[&str] = &[
+    "@", "/", ":", "?", "#", "[", "]", "&", "=", "%", "+", ",", ";", "\"", "'", "\\", " ", "é",
+    "%40", "%2F", "://", "",
+];
+/// What may stand unencoded in an option's value.
+const OPTION_SEPS: &[&str] = &[":", ",", "/", "+", "=", "?", "#", "%2B", "%26", "-", ""];
+
+/// Issue 29: generated connection strings with credentials in every position (userinfo with
+/// unencoded reserved characters, raw or percent-encoded, and every secret-bearing option of
+/// both drivers) pushed through every output path of the binary: check-config, the errors
+/// of run/status/verify against unreachable hosts, JSON and human logs at debug level, the
+/// metrics textfile and the reports directory; plus one reachable PostgreSQL target, where
+/// sqlx logs the value of every option it does not know. No secret word may appear; the
+/// hosts must stay readable.
+#[tokio::test]
+async fn generated_credentials_never_reach_any_output() {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    // Arrange: a reachable PostgreSQL database of its own, and a fixed seed.
+    let env = Env::new(
+        "secretgen",
+        Backend::Postgres,
+        &items_mapping("epoch_millis"),
+    )
+    .await;
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[29; 32]),
+    );
+    let bin = env!("CARGO_BIN_EXE_tidemark");
+    let textfile = env.dir.path().join("metrics.prom");
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let db = env.target_url.rsplit('/').next().unwrap().to_string();
+    for case in 0..5u8 {
+        let mut words = Vec::new();
+        let mut secret = |runner: &mut TestRunner, seps| {
+            let (s, w) = generated_secret(runner, seps);
+            words.extend(w);
+            s
+        };
+        let encode = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        let (mpw, ppw) = (
+            secret(&mut runner, PASSWORD_SEPS),
+            secret(&mut runner, PASSWORD_SEPS),
+        );
+        let (token, keypw, proxypw) = (
+            secret(&mut runner, OPTION_SEPS),
+            secret(&mut runner, OPTION_SEPS),
+            secret(&mut runner, OPTION_SEPS),
+        );
+        let (sslpw, qpw, oauth) = (
+            secret(&mut runner, OPTION_SEPS),
+            secret(&mut runner, OPTION_SEPS),
+            secret(&mut runner, OPTION_SEPS),
+        );
+        let mhost = format!("127.0.0.{}", 10 + case);
+        let source = format!(
+            "mongodb://tm:{}@{mhost}:1,{mhost}:2/?connectTimeoutMS=500&serverSelectionTimeoutMS=500\
+             &authMechanismProperties=SERVICE_NAME:mongodb,AWS_SESSION_TOKEN:{token}\
+             &tlsCertificateKeyFilePassword={keypw}&proxyPassword={proxypw}",
+            if case % 2 == 0 { mpw.clone() } else { encode(&mpw) }
+        );
+        // Odd cases: the real server with a password it ignores (trust), so sqlx parses the
+        // URL and logs the options it does not know; even cases: an unreachable host.
+        let (phost, target) = if case % 2 == 1 {
+            let h = "127.0.0.1".to_string();
+            let t = format!(
+                "postgres://postgres:{}@{h}:5432/{db}?sslmode=disable&sslpassword={sslpw}\
+                 &oauth_client_secret={oauth}&password={qpw}",
+                encode(&ppw)
+            );
+            (h, t)
+        } else {
+            let h = format!("127.0.0.{}", 20 + case);
+            let t = format!(
+                "postgres://tm:{ppw}@{h}:1/v3?sslpassword={sslpw}&oauth_client_secret={oauth}\
+                 &password={qpw}"
+            );
+            (h, t)
+        };
+        let cmd = |args: &[&str], format: &str| {
+            let mut c = Command::new(bin);
+            c.args(args)
+                .envs(env.env_vars(&target))
+                .env("TIDEMARK__SOURCE__URI", &source)
+                .env("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "1s")
+                .env("TIDEMARK__LOG__FORMAT", format)
+                .env("TIDEMARK__LOG__LEVEL", "debug")
+                .env("RUST_LOG", "debug");
+            c
+        };
+
+        // Act: every command and format.
+        let _ = std::fs::remove_file(&textfile);
+        let check = cmd(&["check-config"], "json").output().unwrap();
+        let run_json = cmd(&["run", "--textfile", textfile.to_str().unwrap()], "json")
+            .output()
+            .unwrap();
+        let run_human = cmd(&["run"], "human").output().unwrap();
+        let status_json = cmd(&["status", "--json"], "json").output().unwrap();
+        let status = cmd(&["status"], "human").output().unwrap();
+        let verify = cmd(&["verify", "--from", "-2d", "--to", "-1d"], "json")
+            .output()
+            .unwrap();
+
+        // Assert: the failures are reported, naming the hosts, and no secret word shows.
+        assert!(check.status.success(), "{}", text(&check));
+        let check_out = text(&check);
+        for h in [&mhost, &phost] {
+            assert!(
+                check_out.contains(h.as_str()),
+                "host {h} readable:\n{check_out}"
+            );
+        }
+        assert!(!run_json.status.success(), "{}", text(&run_json));
+        let run_out = text(&run_json);
+        assert!(
+            run_out.contains(&mhost) || run_out.contains(&phost),
+            "the error names a host:\n{run_out}"
+        );
+        let mut outputs = vec![
+            ("check-config", check_out),
+            ("run (JSON logs)", run_out),
+            ("run (human logs)", text(&run_human)),
+            ("status --json", text(&status_json)),
+            ("status", text(&status)),
+            ("verify", text(&verify)),
+            (
+                "metrics textfile",
+                std::fs::read_to_string(&textfile).unwrap_or_default(),
+            ),
+        ];
+        for entry in std::fs::read_dir(env.dir.path().join("reports"))
+            .into_iter()
+            .flatten()
+        {
+            let p = entry.unwrap().path();
+            outputs.push((
+                "report file",
+                std::fs::read_to_string(&p).unwrap_or_default(),
+            ));
+        }
+        for (what, out) in &outputs {
+            for w in &words {
+                assert!(
+                    !out.contains(w.as_str()),
+                    "case {case}: {what} shows {w} (source {source:?}, target {target:?}):\n{out}"
+                );
+            }
+        }
+    }
 }
