@@ -114,7 +114,31 @@ impl<'de> Deserialize<'de> for SecretUri {
 /// no parser accepts what must be handled here: MongoDB seed lists (`mongodb://u:p@h1,h2/`),
 /// unencoded reserved characters in passwords, and connection strings inside messages.
 pub fn redact_uri(text: &str) -> String {
-    scrub_known(&redact_patterns(text))
+    redact_json_text(text).unwrap_or_else(|| scrub_known(&redact_patterns(text)))
+}
+
+/// A JSON document (a report, a JSON log line) is redacted string by string, so a secret's
+/// span never runs across values and the document keeps its shape; pretty-printed stays
+/// pretty. `None`: not JSON.
+fn redact_json_text(text: &str) -> Option<String> {
+    let t = text.trim();
+    if !(t.starts_with('{') || t.starts_with('[')) {
+        return None;
+    }
+    let mut v: serde_json::Value = serde_json::from_str(t).ok()?;
+    let before = v.clone();
+    redact_json(&mut v);
+    if v == before {
+        return Some(text.to_string());
+    }
+    let body = if t.contains('\n') {
+        serde_json::to_string_pretty(&v).ok()?
+    } else {
+        v.to_string()
+    };
+    let lead = &text[..text.len() - text.trim_start().len()];
+    let tail = &text[text.trim_end().len()..];
+    Some(format!("{lead}{body}{tail}"))
 }
 
 /// Layer 1 only (no remembered values): what the patterns alone hide in free text.
@@ -156,15 +180,7 @@ impl<W: Write> RedactingWriter<W> {
     }
 
     fn redacted(&self) -> String {
-        let text = String::from_utf8_lossy(&self.buf);
-        let trimmed = text.trim_end_matches('\n');
-        if trimmed.starts_with('{') && !trimmed.contains('\n') {
-            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(trimmed) {
-                redact_json(&mut v);
-                return format!("{v}{}", &text[trimmed.len()..]);
-            }
-        }
-        redact_uri(&text)
+        redact_uri(&String::from_utf8_lossy(&self.buf))
     }
 }
 
@@ -668,6 +684,21 @@ mod tests {
         for leak in ["Kq7vW2", "Pr0xyPw9"] {
             assert!(!out.contains(leak), "{out}");
         }
+    }
+
+    /// A report: the span of a password never runs into the next values.
+    #[test]
+    fn json_documents_are_redacted_value_by_value() {
+        let report = serde_json::json!({
+            "error": "cannot open postgres://u:Wq9xZ1@db.internal/v3",
+            "warnings": ["record a@b.example deferred"],
+        });
+        let text = serde_json::to_string_pretty(&report).unwrap();
+        let out = redact_uri(&text);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["error"], "cannot open postgres://u:***@db.internal/v3");
+        assert_eq!(v["warnings"][0], "record a@b.example deferred");
+        assert!(out.contains("\n  \"warnings\""), "stays pretty: {out}");
     }
 
     #[test]
