@@ -10,15 +10,17 @@
 #    tm_bench_<vizzes> (kept for the next run; --reseed forces, --drop-source drops at the end);
 # 4. alternating between tools, --runs times each, copies the same window of documentInfo into
 #    fresh PostgreSQL databases (tm_bench_*; dropped after each run) and SQLite files:
-#    tidemark (bench/flat.toml and config/mappings/vizhub.toml), bench/baseline.py,
-#    bench/dlt_pipeline.py, and the limits (examples/read_limit.rs; psql COPY + upsert);
+#    tidemark (bench/flat.toml and config/mappings/vizhub.toml), bench/baseline.py (careful),
+#    bench/baseline_naive.py, bench/dlt_pipeline.py, and the limits (examples/read_limit.rs;
+#    psql COPY + upsert; psql COPY into the empty table; bench/sqlite_limit.py for SQLite);
 #    checks every result against the source (count, ids, times, the tie at the window edge);
 # 5. measures a run with nothing new and a one-day window at vizzes/10 and vizzes
 #    (and a 1,000,000-document documentInfo cloned from the data set, with --big);
 # 6. prints the table and writes bench/results/latest.md (+ latest.json).
 #
 # Environment: TIDEMARK__SOURCE__URI (default: scripts/ensure-mongo.sh, i.e. 127.0.0.1:27017),
-# BENCH_PG (default postgres://postgres@127.0.0.1:5432; needs CREATE DATABASE rights).
+# BENCH_PG (default postgres://postgres@127.0.0.1:5432; needs CREATE DATABASE rights),
+# BENCH_PREFIX (default tm_bench: the names of every database it creates, and drops as leftovers).
 # Times are printed, never asserted. The machine should be otherwise idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +51,18 @@ command -v psql >/dev/null || { log "psql is missing (postgresql-client)"; exit 
 TIDEMARK__SOURCE__URI="$(scripts/ensure-mongo.sh)"
 export TIDEMARK__SOURCE__URI
 
-log "building tidemark and examples/read_limit (release)"
-cargo build --release --quiet --bin tidemark --example read_limit
+# The binaries measured are copied out of the build directory right after the build, so a
+# build sharing CARGO_TARGET_DIR (another worktree) cannot swap them during the runs. Set both
+# BENCH_TIDEMARK_BIN and BENCH_READ_LIMIT_BIN to measure prebuilt binaries without building.
+if [[ -z ${BENCH_TIDEMARK_BIN:-} || -z ${BENCH_READ_LIMIT_BIN:-} ]]; then
+  log "building tidemark and examples/read_limit (release)"
+  cargo build --release --quiet --bin tidemark --example read_limit
+  target="${CARGO_TARGET_DIR:-target}"
+  mkdir -p state/bench/bin
+  cp "$target/release/tidemark" state/bench/bin/tidemark
+  cp "$target/release/examples/read_limit" state/bench/bin/read_limit
+  export BENCH_TIDEMARK_BIN="$PWD/state/bench/bin/tidemark" BENCH_READ_LIMIT_BIN="$PWD/state/bench/bin/read_limit"
+  export BENCH_REV="${BENCH_REV:-$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no -- src Cargo.toml | grep -q . && echo ' + uncommitted changes')}"
+fi
 
 exec "$VENV/bin/python" bench/bench.py "--argv=$*" "$@"
