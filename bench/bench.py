@@ -235,7 +235,8 @@ def timed(name, cmd, env=None, stdin=None):
 # Source data
 # ---------------------------------------------------------------------------------------------
 def demo_fingerprint():
-    return hashlib.sha256((ROOT / "src" / "demo.rs").read_bytes()).hexdigest()[:16]
+    path = ROOT / "src" / "commands" / "demo.rs"
+    return hashlib.sha256((path if path.exists() else ROOT / "src" / "demo.rs").read_bytes()).hexdigest()[:16]
 
 
 def ensure_source(db, vizzes, seed, reseed):

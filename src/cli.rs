@@ -141,9 +141,15 @@ pub struct BackfillArgs {
     /// Only these entities (repeatable); default: sync.entities, else every windowed entity.
     #[arg(long = "entity", value_name = "NAME")]
     pub entities: Vec<String>,
-    /// Length of one chunk (one checkpoint lane, one unit of work), e.g. 6h, 1d, 7d.
-    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
-    pub chunk: std::time::Duration,
+    /// Cut the range into chunks of this length (one checkpoint lane, one unit of work), e.g.
+    /// 6h, 1d, 7d. Default: chunks of about --chunk-docs documents each, planned with indexed
+    /// counts, so sparse years become a few chunks and a busy day several.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub chunk: Option<std::time::Duration>,
+    /// Documents per chunk when --chunk is not given (per entity; documents sharing one
+    /// instant stay in one chunk).
+    #[arg(long, value_name = "N", default_value_t = crate::engine::window::DEFAULT_CHUNK_DOCS, conflicts_with = "chunk")]
+    pub chunk_docs: u64,
     /// Chunks run at the same time by this process.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub parallel: usize,

@@ -9,8 +9,17 @@
 //! expired claim (or one whose pid is gone on this host) is taken over, and the new
 //! holder resumes from the chunk's checkpoint.
 //!
-//! The backfill id is derived from the range, chunk size and entities, so running the
+//! By default chunks are cut by document count (about [`DEFAULT_CHUNK_DOCS`] each, planned
+//! with indexed counts per range, sparse stretches merged: see
+//! [`window::chunks_by_count`]), so a backfill costs about what `run` costs over the same
+//! range, dense or sparse; `--chunk DURATION` cuts by time instead. The plan is made once,
+//! by the worker that creates the backfill, and stored; every other worker reads it from
+//! the ledger.
+//!
+//! The backfill id is derived from the range, the chunk setting and entities, so running the
 //! same command again (or on another host) resumes or joins the same backfill.
+//!
+//! [`DEFAULT_CHUNK_DOCS`]: crate::engine::window::DEFAULT_CHUNK_DOCS
 
 use crate::commands::lifecycle::{outcome, RunLog};
 use crate::commands::run::RunReport;
@@ -18,7 +27,7 @@ use crate::commands::setup::{load_mapping, open_sink_dry};
 use crate::engine::lane::{holder_is_dead, this_host};
 use crate::engine::pipeline::EntityReport;
 use crate::engine::pipeline::{self, Counts, Ctx};
-use crate::engine::window::{fmt_ts, to_millis, Window};
+use crate::engine::window::{self, fmt_ts, to_millis, ChunkBy, Window};
 use crate::exit::Failure;
 use crate::settings::Settings;
 use crate::sink::chunks::{plan_id, Chunk, ChunkCounts, Ledger, Plan, Progress};
@@ -40,7 +49,7 @@ pub struct BackfillOptions {
     pub from: Option<String>,
     pub to: Option<String>,
     pub entities: Vec<String>,
-    pub chunk: Duration,
+    pub chunk: ChunkBy,
     pub parallel: usize,
     /// Resume or join this backfill; the range and entities come from the ledger.
     pub resume: Option<String>,
@@ -128,10 +137,30 @@ pub async fn backfill(
             ))
         })?,
         None => {
-            let plan = new_plan(&s, &opts, &mapping, &source).await?;
-            ledger.id = plan.id.clone();
-            ledger.create(&plan).await?;
-            plan
+            let (id, range, entities) = new_range(&s, &opts, &mapping, &source).await?;
+            match Ledger::load(&sink, &id).await? {
+                // Another worker (or an earlier run of this command) planned it: join.
+                Some(plan) => plan,
+                None => {
+                    let mut chunks = Vec::new();
+                    for n in &entities {
+                        let e = mapping.entity(n).map_err(Failure::Config)?;
+                        for w in plan_chunks(&source, e, range, opts.chunk).await? {
+                            chunks.push((n.clone(), w));
+                        }
+                    }
+                    let plan = Plan {
+                        id,
+                        range,
+                        chunk_ms: opts.chunk.ledger_ms(),
+                        entities,
+                        chunks,
+                    };
+                    ledger.id = plan.id.clone();
+                    ledger.create(&plan).await?;
+                    plan
+                }
+            }
         }
     };
     ledger.id = plan.id.clone();
@@ -215,12 +244,44 @@ pub async fn backfill(
         .map(|_| report)
 }
 
-async fn new_plan(
+/// The chunks of one entity over `range`: fixed lengths, or about `n` documents each
+/// (planned with indexed counts, logged with the number of chunks and the time planning took).
+pub async fn plan_chunks(
+    source: &Source,
+    e: &crate::mapping::Entity,
+    range: Window,
+    by: ChunkBy,
+) -> Result<Vec<Window>> {
+    match by {
+        ChunkBy::Duration(d) => Ok(window::chunks(range.from, range.to, d)),
+        ChunkBy::Docs(n) => {
+            let started = Instant::now();
+            let counts = std::cell::Cell::new(0u32);
+            let planned = window::chunks_by_count(range.from, range.to, n, |w| {
+                counts.set(counts.get() + 1);
+                async move { source.count_window(e, &w).await }
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "planning the backfill chunks of {} by document count",
+                    e.name
+                )
+            })?;
+            info!(entity = %e.name, chunks = planned.len(), docs = planned.iter().map(|c| c.1).sum::<u64>(),
+                  counts = counts.get(), ms = started.elapsed().as_millis() as u64, "backfill chunks planned by document count");
+            Ok(planned.into_iter().map(|(w, _)| w).collect())
+        }
+    }
+}
+
+/// The id, effective range and entities of the backfill the options ask for.
+async fn new_range(
     s: &Settings,
     opts: &BackfillOptions,
     mapping: &crate::mapping::Mapping,
     source: &Source,
-) -> Result<Plan> {
+) -> Result<(String, Window, Vec<String>)> {
     let config = |m: String| -> anyhow::Error { Failure::Config(anyhow!(m)).into() };
     let (Some(from), Some(to)) = (&opts.from, &opts.to) else {
         return Err(config(
@@ -229,9 +290,6 @@ async fn new_plan(
     };
     let (f, t) = timearg::parse_range(from, to, Utc::now()).map_err(Failure::Config)?;
     let (f, t) = (to_millis(f), to_millis(t));
-    if opts.chunk.as_millis() == 0 {
-        return Err(config("--chunk must be longer than 0s, e.g. 1d".into()));
-    }
     let mut entities = if !opts.entities.is_empty() {
         opts.entities.clone()
     } else if !s.sync.entities.is_empty() {
@@ -262,12 +320,7 @@ async fn new_plan(
     if t_eff < t {
         warn!(to = %fmt_ts(t), until = %fmt_ts(t_eff), "--to is past the source clock minus sync.settle; the backfill stops there and the nightly run covers the rest");
     }
-    Ok(Plan {
-        id,
-        range: Window::new(f, t_eff),
-        chunk_ms: opts.chunk.as_millis() as i64,
-        entities,
-    })
+    Ok((id, Window::new(f, t_eff), entities))
 }
 
 /// Documents in the range, counted with the `(time, _id)` index: the progress bar's length.
@@ -437,7 +490,7 @@ pub async fn backfill_dry_run(
     from: &str,
     to: &str,
     entities: Vec<String>,
-    chunk: std::time::Duration,
+    chunk: ChunkBy,
     stop: Arc<AtomicBool>,
 ) -> Result<RunReport> {
     let started = Instant::now();
@@ -448,11 +501,6 @@ pub async fn backfill_dry_run(
         crate::engine::window::to_millis(f),
         crate::engine::window::to_millis(t),
     );
-    if chunk.is_zero() {
-        return Err(
-            Failure::Config(anyhow::anyhow!("--chunk must be longer than 0s, e.g. 1d")).into(),
-        );
-    }
     let names: Vec<String> = if !entities.is_empty() {
         entities
     } else if !s.sync.entities.is_empty() {
@@ -487,7 +535,7 @@ pub async fn backfill_dry_run(
         let e_started = Instant::now();
         let mut counts = Counts::default();
         let windows = if f < t {
-            crate::engine::window::chunks(f, t, chunk)
+            plan_chunks(&ctx.source, &e, Window::new(f, t), chunk).await?
         } else {
             Vec::new()
         };
@@ -520,7 +568,10 @@ pub async fn backfill_dry_run(
         report_file: None,
     };
     let mut json = serde_json::to_value(&report)?;
-    json["range"] = serde_json::json!({ "from": fmt_ts(f), "to": fmt_ts(t), "chunk": humantime::format_duration(chunk).to_string() });
+    json["range"] = serde_json::json!({ "from": fmt_ts(f), "to": fmt_ts(t), "chunk": match chunk {
+        ChunkBy::Duration(d) => humantime::format_duration(d).to_string(),
+        ChunkBy::Docs(n) => format!("{n} documents"),
+    } });
     let status = outcome(&result, &mut json, false);
     if let Ok(p) = log.finish(&ctx.sink, status, &json).await {
         report.report_file = Some(p.display().to_string());

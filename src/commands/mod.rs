@@ -19,6 +19,7 @@ pub mod sweep;
 pub mod verify;
 
 use crate::cli::{Cli, Command, DemoCommand, VerifyArgs};
+use crate::engine::window::ChunkBy;
 use crate::exit::{self, Failure};
 use crate::settings::Settings;
 use crate::telemetry::metrics;
@@ -82,9 +83,9 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     Failure::Config(anyhow::anyhow!("--dry-run needs --from and --to")).into(),
                 );
             };
+            let chunk = ChunkBy::from_args(args.chunk, Some(args.chunk_docs))?;
             let report =
-                backfill::backfill_dry_run(settings, from, to, args.entities, args.chunk, stop)
-                    .await?;
+                backfill::backfill_dry_run(settings, from, to, args.entities, chunk, stop).await?;
             println!("{report}");
             Ok(exit::OK)
         }
@@ -95,7 +96,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     from: args.from,
                     to: args.to,
                     entities: args.entities,
-                    chunk: args.chunk,
+                    chunk: ChunkBy::from_args(args.chunk, Some(args.chunk_docs))?,
                     parallel: args.parallel,
                     resume: args.resume,
                 },

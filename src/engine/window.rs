@@ -141,6 +141,130 @@ pub fn chunks(from: DateTime<Utc>, to: DateTime<Utc>, size: Duration) -> Vec<Win
     out
 }
 
+/// Documents per chunk when `--chunk` is not given. Each chunk costs a few milliseconds
+/// of its own (ledger claim, checkpoint, its first query): at 50,000 documents that is well
+/// under 1 % of the chunk's time, and a chunk still takes only seconds (BENCHMARKS.md,
+/// sixteenth round).
+pub const DEFAULT_CHUNK_DOCS: u64 = 50_000;
+
+/// How a backfill's range is cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkBy {
+    /// About this many documents per chunk, per entity (indexed counts while planning).
+    Docs(u64),
+    /// Fixed-length chunks (`--chunk`).
+    Duration(Duration),
+}
+
+impl ChunkBy {
+    /// `--chunk` when given, else chunks of `docs` documents.
+    pub fn from_args(chunk: Option<Duration>, docs: Option<u64>) -> anyhow::Result<Self> {
+        match (chunk, docs) {
+            (Some(d), _) if d.is_zero() => Err(crate::exit::Failure::Config(anyhow::anyhow!(
+                "--chunk must be longer than 0s, e.g. 1d (or leave it out: chunks are then cut by document count)"
+            ))
+            .into()),
+            (Some(d), _) => Ok(Self::Duration(d)),
+            (None, Some(0)) => Err(crate::exit::Failure::Config(anyhow::anyhow!(
+                "--chunk-docs must be at least 1, e.g. {DEFAULT_CHUNK_DOCS}"
+            ))
+            .into()),
+            (None, n) => Ok(Self::Docs(n.unwrap_or(DEFAULT_CHUNK_DOCS))),
+        }
+    }
+
+    /// What the ledger's `chunk_ms` column holds: the length, or 0 when chunks were cut by
+    /// document count (their bounds are in `tidemark_backfill_chunks`).
+    pub fn ledger_ms(self) -> i64 {
+        match self {
+            Self::Duration(d) => d.as_millis() as i64,
+            Self::Docs(_) => 0,
+        }
+    }
+
+    /// This setting's part of a backfill's id.
+    pub fn id_key(self) -> String {
+        match self {
+            Self::Duration(d) => d.as_millis().to_string(),
+            Self::Docs(n) => format!("docs:{n}"),
+        }
+    }
+}
+
+/// The most parts one range is cut into per counting round of [`chunks_by_count`].
+const MAX_PARTS: i64 = 64;
+
+/// Cut `[from, to)` into contiguous windows of at most about `target` documents each, asking
+/// `count` how many documents a window holds (an indexed count per range in practice).
+///
+/// A range holding more than `target` is cut into equal-width parts, about two per `target`
+/// documents it holds (at most 64), and each part is counted (the last one by subtraction);
+/// parts still over `target` are cut again, so dense stretches get narrow chunks and sparse
+/// ones wide chunks. A part narrower than 2 ms is not cut (documents sharing one instant
+/// cannot be split). Adjacent parts are then merged while together they hold at most
+/// `target`, so years of sparse data become a few chunks. Each counting round costs about
+/// one read of the range's index keys; uniform data needs one or two rounds.
+///
+/// Returns the windows with the counts seen while planning. The counts only guide the cut:
+/// documents written meanwhile make a chunk larger than planned, never lose a document,
+/// since the windows always cover `[from, to)` exactly.
+pub async fn chunks_by_count<F, Fut>(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    target: u64,
+    mut count: F,
+) -> anyhow::Result<Vec<(Window, u64)>>
+where
+    F: FnMut(Window) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    let target = target.max(1);
+    let mut out: Vec<(Window, u64)> = Vec::new();
+    if from >= to {
+        return Ok(out);
+    }
+    let whole = Window::new(from, to);
+    let n = count(whole).await?;
+    // Depth first, left to right, so the leaves come out in time order.
+    let mut stack = vec![(whole, n)];
+    while let Some((w, n)) = stack.pop() {
+        let (lo, hi) = (w.from.timestamp_millis(), w.to.timestamp_millis());
+        if n <= target || hi - lo < 2 {
+            match out.last_mut() {
+                Some(last) if last.1 + n <= target => {
+                    last.0.to = w.to;
+                    last.1 += n;
+                }
+                _ => out.push((w, n)),
+            }
+            continue;
+        }
+        let want = (2 * n).div_ceil(target).clamp(2, MAX_PARTS as u64) as i64;
+        let parts = want.min(hi - lo);
+        let mut bounds: Vec<i64> = (0..parts).map(|i| lo + (hi - lo) * i / parts).collect();
+        bounds.push(hi);
+        bounds.dedup();
+        let mut counted = Vec::with_capacity(bounds.len() - 1);
+        let mut seen = 0u64;
+        for (i, pair) in bounds.windows(2).enumerate() {
+            let part = Window::new(at_ms(pair[0]), at_ms(pair[1]));
+            let c = if i + 2 == bounds.len() {
+                n.saturating_sub(seen)
+            } else {
+                count(part).await?
+            };
+            seen += c;
+            counted.push((part, c));
+        }
+        stack.extend(counted.into_iter().rev());
+    }
+    Ok(out)
+}
+
+fn at_ms(v: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_millis(v).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// How far behind the lane is: `source_now - watermark` (None if it never ran).
 pub fn lag(watermark: Option<DateTime<Utc>>, source_now: DateTime<Utc>) -> Option<Duration> {
     watermark.map(|w| (source_now - w).to_std().unwrap_or(Duration::ZERO))
@@ -231,6 +355,80 @@ mod tests {
             Some(Window::new(t(0), t(7)))
         );
         assert_eq!(next(t(20), Some(t(1)), six, t(20)), None);
+    }
+
+    /// Runs `chunks_by_count` over documents at the given millisecond instants, counting
+    /// exactly; returns the windows and how many counts were asked for.
+    fn count_plan(docs: &[i64], from: i64, to: i64, target: u64) -> (Vec<(Window, u64)>, usize) {
+        let asked = std::cell::Cell::new(0usize);
+        let count = |w: Window| {
+            asked.set(asked.get() + 1);
+            let (lo, hi) = (w.from.timestamp_millis(), w.to.timestamp_millis());
+            let n = docs.iter().filter(|&&t| lo <= t && t < hi).count() as u64;
+            async move { Ok(n) }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let out = rt
+            .block_on(chunks_by_count(at_ms(from), at_ms(to), target, count))
+            .unwrap();
+        (out, asked.get())
+    }
+
+    fn assert_cover(out: &[(Window, u64)], from: i64, to: i64, docs: &[i64]) {
+        assert_eq!(out.first().unwrap().0.from, at_ms(from));
+        assert_eq!(out.last().unwrap().0.to, at_ms(to));
+        assert!(out.windows(2).all(|p| p[0].0.to == p[1].0.from), "{out:?}");
+        assert_eq!(out.iter().map(|c| c.1).sum::<u64>(), docs.len() as u64);
+    }
+
+    #[test]
+    fn sparse_years_become_few_chunks() {
+        // 19,453 documents spread over six years, target 20,000: one chunk, one count.
+        let six_years = 6 * 365 * 86_400_000i64;
+        let docs: Vec<i64> = (0..19_453i64).map(|i| i * (six_years / 19_453)).collect();
+        let (out, asked) = count_plan(&docs, 0, six_years, 20_000);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(asked, 1);
+        assert_cover(&out, 0, six_years, &docs);
+        // Target 5,000: chunks of at most 5,000, at least half full on average.
+        let (out, asked) = count_plan(&docs, 0, six_years, 5_000);
+        assert!((4..=8).contains(&out.len()), "{} chunks", out.len());
+        assert!(out.iter().all(|c| c.1 <= 5_000), "{out:?}");
+        assert!(asked <= 12, "{asked} counts");
+        assert_cover(&out, 0, six_years, &docs);
+    }
+
+    #[test]
+    fn dense_stretches_get_narrow_chunks_and_ties_stay_whole() {
+        // A quiet year, one busy day of 30,000 documents, and a tie of 7,000 at one instant.
+        let day = 86_400_000i64;
+        let mut docs: Vec<i64> = (0..365).map(|i| i * day).collect();
+        docs.extend((0..30_000i64).map(|i| 200 * day + i * (day / 30_000)));
+        docs.extend(std::iter::repeat_n(300 * day + 17, 7_000));
+        let (out, _) = count_plan(&docs, 0, 366 * day, 5_000);
+        assert_cover(&out, 0, 366 * day, &docs);
+        let busy: Vec<_> = out
+            .iter()
+            .filter(|c| c.0.from >= at_ms(200 * day) && c.0.to <= at_ms(201 * day))
+            .collect();
+        assert!(busy.len() >= 6, "the busy day is cut: {out:?}");
+        let tie = out
+            .iter()
+            .find(|c| c.0.contains(at_ms(300 * day + 17)))
+            .unwrap();
+        assert!(tie.1 >= 7_000, "the tie stays in one chunk: {tie:?}");
+        assert!(
+            out.iter().filter(|c| c.1 > 5_000).count() == 1,
+            "only the tie's chunk exceeds the target: {out:?}"
+        );
+    }
+
+    #[test]
+    fn empty_range_and_empty_data() {
+        assert!(count_plan(&[], 5, 5, 10).0.is_empty());
+        let (out, asked) = count_plan(&[], 0, 1_000_000, 10);
+        assert_eq!((out.len(), asked), (1, 1));
+        assert_cover(&out, 0, 1_000_000, &[]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! its chunks, and each chunk's claim (holder, host, pid, lease), shared by every worker of
 //! every host. `tidemark backfill` (src/commands/backfill.rs) drives it.
 
-use crate::engine::window::{self, fmt_ts, Window};
+use crate::engine::window::{fmt_ts, ChunkBy, Window};
 use crate::sink::{from_ms, ms, with_pool, BeginWrite, Sink};
 use anyhow::Result;
 use chrono::Utc;
@@ -16,19 +16,24 @@ use tracing::warn;
 pub struct Plan {
     pub id: String,
     pub range: Window,
+    /// Chunk length; 0 when the chunks were cut by document count.
     pub chunk_ms: i64,
     pub entities: Vec<String>,
+    /// Every chunk of a new plan, per entity (empty for a plan read back from the ledger,
+    /// whose chunks are rows there).
+    #[serde(skip)]
+    pub chunks: Vec<(String, Window)>,
 }
 
-/// Deterministic id of a backfill: same range, chunk and entities, same id.
-pub fn plan_id(range: Window, chunk: Duration, entities: &[String]) -> String {
+/// Deterministic id of a backfill: same range, chunk setting and entities, same id.
+pub fn plan_id(range: Window, chunk: ChunkBy, entities: &[String]) -> String {
     let mut names = entities.to_vec();
     names.sort();
     let key = format!(
         "{}|{}|{}|{}",
         ms(range.from),
         ms(range.to),
-        chunk.as_millis(),
+        chunk.id_key(),
         names.join(",")
     );
     format!("bf-{}", &hex::encode(Sha256::digest(key.as_bytes()))[..10])
@@ -78,19 +83,7 @@ impl Ledger {
     pub async fn create(&self, plan: &Plan) -> Result<()> {
         let now = ms(Utc::now());
         let by = format!("{}:{}", self.host, self.pid);
-        let chunks: Vec<(String, Window)> = plan
-            .entities
-            .iter()
-            .flat_map(|e| {
-                window::chunks(
-                    plan.range.from,
-                    plan.range.to,
-                    Duration::from_millis(plan.chunk_ms as u64),
-                )
-                .into_iter()
-                .map(move |w| (e.clone(), w))
-            })
-            .collect();
+        let chunks = &plan.chunks;
         with_pool!(&self.sink, p => {
             let mut tx = p.begin_write().await?;
             let created = sqlx::query(
@@ -100,7 +93,7 @@ impl Ledger {
                 .bind(plan.entities.join(",")).bind(&by).bind(now)
                 .execute(&mut *tx).await?.rows_affected();
             if created > 0 {
-                for (e, w) in &chunks {
+                for (e, w) in chunks {
                     sqlx::query(
                         "INSERT INTO tidemark_backfill_chunks (backfill_id, entity, from_ms, to_ms, lane) \
                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
@@ -122,6 +115,7 @@ impl Ledger {
             range: Window::new(from_ms(f), from_ms(t)),
             chunk_ms: c,
             entities: e.split(',').map(str::to_owned).collect(),
+            chunks: Vec::new(),
         }))
     }
 
@@ -314,9 +308,13 @@ mod tests {
             Utc.with_ymd_and_hms(2019, 7, 1, 0, 0, 0).unwrap(),
         );
         let day = Duration::from_secs(86_400);
-        let a = plan_id(w, day, &["users".into(), "vizzes".into()]);
-        assert_eq!(a, plan_id(w, day, &["vizzes".into(), "users".into()]));
-        assert_ne!(a, plan_id(w, day * 2, &["users".into(), "vizzes".into()]));
+        let by = ChunkBy::Duration;
+        let a = plan_id(w, by(day), &["users".into(), "vizzes".into()]);
+        assert_eq!(a, plan_id(w, by(day), &["vizzes".into(), "users".into()]));
+        assert_ne!(a, plan_id(w, by(day * 2), &["users".into(), "vizzes".into()]));
+        let docs = plan_id(w, ChunkBy::Docs(50_000), &["users".into()]);
+        assert_ne!(docs, plan_id(w, ChunkBy::Docs(10_000), &["users".into()]));
+        assert_ne!(docs, plan_id(w, by(day), &["users".into()]));
         assert!(a.starts_with("bf-") && a.len() == 13, "{a}");
     }
 }

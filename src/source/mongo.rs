@@ -466,6 +466,20 @@ impl Source {
         })
         .await
     }
+
+    /// Count documents of `e` in window `w` (its filter and time range, the same query
+    /// document a window read sends), with the `(time, _id)` index: what backfill chunks are
+    /// planned by.
+    pub async fn count_window(&self, e: &Entity, w: &Window) -> Result<u64> {
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let filter = window_filter(&e.filter, &e.time_field, e.time_encoding, w, None);
+        let (coll, filter) = (&coll, &filter);
+        self.retry(&format!("{} (count of {w})", e.collection), || {
+            self.queries.fetch_add(1, Ordering::Relaxed);
+            coll.count_documents(filter.clone()).into_future()
+        })
+        .await
+    }
 }
 
 /// Worth retrying: the network, server selection, a retryable label, or a server code that

@@ -275,3 +275,109 @@ async fn ops_backfill_rejects_a_reversed_range() {
     assert_eq!(out.status.code(), Some(exit::CONFIG), "{err}");
     assert!(err.contains("reversed"), "{err}");
 }
+
+/// With default flags, six sparse years are cut by document count into a few chunks (not
+/// one per day: 2,190 of them), a busy day in the middle into several when the count per
+/// chunk is small, and the backfill writes exactly what `run` writes over the same range.
+async fn sparse_years_few_chunks(backend: Backend) {
+    // Arrange: 3,000 documents over six years (one every ~17.5 h) and a busy day of 4,000;
+    // `run` over the range into a second target is the reference.
+    let env = Env::new("bfsparse", backend, &items_mapping("epoch_millis")).await;
+    let b = base() - chrono::TimeDelta::days(6 * 365);
+    let span = 6 * 365 * DAY;
+    let busy = b.timestamp_millis() + 1_000 * DAY;
+    let docs: Vec<bson::Document> = (0..3_000i64)
+        .map(|i| (i, b.timestamp_millis() + i * (span / 3_000)))
+        .chain((0..4_000i64).map(|i| (10_000 + i, busy + i * (DAY / 4_000))))
+        .map(|(i, t)| bson::doc! { "_id": i, "t": t, "v": format!("v{i}") })
+        .collect();
+    seed(&env, docs).await;
+    let (from, to) = (date(b), date(b + chrono::TimeDelta::days(6 * 365 + 1)));
+    let reference = env.second_target().await;
+    let out = tidemark(&env, &reference, &["run", "--until", &to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Act: at most 1,000 documents per chunk into a fresh target; then the defaults over
+    // the same range into the reference (same rows again: only its plan is looked at).
+    let url = env.target_url.clone();
+    let small = tidemark(
+        &env,
+        &url,
+        &["backfill", "--from", &from, "--to", &to, "--chunk-docs", "1000"],
+    )
+    .output()
+    .unwrap();
+    let by_default = tidemark(&env, &reference, &["backfill", "--from", &from, "--to", &to])
+        .output()
+        .unwrap();
+
+    // Assert
+    for out in [&small, &by_default] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let chunks = scalar_i64(&url, "SELECT COUNT(*) FROM tidemark_backfill_chunks").await;
+    assert!(
+        (7..=20).contains(&chunks),
+        "{chunks} chunks for 7,000 documents at 1,000 per chunk"
+    );
+    let busy_chunks = scalar_i64(
+        &url,
+        &format!(
+            "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE from_ms < {} AND to_ms > {busy}",
+            busy + DAY
+        ),
+    )
+    .await;
+    assert!(busy_chunks >= 4, "the busy day is cut: {busy_chunks} chunks");
+    let over = scalar_i64(
+        &url,
+        "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE docs_read > 1000",
+    )
+    .await;
+    assert_eq!(over, 0, "every chunk holds at most 1,000 documents");
+    let gaps = scalar_i64(
+        &url,
+        "SELECT COUNT(*) FROM tidemark_backfill_chunks a \
+         WHERE a.to_ms < (SELECT MAX(to_ms) FROM tidemark_backfill_chunks) \
+         AND NOT EXISTS (SELECT 1 FROM tidemark_backfill_chunks b WHERE b.from_ms = a.to_ms)",
+    )
+    .await;
+    assert_eq!(gaps, 0, "the chunks are contiguous");
+    assert_eq!(
+        scalar_i64(&reference, "SELECT COUNT(*) FROM items").await,
+        7_000
+    );
+    assert_eq!(
+        env.dump(&url, "items").await,
+        env.dump(&reference, "items").await
+    );
+    let default_chunks = scalar_i64(
+        &reference,
+        "SELECT COUNT(*) FROM tidemark_backfill_chunks",
+    )
+    .await;
+    assert_eq!(
+        default_chunks, 1,
+        "7,000 documents are one chunk of the default 50,000"
+    );
+}
+
+#[tokio::test]
+async fn ops_backfill_sparse_years_few_chunks_sqlite() {
+    sparse_years_few_chunks(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn ops_backfill_sparse_years_few_chunks_postgres() {
+    sparse_years_few_chunks(Backend::Postgres).await;
+}

@@ -106,7 +106,7 @@ async fn backfill_dry_run_changes_nothing() {
         "2019-01-01",
         "2019-01-03",
         vec!["items".into()],
-        std::time::Duration::from_secs(86_400),
+        tidemark::engine::window::ChunkBy::Duration(std::time::Duration::from_secs(86_400)),
         Default::default(),
     )
     .await
