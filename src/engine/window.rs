@@ -367,7 +367,9 @@ mod tests {
             let n = docs.iter().filter(|&&t| lo <= t && t < hi).count() as u64;
             async move { Ok(n) }
         };
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let out = rt
             .block_on(chunks_by_count(at_ms(from), at_ms(to), target, count))
             .unwrap();

@@ -311,7 +311,10 @@ mod tests {
         let by = ChunkBy::Duration;
         let a = plan_id(w, by(day), &["users".into(), "vizzes".into()]);
         assert_eq!(a, plan_id(w, by(day), &["vizzes".into(), "users".into()]));
-        assert_ne!(a, plan_id(w, by(day * 2), &["users".into(), "vizzes".into()]));
+        assert_ne!(
+            a,
+            plan_id(w, by(day * 2), &["users".into(), "vizzes".into()])
+        );
         let docs = plan_id(w, ChunkBy::Docs(50_000), &["users".into()]);
         assert_ne!(docs, plan_id(w, ChunkBy::Docs(10_000), &["users".into()]));
         assert_ne!(docs, plan_id(w, by(day), &["users".into()]));

@@ -309,13 +309,25 @@ async fn sparse_years_few_chunks(backend: Backend) {
     let small = tidemark(
         &env,
         &url,
-        &["backfill", "--from", &from, "--to", &to, "--chunk-docs", "1000"],
+        &[
+            "backfill",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--chunk-docs",
+            "1000",
+        ],
     )
     .output()
     .unwrap();
-    let by_default = tidemark(&env, &reference, &["backfill", "--from", &from, "--to", &to])
-        .output()
-        .unwrap();
+    let by_default = tidemark(
+        &env,
+        &reference,
+        &["backfill", "--from", &from, "--to", &to],
+    )
+    .output()
+    .unwrap();
 
     // Assert
     for out in [&small, &by_default] {
@@ -338,7 +350,10 @@ async fn sparse_years_few_chunks(backend: Backend) {
         ),
     )
     .await;
-    assert!(busy_chunks >= 4, "the busy day is cut: {busy_chunks} chunks");
+    assert!(
+        busy_chunks >= 4,
+        "the busy day is cut: {busy_chunks} chunks"
+    );
     let over = scalar_i64(
         &url,
         "SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE docs_read > 1000",
@@ -361,11 +376,8 @@ async fn sparse_years_few_chunks(backend: Backend) {
         env.dump(&url, "items").await,
         env.dump(&reference, "items").await
     );
-    let default_chunks = scalar_i64(
-        &reference,
-        "SELECT COUNT(*) FROM tidemark_backfill_chunks",
-    )
-    .await;
+    let default_chunks =
+        scalar_i64(&reference, "SELECT COUNT(*) FROM tidemark_backfill_chunks").await;
     assert_eq!(
         default_chunks, 1,
         "7,000 documents are one chunk of the default 50,000"
