@@ -143,9 +143,12 @@ pub async fn backfill(
                 Some(plan) => plan,
                 None => {
                     let mut chunks = Vec::new();
+                    let mut docs = Some(0);
                     for n in &entities {
                         let e = mapping.entity(n).map_err(Failure::Config)?;
-                        for w in plan_chunks(&source, e, range, opts.chunk).await? {
+                        let (windows, counted) = plan_chunks(&source, e, range, opts.chunk).await?;
+                        docs = docs.zip(counted).map(|(a, b)| a + b);
+                        for w in windows {
                             chunks.push((n.clone(), w));
                         }
                     }
@@ -155,6 +158,7 @@ pub async fn backfill(
                         chunk_ms: opts.chunk.ledger_ms(),
                         entities,
                         chunks,
+                        docs,
                     };
                     ledger.id = plan.id.clone();
                     ledger.create(&plan).await?;
@@ -173,7 +177,11 @@ pub async fn backfill(
     let before = Ledger::progress(&sink, &plan.id).await?;
     info!(backfill = %plan.id, range = %plan.range, entities = %plan.entities.join(","),
           chunks = before.total, done = before.done, parallel = opts.parallel, "backfill started");
-    let total_docs = count_docs(&source, &mapping, &plan).await.unwrap_or(0);
+    // Planning by document count has just counted them; otherwise one count of the range.
+    let total_docs = match plan.docs {
+        Some(n) => n,
+        None => count_docs(&source, &mapping, &plan).await.unwrap_or(0),
+    };
     let ctx = Arc::new(Ctx::new(
         s,
         mapping,
@@ -245,15 +253,16 @@ pub async fn backfill(
 }
 
 /// The chunks of one entity over `range`: fixed lengths, or about `n` documents each
-/// (planned with indexed counts, logged with the number of chunks and the time planning took).
+/// (planned with indexed counts, logged with the number of chunks and the time planning
+/// took; then also the documents counted).
 pub async fn plan_chunks(
     source: &Source,
     e: &crate::mapping::Entity,
     range: Window,
     by: ChunkBy,
-) -> Result<Vec<Window>> {
+) -> Result<(Vec<Window>, Option<u64>)> {
     match by {
-        ChunkBy::Duration(d) => Ok(window::chunks(range.from, range.to, d)),
+        ChunkBy::Duration(d) => Ok((window::chunks(range.from, range.to, d), None)),
         ChunkBy::Docs(n) => {
             let started = Instant::now();
             let counts = std::cell::Cell::new(0u32);
@@ -270,7 +279,8 @@ pub async fn plan_chunks(
             })?;
             info!(entity = %e.name, chunks = planned.len(), docs = planned.iter().map(|c| c.1).sum::<u64>(),
                   counts = counts.get(), ms = started.elapsed().as_millis() as u64, "backfill chunks planned by document count");
-            Ok(planned.into_iter().map(|(w, _)| w).collect())
+            let docs = planned.iter().map(|c| c.1).sum();
+            Ok((planned.into_iter().map(|(w, _)| w).collect(), Some(docs)))
         }
     }
 }
@@ -535,7 +545,9 @@ pub async fn backfill_dry_run(
         let e_started = Instant::now();
         let mut counts = Counts::default();
         let windows = if f < t {
-            plan_chunks(&ctx.source, &e, Window::new(f, t), chunk).await?
+            plan_chunks(&ctx.source, &e, Window::new(f, t), chunk)
+                .await?
+                .0
         } else {
             Vec::new()
         };

@@ -23,6 +23,9 @@ pub struct Plan {
     /// whose chunks are rows there).
     #[serde(skip)]
     pub chunks: Vec<(String, Window)>,
+    /// Documents counted while planning a new plan by document count.
+    #[serde(skip)]
+    pub docs: Option<u64>,
 }
 
 /// Deterministic id of a backfill: same range, chunk setting and entities, same id.
@@ -116,6 +119,7 @@ impl Ledger {
             chunk_ms: c,
             entities: e.split(',').map(str::to_owned).collect(),
             chunks: Vec::new(),
+            docs: None,
         }))
     }
 
