@@ -2,37 +2,53 @@
 //! mapping makes of the source for a time range?
 //!
 //! The source documents of the range are streamed page by page (the same indexed keyset
-//! reads as a run) and mapped with the current mapping; for each page the target rows of
-//! the same keys, and their child rows, are read in one query per table. Each row gets a
-//! canonical hash (child rows included); rows are summed per time bucket into a count and
-//! an order-independent hash (XOR) on each side, and differing rows are listed by id:
-//! *missing* (mapped but not in the target), *different* (content differs, or the source
-//! marks it deleted), *extra* (a target row whose time column lies in the range but whose
-//! document is not in the source range: deleted, or moved out by a later update). Memory
-//! holds one page plus the keys of the range; the cost is one read of the range on each side.
+//! reads as a run). Each document gives what the target must hold for it: a row with its
+//! child rows (a soft-deleted document: the row with its marker set), no row (deleted), or
+//! nothing (filtered, or a dead letter when it cannot be mapped). References then take
+//! their `on_missing` policy against the target, as a run applies it: a referenced key the
+//! target lacks makes the column NULL (`null`, main or child column), drops the child row
+//! (`skip` / `defer` in a child column) or keeps the whole row out (`skip` / `defer`), and
+//! such a row must be recorded instead, as a dead letter or a pending entry. The target
+//! rows of the page's keys and their child rows are read in one query per table and
+//! compared column by column.
+//!
+//! Differences are *missing* (a row the target should hold and lacks, with no dead letter
+//! or pending entry explaining it), *different* (a column, a child row, or a row that
+//! should not be there: deleted in the source, or its reference points at nothing) and
+//! *extra* (a target row whose time column lies in the range but whose document is not in
+//! the source range). Documents a policy dead-lettered and rows held back are counted
+//! apart, not as differences. Rows are also summed per time bucket into a count and an
+//! order-independent hash (XOR) on each side. Memory holds one page plus the keys of the
+//! range; the cost is one read of the range on each side.
 //!
 //! It also counts, over the whole of each verified entity's tables (not only the range),
 //! rows whose foreign key points at nothing: with `target.foreign_key_checks = "tidemark"`
-//! PostgreSQL no longer checks tidemark's writes, and this is the check after the fact (one
-//! anti-join per constraint; SQLite: `PRAGMA foreign_key_check`).
+//! PostgreSQL no longer checks tidemark's writes, and this is the check after the fact.
 
-use crate::engine::pipeline::map_page;
-use crate::engine::window::{fmt_ts, Window};
-use crate::exit::Failure;
 use crate::mapping::canon;
-use crate::mapping::spec::MissingPolicy;
-use crate::mapping::{ColumnType, Entity, Value};
+use crate::exit::Failure;
+use crate::mapping::spec::{DeleteAction, MissingPolicy};
+use crate::mapping::{Child, ColumnType, Entity, Outcome, TableRef, Value};
 use crate::settings::Settings;
+use crate::sink::verify::Record;
 use crate::sink::Sink;
 use crate::source::Source;
+use crate::engine::window::{fmt_ts, Window};
 use anyhow::Result;
+use bson::RawDocumentBuf;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::Value as J;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
+pub use crate::sink::verify::Dangling;
+
 /// Exit code of `verify` when source and target differ.
 pub const DIFFERENCES: i32 = 7;
+
+/// Characters of a value shown in a report before it is cut.
+const SHOWN_CHARS: usize = 120;
 
 /// One time bucket on both sides.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -44,15 +60,57 @@ pub struct Bucket {
     pub target_hash: String,
 }
 
+/// A column whose value differs: what the mapping makes of the source, what the target holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnDiff {
+    pub column: String,
+    pub source: J,
+    pub target: J,
+}
+
+/// A child row of a listed row that is missing, extra or different.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildDiff {
+    pub table: String,
+    /// Canonical JSON of the child row's primary key.
+    pub key: String,
+    /// `missing`, `extra` or `different`.
+    pub state: &'static str,
+    pub columns: Vec<ColumnDiff>,
+}
+
+/// Why one listed row differs.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowDiff {
+    /// Canonical JSON of the primary key.
+    pub key: String,
+    /// `missing`, `extra` or `different`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<ColumnDiff>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<ChildDiff>,
+}
+
 /// The comparison of one entity.
 #[derive(Debug, Default, Serialize)]
 pub struct EntityVerify {
     pub entity: String,
     pub source_documents: u64,
+    /// Rows the target must hold for the range.
     pub source_rows: u64,
+    /// Rows of the range found in the target (extra ones included).
     pub target_rows: u64,
     /// Documents the mapping cannot map (they are dead letters, not differences).
     pub unmappable: u64,
+    /// Documents dead-lettered by an `on_missing = "skip"` reference (recorded, not differences).
+    pub dead_lettered: u64,
+    /// Documents held back in `tidemark_pending` (retried by later runs; not differences).
+    pub deferred: u64,
+    /// Rows present and marked deleted by a `soft_delete` rule.
+    pub soft_deleted: u64,
     pub missing_count: u64,
     pub different_count: u64,
     pub extra_count: u64,
@@ -60,19 +118,13 @@ pub struct EntityVerify {
     pub missing: Vec<String>,
     pub different: Vec<String>,
     pub extra: Vec<String>,
+    /// Why each listed key differs: the columns and child rows (at most `--limit`).
+    pub details: Vec<RowDiff>,
     /// Buckets whose count or hash differ.
     pub differing_buckets: Vec<Bucket>,
     pub buckets: usize,
     /// Why extra rows could not be looked for, if so.
     pub note: Option<String>,
-}
-
-/// Rows of a table whose foreign key points at nothing.
-#[derive(Debug, Serialize)]
-pub struct Dangling {
-    pub table: String,
-    pub constraint: String,
-    pub rows: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,13 +141,22 @@ impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>10}",
-            "entity", "source", "target", "missing", "extra", "different", "unmap", "buckets≠"
+            "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>8} {:>10}",
+            "entity",
+            "source",
+            "target",
+            "missing",
+            "extra",
+            "different",
+            "unmap",
+            "dead",
+            "deferred",
+            "buckets≠"
         )?;
         for e in &self.entities {
             writeln!(
                 f,
-                "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>10}",
+                "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6} {:>8} {:>10}",
                 e.entity,
                 e.source_rows,
                 e.target_rows,
@@ -103,15 +164,32 @@ impl std::fmt::Display for VerifyReport {
                 e.extra_count,
                 e.different_count,
                 e.unmappable,
+                e.dead_lettered,
+                e.deferred,
                 e.differing_buckets.len()
             )?;
-            for (what, ids) in [
-                ("missing", &e.missing),
-                ("extra", &e.extra),
-                ("different", &e.different),
-            ] {
-                for id in ids {
-                    writeln!(f, "  {what:<9} {} {id}", e.entity)?;
+            for d in &e.details {
+                write!(f, "  {:<9} {} {}", d.state, e.entity, d.key)?;
+                if let Some(r) = &d.reason {
+                    write!(f, ": {r}")?;
+                }
+                writeln!(f)?;
+                for c in &d.columns {
+                    writeln!(
+                        f,
+                        "      {}: source {} target {}",
+                        c.column, c.source, c.target
+                    )?;
+                }
+                for c in &d.children {
+                    writeln!(f, "      {} {} {}", c.table, c.key, c.state)?;
+                    for col in &c.columns {
+                        writeln!(
+                            f,
+                            "        {}: source {} target {}",
+                            col.column, col.source, col.target
+                        )?;
+                    }
                 }
             }
             if let Some(n) = &e.note {
@@ -121,8 +199,11 @@ impl std::fmt::Display for VerifyReport {
         for d in &self.dangling {
             writeln!(
                 f,
-                "  dangling  {} {}: {} row(s) point at nothing",
-                d.table, d.constraint, d.rows
+                "  dangling  {} {}: {} row(s) point at nothing {}",
+                d.table,
+                d.constraint,
+                d.rows,
+                d.keys.join(" ")
             )?;
         }
         write!(
@@ -153,6 +234,29 @@ struct Side {
     hash: u128,
 }
 
+/// What the target must hold for one key of a page.
+enum Expected {
+    /// This row and, per child table, these child rows (`soft`: marked deleted).
+    Row {
+        row: Vec<Value>,
+        children: Vec<Vec<Vec<Value>>>,
+        soft: bool,
+    },
+    /// Soft-deleted, but the document no longer maps: only the marker is known.
+    Marked { key: Vec<Value>, at: Value },
+    /// Deleted by the deleted rule: no row.
+    Gone { key: Vec<Value> },
+}
+
+/// One key of a page: what is expected, from which document.
+struct Entry {
+    key: String,
+    expected: Expected,
+    doc: usize,
+    /// Why the row must stay out of the target (a `skip` / `defer` reference), if so.
+    held: Option<String>,
+}
+
 struct Acc<'a> {
     e: &'a Entity,
     out: EntityVerify,
@@ -173,41 +277,147 @@ impl Acc<'_> {
         self.buckets.entry(b).or_default()
     }
 
-    fn note(list: &mut Vec<String>, count: &mut u64, limit: usize, key: String) {
+    /// Count and list one difference.
+    fn differ(&mut self, d: RowDiff) {
+        let (list, count) = match d.state {
+            "missing" => (&mut self.out.missing, &mut self.out.missing_count),
+            "extra" => (&mut self.out.extra, &mut self.out.extra_count),
+            _ => (&mut self.out.different, &mut self.out.different_count),
+        };
         *count += 1;
-        if list.len() < limit {
-            list.push(key);
+        if list.len() < self.limit {
+            list.push(d.key.clone());
+        }
+        if self.out.details.len() < self.limit {
+            self.out.details.push(d);
         }
     }
 }
 
+/// A column name that may hold a credential: its values are never shown.
+fn secret_column(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "credential",
+        "private_key",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
+}
+
+/// A canonical value as shown in a report: cut after [`SHOWN_CHARS`] characters, hidden
+/// for columns that may hold a credential.
+pub fn shown(column: &str, v: J) -> J {
+    if v.is_null() {
+        return v;
+    }
+    if secret_column(column) {
+        return J::String("<hidden: the column may hold a credential>".into());
+    }
+    let text = match &v {
+        J::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let n = text.chars().count();
+    if n <= SHOWN_CHARS {
+        return v;
+    }
+    let head: String = text.chars().take(SHOWN_CHARS).collect();
+    J::String(format!("{head}… ({n} characters)"))
+}
+
+/// The columns of two rows of `t` whose canonical values differ.
+fn column_diffs(t: TableRef<'_>, source: &[Value], target: &[Value]) -> Vec<ColumnDiff> {
+    t.columns
+        .iter()
+        .zip(source.iter().zip(target))
+        .filter_map(|(c, (s, v))| {
+            let (s, v) = (canon::value(s, c.ty), canon::value(v, c.ty));
+            (s != v).then(|| ColumnDiff {
+                column: c.name.clone(),
+                source: shown(&c.name, s),
+                target: shown(&c.name, v),
+            })
+        })
+        .collect()
+}
+
+/// The child rows of one parent that differ between the two sides.
+fn child_diffs(c: &Child, source: &[Vec<Value>], target: &[Vec<Value>]) -> Vec<ChildDiff> {
+    let t = c.table_ref();
+    let index = |rows: &[Vec<Value>]| -> BTreeMap<String, usize> {
+        rows.iter()
+            .enumerate()
+            .map(|(i, r)| (canon::key_of_row(t, r), i))
+            .collect()
+    };
+    let (s, d) = (index(source), index(target));
+    let mut out = Vec::new();
+    for (k, &i) in &s {
+        match d.get(k) {
+            None => out.push(ChildDiff {
+                table: c.table.clone(),
+                key: k.clone(),
+                state: "missing",
+                columns: Vec::new(),
+            }),
+            Some(&j) => {
+                let columns = column_diffs(t, &source[i], &target[j]);
+                if !columns.is_empty() {
+                    out.push(ChildDiff {
+                        table: c.table.clone(),
+                        key: k.clone(),
+                        state: "different",
+                        columns,
+                    });
+                }
+            }
+        }
+    }
+    for k in d.keys().filter(|k| !s.contains_key(*k)) {
+        out.push(ChildDiff {
+            table: c.table.clone(),
+            key: k.clone(),
+            state: "extra",
+            columns: Vec::new(),
+        });
+    }
+    out
+}
+
 /// Canonical group key of child rows (their link to the parent) and of a parent row.
-fn link_of_child(c: &crate::mapping::Child, row: &[Value]) -> String {
-    let v: Vec<serde_json::Value> = c
+fn link_of_child(c: &Child, row: &[Value]) -> String {
+    let v: Vec<J> = c
         .parent_links
         .iter()
         .map(|(ci, _)| canon::value(&row[*ci], c.columns[*ci].ty))
         .collect();
-    serde_json::Value::Array(v).to_string()
+    J::Array(v).to_string()
 }
 
-fn link_of_parent(c: &crate::mapping::Child, row: &[Value]) -> String {
-    let v: Vec<serde_json::Value> = c
+fn link_of_parent(c: &Child, row: &[Value]) -> String {
+    let v: Vec<J> = c
         .parent_links
         .iter()
         .map(|(ci, p)| canon::value(&row[*p], c.columns[*ci].ty))
         .collect();
-    serde_json::Value::Array(v).to_string()
+    J::Array(v).to_string()
 }
 
 /// Hash of a row with its child rows (each child table's row hashes, sorted).
-fn full_hash(e: &Entity, row: &[Value], kids: &[HashMap<String, Vec<String>>]) -> String {
+fn full_hash(e: &Entity, row: &[Value], kids: &[Vec<Vec<Value>>]) -> String {
     let mut text = canon::row_hash(e.table_ref(), row);
-    for (ci, c) in e.children.iter().enumerate() {
-        let mut hs = kids[ci]
-            .get(&link_of_parent(c, row))
-            .cloned()
-            .unwrap_or_default();
+    for (c, rows) in e.children.iter().zip(kids) {
+        let mut hs: Vec<String> = rows
+            .iter()
+            .map(|r| canon::row_hash(c.table_ref(), r))
+            .collect();
         hs.sort();
         text.push('|');
         text.push_str(&hs.join(","));
@@ -215,29 +425,18 @@ fn full_hash(e: &Entity, row: &[Value], kids: &[HashMap<String, Vec<String>>]) -
     canon::hash_text(&text)
 }
 
-fn group_children(e: &Entity, children: &[Vec<Vec<Value>>]) -> Vec<HashMap<String, Vec<String>>> {
+/// The target child rows of each parent, per child table, keyed by the parent link.
+fn group_children(e: &Entity, children: Vec<Vec<Vec<Value>>>) -> Vec<HashMap<String, Vec<Vec<Value>>>> {
     e.children
         .iter()
-        .enumerate()
-        .map(|(ci, c)| {
-            let mut m: HashMap<String, Vec<String>> = HashMap::new();
-            for r in children.get(ci).into_iter().flatten() {
-                m.entry(link_of_child(c, r))
-                    .or_default()
-                    .push(canon::row_hash(c.table_ref(), r));
+        .zip(children)
+        .map(|(c, rows)| {
+            let mut m: HashMap<String, Vec<Vec<Value>>> = HashMap::new();
+            for r in rows {
+                m.entry(link_of_child(c, &r)).or_default().push(r);
             }
             m
         })
-        .collect()
-}
-
-/// Columns whose reference may legitimately be NULL in the target (`on_missing = "null"`).
-fn nullable_refs(e: &Entity) -> Vec<usize> {
-    e.columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.references.is_some() && c.on_missing == MissingPolicy::Null)
-        .map(|(i, _)| i)
         .collect()
 }
 
@@ -249,9 +448,198 @@ fn time_column(e: &Entity) -> Option<usize> {
         .position(|c| c.ty == ColumnType::Timestamptz && c.source_path() == Some(path.as_slice()))
 }
 
+/// Child rows of one parent without two of the same key (the last one wins, as in a run).
+fn dedup_children(c: &Child, rows: Vec<Vec<Value>>) -> Vec<Vec<Value>> {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
+    for r in rows {
+        let k = canon::key_of_row(c.table_ref(), &r);
+        match at.get(&k) {
+            Some(&i) => out[i] = r,
+            None => {
+                at.insert(k, out.len());
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+/// What the target must hold for a page of documents, one entry per key (the last
+/// document of a key wins, as in a run), and the indexes of the documents that cannot be
+/// mapped. `plain` is `e` without its deleted rule: a soft-deleted document keeps its row.
+fn expect_page(e: &Entity, plain: &Entity, docs: &[RawDocumentBuf]) -> (Vec<Entry>, Vec<usize>) {
+    let soft_col = e
+        .deleted
+        .as_ref()
+        .filter(|d| d.action == DeleteAction::SoftDelete)
+        .and_then(|d| d.column);
+    let mut entries: Vec<Option<Entry>> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut unmappable = Vec::new();
+    let t = e.table_ref();
+    for (di, doc) in docs.iter().enumerate() {
+        let expected = match e.map(doc) {
+            Err(_) => {
+                unmappable.push(di);
+                continue;
+            }
+            Ok(Outcome::Filtered) => continue,
+            Ok(Outcome::Row { row, children }) => Expected::Row {
+                row,
+                children,
+                soft: false,
+            },
+            Ok(Outcome::Deleted { key: None, .. }) => continue,
+            Ok(Outcome::Deleted { key: Some(key), at }) => {
+                let at = at.map_or(Value::Null, Value::Timestamp);
+                match soft_col {
+                    None => Expected::Gone { key },
+                    Some(sc) => match plain.map(doc) {
+                        Ok(Outcome::Row { mut row, children }) => {
+                            row[sc] = at;
+                            Expected::Row {
+                                row,
+                                children,
+                                soft: true,
+                            }
+                        }
+                        _ => Expected::Marked { key, at },
+                    },
+                }
+            }
+        };
+        let key = match &expected {
+            Expected::Row { row, .. } => canon::key_of_row(t, row),
+            Expected::Marked { key, .. } | Expected::Gone { key } => canon::key_text(t, key),
+        };
+        let entry = Entry {
+            key: key.clone(),
+            expected,
+            doc: di,
+            held: None,
+        };
+        match at.get(&key) {
+            Some(&i) => entries[i] = Some(entry),
+            None => {
+                at.insert(key, entries.len());
+                entries.push(Some(entry));
+            }
+        }
+    }
+    let mut out: Vec<Entry> = entries.into_iter().flatten().collect();
+    for en in &mut out {
+        if let Expected::Row { children, .. } = &mut en.expected {
+            for (c, rows) in e.children.iter().zip(children.iter_mut()) {
+                *rows = dedup_children(c, std::mem::take(rows));
+            }
+        }
+    }
+    (out, unmappable)
+}
+
+/// Referenced keys (per referenced entity) the target holds, of those `entries` use.
+async fn present_refs(
+    sink: &Sink,
+    s: &crate::mapping::Mapping,
+    e: &Entity,
+    entries: &[Entry],
+) -> Result<HashMap<String, HashSet<String>>> {
+    let mut wanted: HashMap<String, (HashSet<String>, Vec<Value>)> = HashMap::new();
+    let mut add = |r: &str, v: &Value| {
+        if *v == Value::Null {
+            return;
+        }
+        let w = wanted.entry(r.to_owned()).or_default();
+        if w.0.insert(v.key_text()) {
+            w.1.push(v.clone());
+        }
+    };
+    for en in entries {
+        let Expected::Row { row, children, .. } = &en.expected else {
+            continue;
+        };
+        for (c, v) in e.columns.iter().zip(row) {
+            if let Some(r) = &c.references {
+                add(r, v);
+            }
+        }
+        for (ch, rows) in e.children.iter().zip(children) {
+            for row in rows {
+                for (c, v) in ch.columns.iter().zip(row) {
+                    if let Some(r) = &c.references {
+                        add(r, v);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for (r, (texts, keys)) in wanted {
+        let re = s.entity(&r)?;
+        let found = match re.key_column {
+            Some(kc) => sink.existing_keys(re.table_ref(), kc, &keys).await?,
+            // Without a key column a reference cannot be looked up (a run defers such rows).
+            None => texts,
+        };
+        out.insert(r, found);
+    }
+    Ok(out)
+}
+
+/// Apply the missing-reference policies to one expected row, as a run does against what
+/// the target holds: NULL the column (`null`), drop the child row (`skip` / `defer` in a
+/// child column) or keep the row out (`skip` / `defer`: the reason is returned).
+fn apply_policies(
+    e: &Entity,
+    present: &HashMap<String, HashSet<String>>,
+    row: &mut [Value],
+    children: &mut [Vec<Vec<Value>>],
+) -> Option<String> {
+    let absent = |r: &str, v: &Value| {
+        *v != Value::Null && !present.get(r).is_some_and(|p| p.contains(&v.key_text()))
+    };
+    let mut held = None;
+    for (c, v) in e.columns.iter().zip(row.iter_mut()) {
+        let Some(r) = &c.references else { continue };
+        if !absent(r, v) {
+            continue;
+        }
+        match c.on_missing {
+            MissingPolicy::Null => *v = Value::Null,
+            p => {
+                held.get_or_insert_with(|| {
+                    format!(
+                        "column `{}` references {r} `{}`, which the target does not hold (on_missing = {})",
+                        c.name,
+                        v.key_text(),
+                        if p == MissingPolicy::Skip { "skip" } else { "defer" }
+                    )
+                });
+            }
+        }
+    }
+    for (ch, rows) in e.children.iter().zip(children.iter_mut()) {
+        rows.retain_mut(|row| {
+            for (c, v) in ch.columns.iter().zip(row.iter_mut()) {
+                let Some(r) = &c.references else { continue };
+                if absent(r, v) {
+                    if c.on_missing != MissingPolicy::Null {
+                        return false;
+                    }
+                    *v = Value::Null;
+                }
+            }
+            true
+        });
+    }
+    held
+}
+
 async fn verify_entity(
     source: &Source,
     sink: &Sink,
+    mapping: &crate::mapping::Mapping,
     e: &Entity,
     range: Window,
     opts: &VerifyOptions,
@@ -267,91 +655,14 @@ async fn verify_entity(
         limit: opts.limit,
         source_keys: HashSet::new(),
     };
-    let time_path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
-    let refs = nullable_refs(e);
+    let mut plain = e.clone();
+    plain.deleted = None;
     let mut rx = source.stream_window(e, range, None);
     while let Some(page) = rx.recv().await {
         let page = page?;
         acc.out.source_documents += page.docs.len() as u64;
-        let mut mapped = map_page(e, &page.docs, false);
-        acc.out.unmappable += mapped.dead.len() as u64;
-        let keys: Vec<Vec<Value>> = mapped
-            .rows
-            .iter()
-            .map(|r| e.pk.iter().map(|&i| r[i].clone()).collect())
-            .chain(mapped.deletes.iter().cloned())
-            .collect();
-        let target = crate::sink::provenance::index_rows(
-            e.table_ref(),
-            sink.select_rows(e.table_ref(), &e.pk, &keys).await?,
-        );
-        let mut t_children = Vec::new();
-        for c in &e.children {
-            let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
-            let parents: Vec<Vec<Value>> = mapped
-                .rows
-                .iter()
-                .map(|r| c.parent_links.iter().map(|(_, p)| r[*p].clone()).collect())
-                .collect();
-            t_children.push(sink.select_rows(c.table_ref(), &by, &parents).await?);
-        }
-        let s_kids = group_children(e, &mapped.children);
-        let t_kids = group_children(e, &t_children);
-        for (ri, row) in mapped.rows.iter_mut().enumerate() {
-            let key = canon::key_of_row(e.table_ref(), row);
-            acc.source_keys.insert(key.clone());
-            let when = crate::mapping::lookup(&page.docs[mapped.row_docs[ri]], &time_path)
-                .ok()
-                .flatten()
-                .and_then(|v| crate::mapping::value::to_timestamp(&v, Some(e.time_format())).ok());
-            let trow = target.get(&key);
-            if let Some(t) = trow {
-                for &i in &refs {
-                    if t[i] == Value::Null {
-                        row[i] = Value::Null;
-                    }
-                }
-            }
-            let sh = full_hash(e, row, &s_kids);
-            acc.out.source_rows += 1;
-            let th = trow.map(|t| full_hash(e, t, &t_kids));
-            let (s, t) = acc.bucket(when);
-            s.rows += 1;
-            s.hash ^= xor(&sh);
-            if let Some(th) = &th {
-                t.rows += 1;
-                t.hash ^= xor(th);
-            }
-            match th {
-                None => Acc::note(
-                    &mut acc.out.missing,
-                    &mut acc.out.missing_count,
-                    acc.limit,
-                    key,
-                ),
-                Some(th) if th != sh => Acc::note(
-                    &mut acc.out.different,
-                    &mut acc.out.different_count,
-                    acc.limit,
-                    key,
-                ),
-                Some(_) => acc.out.target_rows += 1,
-            }
-        }
-        for k in &mapped.deletes {
-            let key = canon::key_text(e.table_ref(), k);
-            if target.contains_key(&key) {
-                acc.source_keys.insert(key.clone());
-                Acc::note(
-                    &mut acc.out.different,
-                    &mut acc.out.different_count,
-                    acc.limit,
-                    format!("{key} (deleted in the source)"),
-                );
-            }
-        }
+        verify_page(sink, mapping, &mut acc, &plain, &page.docs).await?;
     }
-    acc.out.target_rows += acc.out.different_count;
     extras(sink, &mut acc, range).await?;
     acc.out.buckets = acc.buckets.len();
     for (b, (s, t)) in &acc.buckets {
@@ -366,6 +677,244 @@ async fn verify_entity(
         }
     }
     Ok(acc.out)
+}
+
+/// Compare one page of source documents with the target.
+async fn verify_page(
+    sink: &Sink,
+    mapping: &crate::mapping::Mapping,
+    acc: &mut Acc<'_>,
+    plain: &Entity,
+    docs: &[RawDocumentBuf],
+) -> Result<()> {
+    let e = acc.e;
+    let time_path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
+    let (mut entries, unmappable) = expect_page(e, plain, docs);
+    let present = present_refs(sink, mapping, e, &entries).await?;
+    for en in &mut entries {
+        if let Expected::Row { row, children, .. } = &mut en.expected {
+            en.held = apply_policies(e, &present, row, children);
+        }
+    }
+
+    // The target's rows of the page's keys, and the child rows of its parents.
+    let keys: Vec<Vec<Value>> = entries
+        .iter()
+        .map(|en| match &en.expected {
+            Expected::Row { row, .. } => e.pk.iter().map(|&i| row[i].clone()).collect(),
+            Expected::Marked { key, .. } | Expected::Gone { key } => key.clone(),
+        })
+        .collect();
+    let target = crate::sink::provenance::index_rows(
+        e.table_ref(),
+        sink.select_rows(e.table_ref(), &e.pk, &keys).await?,
+    );
+    let mut t_children = Vec::new();
+    for c in &e.children {
+        let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
+        let parents: Vec<Vec<Value>> = entries
+            .iter()
+            .filter_map(|en| match &en.expected {
+                Expected::Row { row, .. } => {
+                    Some(c.parent_links.iter().map(|(_, p)| row[*p].clone()).collect())
+                }
+                _ => None,
+            })
+            .collect();
+        t_children.push(sink.select_rows(c.table_ref(), &by, &parents).await?);
+    }
+    let mut t_kids = group_children(e, t_children);
+
+    // Documents with no row in the target: their dead letters and pending entries.
+    let unrecorded: Vec<String> = entries
+        .iter()
+        .filter(|en| en.held.is_some() || !target.contains_key(&en.key))
+        .map(|en| en.doc)
+        .chain(unmappable.iter().copied())
+        .map(|di| crate::engine::pipeline::source_id(&docs[di]))
+        .collect();
+    let records = if unrecorded.is_empty() {
+        HashMap::new()
+    } else {
+        sink.records_of(&e.name, &unrecorded).await?
+    };
+    for &di in &unmappable {
+        acc.out.unmappable += 1;
+        if let Some(key) = e.key_of(&docs[di]) {
+            acc.source_keys.insert(canon::key_text(e.table_ref(), &key));
+        }
+        if !records.contains_key(&crate::engine::pipeline::source_id(&docs[di])) {
+            let key = e.key_of(&docs[di]).map_or_else(
+                || crate::engine::pipeline::source_id(&docs[di]),
+                |k| canon::key_text(e.table_ref(), &k),
+            );
+            acc.differ(RowDiff {
+                key,
+                state: "missing",
+                reason: Some(
+                    "the document cannot be mapped and no dead letter records it".into(),
+                ),
+                columns: Vec::new(),
+                children: Vec::new(),
+            });
+        }
+    }
+
+    for en in entries {
+        acc.source_keys.insert(en.key.clone());
+        let when = crate::mapping::lookup(&docs[en.doc], &time_path)
+            .ok()
+            .flatten()
+            .and_then(|v| crate::mapping::value::to_timestamp(&v, Some(e.time_format())).ok());
+        let trow = target.get(&en.key);
+        let record = records.get(&crate::engine::pipeline::source_id(&docs[en.doc])).copied();
+        match en.expected {
+            Expected::Gone { .. } => {
+                if let Some(t) = trow {
+                    count_target(acc, when, e, t, &mut t_kids);
+                    acc.differ(RowDiff {
+                        key: en.key,
+                        state: "different",
+                        reason: Some("deleted in the source".into()),
+                        columns: Vec::new(),
+                        children: Vec::new(),
+                    });
+                }
+            }
+            Expected::Marked { at, .. } => {
+                let Some(t) = trow else { continue };
+                count_target(acc, when, e, t, &mut t_kids);
+                let sc = e.deleted.as_ref().and_then(|d| d.column).unwrap_or(0);
+                let c = &e.columns[sc];
+                let (s, v) = (canon::value(&at, c.ty), canon::value(&t[sc], c.ty));
+                if s == v {
+                    acc.out.soft_deleted += 1;
+                } else {
+                    acc.differ(RowDiff {
+                        key: en.key,
+                        state: "different",
+                        reason: Some("soft-deleted in the source".into()),
+                        columns: vec![ColumnDiff {
+                            column: c.name.clone(),
+                            source: shown(&c.name, s),
+                            target: shown(&c.name, v),
+                        }],
+                        children: Vec::new(),
+                    });
+                }
+            }
+            Expected::Row {
+                row,
+                children,
+                soft,
+            } => {
+                if let Some(why) = en.held {
+                    // The row must stay out until its reference exists.
+                    match (trow, record) {
+                        (Some(t), _) => {
+                            count_target(acc, when, e, t, &mut t_kids);
+                            acc.differ(RowDiff {
+                                key: en.key,
+                                state: "different",
+                                reason: Some(format!("{why}, yet the row is there")),
+                                columns: Vec::new(),
+                                children: Vec::new(),
+                            });
+                        }
+                        (None, Some(Record::DeadLetter)) => acc.out.dead_lettered += 1,
+                        (None, Some(Record::Pending)) => acc.out.deferred += 1,
+                        (None, None) => acc.differ(RowDiff {
+                            key: en.key,
+                            state: "missing",
+                            reason: Some(format!(
+                                "{why}, and no dead letter or pending entry records the document"
+                            )),
+                            columns: Vec::new(),
+                            children: Vec::new(),
+                        }),
+                    }
+                    continue;
+                }
+                let Some(t) = trow else {
+                    match record {
+                        Some(Record::Pending) => acc.out.deferred += 1,
+                        Some(Record::DeadLetter) => acc.out.dead_lettered += 1,
+                        None => {
+                            let (s, _) = acc.bucket(when);
+                            s.rows += 1;
+                            s.hash ^= xor(&full_hash(e, &row, &children));
+                            acc.out.source_rows += 1;
+                            acc.differ(RowDiff {
+                                key: en.key,
+                                state: "missing",
+                                reason: None,
+                                columns: Vec::new(),
+                                children: Vec::new(),
+                            });
+                        }
+                    }
+                    continue;
+                };
+                acc.out.source_rows += 1;
+                let sh = full_hash(e, &row, &children);
+                let t_children: Vec<Vec<Vec<Value>>> = e
+                    .children
+                    .iter()
+                    .zip(&mut t_kids)
+                    .map(|(c, m)| m.remove(&link_of_parent(c, &row)).unwrap_or_default())
+                    .collect();
+                let th = full_hash(e, t, &t_children);
+                acc.out.target_rows += 1;
+                let (s, tb) = acc.bucket(when);
+                s.rows += 1;
+                s.hash ^= xor(&sh);
+                tb.rows += 1;
+                tb.hash ^= xor(&th);
+                if sh == th {
+                    if soft {
+                        acc.out.soft_deleted += 1;
+                    }
+                    continue;
+                }
+                let columns = column_diffs(e.table_ref(), &row, t);
+                let kids: Vec<ChildDiff> = e
+                    .children
+                    .iter()
+                    .zip(children.iter().zip(&t_children))
+                    .flat_map(|(c, (s, t))| child_diffs(c, s, t))
+                    .collect();
+                acc.differ(RowDiff {
+                    key: en.key,
+                    state: "different",
+                    reason: soft.then(|| "soft-deleted in the source".into()),
+                    columns,
+                    children: kids,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Count a target row that no expected row matches into its bucket.
+fn count_target(
+    acc: &mut Acc<'_>,
+    when: Option<DateTime<Utc>>,
+    e: &Entity,
+    row: &[Value],
+    t_kids: &mut [HashMap<String, Vec<Vec<Value>>>],
+) {
+    let kids: Vec<Vec<Vec<Value>>> = e
+        .children
+        .iter()
+        .zip(t_kids.iter_mut())
+        .map(|(c, m)| m.remove(&link_of_parent(c, row)).unwrap_or_default())
+        .collect();
+    let h = full_hash(e, row, &kids);
+    acc.out.target_rows += 1;
+    let (_, t) = acc.bucket(when);
+    t.rows += 1;
+    t.hash ^= xor(&h);
 }
 
 /// Target rows whose time column lies in the range but whose key the source range lacks.
@@ -406,8 +955,16 @@ async fn extras(sink: &Sink, acc: &mut Acc<'_>, range: Window) -> Result<()> {
             t.rows += 1;
             t.hash ^= xor(&h);
             acc.out.target_rows += 1;
-            let limit = acc.limit;
-            Acc::note(&mut acc.out.extra, &mut acc.out.extra_count, limit, key);
+            acc.differ(RowDiff {
+                key,
+                state: "extra",
+                reason: Some(
+                    "no source document of the range has this key (deleted in the source, or moved out of the range)"
+                        .into(),
+                ),
+                columns: Vec::new(),
+                children: Vec::new(),
+            });
         }
     }
     Ok(())
@@ -419,10 +976,7 @@ pub async fn verify(s: &Settings, opts: &VerifyOptions) -> Result<VerifyReport> 
     let mapping = crate::commands::setup::load_mapping(s)?;
     let (f, t) =
         crate::timearg::parse_range(&opts.from, &opts.to, Utc::now()).map_err(Failure::Config)?;
-    let range = Window::new(
-        crate::engine::window::to_millis(f),
-        crate::engine::window::to_millis(t),
-    );
+    let range = Window::new(crate::engine::window::to_millis(f), crate::engine::window::to_millis(t));
     let names: Vec<String> = if opts.entities.is_empty() {
         mapping
             .entities
@@ -443,15 +997,15 @@ pub async fn verify(s: &Settings, opts: &VerifyOptions) -> Result<VerifyReport> 
     let mut entities = Vec::new();
     for n in &names {
         let e = mapping.entity(n)?;
-        entities.push(verify_entity(&source, &sink, e, range, opts).await?);
+        entities.push(verify_entity(&source, &sink, &mapping, e, range, opts).await?);
     }
     let mut tables = Vec::new();
     for n in &names {
         let e = mapping.entity(n)?;
-        tables.push(e.table.clone());
-        tables.extend(e.children.iter().map(|c| c.table.clone()));
+        tables.push(e.table_ref());
+        tables.extend(e.children.iter().map(Child::table_ref));
     }
-    let dangling = dangling(&sink, &tables).await?;
+    let dangling = sink.dangling(&tables, opts.limit).await?;
     sink.close().await;
     let differences = entities
         .iter()
@@ -465,81 +1019,4 @@ pub async fn verify(s: &Settings, opts: &VerifyOptions) -> Result<VerifyReport> 
         differences,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
-}
-
-/// Rows of `tables` whose foreign key points at nothing, per constraint (see the module
-/// documentation).
-async fn dangling(sink: &Sink, tables: &[String]) -> Result<Vec<Dangling>> {
-    let mut out = Vec::new();
-    match sink {
-        Sink::Postgres(p) => {
-            #[allow(clippy::type_complexity)]
-            let fks: Vec<(String, String, String, Vec<String>, Vec<String>)> = sqlx::query_as(
-                "SELECT con.conname::text, src.relname::text, dst.relname::text, \
-                        array_agg(quote_ident(sa.attname) ORDER BY k.ord), \
-                        array_agg(quote_ident(da.attname) ORDER BY k.ord) \
-                 FROM pg_constraint con \
-                 JOIN pg_class src ON src.oid = con.conrelid \
-                 JOIN pg_class dst ON dst.oid = con.confrelid \
-                 CROSS JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(s, d, ord) \
-                 JOIN pg_attribute sa ON sa.attrelid = con.conrelid AND sa.attnum = k.s \
-                 JOIN pg_attribute da ON da.attrelid = con.confrelid AND da.attnum = k.d \
-                 WHERE con.contype = 'f' AND src.relname = ANY($1) \
-                   AND src.relnamespace = current_schema()::regnamespace \
-                 GROUP BY 1, 2, 3 ORDER BY 2, 1",
-            )
-            .bind(tables)
-            .fetch_all(p)
-            .await?;
-            for (constraint, table, parent, mine, theirs) in fks {
-                let not_null: Vec<String> =
-                    mine.iter().map(|c| format!("s.{c} IS NOT NULL")).collect();
-                let same: Vec<String> = mine
-                    .iter()
-                    .zip(&theirs)
-                    .map(|(c, p)| format!("d.{p} = s.{c}"))
-                    .collect();
-                // An anti-join: `NOT IN` over a parent table larger than work_mem is
-                // rescanned for every row.
-                let rows: i64 = sqlx::query_scalar(&format!(
-                    "SELECT COUNT(*) FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM {} d WHERE {})",
-                    crate::sink::ddl::quote(&table),
-                    not_null.join(" AND "),
-                    crate::sink::ddl::quote(&parent),
-                    same.join(" AND ")
-                ))
-                .fetch_one(p)
-                .await?;
-                if rows > 0 {
-                    out.push(Dangling {
-                        table,
-                        constraint,
-                        rows: rows as u64,
-                    });
-                }
-            }
-        }
-        Sink::Sqlite(p) => {
-            for table in tables {
-                let found: Vec<(i64,)> = sqlx::query_as(&format!(
-                    "SELECT fkid FROM pragma_foreign_key_check('{}')",
-                    table.replace('\'', "''")
-                ))
-                .fetch_all(p)
-                .await?;
-                let mut by: BTreeMap<i64, u64> = BTreeMap::new();
-                for (id,) in found {
-                    *by.entry(id).or_default() += 1;
-                }
-                for (id, rows) in by {
-                    out.push(Dangling {
-                        table: table.clone(),
-                        constraint: format!("foreign key #{id}"),
-                        rows,
-                    });
-                }
-            }
-        }
-    }
-    Ok(out)
 }

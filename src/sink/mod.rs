@@ -12,6 +12,7 @@ pub mod records;
 pub mod runs;
 mod sqlite;
 pub mod undo;
+pub mod verify;
 
 use crate::engine::window::{LaneState, Window};
 use crate::mapping::{Entity, TableRef, Value};
