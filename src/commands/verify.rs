@@ -37,6 +37,7 @@ use crate::engine::window::{fmt_ts, Window};
 use anyhow::Result;
 use bson::RawDocumentBuf;
 use chrono::{DateTime, Utc};
+use indexmap::IndexMap;
 use serde::Serialize;
 use serde_json::Value as J;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -257,13 +258,38 @@ struct Entry {
     held: Option<String>,
 }
 
+/// The verdict on one key of the range. A key seen again in a later page (two source
+/// documents for one key, the later one wins as in a run) replaces its earlier verdict.
+struct Verdict {
+    bucket: i64,
+    /// Hash of the expected row, when the target must hold one.
+    source: Option<u128>,
+    /// Hash of the target's row, when it holds one.
+    target: Option<u128>,
+    kind: Kind,
+}
+
+enum Kind {
+    Same,
+    SoftDeleted,
+    DeadLettered,
+    Deferred,
+    /// Nothing expected and nothing to count (deleted and absent, recorded as unmappable).
+    Nothing,
+    /// A difference (`missing`, `different`, `extra`), with its details while the report
+    /// has room for them.
+    Differs(&'static str, Option<Box<RowDiff>>),
+}
+
 struct Acc<'a> {
     e: &'a Entity,
     out: EntityVerify,
-    buckets: BTreeMap<i64, (Side, Side)>,
     bucket_ms: i64,
     limit: usize,
-    source_keys: HashSet<String>,
+    /// Every key of the range, in the order first decided.
+    verdicts: IndexMap<String, Verdict>,
+    /// Verdicts holding details.
+    detailed: usize,
 }
 
 fn xor(h: &str) -> u128 {
@@ -271,26 +297,98 @@ fn xor(h: &str) -> u128 {
 }
 
 impl Acc<'_> {
-    fn bucket(&mut self, t: Option<DateTime<Utc>>) -> &mut (Side, Side) {
+    fn bucket_of(&self, t: Option<DateTime<Utc>>) -> i64 {
         let ms = t.map_or(0, |t| t.timestamp_millis());
-        let b = ms.div_euclid(self.bucket_ms) * self.bucket_ms;
-        self.buckets.entry(b).or_default()
+        ms.div_euclid(self.bucket_ms) * self.bucket_ms
     }
 
-    /// Count and list one difference.
-    fn differ(&mut self, d: RowDiff) {
-        let (list, count) = match d.state {
-            "missing" => (&mut self.out.missing, &mut self.out.missing_count),
-            "extra" => (&mut self.out.extra, &mut self.out.extra_count),
-            _ => (&mut self.out.different, &mut self.out.different_count),
+    /// Record the verdict on `key`, replacing an earlier one.
+    fn decide(&mut self, key: String, mut v: Verdict) {
+        if let Some(old) = self.verdicts.shift_remove(&key) {
+            if matches!(old.kind, Kind::Differs(_, Some(_))) {
+                self.detailed -= 1;
+            }
+        }
+        if let Kind::Differs(_, d) = &mut v.kind {
+            if d.is_some() {
+                if self.detailed < self.limit {
+                    self.detailed += 1;
+                } else {
+                    *d = None;
+                }
+            }
+        }
+        self.verdicts.insert(key, v);
+    }
+
+    /// A difference on `key`.
+    fn differ(
+        &mut self,
+        when: Option<DateTime<Utc>>,
+        source: Option<u128>,
+        target: Option<u128>,
+        d: RowDiff,
+    ) {
+        let key = d.key.clone();
+        let v = Verdict {
+            bucket: self.bucket_of(when),
+            source,
+            target,
+            kind: Kind::Differs(d.state, Some(Box::new(d))),
         };
-        *count += 1;
-        if list.len() < self.limit {
-            list.push(d.key.clone());
+        self.decide(key, v);
+    }
+
+    /// Sum the verdicts into the report: counts, listed keys, details and buckets.
+    fn finish(mut self) -> EntityVerify {
+        let mut buckets: BTreeMap<i64, (Side, Side)> = BTreeMap::new();
+        let out = &mut self.out;
+        for (key, v) in std::mem::take(&mut self.verdicts) {
+            let (s, t) = buckets.entry(v.bucket).or_default();
+            if let Some(h) = v.source {
+                s.rows += 1;
+                s.hash ^= h;
+                out.source_rows += 1;
+            }
+            if let Some(h) = v.target {
+                t.rows += 1;
+                t.hash ^= h;
+                out.target_rows += 1;
+            }
+            match v.kind {
+                Kind::Same | Kind::Nothing => {}
+                Kind::SoftDeleted => out.soft_deleted += 1,
+                Kind::DeadLettered => out.dead_lettered += 1,
+                Kind::Deferred => out.deferred += 1,
+                Kind::Differs(state, d) => {
+                    let (list, count) = match state {
+                        "missing" => (&mut out.missing, &mut out.missing_count),
+                        "extra" => (&mut out.extra, &mut out.extra_count),
+                        _ => (&mut out.different, &mut out.different_count),
+                    };
+                    *count += 1;
+                    if list.len() < self.limit {
+                        list.push(key);
+                    }
+                    if let Some(d) = d {
+                        out.details.push(*d);
+                    }
+                }
+            }
         }
-        if self.out.details.len() < self.limit {
-            self.out.details.push(d);
+        out.buckets = buckets.len();
+        for (b, (s, t)) in &buckets {
+            if s.rows != t.rows || s.hash != t.hash {
+                out.differing_buckets.push(Bucket {
+                    from: fmt_ts(crate::sink::from_ms(*b)),
+                    source_rows: s.rows,
+                    target_rows: t.rows,
+                    source_hash: format!("{:032x}", s.hash),
+                    target_hash: format!("{:032x}", t.hash),
+                });
+            }
         }
+        self.out
     }
 }
 
@@ -426,7 +524,10 @@ fn full_hash(e: &Entity, row: &[Value], kids: &[Vec<Vec<Value>>]) -> String {
 }
 
 /// The target child rows of each parent, per child table, keyed by the parent link.
-fn group_children(e: &Entity, children: Vec<Vec<Vec<Value>>>) -> Vec<HashMap<String, Vec<Vec<Value>>>> {
+fn group_children(
+    e: &Entity,
+    children: Vec<Vec<Vec<Value>>>,
+) -> Vec<HashMap<String, Vec<Vec<Value>>>> {
     e.children
         .iter()
         .zip(children)
@@ -650,10 +751,10 @@ async fn verify_entity(
             entity: e.name.clone(),
             ..Default::default()
         },
-        buckets: BTreeMap::new(),
         bucket_ms: (opts.bucket.as_millis() as i64).max(1),
         limit: opts.limit,
-        source_keys: HashSet::new(),
+        verdicts: IndexMap::new(),
+        detailed: 0,
     };
     let mut plain = e.clone();
     plain.deleted = None;
@@ -664,20 +765,45 @@ async fn verify_entity(
         verify_page(sink, mapping, &mut acc, &plain, &page.docs).await?;
     }
     extras(sink, &mut acc, range).await?;
-    acc.out.buckets = acc.buckets.len();
-    for (b, (s, t)) in &acc.buckets {
-        if s.rows != t.rows || s.hash != t.hash {
-            acc.out.differing_buckets.push(Bucket {
-                from: fmt_ts(crate::sink::from_ms(*b)),
-                source_rows: s.rows,
-                target_rows: t.rows,
-                source_hash: format!("{:032x}", s.hash),
-                target_hash: format!("{:032x}", t.hash),
-            });
-        }
-    }
-    Ok(acc.out)
+    Ok(acc.finish())
 }
+
+/// The target's rows of the page's keys, and per child table the child rows of its
+/// parents, keyed by their link to the parent.
+async fn read_target(
+    sink: &Sink,
+    e: &Entity,
+    entries: &[Entry],
+) -> Result<(TargetRows, Vec<HashMap<String, Vec<Vec<Value>>>>)> {
+    let keys: Vec<Vec<Value>> = entries
+        .iter()
+        .map(|en| match &en.expected {
+            Expected::Row { row, .. } => e.pk.iter().map(|&i| row[i].clone()).collect(),
+            Expected::Marked { key, .. } | Expected::Gone { key } => key.clone(),
+        })
+        .collect();
+    let rows = crate::sink::provenance::index_rows(
+        e.table_ref(),
+        sink.select_rows(e.table_ref(), &e.pk, &keys).await?,
+    );
+    let mut children = Vec::new();
+    for c in &e.children {
+        let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
+        let parents: Vec<Vec<Value>> = rows
+            .values()
+            .map(|row| {
+                c.parent_links
+                    .iter()
+                    .map(|(_, p)| row[*p].clone())
+                    .collect()
+            })
+            .collect();
+        children.push(sink.select_rows(c.table_ref(), &by, &parents).await?);
+    }
+    Ok((rows, group_children(e, children)))
+}
+
+type TargetRows = HashMap<String, Vec<Value>>;
 
 /// Compare one page of source documents with the target.
 async fn verify_page(
@@ -688,7 +814,6 @@ async fn verify_page(
     docs: &[RawDocumentBuf],
 ) -> Result<()> {
     let e = acc.e;
-    let time_path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
     let (mut entries, unmappable) = expect_page(e, plain, docs);
     let present = present_refs(sink, mapping, e, &entries).await?;
     for en in &mut entries {
@@ -696,42 +821,16 @@ async fn verify_page(
             en.held = apply_policies(e, &present, row, children);
         }
     }
-
-    // The target's rows of the page's keys, and the child rows of its parents.
-    let keys: Vec<Vec<Value>> = entries
-        .iter()
-        .map(|en| match &en.expected {
-            Expected::Row { row, .. } => e.pk.iter().map(|&i| row[i].clone()).collect(),
-            Expected::Marked { key, .. } | Expected::Gone { key } => key.clone(),
-        })
-        .collect();
-    let target = crate::sink::provenance::index_rows(
-        e.table_ref(),
-        sink.select_rows(e.table_ref(), &e.pk, &keys).await?,
-    );
-    let mut t_children = Vec::new();
-    for c in &e.children {
-        let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
-        let parents: Vec<Vec<Value>> = entries
-            .iter()
-            .filter_map(|en| match &en.expected {
-                Expected::Row { row, .. } => {
-                    Some(c.parent_links.iter().map(|(_, p)| row[*p].clone()).collect())
-                }
-                _ => None,
-            })
-            .collect();
-        t_children.push(sink.select_rows(c.table_ref(), &by, &parents).await?);
-    }
-    let mut t_kids = group_children(e, t_children);
+    let (target, t_kids) = read_target(sink, e, &entries).await?;
 
     // Documents with no row in the target: their dead letters and pending entries.
+    let sid = |di: usize| crate::engine::page::source_id(&docs[di]);
     let unrecorded: Vec<String> = entries
         .iter()
         .filter(|en| en.held.is_some() || !target.contains_key(&en.key))
         .map(|en| en.doc)
         .chain(unmappable.iter().copied())
-        .map(|di| crate::engine::pipeline::source_id(&docs[di]))
+        .map(sid)
         .collect();
     let records = if unrecorded.is_empty() {
         HashMap::new()
@@ -740,181 +839,194 @@ async fn verify_page(
     };
     for &di in &unmappable {
         acc.out.unmappable += 1;
-        if let Some(key) = e.key_of(&docs[di]) {
-            acc.source_keys.insert(canon::key_text(e.table_ref(), &key));
-        }
-        if !records.contains_key(&crate::engine::pipeline::source_id(&docs[di])) {
-            let key = e.key_of(&docs[di]).map_or_else(
-                || crate::engine::pipeline::source_id(&docs[di]),
-                |k| canon::key_text(e.table_ref(), &k),
+        let key = e.key_of(&docs[di]).map_or_else(
+            || format!("source id {}", sid(di)),
+            |k| canon::key_text(e.table_ref(), &k),
+        );
+        if records.contains_key(&sid(di)) {
+            let v = Verdict {
+                bucket: 0,
+                source: None,
+                target: None,
+                kind: Kind::Nothing,
+            };
+            acc.decide(key, v);
+        } else {
+            acc.differ(
+                None,
+                None,
+                None,
+                RowDiff {
+                    key,
+                    state: "missing",
+                    reason: Some(
+                        "the document cannot be mapped and no dead letter records it".into(),
+                    ),
+                    columns: Vec::new(),
+                    children: Vec::new(),
+                },
             );
-            acc.differ(RowDiff {
-                key,
-                state: "missing",
-                reason: Some(
-                    "the document cannot be mapped and no dead letter records it".into(),
-                ),
-                columns: Vec::new(),
-                children: Vec::new(),
-            });
         }
     }
-
+    let time_path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
     for en in entries {
-        acc.source_keys.insert(en.key.clone());
         let when = crate::mapping::lookup(&docs[en.doc], &time_path)
             .ok()
             .flatten()
             .and_then(|v| crate::mapping::value::to_timestamp(&v, Some(e.time_format())).ok());
+        let record = records.get(&sid(en.doc)).copied();
         let trow = target.get(&en.key);
-        let record = records.get(&crate::engine::pipeline::source_id(&docs[en.doc])).copied();
-        match en.expected {
-            Expected::Gone { .. } => {
-                if let Some(t) = trow {
-                    count_target(acc, when, e, t, &mut t_kids);
-                    acc.differ(RowDiff {
-                        key: en.key,
-                        state: "different",
-                        reason: Some("deleted in the source".into()),
-                        columns: Vec::new(),
-                        children: Vec::new(),
-                    });
-                }
-            }
-            Expected::Marked { at, .. } => {
-                let Some(t) = trow else { continue };
-                count_target(acc, when, e, t, &mut t_kids);
-                let sc = e.deleted.as_ref().and_then(|d| d.column).unwrap_or(0);
-                let c = &e.columns[sc];
-                let (s, v) = (canon::value(&at, c.ty), canon::value(&t[sc], c.ty));
-                if s == v {
-                    acc.out.soft_deleted += 1;
-                } else {
-                    acc.differ(RowDiff {
-                        key: en.key,
-                        state: "different",
-                        reason: Some("soft-deleted in the source".into()),
-                        columns: vec![ColumnDiff {
-                            column: c.name.clone(),
-                            source: shown(&c.name, s),
-                            target: shown(&c.name, v),
-                        }],
-                        children: Vec::new(),
-                    });
-                }
-            }
-            Expected::Row {
-                row,
-                children,
-                soft,
-            } => {
-                if let Some(why) = en.held {
-                    // The row must stay out until its reference exists.
-                    match (trow, record) {
-                        (Some(t), _) => {
-                            count_target(acc, when, e, t, &mut t_kids);
-                            acc.differ(RowDiff {
-                                key: en.key,
-                                state: "different",
-                                reason: Some(format!("{why}, yet the row is there")),
-                                columns: Vec::new(),
-                                children: Vec::new(),
-                            });
-                        }
-                        (None, Some(Record::DeadLetter)) => acc.out.dead_lettered += 1,
-                        (None, Some(Record::Pending)) => acc.out.deferred += 1,
-                        (None, None) => acc.differ(RowDiff {
-                            key: en.key,
-                            state: "missing",
-                            reason: Some(format!(
-                                "{why}, and no dead letter or pending entry records the document"
-                            )),
-                            columns: Vec::new(),
-                            children: Vec::new(),
-                        }),
-                    }
-                    continue;
-                }
-                let Some(t) = trow else {
-                    match record {
-                        Some(Record::Pending) => acc.out.deferred += 1,
-                        Some(Record::DeadLetter) => acc.out.dead_lettered += 1,
-                        None => {
-                            let (s, _) = acc.bucket(when);
-                            s.rows += 1;
-                            s.hash ^= xor(&full_hash(e, &row, &children));
-                            acc.out.source_rows += 1;
-                            acc.differ(RowDiff {
-                                key: en.key,
-                                state: "missing",
-                                reason: None,
-                                columns: Vec::new(),
-                                children: Vec::new(),
-                            });
-                        }
-                    }
-                    continue;
-                };
-                acc.out.source_rows += 1;
-                let sh = full_hash(e, &row, &children);
-                let t_children: Vec<Vec<Vec<Value>>> = e
-                    .children
-                    .iter()
-                    .zip(&mut t_kids)
-                    .map(|(c, m)| m.remove(&link_of_parent(c, &row)).unwrap_or_default())
-                    .collect();
-                let th = full_hash(e, t, &t_children);
-                acc.out.target_rows += 1;
-                let (s, tb) = acc.bucket(when);
-                s.rows += 1;
-                s.hash ^= xor(&sh);
-                tb.rows += 1;
-                tb.hash ^= xor(&th);
-                if sh == th {
-                    if soft {
-                        acc.out.soft_deleted += 1;
-                    }
-                    continue;
-                }
-                let columns = column_diffs(e.table_ref(), &row, t);
-                let kids: Vec<ChildDiff> = e
-                    .children
-                    .iter()
-                    .zip(children.iter().zip(&t_children))
-                    .flat_map(|(c, (s, t))| child_diffs(c, s, t))
-                    .collect();
-                acc.differ(RowDiff {
-                    key: en.key,
-                    state: "different",
-                    reason: soft.then(|| "soft-deleted in the source".into()),
-                    columns,
-                    children: kids,
-                });
-            }
-        }
+        let th = trow.map(|t| target_hash(e, t, &t_kids));
+        judge(acc, en, when, trow, th, record, &t_kids);
     }
     Ok(())
 }
 
-/// Count a target row that no expected row matches into its bucket.
-fn count_target(
-    acc: &mut Acc<'_>,
-    when: Option<DateTime<Utc>>,
-    e: &Entity,
-    row: &[Value],
-    t_kids: &mut [HashMap<String, Vec<Vec<Value>>>],
-) {
+/// The hash of a target row with its child rows.
+fn target_hash(e: &Entity, row: &[Value], t_kids: &[HashMap<String, Vec<Vec<Value>>>]) -> u128 {
     let kids: Vec<Vec<Vec<Value>>> = e
         .children
         .iter()
-        .zip(t_kids.iter_mut())
-        .map(|(c, m)| m.remove(&link_of_parent(c, row)).unwrap_or_default())
+        .zip(t_kids.iter())
+        .map(|(c, m)| m.get(&link_of_parent(c, row)).cloned().unwrap_or_default())
         .collect();
-    let h = full_hash(e, row, &kids);
-    acc.out.target_rows += 1;
-    let (_, t) = acc.bucket(when);
-    t.rows += 1;
-    t.hash ^= xor(&h);
+    xor(&full_hash(e, row, &kids))
+}
+
+/// The verdict on one entry of a page, given the target's row (`trow`, hashed `th`) and
+/// the tool's record of its document.
+fn judge(
+    acc: &mut Acc<'_>,
+    en: Entry,
+    when: Option<DateTime<Utc>>,
+    trow: Option<&Vec<Value>>,
+    th: Option<u128>,
+    record: Option<Record>,
+    t_kids: &[HashMap<String, Vec<Vec<Value>>>],
+) {
+    let e = acc.e;
+    let bucket = acc.bucket_of(when);
+    let plain = |kind| Verdict {
+        bucket,
+        source: None,
+        target: th,
+        kind,
+    };
+    let diff = |state: &'static str,
+                reason: Option<String>,
+                columns: Vec<ColumnDiff>,
+                children: Vec<ChildDiff>| RowDiff {
+        key: en.key.clone(),
+        state,
+        reason,
+        columns,
+        children,
+    };
+    match en.expected {
+        Expected::Gone { .. } => match trow {
+            None => acc.decide(en.key, plain(Kind::Nothing)),
+            Some(_) => {
+                let d = diff(
+                    "different",
+                    Some("deleted in the source".into()),
+                    vec![],
+                    vec![],
+                );
+                acc.differ(when, None, th, d)
+            }
+        },
+        Expected::Marked { at, .. } => {
+            let Some(t) = trow else {
+                return acc.decide(en.key, plain(Kind::Nothing));
+            };
+            let sc = e.deleted.as_ref().and_then(|d| d.column).unwrap_or(0);
+            let c = &e.columns[sc];
+            let (s, v) = (canon::value(&at, c.ty), canon::value(&t[sc], c.ty));
+            if s == v {
+                acc.decide(
+                    en.key,
+                    Verdict {
+                        source: th,
+                        ..plain(Kind::SoftDeleted)
+                    },
+                );
+            } else {
+                let cols = vec![ColumnDiff {
+                    column: c.name.clone(),
+                    source: shown(&c.name, s),
+                    target: shown(&c.name, v),
+                }];
+                let d = diff(
+                    "different",
+                    Some("soft-deleted in the source".into()),
+                    cols,
+                    vec![],
+                );
+                acc.differ(when, None, th, d);
+            }
+        }
+        Expected::Row {
+            row,
+            children,
+            soft,
+        } => {
+            if let Some(why) = &en.held {
+                // The row must stay out until its reference exists.
+                match (trow, record) {
+                    (Some(_), _) => {
+                        let why = format!("{why}, yet the row is there");
+                        acc.differ(when, None, th, diff("different", Some(why), vec![], vec![]))
+                    }
+                    (None, Some(Record::DeadLetter)) => {
+                        acc.decide(en.key, plain(Kind::DeadLettered))
+                    }
+                    (None, Some(Record::Pending)) => acc.decide(en.key, plain(Kind::Deferred)),
+                    (None, None) => {
+                        let why = format!(
+                            "{why}, and no dead letter or pending entry records the document"
+                        );
+                        acc.differ(when, None, None, diff("missing", Some(why), vec![], vec![]))
+                    }
+                }
+                return;
+            }
+            let sh = xor(&full_hash(e, &row, &children));
+            let Some(t) = trow else {
+                return match record {
+                    Some(Record::Pending) => acc.decide(en.key, plain(Kind::Deferred)),
+                    Some(Record::DeadLetter) => acc.decide(en.key, plain(Kind::DeadLettered)),
+                    None => acc.differ(when, Some(sh), None, diff("missing", None, vec![], vec![])),
+                };
+            };
+            if Some(sh) == th {
+                let kind = if soft { Kind::SoftDeleted } else { Kind::Same };
+                return acc.decide(
+                    en.key,
+                    Verdict {
+                        bucket,
+                        source: Some(sh),
+                        target: th,
+                        kind,
+                    },
+                );
+            }
+            let t_children: Vec<Vec<Vec<Value>>> = e
+                .children
+                .iter()
+                .zip(t_kids.iter())
+                .map(|(c, m)| m.get(&link_of_parent(c, &row)).cloned().unwrap_or_default())
+                .collect();
+            let columns = column_diffs(e.table_ref(), &row, t);
+            let kids: Vec<ChildDiff> = e
+                .children
+                .iter()
+                .zip(children.iter().zip(&t_children))
+                .flat_map(|(c, (s, t))| child_diffs(c, s, t))
+                .collect();
+            let reason = soft.then(|| "soft-deleted in the source".into());
+            acc.differ(when, Some(sh), th, diff("different", reason, columns, kids));
+        }
+    }
 }
 
 /// Target rows whose time column lies in the range but whose key the source range lacks.
@@ -943,19 +1055,15 @@ async fn extras(sink: &Sink, acc: &mut Acc<'_>, range: Window) -> Result<()> {
         after = Some(last[*kc].clone());
         for r in &rows {
             let key = canon::key_of_row(e.table_ref(), r);
-            if acc.source_keys.contains(&key) {
+            if acc.verdicts.contains_key(&key) {
                 continue;
             }
             let when = match &r[tc] {
                 Value::Timestamp(t) => Some(*t),
                 _ => None,
             };
-            let h = canon::row_hash(e.table_ref(), r);
-            let (_, t) = acc.bucket(when);
-            t.rows += 1;
-            t.hash ^= xor(&h);
-            acc.out.target_rows += 1;
-            acc.differ(RowDiff {
+            let h = xor(&canon::row_hash(e.table_ref(), r));
+            let d = RowDiff {
                 key,
                 state: "extra",
                 reason: Some(
@@ -964,7 +1072,8 @@ async fn extras(sink: &Sink, acc: &mut Acc<'_>, range: Window) -> Result<()> {
                 ),
                 columns: Vec::new(),
                 children: Vec::new(),
-            });
+            };
+            acc.differ(when, None, Some(h), d);
         }
     }
     Ok(())

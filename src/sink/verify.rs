@@ -90,26 +90,27 @@ impl Sink {
 
 /// The canonical key text ([`crate::mapping::canon::key_text`]) of a key read as text columns.
 fn key_json(t: &TableRef<'_>, vals: Vec<Option<String>>) -> String {
-    let key: Vec<Value> = t
-        .pk
-        .iter()
-        .zip(vals)
-        .map(|(&i, v)| match (v, t.columns[i].ty) {
-            (None, _) => Value::Null,
-            (Some(s), ColumnType::Integer | ColumnType::Bigint) => {
-                s.parse().map_or(Value::Text(s), Value::BigInt)
-            }
-            (Some(s), ColumnType::Double) => s.parse().map_or(Value::Text(s), Value::Double),
-            (Some(s), ColumnType::Boolean) => Value::Bool(s == "true" || s == "1"),
-            (Some(s), _) => Value::Text(s),
-        })
-        .collect();
+    let key: Vec<Value> =
+        t.pk.iter()
+            .zip(vals)
+            .map(|(&i, v)| match (v, t.columns[i].ty) {
+                (None, _) => Value::Null,
+                (Some(s), ColumnType::Integer | ColumnType::Bigint) => {
+                    s.parse().map_or(Value::Text(s), Value::BigInt)
+                }
+                (Some(s), ColumnType::Double) => s.parse().map_or(Value::Text(s), Value::Double),
+                (Some(s), ColumnType::Boolean) => Value::Bool(s == "true" || s == "1"),
+                (Some(s), _) => Value::Text(s),
+            })
+            .collect();
     crate::mapping::canon::key_text(*t, &key)
 }
 
 /// The quoted primary-key columns of `t`.
 fn pk_names(t: &TableRef<'_>) -> Vec<String> {
-    t.pk.iter().map(|&i| ddl::quote(&t.columns[i].name)).collect()
+    t.pk.iter()
+        .map(|&i| ddl::quote(&t.columns[i].name))
+        .collect()
 }
 
 async fn dangling_pg(
