@@ -11,4 +11,5 @@ pub mod page;
 pub mod pipeline;
 pub mod pulled;
 pub mod resolve;
+pub mod verify;
 pub mod window;
