@@ -23,6 +23,7 @@ mod mapping_golden;
 mod ops_backfill;
 mod ops_daemon;
 mod ops_lock;
+mod ops_metrics;
 mod ops_status;
 mod ops_systemd;
 mod ops_util;
