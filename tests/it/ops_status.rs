@@ -160,9 +160,9 @@ async fn ops_run_writes_a_textfile() {
     assert!(get(metrics::WATERMARK).is_some() && get(metrics::LAST_SUCCESS).is_some());
     // The lag at the end of the run would freeze in the file: alerts use the watermark's age.
     assert!(get(metrics::LAG).is_none());
-    let ok = samples
-        .iter()
-        .find(|s| s.name == metrics::RUNS && s.labels.get("result").map(String::as_str) == Some("ok"));
+    let ok = samples.iter().find(|s| {
+        s.name == metrics::RUNS && s.labels.get("result").map(String::as_str) == Some("ok")
+    });
     assert_eq!(ok.map(|s| s.value), Some(1.0));
     assert!(
         !path.with_file_name(".tidemark.prom.tmp").exists(),
