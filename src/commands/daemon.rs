@@ -246,15 +246,20 @@ fn note_next_run(state: &State, expr: &str) {
 
 /// Reach the source and the target at start and publish what they hold (watermarks,
 /// backlog, outstanding dead letters, every entity's counters at 0), so lag is visible at
-/// once. Returns whether both were reached.
+/// once. Changes nothing. Returns whether both were reached.
 async fn probe(s: &Settings) -> bool {
     let result: Result<()> = async {
         let mapping = crate::commands::setup::load_mapping(s)?;
         let names: Vec<String> = mapping.entities.iter().map(|e| e.name.clone()).collect();
         metrics::entities(&names);
         let sink = crate::sink::Sink::connect(&s.target.url, 1).await?;
-        sink.migrate_tool_tables().await?;
-        for cp in sink.checkpoints().await? {
+        // Read only: the first run (started beside this probe) migrates.
+        let migrated = sink.tool_tables_current().await?;
+        for cp in if migrated {
+            sink.checkpoints().await?
+        } else {
+            Vec::new()
+        } {
             if let (Some(entity), Some(wm)) = (cp.lane.strip_prefix("nightly:"), cp.state.watermark)
             {
                 metrics::record_watermark(entity, wm);
@@ -268,7 +273,9 @@ async fn probe(s: &Settings) -> bool {
                 return Err(e);
             }
         };
-        crate::commands::run::observe_outstanding(&sink, &source, &mapping, &names).await;
+        if migrated {
+            crate::commands::run::observe_outstanding(&sink, &source, &mapping, &names).await;
+        }
         sink.close().await;
         Ok(())
     }

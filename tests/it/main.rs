@@ -22,6 +22,7 @@ mod mapping_domains;
 mod mapping_golden;
 mod ops_backfill;
 mod ops_daemon;
+mod ops_demo;
 mod ops_lock;
 mod ops_metrics;
 mod ops_status;

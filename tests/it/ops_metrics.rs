@@ -177,6 +177,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 /// The PromQL of the dashboard: every panel target's `expr` and every variable's query.
 fn dashboard_queries(v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
+        // The data-source variable's query is a plugin type, not PromQL.
+        serde_json::Value::Object(m) if m.get("type").is_some_and(|t| t == "datasource") => {}
         serde_json::Value::Object(m) => {
             for (k, v) in m {
                 match (k.as_str(), v) {
