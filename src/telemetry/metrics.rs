@@ -46,10 +46,19 @@ pub const NEXT_RUN: &str = "tidemark_next_run_timestamp_seconds";
 /// The results a run is counted under (`tidemark_runs_total{result}`).
 pub const RESULTS: [&str; 4] = ["ok", "partial", "failed", "lock_held"];
 
-/// Gauges a textfile keeps from the file it replaces when this run did not set them (a run
-/// that failed before its first window still leaves the last watermark and success time,
-/// so the alerts on their age keep working).
-const CARRIED_GAUGES: [&str; 4] = [WATERMARK, ENTITY_SUCCESS, LAST_SUCCESS, LAST_RUN];
+/// Gauges a textfile keeps from the file it replaces when this run did not set them: a run
+/// that failed before its first window still leaves the last watermark and success time (so
+/// the alerts on their age keep working) and the last counted backlog and dead letters (so
+/// the dead-letter alert does not resolve because the source was down).
+const CARRIED_GAUGES: [&str; 7] = [
+    WATERMARK,
+    ENTITY_SUCCESS,
+    LAST_SUCCESS,
+    LAST_RUN,
+    BACKLOG,
+    DEAD_OUTSTANDING,
+    ENTITY_DURATION,
+];
 
 /// Mode of the textfile: node_exporter runs as another user, and the units' `UMask=0027`
 /// would otherwise leave the file `-rw-r-----`.
