@@ -32,7 +32,11 @@ pub enum Command {
         print: bool,
     },
     /// Validate settings and mapping and print what was resolved (secrets redacted).
-    CheckConfig,
+    CheckConfig {
+        /// Print one line when valid (for ExecStartPre); errors are printed as always.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Show per entity the watermark, lag, backlog and dead letters.
     ///
     /// Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
@@ -288,6 +292,9 @@ pub struct SweepArgs {
 #[derive(Debug, Subcommand)]
 pub enum DemoCommand {
     /// Drop and re-create the demo collections in source.database (deterministic for a seed).
+    ///
+    /// Refuses a database that holds collections `demo seed` did not create (it would drop
+    /// same-named ones there), unless --force.
     Seed {
         /// Number of vizzes (documentInfo documents); other collections scale with it.
         #[arg(long, default_value_t = 10_000)]
@@ -295,5 +302,9 @@ pub enum DemoCommand {
         /// Random seed; the same seed and size give the same documents.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Seed even though the database holds collections demo seed did not create
+        /// (those are left alone; same-named demo collections are dropped).
+        #[arg(long)]
+        force: bool,
     },
 }

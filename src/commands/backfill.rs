@@ -439,15 +439,7 @@ async fn show_progress(
 ) {
     let terminal = std::io::stderr().is_terminal();
     let bar = terminal.then(|| {
-        let b = indicatif::ProgressBar::new(total_docs.max(start.docs_read));
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/{human_len} docs  {per_sec}  ETA {eta}  {msg}",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(start.docs_read);
-        b.reset_eta();
+        let b = crate::telemetry::progress::docs_bar(total_docs, start.docs_read);
         crate::telemetry::progress::set_active(Some(b.clone()));
         b
     });

@@ -4,9 +4,19 @@ use crate::commands::setup::{fingerprint, load_mapping};
 use crate::settings::Settings;
 use anyhow::Result;
 
-/// `tidemark check-config`: resolved settings (redacted) and the compiled mapping.
-pub fn check_config(s: &Settings) -> Result<String> {
+/// `tidemark check-config`: resolved settings (redacted) and the compiled mapping;
+/// `quiet`: one line (for the units' ExecStartPre).
+pub fn check_config(s: &Settings, quiet: bool) -> Result<String> {
     let mapping = load_mapping(s)?;
+    if quiet {
+        return Ok(format!(
+            "settings OK (fingerprint {}), mapping {} OK (version {}, {} entities)\n",
+            fingerprint(s),
+            s.sync.mapping.display(),
+            mapping.version,
+            mapping.entities.len()
+        ));
+    }
     let mut out = format!(
         "settings OK (fingerprint {})\n{s:#?}\n\nmapping {} OK (version {})\n",
         fingerprint(s),

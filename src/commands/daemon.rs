@@ -60,6 +60,9 @@ pub struct State {
     /// A run (not a backoff sleep) is under way.
     pub running: AtomicBool,
     pub failures: AtomicU32,
+    /// The daemon has reached its source and target once (at start or by a run): until
+    /// then `/health` is not ready.
+    pub connected: AtomicBool,
     /// Held only to copy in or out, never across an await.
     pub last_success: Mutex<Option<DateTime<Utc>>>,
     pub last_error: Mutex<Option<String>>,
@@ -105,12 +108,15 @@ pub async fn runner<F, Fut>(
             state.running.store(false, Ordering::SeqCst);
             match outcome {
                 Outcome::Ok => {
+                    state.connected.store(true, Ordering::SeqCst);
                     state.failures.store(0, Ordering::SeqCst);
                     *state.last_success.lock().expect("state lock") = Some(Utc::now());
                     *state.last_error.lock().expect("state lock") = None;
                     break;
                 }
                 Outcome::Skip(msg) => {
+                    // Lanes held elsewhere, or dead letters over budget: both were reached.
+                    state.connected.store(true, Ordering::SeqCst);
                     warn!(error = %msg, "run did not complete; waiting for the next scheduled time");
                     *state.last_error.lock().expect("state lock") = Some(msg);
                     break;
@@ -161,7 +167,15 @@ pub async fn daemon(
     if !d.metrics_listen.is_empty() {
         serve_metrics(listen_addr(&d.metrics_listen)?, state.clone(), stop.clone()).await?;
     }
-    seed_watermarks(&settings).await;
+    metrics::set_failures(0);
+    metrics::set_in_progress(false);
+    // In the background: a source that is down must not hold up the schedule.
+    let (probe_settings, probe_state) = (settings.clone(), state.clone());
+    tokio::spawn(async move {
+        if probe(&probe_settings).await {
+            probe_state.connected.store(true, Ordering::SeqCst);
+        }
+    });
     let shared = Arc::new(RwLock::new(settings));
     watch_sighup(config, shared.clone());
 
@@ -230,23 +244,48 @@ fn note_next_run(state: &State, expr: &str) {
     metrics::set_next_run(next);
 }
 
-/// Publish the stored watermarks before the first run, so lag is visible at once.
-async fn seed_watermarks(s: &Settings) {
+/// Reach the source and the target at start and publish what they hold (watermarks,
+/// backlog, outstanding dead letters, every entity's counters at 0), so lag is visible at
+/// once. Changes nothing. Returns whether both were reached.
+async fn probe(s: &Settings) -> bool {
     let result: Result<()> = async {
+        let mapping = crate::commands::setup::load_mapping(s)?;
+        let names: Vec<String> = mapping.entities.iter().map(|e| e.name.clone()).collect();
+        metrics::entities(&names);
         let sink = crate::sink::Sink::connect(&s.target.url, 1).await?;
-        sink.migrate_tool_tables().await?;
-        for cp in sink.checkpoints().await? {
+        // Read only: the first run (started beside this probe) migrates.
+        let migrated = sink.tool_tables_current().await?;
+        for cp in if migrated {
+            sink.checkpoints().await?
+        } else {
+            Vec::new()
+        } {
             if let (Some(entity), Some(wm)) = (cp.lane.strip_prefix("nightly:"), cp.state.watermark)
             {
                 metrics::record_watermark(entity, wm);
             }
         }
+        let source = crate::source::Source::connect(&s.source).await;
+        let source = match source {
+            Ok(src) => src,
+            Err(e) => {
+                sink.close().await;
+                return Err(e);
+            }
+        };
+        if migrated {
+            crate::commands::run::observe_outstanding(&sink, &source, &mapping, &names).await;
+        }
         sink.close().await;
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        warn!(error = %crate::secret::redact_uri(&format!("{e:#}")), "could not read watermarks at start; metrics fill in after the first run");
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %crate::secret::redact_uri(&format!("{e:#}")), "could not reach the source and target at start; /health is not ready and metrics fill in after the first successful run");
+            false
+        }
     }
 }
 
@@ -312,19 +351,29 @@ async fn metrics_handler() -> impl IntoResponse {
     )
 }
 
-/// 200 while the last run succeeded (or none failed yet), 503 after a failure.
+/// 200 `ok` once the source and target were reached and while the last run succeeded;
+/// 503 `starting` before the first connection, 503 `failing` after a failed run.
 async fn health_handler(AxState(state): AxState<Arc<State>>) -> impl IntoResponse {
     let failures = state.failures.load(Ordering::SeqCst);
+    let connected = state.connected.load(Ordering::SeqCst);
     let last_error = state.last_error.lock().expect("state lock").clone();
+    let status = if failures > 0 {
+        "failing"
+    } else if !connected {
+        "starting"
+    } else {
+        "ok"
+    };
     let body = serde_json::json!({
-        "status": if failures == 0 { "ok" } else { "failing" },
+        "status": status,
+        "connected": connected,
         "run_in_progress": state.running.load(Ordering::SeqCst),
         "consecutive_failures": failures,
         "last_success": state.last_success.lock().expect("state lock").map(crate::engine::window::fmt_ts),
         "last_error": last_error,
         "next_run": state.next_run.lock().expect("state lock").map(crate::engine::window::fmt_ts),
     });
-    let code = if failures == 0 {
+    let code = if status == "ok" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -142,6 +142,21 @@ pub fn generate(opts: &SeedOptions) -> Generated {
 /// Drops the demo collections in `db`, inserts everything, creates the indexes.
 pub async fn seed(db: &mongodb::Database, opts: &SeedOptions) -> Result<SeedReport> {
     let started = Instant::now();
+    // The marker first: a seed interrupted after a drop still owns what it dropped.
+    db.collection::<bson::Document>(MARKER)
+        .replace_one(
+            bson::doc! { "_id": "seed" },
+            bson::doc! {
+                "_id": "seed",
+                "created_by": "tidemark demo seed",
+                "collections": COLLECTIONS.to_vec(),
+                "vizzes": opts.vizzes as i64,
+                "seed": opts.seed as i64,
+            },
+        )
+        .upsert(true)
+        .await
+        .with_context(|| format!("writing the demo marker {}.{MARKER}", db.name()))?;
     for name in COLLECTIONS {
         drop_collection(db, name).await?;
     }
@@ -201,6 +216,65 @@ async fn insert_chunk(db: &mongodb::Database, c: Coll, docs: Vec<RawDocumentBuf>
         docs.len()
     );
     Ok(docs.len() as u64)
+}
+
+/// The collection where [`seed`] records which collections it created.
+pub const MARKER: &str = "tidemark_demo";
+
+/// Collections of `db` that [`seed`] did not create: every collection except the marker,
+/// the ones its marker lists, and the server's own `system.*`.
+pub async fn foreign_collections(db: &mongodb::Database) -> Result<Vec<String>> {
+    let names = db
+        .list_collection_names()
+        .await
+        .with_context(|| format!("listing the collections of {}", db.name()))?;
+    let ours: Vec<String> = match db
+        .collection::<bson::Document>(MARKER)
+        .find_one(bson::doc! { "_id": "seed" })
+        .await
+        .with_context(|| format!("reading {}.{MARKER}", db.name()))?
+    {
+        Some(m) => m
+            .get_array("collections")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let mut foreign: Vec<String> = names
+        .into_iter()
+        .filter(|n| n != MARKER && !n.starts_with("system.") && !ours.contains(n))
+        .collect();
+    foreign.sort();
+    Ok(foreign)
+}
+
+/// Refuse to seed a database holding collections [`seed`] did not create, unless `force`:
+/// seeding drops the demo collections' names there, whatever they hold.
+pub async fn check_database(db: &mongodb::Database, force: bool) -> Result<()> {
+    let foreign = foreign_collections(db).await?;
+    if foreign.is_empty() || force {
+        return Ok(());
+    }
+    let shown: Vec<&str> = foreign.iter().take(10).map(String::as_str).collect();
+    let more = if foreign.len() > shown.len() {
+        format!(" and {} more", foreign.len() - shown.len())
+    } else {
+        String::new()
+    };
+    Err(crate::exit::Failure::Config(anyhow::anyhow!(
+        "source.database {:?} holds collections `tidemark demo seed` did not create ({}{more}); \
+         seeding drops and rewrites {} there. Point source.database at a scratch database \
+         (e.g. TIDEMARK__SOURCE__DATABASE=tidemark_demo), or pass --force to seed anyway \
+         (collections with other names are left alone)",
+        db.name(),
+        shown.join(", "),
+        COLLECTIONS.join(", ")
+    ))
+    .into())
 }
 
 async fn drop_collection(db: &mongodb::Database, name: &str) -> Result<()> {

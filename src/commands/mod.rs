@@ -35,7 +35,12 @@ pub async fn execute(cli: Cli) -> i32 {
         Ok(code) => code,
         Err(err) => {
             let msg = secret::redact_uri(&format!("{err:#}"));
-            eprintln!("error: {msg}");
+            if telemetry::to_journal() {
+                // Priority 3 in the journal, so `journalctl -p err` finds it.
+                tracing::error!(exit_code = exit::code(&err), "{msg}");
+            } else {
+                eprintln!("error: {msg}");
+            }
             exit::code(&err)
         }
     }
@@ -43,7 +48,22 @@ pub async fn execute(cli: Cli) -> i32 {
 
 async fn dispatch(cli: Cli) -> Result<i32> {
     let config = cli.config.clone();
-    let settings = Settings::load(config.as_deref()).map_err(Failure::Config)?;
+    let settings = match Settings::load(config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            // A run that cannot even load its settings is a failed run for monitoring too.
+            if let Command::Run(args) = &cli.command {
+                if let Some(path) = &args.textfile {
+                    metrics::install();
+                    metrics::record_run("failed", 0, chrono::Utc::now());
+                    if let Err(te) = metrics::write_textfile(path, chrono::Utc::now()) {
+                        eprintln!("metrics textfile not written: {te:#}");
+                    }
+                }
+            }
+            return Err(Failure::Config(e).into());
+        }
+    };
     telemetry::init(settings.log.format, &settings.log.level);
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_watch(stop.clone());
@@ -114,8 +134,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             print!("{}", migrate::migrate(&settings, print).await?);
             Ok(exit::OK)
         }
-        Command::CheckConfig => {
-            print!("{}", check_config::check_config(&settings)?);
+        Command::CheckConfig { quiet } => {
+            print!("{}", check_config::check_config(&settings, quiet)?);
             Ok(exit::OK)
         }
         Command::Status { json, warn, crit } => {
@@ -130,10 +150,15 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::DeadLetters(cmd) => dead_letters::execute(settings, cmd).await,
         Command::Verify(args) => verify_command(settings, args).await,
         Command::Sweep(args) => sweep::execute(settings, args).await,
-        Command::Demo(DemoCommand::Seed { vizzes, seed }) => {
+        Command::Demo(DemoCommand::Seed {
+            vizzes,
+            seed,
+            force,
+        }) => {
             let source = crate::source::Source::connect(&settings.source)
                 .await
                 .map_err(Failure::Unavailable)?;
+            demo::check_database(&source.db, force).await?;
             let report = demo::seed(&source.db, &demo::SeedOptions { vizzes, seed }).await?;
             println!("{report}");
             Ok(exit::OK)

@@ -5,8 +5,11 @@ use crate::commands::setup::{load_mapping, open_sink, open_sink_dry};
 use crate::engine::pipeline::{self, Counts, Ctx, EntityReport};
 use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
+use crate::mapping::Mapping;
 use crate::settings::Settings;
+use crate::sink::Sink;
 use crate::source::Source;
+use crate::telemetry::metrics;
 use crate::timearg;
 use anyhow::Result;
 use serde::Serialize;
@@ -118,7 +121,60 @@ fn run_pool(s: &Settings) -> Settings {
 }
 
 /// `tidemark run`: catch every selected entity up (or, with `ids`, migrate single records).
+/// Every run that is not a dry run is counted in the metrics once, by its result, whatever
+/// stage it ended at (settings, connection, lanes, a window, the report).
 pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
+    let started = Instant::now();
+    let dry_run = opts.dry_run;
+    let result = run_counted(s, opts, stop).await;
+    if !dry_run {
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => match crate::exit::code(e) {
+                crate::exit::LOCK_HELD => "lock_held",
+                crate::exit::PARTIAL => "partial",
+                _ => "failed",
+            },
+        };
+        let elapsed = started.elapsed().as_millis() as u64;
+        metrics::record_run(label, elapsed, chrono::Utc::now());
+        metrics::set_in_progress(false);
+    }
+    result
+}
+
+/// Publish what waits for each entity after a run: its backlog in the source (documents at
+/// or after the watermark) and its outstanding dead letters. Best effort: a failure only
+/// leaves the gauges as they were.
+pub async fn observe_outstanding(
+    sink: &Sink,
+    source: &Source,
+    mapping: &Mapping,
+    names: &[String],
+) {
+    for n in names {
+        let result: Result<()> = async {
+            let e = mapping.entity(n)?;
+            let wm = sink
+                .load_checkpoint(&pipeline::nightly_lane(n))
+                .await?
+                .and_then(|c| c.state.watermark);
+            let backlog = match wm {
+                Some(w) => Some(source.count_since(e, w).await?),
+                None => None,
+            };
+            let dead = sink.dead_letter_count(n).await?;
+            metrics::record_outstanding(n, backlog, dead);
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(entity = %n, error = %crate::secret::redact_uri(&format!("{e:#}")), "backlog and dead letters not counted for the metrics");
+        }
+    }
+}
+
+async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result<RunReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let mapping = load_mapping(&s)?;
@@ -132,6 +188,9 @@ pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result
     }
     for n in &names {
         mapping.entity(n).map_err(Failure::Config)?;
+    }
+    if !opts.dry_run {
+        metrics::entities(&names);
     }
     if !opts.ids.is_empty() && opts.entities.len() != 1 {
         return Err(Failure::Config(anyhow::anyhow!(
@@ -167,21 +226,18 @@ pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result
         match crate::engine::lane::acquire(&sink, &lanes, lock_opts, stop.clone()).await {
             Ok(l) => Some(l),
             Err(e) => {
-                if crate::exit::code(&e) == crate::exit::LOCK_HELD {
-                    crate::telemetry::metrics::record_run("lock_held", 0, chrono::Utc::now());
-                }
                 sink.close().await;
                 return Err(e);
             }
         }
     };
     if !opts.dry_run {
-        crate::telemetry::metrics::set_in_progress(true);
+        metrics::set_in_progress(true);
     }
     let kind = if opts.ids.is_empty() { "run" } else { "record" };
     let log = RunLog::start(&s, &sink, kind, opts.dry_run, &mapping.version, started_at).await?;
     let run_id = log.id().to_owned();
-    info!(run_id = %run_id, dry_run = opts.dry_run, target = %s.target.url, source = %s.source.uri, "run started");
+    info!(run_id = %run_id, dry_run = opts.dry_run, target_url = %s.target.url, source_uri = %s.source.uri, "run started");
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id.clone(), stop);
     ctx.dry_run = opts.dry_run;
     let ctx = Arc::new(ctx);
@@ -198,7 +254,7 @@ pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result
         match r {
             Ok(r) => {
                 if !opts.dry_run {
-                    crate::telemetry::metrics::record_entity(&r, chrono::Utc::now());
+                    metrics::record_entity(&r, chrono::Utc::now());
                 }
                 reports.push(r);
             }
@@ -239,8 +295,7 @@ pub async fn run(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Result
         Err(e) => warn!(error = %format!("{e:#}"), "run report file not written"),
     }
     if !opts.dry_run {
-        crate::telemetry::metrics::record_run(status, report.elapsed_ms, chrono::Utc::now());
-        crate::telemetry::metrics::set_in_progress(false);
+        observe_outstanding(&ctx.sink, &ctx.source, &ctx.mapping, &names).await;
     }
     if let Some(lease) = lease {
         if let Err(e) = lease.release().await {

@@ -123,7 +123,7 @@ fn daemon_cmd(env: &Env, port: u16) -> std::process::Command {
     c
 }
 
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -164,7 +164,10 @@ async fn ops_daemon_metrics_scraped_and_parsed() {
     for _ in 0..600 {
         if let Some((200, body)) = get(port, "/metrics").await {
             samples = metrics::parse(&body).expect("valid exposition format");
-            if value(&samples, metrics::RUNS, None).unwrap_or(0.0) >= 1.0 {
+            let ok = samples.iter().find(|s| {
+                s.name == metrics::RUNS && s.labels.get("result").map(String::as_str) == Some("ok")
+            });
+            if ok.is_some_and(|s| s.value >= 1.0) {
                 break;
             }
         }
@@ -200,12 +203,20 @@ async fn ops_daemon_metrics_scraped_and_parsed() {
     assert!(samples
         .iter()
         .any(|s| s.name.starts_with(metrics::RUN_DURATION)));
-    let ok = samples.iter().find(|s| s.name == metrics::RUNS).unwrap();
-    assert_eq!(ok.labels.get("result").map(String::as_str), Some("ok"));
+    let runs: Vec<_> = samples.iter().filter(|s| s.name == metrics::RUNS).collect();
+    for s in &runs {
+        let ok = s.labels.get("result").map(String::as_str) == Some("ok");
+        assert_eq!(s.value, if ok { 1.0 } else { 0.0 }, "{s:?}");
+    }
+    assert_eq!(
+        runs.len(),
+        metrics::RESULTS.len(),
+        "every result is published: {runs:?}"
+    );
     for s in &samples {
         for k in s.labels.keys() {
             assert!(
-                ["entity", "result", "le", "quantile"].contains(&k.as_str()),
+                ["entity", "result", "le", "quantile", "version"].contains(&k.as_str()),
                 "unbounded label {k} in {s:?}"
             );
         }

@@ -25,8 +25,10 @@ fn ops_units_keep_their_promises() {
     for line in [
         "Type=oneshot",
         "SuccessExitStatus=4",
-        "ExecStartPre=/usr/local/bin/tidemark check-config",
+        "ExecStartPre=/usr/local/bin/tidemark check-config --quiet",
         "StateDirectory=tidemark",
+        // node_exporter, another user, reads the 0644 textfile under it.
+        "StateDirectoryMode=0755",
         "User=tidemark",
         "EnvironmentFile=/etc/tidemark/tidemark.env",
         "NoNewPrivileges=yes",
@@ -51,6 +53,7 @@ fn ops_units_keep_their_promises() {
     let daemon = unit("tidemark-daemon.service");
     for line in [
         "ExecStart=/usr/local/bin/tidemark daemon",
+        "ExecStartPre=/usr/local/bin/tidemark check-config --quiet",
         "Restart=on-failure",
         "RestartPreventExitStatus=5",
     ] {
