@@ -5,7 +5,7 @@
 #                [--reseed | --reuse-source] [--drop-source] [--alt-bin PATH --alt-label TEXT]
 #
 # 1. installs the Python side (pymongo, psycopg[binary], dlt[postgres]) into state/bench-venv;
-# 2. builds tidemark and examples/read_limit in release mode;
+# 2. builds tidemark and examples/read_limit with the dist profile (fat LTO, as shipped);
 # 3. seeds the VizHub-shaped demo data set (--vizzes, seed 42) into the source database
 #    tm_bench_<vizzes> (kept for the next run; --reseed forces, --drop-source drops at the end);
 # 4. alternating between tools, --runs times each, copies the same window of documentInfo into
@@ -55,12 +55,12 @@ export TIDEMARK__SOURCE__URI
 # build sharing CARGO_TARGET_DIR (another worktree) cannot swap them during the runs. Set both
 # BENCH_TIDEMARK_BIN and BENCH_READ_LIMIT_BIN to measure prebuilt binaries without building.
 if [[ -z ${BENCH_TIDEMARK_BIN:-} || -z ${BENCH_READ_LIMIT_BIN:-} ]]; then
-  log "building tidemark and examples/read_limit (release)"
-  cargo build --release --quiet --bin tidemark --example read_limit
+  log "building tidemark and examples/read_limit (dist profile: fat LTO, as shipped)"
+  cargo build --profile dist --quiet --bin tidemark --example read_limit
   target="${CARGO_TARGET_DIR:-target}"
   mkdir -p state/bench/bin
-  cp "$target/release/tidemark" state/bench/bin/tidemark
-  cp "$target/release/examples/read_limit" state/bench/bin/read_limit
+  cp "$target/dist/tidemark" state/bench/bin/tidemark
+  cp "$target/dist/examples/read_limit" state/bench/bin/read_limit
   export BENCH_TIDEMARK_BIN="$PWD/state/bench/bin/tidemark" BENCH_READ_LIMIT_BIN="$PWD/state/bench/bin/read_limit"
   export BENCH_REV="${BENCH_REV:-$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no -- src Cargo.toml | grep -q . && echo ' + uncommitted changes')}"
 fi

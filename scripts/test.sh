@@ -2,7 +2,8 @@
 # The whole test suite: the alerting rules (promtool, installed if missing), then Rust
 # against real services: MongoDB (SecantusDB started locally unless MONGO_URI is set),
 # PostgreSQL (TIDEMARK_TEST_PG_URL or DATABASE_URL, default
-# postgres://postgres@127.0.0.1:5432/postgres) and SQLite (temporary files).
+# postgres://postgres@127.0.0.1:5432/postgres) and SQLite (temporary files); also validates
+# deploy/kubernetes/ (scripts/check-kubernetes.sh installs its validator from PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -35,5 +36,7 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --all-targets --quiet -- -D warnings
+echo "== Kubernetes manifests (scripts/check-kubernetes.sh)" >&2
+scripts/check-kubernetes.sh
 echo "== cargo test" >&2
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"

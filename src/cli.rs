@@ -3,12 +3,28 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// `tidemark --version`: the package version, the git commit and the build date (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TIDEMARK_GIT_COMMIT"),
+    ", built ",
+    env!("TIDEMARK_BUILD_DATE"),
+    ")"
+);
+
 /// tidemark: incremental, time-window sync from a legacy MongoDB store into PostgreSQL or SQLite.
 ///
 /// Exit codes: 0 ok, 1 failure, 2 usage error, 3 partial (dead letters over budget),
 /// 4 another process holds the lane, 5 invalid settings or mapping, 6 source or target unreachable.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark", version, about, long_about)]
+#[command(
+    name = "tidemark",
+    version = VERSION,
+    about,
+    long_about,
+    after_help = "Examples:\n  tidemark check-config\n  tidemark migrate\n  tidemark run\n  tidemark status --warn 26h --crit 48h\n  tidemark backfill --from 2019-01-01 --to 2020-01-01\n\nEvery subcommand's --help has examples of its own."
+)]
 pub struct Cli {
     /// Settings file layered over the built-in defaults (TIDEMARK__SECTION__KEY variables still win).
     #[arg(long, global = true, env = "TIDEMARK_CONFIG")]
@@ -22,16 +38,23 @@ pub enum Command {
     /// Catch every entity up from its watermark to the source clock minus the settle delay.
     ///
     /// Resumes an interrupted window from its last committed batch. Prints a summary per entity.
+    #[command(
+        after_help = "Examples:\n  tidemark run\n  tidemark run --entity vizzes --until 2026-12-01\n  tidemark run --dry-run\n  tidemark run --entity vizzes --id 6f1c0e\n  tidemark run --wait --textfile /var/lib/node_exporter/tidemark.prom"
+    )]
     Run(RunArgs),
     /// Create the tool's tables and the mapped tables; apply additive changes.
     ///
     /// Destructive differences are printed with the SQL to run by hand, never applied.
+    #[command(after_help = "Examples:\n  tidemark migrate --print\n  tidemark migrate")]
     Migrate {
         /// Only print the DDL that would run; change nothing.
         #[arg(long)]
         print: bool,
     },
     /// Validate settings and mapping and print what was resolved (secrets redacted).
+    #[command(
+        after_help = "Examples:\n  tidemark check-config\n  tidemark --config /etc/tidemark/tidemark.toml check-config\n  TIDEMARK__SYNC__SETTLE=10m tidemark check-config\n  tidemark check-config --quiet"
+    )]
     CheckConfig {
         /// Print one line when valid (for ExecStartPre); errors are printed as always.
         #[arg(long, short)]
@@ -40,6 +63,9 @@ pub enum Command {
     /// Show per entity the watermark, lag, backlog and dead letters.
     ///
     /// Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    #[command(
+        after_help = "Examples:\n  tidemark status\n  tidemark status --warn 26h --crit 48h\n  tidemark status --json"
+    )]
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -57,20 +83,32 @@ pub enum Command {
     /// so an interrupted backfill resumes where it stopped and several processes, on one host
     /// or many, can share one backfill. Running the same command again resumes (or joins) the
     /// same backfill; relative times (-7d) change with the clock, so resume those with --resume.
+    #[command(
+        after_help = "Examples:\n  tidemark backfill --from 2019-01-01 --to 2020-01-01\n  tidemark backfill --from 2019-01-01 --to 2020-01-01 --entity vizzes --chunk 7d --parallel 4\n  tidemark backfill --from -30d --to -1d --dry-run\n  tidemark backfill --resume bf-3f9a2c81d0"
+    )]
     Backfill(BackfillArgs),
     /// Run the catch-up on the cron schedule of [daemon] in the settings, until SIGTERM.
     ///
     /// Runs never overlap; failed runs are retried with capped, jittered backoff. SIGTERM or
     /// SIGINT: the current batch commits and the daemon exits. SIGHUP: settings are re-read
     /// for the next run. Serves /metrics and /health on daemon.metrics_listen when set.
+    #[command(
+        after_help = "Examples:\n  tidemark daemon\n  TIDEMARK__DAEMON__METRICS_LISTEN=9464 tidemark daemon"
+    )]
     Daemon,
     /// Demo data: generate the VizHub-V2-shaped legacy data set into the source.
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  tidemark demo seed\n  tidemark demo seed --vizzes 5000 --seed 7"
+    )]
     Demo(DemoCommand),
     /// List recent runs from the runs ledger; `runs show ID` prints one run's report.
     ///
     /// Every run, backfill, sweep, rollback and dead-letter retry has a row in tidemark_runs
     /// and a JSON report under reports_dir (dry runs: only the file).
+    #[command(
+        after_help = "Examples:\n  tidemark runs\n  tidemark runs --kind backfill --limit 5\n  tidemark runs show 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10"
+    )]
     Runs(RunsArgs),
     /// Compare source and target for a time range: counts and an order-independent hash per
     /// time bucket of the mapped content, down to the ids missing, extra or different.
@@ -79,6 +117,9 @@ pub enum Command {
     /// with the target rows of the same keys (child rows included); target rows whose time
     /// column lies in the range without a source document are extra. Exit codes: 0 no
     /// difference, 7 differences found, others as for `run`.
+    #[command(
+        after_help = "Examples:\n  tidemark verify --from -1d --to now\n  tidemark verify --from 2026-11-01 --to 2026-12-01 --entity vizzes --bucket 1d --json"
+    )]
     Verify(VerifyArgs),
     /// Undo one run: delete the rows it inserted, restore the rows it changed or deleted,
     /// rewind the checkpoints it moved (so the next run repeats its windows).
@@ -87,15 +128,24 @@ pub enum Command {
     /// write are never touched. If a row was changed by someone else since the run, nothing
     /// is changed and the conflicts are listed (exit 3) unless --force. Later runs that
     /// touched the same rows or lanes must be rolled back first.
+    #[command(
+        after_help = "Examples:\n  tidemark rollback --run 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10 --dry-run\n  tidemark rollback --run 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10"
+    )]
     Rollback(RollbackArgs),
     /// Inspect, retry or discard dead letters (documents that could not be mapped).
     #[command(subcommand)]
+    #[command(
+        after_help = "Examples:\n  tidemark dead-letters list --entity vizzes\n  tidemark dead-letters show --run 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10\n  tidemark dead-letters retry --entity vizzes --dry-run\n  tidemark dead-letters discard --entity vizzes"
+    )]
     DeadLetters(DeadLetterCommand),
     /// Find target rows whose source document was hard-deleted, and apply the entity's
     /// deleted rule to them (delete, or soft-delete); without a rule only report them.
     ///
     /// Compares id sets in bounded chunks: target keys paged by a keyset on the key column,
     /// each chunk looked up in the source with one `$in` query.
+    #[command(
+        after_help = "Examples:\n  tidemark sweep --dry-run\n  tidemark sweep --entity vizzes"
+    )]
     Sweep(SweepArgs),
 }
 
@@ -184,6 +234,7 @@ pub struct RunsArgs {
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
     /// Print one run's full report (JSON).
+    #[command(after_help = "Examples:\n  tidemark runs show 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10")]
     Show {
         /// The run id (first column of `tidemark runs`).
         id: String,
@@ -241,6 +292,9 @@ pub struct DeadLetterFilter {
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
     /// List dead letters: entity, source id, run, error.
+    #[command(
+        after_help = "Examples:\n  tidemark dead-letters list\n  tidemark dead-letters list --entity vizzes --limit 20 --json"
+    )]
     List {
         #[command(flatten)]
         filter: DeadLetterFilter,
@@ -252,6 +306,9 @@ pub enum DeadLetterCommand {
         json: bool,
     },
     /// Print dead letters in full, with the raw document.
+    #[command(
+        after_help = "Examples:\n  tidemark dead-letters show --entity vizzes\n  tidemark dead-letters show --run 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10"
+    )]
     Show {
         #[command(flatten)]
         filter: DeadLetterFilter,
@@ -259,6 +316,9 @@ pub enum DeadLetterCommand {
     /// Map the documents again with the current mapping (after a fix) and write what now
     /// succeeds; the source document is fetched again by _id (the stored copy is used if the
     /// source lost it). What still fails stays, with the new error.
+    #[command(
+        after_help = "Examples:\n  tidemark dead-letters retry --entity vizzes --dry-run\n  tidemark dead-letters retry --entity vizzes"
+    )]
     Retry {
         #[command(flatten)]
         filter: DeadLetterFilter,
@@ -267,6 +327,9 @@ pub enum DeadLetterCommand {
         dry_run: bool,
     },
     /// Delete dead letters (they are gone for good; the documents stay in the source).
+    #[command(
+        after_help = "Examples:\n  tidemark dead-letters discard --run 0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10\n  tidemark dead-letters discard --all"
+    )]
     Discard {
         #[command(flatten)]
         filter: DeadLetterFilter,
@@ -295,6 +358,9 @@ pub enum DemoCommand {
     ///
     /// Refuses a database that holds collections `demo seed` did not create (it would drop
     /// same-named ones there), unless --force.
+    #[command(
+        after_help = "Examples:\n  tidemark demo seed\n  tidemark demo seed --vizzes 5000 --seed 7"
+    )]
     Seed {
         /// Number of vizzes (documentInfo documents); other collections scale with it.
         #[arg(long, default_value_t = 10_000)]
@@ -307,4 +373,83 @@ pub enum DemoCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command and subcommand shows examples in its --help, and each example is a
+    /// valid command line (a renamed flag breaks this test, not a reader's copy and paste).
+    #[test]
+    fn every_subcommand_help_has_examples_that_parse() {
+        fn walk(cmd: &clap::Command, path: &str, checked: &mut usize) {
+            let help = cmd
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let examples: Vec<&str> = help
+                .lines()
+                .filter_map(|l| l.strip_prefix("  "))
+                .filter(|l| l.contains("tidemark"))
+                .collect();
+            assert!(
+                help.starts_with("Examples:") && !examples.is_empty(),
+                "`{path} --help` shows no examples"
+            );
+            for example in examples {
+                // Leading VAR=value assignments are the shell's, not tidemark's.
+                let argv: Vec<&str> = example
+                    .split_whitespace()
+                    .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                    .collect();
+                assert_eq!(argv[0], "tidemark", "{path}: `{example}`");
+                if let Err(e) = Cli::try_parse_from(&argv) {
+                    panic!("{path}: example `{example}` does not parse: {e}");
+                }
+                *checked += 1;
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), checked);
+            }
+        }
+        let mut checked = 0;
+        walk(&Cli::command(), "tidemark", &mut checked);
+        assert!(checked > 30, "{checked}");
+    }
+
+    /// The `args` of every container in deploy/kubernetes/ (written as flow sequences, which
+    /// are JSON) parse as tidemark command lines, so a renamed flag breaks this test, not a
+    /// cluster's nightly run.
+    #[test]
+    fn kubernetes_manifests_use_valid_command_lines() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("deploy/kubernetes") {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                let Some(args) = line.trim().strip_prefix("args: ") else {
+                    continue;
+                };
+                let args: Vec<String> = serde_json::from_str(args).unwrap_or_else(|e| {
+                    panic!("{}: `{line}` is not a flow list: {e}", path.display())
+                });
+                let argv = std::iter::once("tidemark".to_owned()).chain(args);
+                if let Err(e) = Cli::try_parse_from(argv) {
+                    panic!("{}: `{line}` does not parse: {e}", path.display());
+                }
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 4,
+            "found only {checked} container command lines in {}",
+            dir.display()
+        );
+    }
 }

@@ -12,15 +12,38 @@
 use super::value::{self, ColumnType, Value};
 use bson::raw::RawBsonRef;
 use bson::RawDocument;
+use cel_interpreter::extractors::This;
 use cel_interpreter::objects::{Key, Map};
-use cel_interpreter::{Context, Program, Value as Cel};
+use cel_interpreter::{Context, FunctionContext, Program, ResolveResult, Value as Cel};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 thread_local! {
     /// The built-in function registry, built once per thread; each evaluation gets a child scope.
-    static ROOT: Context<'static> = Context::default();
+    static ROOT: Context<'static> = root_context();
+}
+
+/// CEL's standard functions plus tidemark's own: `sha256`.
+fn root_context() -> Context<'static> {
+    let mut ctx = Context::default();
+    ctx.add_function("sha256", sha256);
+    ctx
+}
+
+/// `sha256(text)` / `sha256(bytes)` (or `text.sha256()`): the SHA-256 of the UTF-8 text or the
+/// bytes, as 64 lower-case hex digits — a key for content, so identical content maps to one
+/// row however many documents carry it (docs/MAPPING.md, "Content hashes").
+fn sha256(ftx: &FunctionContext, This(v): This<Cel>) -> ResolveResult {
+    use sha2::{Digest, Sha256};
+    let digest = match &v {
+        Cel::String(s) => Sha256::digest(s.as_bytes()),
+        Cel::Bytes(b) => Sha256::digest(b.as_slice()),
+        other => return Err(ftx.error(format!(
+            "sha256 takes text or bytes, not {other:?}; convert it first, e.g. sha256(string(x))"
+        ))),
+    };
+    Ok(Cel::String(Arc::new(hex::encode(digest))))
 }
 
 /// A compiled expression.
@@ -307,6 +330,38 @@ mod tests {
                 ..Default::default()
             })
             .unwrap()
+    }
+
+    #[test]
+    fn sha256_of_text_and_bytes() {
+        // FIPS 180-2's "abc" test vector.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let hex = |s: &str| Cel::String(Arc::new(s.into()));
+        assert_eq!(eval("sha256(doc.t)", doc! { "t": "abc" }), hex(abc));
+        assert_eq!(eval("doc.t.sha256()", doc! { "t": "abc" }), hex(abc));
+        let bin = bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: b"abc".to_vec(),
+        };
+        assert_eq!(eval("sha256(doc.b)", doc! { "b": bin }), hex(abc));
+        assert_eq!(eval(r#"sha256(b"abc")"#, doc! {}), hex(abc));
+        // Equal content, equal key; other content, other key.
+        assert_eq!(
+            eval(
+                "sha256(doc.a) == sha256(doc.b)",
+                doc! { "a": "x\ny", "b": "x\ny" }
+            ),
+            Cel::Bool(true)
+        );
+        assert_ne!(eval("sha256(doc.t)", doc! { "t": "abd" }), hex(abc));
+        let err = Expr::compile("sha256(doc.n)")
+            .unwrap()
+            .eval(&Scope {
+                doc: Some(&RawDocumentBuf::from_document(&doc! { "n": 5 }).unwrap()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.contains("sha256 takes text or bytes"), "{err}");
     }
 
     #[test]

@@ -194,6 +194,44 @@ fn expression_errors_point_at_entity_and_column() {
     );
 }
 
+/// A table keyed by `sha256(...)` of its content: documents carrying the same text map to one
+/// key, so a page of three documents with two equal texts yields two rows (docs/MAPPING.md).
+#[test]
+fn content_keyed_table_keeps_equal_content_once() {
+    let mapping = r#"
+version = "t"
+[entities.blobs]
+collection = "attachments"
+time_field = "t"
+time_encoding = "epoch_seconds"
+table = "blobs"
+primary_key = ["sha256"]
+[entities.blobs.columns]
+sha256 = { expr = "sha256(doc.text)", type = "text" }
+text = { path = "text", type = "text", required = true }
+size = { expr = "size(doc.text)", type = "integer" }
+"#;
+    let m = Mapping::parse(mapping, "test").unwrap();
+    let e = &m.entities[0];
+    let raws: Vec<_> = [("a", "<h1>hi</h1>"), ("b", "body {}"), ("c", "<h1>hi</h1>")]
+        .into_iter()
+        .map(|(id, text)| raw(doc! { "_id": id, "t": 1, "text": text }))
+        .collect();
+    let page = crate::pipeline::map_page(e, &raws, false);
+    assert_eq!(page.rows.len(), 2, "two distinct contents");
+    assert_eq!(
+        page.duplicates, 1,
+        "the second <h1>hi</h1> shares the first's key"
+    );
+    let Outcome::Row { row, .. } = e.map(&raws[1]).unwrap() else {
+        panic!("a row")
+    };
+    assert_eq!(
+        row[0],
+        Value::Text("62368a1a29259b30bac235c0e75dc700c9b3bacf1513ad5708e4fe4a6c0d6560".into())
+    );
+}
+
 #[test]
 fn parent_links_and_ordinals_only_in_children() {
     let bad = CHILDREN.replace(

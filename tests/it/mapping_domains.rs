@@ -120,3 +120,73 @@ async fn studies_sqlite() {
 async fn studies_postgres() {
     studies(Backend::Postgres).await;
 }
+
+/// docs/MAPPING.md's content-hash example: `blobs` keyed by `sha256(doc.text)` keeps each
+/// distinct text once, within a batch and across runs, while `uploads` keeps every document.
+async fn content_keyed(backend: Backend) {
+    let md = std::fs::read_to_string("docs/MAPPING.md").unwrap();
+    let start = md.find("# One row per distinct attachment text").unwrap();
+    let example = &md[start..start + md[start..].find("```").unwrap()];
+    let mapping = format!("version = \"content\"\n{example}");
+    let env = Env::new("content", backend, &mapping).await;
+    let at = |s: &str| bson::DateTime::parse_rfc3339_str(s).unwrap();
+    let upload = |id: &str, text: &str, t: &str| {
+        doc! { "_id": id, "name": format!("{id}.txt"), "text": text, "uploadedAt": at(t) }
+    };
+    env.insert(
+        "attachments",
+        vec![
+            upload("a", "shared text", "2024-03-01T10:00:00Z"),
+            upload("b", "other text", "2024-03-01T11:00:00Z"),
+            upload("c", "shared text", "2024-03-01T12:00:00Z"),
+        ],
+    )
+    .await;
+    env.index("attachments", doc! { "uploadedAt": 1, "_id": 1 })
+        .await;
+    let mut s = env.settings();
+    s.sync.start = "2024-01-01T00:00:00Z".parse().unwrap();
+    let until = |t: &str| tidemark::app::RunOptions {
+        until: Some(t.into()),
+        ..Default::default()
+    };
+    let first = tidemark::app::run(s.clone(), until("2024-03-02"), Default::default())
+        .await
+        .expect("first run");
+    let blobs = env.dump(&env.target_url, "blobs").await;
+    assert_eq!(blobs.len(), 2, "two distinct texts: {blobs:?} {first}");
+    // `printf 'shared text' | sha256sum`, `printf 'other text' | sha256sum`
+    for hash in [
+        "5592f0774967b08aaf2b2d6c04f7700779bd3e661f9c77c55b76197f013d7790",
+        "ed886d735b3ed7db324ddfcfa30187c3fac4182f623a79e2b8c54ebf92a38a3a",
+    ] {
+        assert!(blobs.iter().any(|r| r.contains(hash)), "{hash}: {blobs:?}");
+    }
+    let uploads = env.dump(&env.target_url, "uploads").await;
+    assert_eq!(uploads.len(), 3, "{uploads:?}");
+
+    env.insert(
+        "attachments",
+        vec![upload("d", "other text", "2024-03-02T10:00:00Z")],
+    )
+    .await;
+    let second = tidemark::app::run(s, until("2024-03-03"), Default::default())
+        .await
+        .expect("second run");
+    assert_eq!(
+        env.dump(&env.target_url, "blobs").await,
+        blobs,
+        "the same content again is the same row: {second}"
+    );
+    assert_eq!(env.dump(&env.target_url, "uploads").await.len(), 4);
+}
+
+#[tokio::test]
+async fn content_keyed_sqlite() {
+    content_keyed(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn content_keyed_postgres() {
+    content_keyed(Backend::Postgres).await;
+}
