@@ -18,7 +18,9 @@ command -v cargo >/dev/null || { echo "cargo is missing: install Rust from https
 TIDEMARK__SOURCE__URI="$(scripts/ensure-mongo.sh)"
 export TIDEMARK__SOURCE__URI
 export TIDEMARK__TARGET__URL="${TIDEMARK__TARGET__URL:-sqlite://state/tidemark.db}"
-echo "== building tidemark (release)" >&2
+# The release profile builds in minutes (no cross-crate LTO); packaged binaries use
+# `cargo build --profile dist` (BENCHMARKS.md, "Build profiles").
+echo "== building tidemark (release; the first build compiles every dependency)" >&2
 cargo build --release --quiet
 BIN="${CARGO_TARGET_DIR:-target}/release/tidemark"
 echo "== seeding $VIZZES vizzes (seed $SEED) into ${TIDEMARK__SOURCE__URI}" >&2

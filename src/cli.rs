@@ -375,6 +375,31 @@ pub enum DemoCommand {
     },
 }
 
+/// Shell completions for `shell` (`tidemark completions SHELL`), written to `out`.
+pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "tidemark", out);
+}
+
+/// The man page of tidemark (section 1), written to `out`.
+pub fn write_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(out)
+}
+
+/// One man page per command and subcommand (`tidemark.1`, `tidemark-run.1`, …) in `dir`,
+/// which must exist; returns the files written.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    use clap::CommandFactory;
+    clap_mangen::generate_to(Cli::command(), dir)?;
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "1"))
+        .collect();
+    pages.sort();
+    Ok(pages)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +442,34 @@ mod tests {
         let mut checked = 0;
         walk(&Cli::command(), "tidemark", &mut checked);
         assert!(checked > 30, "{checked}");
+    }
+
+    #[test]
+    fn completions_and_man_pages_cover_every_subcommand() {
+        let mut bash = Vec::new();
+        write_completions(clap_complete::Shell::Bash, &mut bash);
+        let bash = String::from_utf8(bash).unwrap();
+        let mut man = Vec::new();
+        write_man(&mut man).unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(
+            man.starts_with(".ie") || man.contains(".TH tidemark 1"),
+            "{man}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pages = write_man_pages(dir.path()).unwrap();
+        for sub in Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            assert!(bash.contains(name), "bash completion lacks {name}");
+            assert!(man.contains(name), "man page lacks {name}");
+            assert!(
+                pages
+                    .iter()
+                    .any(|p| p.ends_with(format!("tidemark-{name}.1"))),
+                "no man page tidemark-{name}.1 in {pages:?}"
+            );
+        }
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")) && VERSION.contains("commit "));
     }
 
     /// The `args` of every container in deploy/kubernetes/ (written as flow sequences, which

@@ -39,9 +39,11 @@ fn sha256(ftx: &FunctionContext, This(v): This<Cel>) -> ResolveResult {
     let digest = match &v {
         Cel::String(s) => Sha256::digest(s.as_bytes()),
         Cel::Bytes(b) => Sha256::digest(b.as_slice()),
-        other => return Err(ftx.error(format!(
+        other => {
+            return Err(ftx.error(format!(
             "sha256 takes text or bytes, not {other:?}; convert it first, e.g. sha256(string(x))"
-        ))),
+        )))
+        }
     };
     Ok(Cel::String(Arc::new(hex::encode(digest))))
 }
