@@ -7,14 +7,26 @@ use croner::parser::{CronParser, Seconds};
 use croner::Cron;
 use std::net::SocketAddr;
 
+/// `daemon.schedule` in the six-field form the scheduler takes (seconds first): the
+/// five-field form every crontab uses (`30 2 * * *`) fires at second 0; six fields (and
+/// anything else, left for the parser to judge) pass unchanged.
+pub fn with_seconds(expr: &str) -> String {
+    if expr.split_whitespace().count() == 5 {
+        format!("0 {}", expr.trim())
+    } else {
+        expr.to_owned()
+    }
+}
+
 /// Parse a schedule exactly as tokio-cron-scheduler does (seconds required, day-of-month
 /// and day-of-week both required to match), so what `check-config` accepts is what runs.
+/// Five fields are read as a crontab line ([`with_seconds`]).
 pub fn parse_schedule(expr: &str) -> Result<Cron> {
     CronParser::builder()
         .seconds(Seconds::Required)
         .dom_and_dow(true)
         .build()
-        .parse(expr)
+        .parse(&with_seconds(expr))
         .map_err(|e| anyhow!("{e}"))
 }
 
@@ -39,6 +51,25 @@ pub fn listen_addr(text: &str) -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn five_field_cron_fires_at_second_zero_and_six_fields_still_work() {
+        let after: DateTime<Utc> = "2026-12-06T00:00:00Z".parse().unwrap();
+        let five = upcoming("30 2 * * *", after, 2).unwrap();
+        let six = upcoming("0 30 2 * * *", after, 2).unwrap();
+        assert_eq!(five, six);
+        assert_eq!(five[0].to_rfc3339(), "2026-12-06T02:30:00+00:00");
+        assert_eq!(
+            upcoming("*/15 * * * *", after, 2).unwrap()[1].to_rfc3339(),
+            "2026-12-06T00:30:00+00:00"
+        );
+        assert_eq!(
+            upcoming("10 */15 * * * *", after, 1).unwrap()[0].to_rfc3339(),
+            "2026-12-06T00:00:10+00:00"
+        );
+        assert!(parse_schedule("30 2 * *").is_err());
+        assert!(parse_schedule("61 2 * * *").is_err());
+    }
 
     #[test]
     fn listen_addr_defaults_to_loopback() {

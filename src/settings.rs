@@ -37,6 +37,7 @@ pub struct SourceSettings {
     /// Documents per page and per target transaction.
     pub batch_size: usize,
     /// Driver read preference.
+    #[serde(deserialize_with = "one_of")]
     pub read_preference: ReadPref,
     /// Max documents per second read from the source (0 = unlimited).
     pub rate_limit: u64,
@@ -65,6 +66,7 @@ pub struct TargetSettings {
     /// Pool size.
     pub max_connections: u32,
     /// Who checks the foreign keys of the rows a run writes (PostgreSQL).
+    #[serde(deserialize_with = "one_of")]
     pub foreign_key_checks: ForeignKeyChecks,
     /// Batches of one window written at once on their own connections, committed in order
     /// (PostgreSQL; SQLite writes one at a time). See `sink::order`.
@@ -139,7 +141,8 @@ pub struct LockSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
-    /// Cron expression with seconds, evaluated in UTC: `sec min hour day-of-month month day-of-week`.
+    /// Cron expression evaluated in UTC: five fields (`min hour day-of-month month
+    /// day-of-week`) or six with seconds first ([`crate::schedule::with_seconds`]).
     pub schedule: String,
     /// Run a catch-up as soon as the daemon starts, before the first scheduled time.
     pub run_on_start: bool,
@@ -159,6 +162,7 @@ pub struct DaemonSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
+    #[serde(deserialize_with = "one_of")]
     pub format: LogFormat,
     pub level: String,
 }
@@ -276,9 +280,42 @@ impl Settings {
                  SQLite, whose checks stay on. Remove the key or set it to \"database\""
             );
         }
+        validate_log_level(&self.log.level)?;
         self.validate_ops()?;
         Ok(())
     }
+}
+
+/// An enum setting read from its text, so a bad value gets serde's message with the valid
+/// values ("unknown variant `xml`, expected one of `auto`, `human`, `json`"); the config
+/// crate's own enum reader names none ("enum LogFormat does not have variant constructor xml").
+fn one_of<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let text = String::deserialize(d)?;
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&text))
+        .map_err(serde::de::Error::custom)
+}
+
+/// `log.level`: comma-separated `LEVEL` or `TARGET=LEVEL` directives. tracing would take a
+/// bare word such as "verbose" as a target name and silently log at its default instead.
+fn validate_log_level(level: &str) -> Result<()> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            bail!(
+                "log.level = {level:?}: `{directive}` is not a level; use one of {} or \
+                 TARGET=LEVEL directives, e.g. \"tidemark=debug,info\"",
+                LEVELS.join(", ")
+            );
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(level)
+        .map_err(|e| anyhow::anyhow!("log.level = {level:?} is not a valid filter: {e}; e.g. \"info\" or \"tidemark=debug,info\""))?;
+    Ok(())
 }
 
 impl Settings {
@@ -294,7 +331,8 @@ impl Settings {
         crate::schedule::parse_schedule(&d.schedule).map_err(|e| {
             anyhow::anyhow!(
                 "daemon.schedule = {:?} is not a valid cron expression: {e}. \
-                 Use six fields with seconds first, e.g. \"0 30 2 * * *\" for 02:30:00 UTC daily",
+                 Use five fields (minute hour day-of-month month day-of-week), e.g. \"30 2 * * *\" \
+                 for 02:30 UTC daily, or six with seconds first, e.g. \"0 30 2 * * *\"",
                 d.schedule
             )
         })?;
@@ -315,6 +353,37 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Enum settings list their valid values; a log level tracing would misread is refused.
+    #[test]
+    fn bad_enums_and_log_levels_name_the_valid_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |toml: &str| {
+            let file = dir.path().join("s.toml");
+            std::fs::write(&file, toml).unwrap();
+            Settings::load(Some(&file)).map_err(|e| format!("{e:#}"))
+        };
+        let err = load("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(
+            err.contains("log.format") && err.contains("`auto`, `human`, `json`"),
+            "{err}"
+        );
+        let err = load("[source]\nread_preference = \"nearst\"\n").unwrap_err();
+        assert!(
+            err.contains("`primaryPreferred`") && err.contains("`nearest`"),
+            "{err}"
+        );
+        let err = load("[target]\nforeign_key_checks = \"none\"\n").unwrap_err();
+        assert!(err.contains("`database` or `tidemark`"), "{err}");
+        let err = load("[log]\nlevel = \"verbose\"\n").unwrap_err();
+        assert!(
+            err.contains("`verbose` is not a level") && err.contains("trace, debug, info"),
+            "{err}"
+        );
+        assert!(load("[log]\nlevel = \"tidemark=verbose\"\n").is_err());
+        let s = load("[log]\nformat = \"json\"\nlevel = \"tidemark=debug, INFO\"\n").unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
 
     #[test]
     fn defaults_load_and_validate() {

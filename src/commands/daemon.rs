@@ -12,7 +12,7 @@
 use crate::commands::run::RunOptions;
 use crate::exit;
 use crate::retry::backoff_delay;
-use crate::schedule::{listen_addr, upcoming};
+use crate::schedule::{listen_addr, upcoming, with_seconds};
 use crate::settings::Settings;
 use crate::telemetry::metrics;
 use anyhow::{anyhow, Context, Result};
@@ -184,7 +184,7 @@ pub async fn daemon(
         .await
         .context("starting the scheduler")?;
     let (job_tx, job_state, expr) = (tx.clone(), state.clone(), d.schedule.clone());
-    let job = Job::new_async(d.schedule.as_str(), move |_id, _l| {
+    let job = Job::new_async(with_seconds(&d.schedule).as_str(), move |_id, _l| {
         let (tx, state, expr) = (job_tx.clone(), job_state.clone(), expr.clone());
         Box::pin(async move {
             tick(&state, &tx);

@@ -47,6 +47,28 @@ pub async fn execute(cli: Cli) -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> Result<i32> {
+    // Completions and man pages describe the command line only: no settings needed.
+    match &cli.command {
+        Command::Completions { shell } => {
+            crate::cli::write_completions(*shell, &mut std::io::stdout());
+            return Ok(exit::OK);
+        }
+        Command::Man { dir: None } => {
+            crate::cli::write_man(&mut std::io::stdout())?;
+            return Ok(exit::OK);
+        }
+        Command::Man { dir: Some(dir) } => {
+            let pages = crate::cli::write_man_pages(dir).map_err(|e| {
+                Failure::Config(anyhow::anyhow!(
+                    "cannot write man pages into {}: {e}; give an existing, writable folder",
+                    dir.display()
+                ))
+            })?;
+            println!("{} man pages written into {}", pages.len(), dir.display());
+            return Ok(exit::OK);
+        }
+        _ => {}
+    }
     let config = cli.config.clone();
     let settings = match Settings::load(config.as_deref()) {
         Ok(s) => s,
@@ -150,6 +172,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::DeadLetters(cmd) => dead_letters::execute(settings, cmd).await,
         Command::Verify(args) => verify_command(settings, args).await,
         Command::Sweep(args) => sweep::execute(settings, args).await,
+        // Answered above, before the settings were loaded.
+        Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
         Command::Demo(DemoCommand::Seed {
             vizzes,
             seed,

@@ -217,7 +217,7 @@ size = { expr = "size(doc.text)", type = "integer" }
         .into_iter()
         .map(|(id, text)| raw(doc! { "_id": id, "t": 1, "text": text }))
         .collect();
-    let page = crate::pipeline::map_page(e, &raws, false);
+    let page = crate::engine::page::map_page(e, &raws, false);
     assert_eq!(page.rows.len(), 2, "two distinct contents");
     assert_eq!(
         page.duplicates, 1,

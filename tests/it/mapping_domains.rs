@@ -146,11 +146,11 @@ async fn content_keyed(backend: Backend) {
         .await;
     let mut s = env.settings();
     s.sync.start = "2024-01-01T00:00:00Z".parse().unwrap();
-    let until = |t: &str| tidemark::app::RunOptions {
+    let until = |t: &str| tidemark::commands::run::RunOptions {
         until: Some(t.into()),
         ..Default::default()
     };
-    let first = tidemark::app::run(s.clone(), until("2024-03-02"), Default::default())
+    let first = tidemark::commands::run::run(s.clone(), until("2024-03-02"), Default::default())
         .await
         .expect("first run");
     let blobs = env.dump(&env.target_url, "blobs").await;
@@ -170,7 +170,7 @@ async fn content_keyed(backend: Backend) {
         vec![upload("d", "other text", "2024-03-02T10:00:00Z")],
     )
     .await;
-    let second = tidemark::app::run(s, until("2024-03-03"), Default::default())
+    let second = tidemark::commands::run::run(s, until("2024-03-03"), Default::default())
         .await
         .expect("second run");
     assert_eq!(

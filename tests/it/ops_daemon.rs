@@ -26,16 +26,23 @@ fn ops_schedule_fires_at_the_configured_times() {
     );
     let every15 = tidemark::schedule::upcoming("*/15 * * * * *", t, 2).unwrap();
     assert_eq!(every15[1] - every15[0], chrono::TimeDelta::seconds(15));
-    // Five-field cron (no seconds) is rejected with the fix in the message.
+    // Five-field cron, as in a crontab, fires at second 0 and loads; a broken expression is
+    // rejected with both forms in the message.
+    let five = tidemark::schedule::upcoming("30 2 * * *", t, 3).unwrap();
+    assert_eq!(five, next);
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bad.toml");
+    let file = dir.path().join("five.toml");
     std::fs::write(&file, "[daemon]\nschedule = \"30 2 * * *\"\n").unwrap();
+    tidemark::settings::Settings::load(Some(&file)).expect("five-field schedule loads");
+    std::fs::write(&file, "[daemon]\nschedule = \"30 25 * * *\"\n").unwrap();
     let err = format!(
         "{:#}",
         tidemark::settings::Settings::load(Some(&file)).unwrap_err()
     );
     assert!(
-        err.contains("daemon.schedule") && err.contains("seconds first"),
+        err.contains("daemon.schedule")
+            && err.contains("five fields")
+            && err.contains("seconds first"),
         "{err}"
     );
 }
