@@ -399,10 +399,16 @@ pub enum DemoCommand {
     },
 }
 
-/// Shell completions for `shell` (`tidemark completions SHELL`), written to `out`.
-pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+/// Shell completions for `shell` (`tidemark completions SHELL`), written to `out`. Built in
+/// memory first: clap_complete panics on a failed write (a closed pipe, `| head`).
+pub fn write_completions(
+    shell: clap_complete::Shell,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
     use clap::CommandFactory;
-    clap_complete::generate(shell, &mut Cli::command(), "tidemark", out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "tidemark", &mut script);
+    out.write_all(&script)
 }
 
 /// The man page of tidemark (section 1), written to `out`.
@@ -473,7 +479,7 @@ mod tests {
     #[test]
     fn completions_and_man_pages_cover_every_subcommand() {
         let mut bash = Vec::new();
-        write_completions(clap_complete::Shell::Bash, &mut bash);
+        write_completions(clap_complete::Shell::Bash, &mut bash).unwrap();
         let bash = String::from_utf8(bash).unwrap();
         let mut man = Vec::new();
         write_man(&mut man).unwrap();

@@ -47,15 +47,21 @@ pub async fn execute(cli: Cli) -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> Result<i32> {
-    // Completions and man pages describe the command line only: no settings needed.
+    // Completions and man pages describe the command line only: no settings needed. A
+    // reader that closes the pipe early (`| head`) is not an error.
+    let stdout_done = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
+        _ => Ok(exit::OK),
+    };
     match &cli.command {
         Command::Completions { shell } => {
-            crate::cli::write_completions(*shell, &mut std::io::stdout());
-            return Ok(exit::OK);
+            return Ok(stdout_done(crate::cli::write_completions(
+                *shell,
+                &mut std::io::stdout(),
+            ))?);
         }
         Command::Man { dir: None } => {
-            crate::cli::write_man(&mut std::io::stdout())?;
-            return Ok(exit::OK);
+            return Ok(stdout_done(crate::cli::write_man(&mut std::io::stdout()))?);
         }
         Command::Man { dir: Some(dir) } => {
             let pages = crate::cli::write_man_pages(dir).map_err(|e| {
