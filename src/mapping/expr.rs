@@ -79,11 +79,13 @@ impl Expr {
     pub fn compile(source: &str) -> Result<Expr, String> {
         let program = Program::compile(source)
             .map_err(|e| format!("expression `{source}` does not compile: {e}"))?;
-        let refs = program.references();
+        // The variables the expression reads from outside: a macro's loop variable
+        // (`doc.tags.all(t, t != "")`) is bound by the macro, whatever its name.
+        let free = free_variables(source)?;
         let mut fields = HashMap::new();
         let mut counted = HashMap::new();
         for v in VARS {
-            if refs.has_variable(v) {
+            if free.contains(v) {
                 let f = referenced_fields(source, v);
                 if let Some(f) = &f {
                     counted.insert(v, counted_fields(source, v, f));
@@ -91,12 +93,15 @@ impl Expr {
                 fields.insert(v, f);
             }
         }
-        for v in refs.variables() {
-            if !VARS.contains(&v) {
-                return Err(format!(
-                    "expression `{source}` uses unknown variable `{v}`; available: doc, element, parent, index"
-                ));
-            }
+        let mut unknown: Vec<&String> = free
+            .iter()
+            .filter(|v| !VARS.contains(&v.as_str()))
+            .collect();
+        unknown.sort();
+        if let Some(v) = unknown.first() {
+            return Err(format!(
+                "expression `{source}` uses unknown variable `{v}`; available: doc, element, parent, index"
+            ));
         }
         Ok(Expr {
             source: source.to_owned(),
@@ -178,6 +183,74 @@ impl DocCache {
         self.0.borrow_mut().push((id, var, v.clone()));
         v
     }
+}
+
+/// The identifiers `source` reads that no macro binds (`all`, `exists`, `exists_one`,
+/// `filter`, `map` bind their loop variable inside their body). The interpreter's own
+/// `references()` lists loop variables too, so it cannot tell `t` in
+/// `doc.tags.all(t, t != "")` from an unknown variable.
+fn free_variables(source: &str) -> Result<HashSet<String>, String> {
+    use cel_parser::ast::{EntryExpr, Expr as E};
+    fn walk(e: &cel_parser::Expression, bound: &mut Vec<String>, out: &mut HashSet<String>) {
+        match &e.expr {
+            E::Unspecified | E::Literal(_) => {}
+            E::Ident(name) => {
+                if !name.starts_with('@') && !bound.iter().any(|b| b == name) {
+                    out.insert(name.clone());
+                }
+            }
+            E::Call(call) => {
+                if let Some(t) = &call.target {
+                    walk(t, bound, out);
+                }
+                for a in &call.args {
+                    walk(a, bound, out);
+                }
+            }
+            E::Select(sel) => walk(&sel.operand, bound, out),
+            E::List(list) => {
+                for x in &list.elements {
+                    walk(x, bound, out);
+                }
+            }
+            E::Map(map) => walk_entries(map.entries.iter().map(|x| &x.expr), bound, out),
+            E::Struct(st) => walk_entries(st.entries.iter().map(|x| &x.expr), bound, out),
+            E::Comprehension(c) => {
+                // The range is read outside the loop; the rest sees the loop variables.
+                walk(&c.iter_range, bound, out);
+                walk(&c.accu_init, bound, out);
+                let depth = bound.len();
+                bound.push(c.iter_var.clone());
+                bound.extend(c.iter_var2.clone());
+                bound.push(c.accu_var.clone());
+                walk(&c.loop_cond, bound, out);
+                walk(&c.loop_step, bound, out);
+                walk(&c.result, bound, out);
+                bound.truncate(depth);
+            }
+        }
+    }
+    fn walk_entries<'a>(
+        entries: impl Iterator<Item = &'a EntryExpr>,
+        bound: &mut Vec<String>,
+        out: &mut HashSet<String>,
+    ) {
+        for entry in entries {
+            match entry {
+                EntryExpr::StructField(f) => walk(&f.value, bound, out),
+                EntryExpr::MapEntry(m) => {
+                    walk(&m.key, bound, out);
+                    walk(&m.value, bound, out);
+                }
+            }
+        }
+    }
+    let ast = cel_parser::Parser::default()
+        .parse(source)
+        .map_err(|e| format!("expression `{source}` does not compile: {e}"))?;
+    let mut out = HashSet::new();
+    walk(&ast, &mut Vec::new(), &mut out);
+    Ok(out)
 }
 
 /// `doc.title`, `has(doc.title)` → {"title"}; any other use of `doc` → None (convert everything).
@@ -424,6 +497,44 @@ mod tests {
             .unwrap(),
             Cel::Int(7)
         );
+    }
+
+    #[test]
+    fn macros_bind_any_loop_variable_name() {
+        let d = doc! { "answers": [{ "score": 3, "by": "a" }, { "score": 5, "by": "b" }], "tags": ["x", "y"] };
+        let t = |b| Cel::Bool(b);
+        assert_eq!(eval("doc.answers.all(a, a.score > 2)", d.clone()), t(true));
+        assert_eq!(
+            eval("doc.answers.exists(ans, ans.score > 4)", d.clone()),
+            t(true)
+        );
+        assert_eq!(
+            eval("doc.answers.exists_one(x, x.score > 4)", d.clone()),
+            t(true)
+        );
+        assert_eq!(
+            eval("size(doc.answers.filter(a, a.score > 4))", d.clone()),
+            Cel::Int(1)
+        );
+        assert_eq!(
+            eval("doc.answers.map(a, a.score).exists(s, s == 5)", d.clone()),
+            t(true)
+        );
+        // Nested macros, each with its own name; the outer one stays bound inside.
+        assert_eq!(
+            eval(
+                "doc.answers.all(a, doc.tags.exists(t, t == 'x' && a.score > 2))",
+                d.clone()
+            ),
+            t(true)
+        );
+        // A loop variable does not leak out of its macro.
+        assert!(Expr::compile("doc.tags.all(t, t != '') && t == 'x'")
+            .unwrap_err()
+            .contains("unknown variable `t`"));
+        // `doc` is still pruned to the fields read.
+        let e = Expr::compile("doc.answers.all(a, a.score > 2)").unwrap();
+        assert_eq!(e.fields["doc"], Some(["answers".to_string()].into()));
     }
 
     #[test]
