@@ -1,7 +1,9 @@
 //! Compiling the mapping file: every check that can fail happens here, before any write.
 
 use super::expr::Expr;
-use super::spec::{ChildSpec, ColumnSpec, DeleteAction, EntitySpec, MappingFile, MissingPolicy};
+use super::spec::{
+    ChildSpec, ColumnSpec, DeleteAction, DeletedSpec, EntitySpec, MappingFile, MissingPolicy,
+};
 use super::value::{self, ColumnType};
 use super::{Child, Column, ColumnSource, Deleted, Entity, Mapping};
 use anyhow::{anyhow, bail, Context, Result};
@@ -163,7 +165,31 @@ fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
         .filter_map(|c| c.path.as_deref())
         .map(|p| p.split('.').next().unwrap_or(p).to_owned())
         .collect();
-    let columns = compile_columns(&spec.columns, Some(&used), None)?;
+    let mut columns = compile_columns(&spec.columns, Some(&used), None)?;
+    if let Some(DeletedSpec {
+        action: DeleteAction::SoftDelete,
+        column: Some(c),
+        ..
+    }) = &spec.deleted
+    {
+        // The soft-delete marker needs no declaration: an undeclared one is a timestamptz
+        // column that is NULL until the rule marks the document.
+        if !columns.iter().any(|x| &x.name == c) {
+            check_ident("column", c).context("deleted.column")?;
+            columns.push(Column {
+                name: c.clone(),
+                ty: ColumnType::Timestamptz,
+                required: false,
+                references: None,
+                on_missing: MissingPolicy::Null,
+                source: ColumnSource::Constant(value::Value::Null),
+                format: None,
+                transforms: Vec::new(),
+                default: None,
+                enum_map: None,
+            });
+        }
+    }
     let pk = pk_indexes(&columns, &spec.primary_key)?;
     let key_column = spec
         .columns
@@ -180,7 +206,8 @@ fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
                         .position(|x| &x.name == c && x.ty == ColumnType::Timestamptz)
                         .ok_or_else(|| {
                             anyhow!(
-                                "deleted.column `{c}` must be a timestamptz column of this entity"
+                                "deleted.column `{c}` is declared with a type other than timestamptz; \
+                                 give it type = \"timestamptz\" or leave it out of columns (tidemark then adds it)"
                             )
                         })?;
                     Some(i)

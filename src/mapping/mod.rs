@@ -354,22 +354,45 @@ impl Entity {
         let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
             doc.into_iter().collect::<Result<_, _>>().ok();
         let input = Input::document(doc, top.as_deref());
+        // A soft-deleted document is a row like any other (every column, every child row)
+        // plus its marker: the marker column holds the document's time.
+        let mut marker = None;
         if let Some(d) = &self.deleted {
             if rule(&d.when, doc, "deleted.when")? {
-                let key = self.key_from(&input);
                 let at = lookup(doc, std::slice::from_ref(&self.time_field))
                     .ok()
                     .flatten()
                     .and_then(|v| value::to_timestamp(&v, Some(self.time_format())).ok());
-                return Ok(Outcome::Deleted { key, at });
+                match (d.action, d.column) {
+                    (DeleteAction::SoftDelete, Some(col)) => {
+                        let at = at.ok_or_else(|| MapError {
+                            column: self.columns[col].name.clone(),
+                            message: format!(
+                                "the document is marked deleted but its time field `{}` is missing or not {:?}; \
+                                 the soft-delete marker is the document's time",
+                                self.time_field, self.time_encoding
+                            ),
+                        })?;
+                        marker = Some((col, at));
+                    }
+                    _ => {
+                        let key = self.key_from(&input);
+                        return Ok(Outcome::Deleted { key, at });
+                    }
+                }
             }
         }
-        if let Some(s) = &self.skip_when {
-            if rule(s, doc, "skip_when")? {
-                return Ok(Outcome::Filtered);
+        if marker.is_none() {
+            if let Some(s) = &self.skip_when {
+                if rule(s, doc, "skip_when")? {
+                    return Ok(Outcome::Filtered);
+                }
             }
         }
-        let row = map_columns(&self.columns, &input)?;
+        let mut row = map_columns(&self.columns, &input)?;
+        if let Some((col, at)) = marker {
+            row[col] = Value::Timestamp(at);
+        }
         let mut children = Vec::with_capacity(self.children.len());
         for c in &self.children {
             children.push(c.map(doc, &row)?);
