@@ -206,7 +206,7 @@ pub async fn backfill(
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..opts.parallel {
         set.spawn(worker(
-            ctx.clone(),
+            Arc::new(ctx.for_lane()),
             ledger.clone(),
             abort.clone(),
             tally.clone(),

@@ -22,18 +22,21 @@ pub struct Ctx {
     pub source: Source,
     pub sink: Sink,
     pub run_id: String,
-    /// Dead letters written by this run so far (checked against the error budget).
-    pub dead_total: AtomicU64,
+    /// Dead letters written by this run so far (checked against the error budget; shared
+    /// by the lanes of one run, see [`Ctx::for_lane`]).
+    pub dead_total: Arc<AtomicU64>,
     /// Set by a shutdown signal; checked between batches so the current batch commits first.
     pub stop: Arc<AtomicBool>,
-    /// What reference resolution learned this run (each key fetched at most once per run).
-    /// A mutex because backfill chunks of one run resolve concurrently.
+    /// What reference resolution learned in this lane. Its "present" includes keys pulled
+    /// by batches not committed yet, which is only true for batches committed after them:
+    /// the batches of one lane (committed in order), never another lane's. Lanes running at
+    /// once (backfill chunks) each have their own ([`Ctx::for_lane`]).
     pub memo: tokio::sync::Mutex<crate::engine::memo::Memo>,
     /// Rows this run wrote on demand, so a lane reading them again skips them.
     /// Shared with the window's mapper, which looks ahead in it (`pre_skip`).
     pub pulled: Arc<std::sync::Mutex<crate::engine::pulled::Pulled>>,
     /// Which documents have dead letters, missing references or pending records.
-    pub records: crate::sink::records::Known,
+    pub records: Arc<crate::sink::records::Known>,
     /// Every batch is rolled back instead of committed and no checkpoint is saved.
     pub dry_run: bool,
     /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
@@ -41,6 +44,29 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The context of one more lane of this run, run at the same time as others (a backfill
+    /// worker): everything shared but the reference memo. With a shared memo, a chunk took a
+    /// reference another chunk had pulled but not committed as present, and committed first
+    /// (a foreign-key violation, or with `foreign_key_checks = "tidemark"` a row pointing at
+    /// nothing): `exact_parallel`.
+    pub fn for_lane(&self) -> Ctx {
+        Ctx {
+            settings: self.settings.clone(),
+            mapping: self.mapping.clone(),
+            shared: self.shared.clone(),
+            source: self.source.clone(),
+            sink: self.sink.clone(),
+            run_id: self.run_id.clone(),
+            dead_total: self.dead_total.clone(),
+            stop: self.stop.clone(),
+            memo: Default::default(),
+            pulled: self.pulled.clone(),
+            records: self.records.clone(),
+            dry_run: self.dry_run,
+            provenance: self.provenance,
+        }
+    }
+
     /// Entity `name` of the mapping, shareable with other tasks.
     pub fn entity_arc(&self, name: &str) -> Result<Arc<Entity>> {
         match self.shared.get(name) {
@@ -68,7 +94,7 @@ impl Ctx {
             source,
             sink,
             run_id,
-            dead_total: AtomicU64::new(0),
+            dead_total: Default::default(),
             stop,
             memo: Default::default(),
             pulled: Arc::new(std::sync::Mutex::new(crate::engine::pulled::Pulled::new(
