@@ -1,7 +1,8 @@
 //! One window of one entity: plan the windows ([`window`]), read a page and map it
 //! ([`page`]), resolve what it depends on ([`resolve`], with the run's [`memo`]), commit rows
 //! with the checkpoint ([`pipeline`]), and remember what this run already wrote
-//! ([`pulled`]). What a run shares and counts: [`ctx`]. One writer per lane ([`lane`]).
+//! ([`pulled`]); ids of other BSON types with the same key ([`twins`]). What a run shares
+//! and counts: [`ctx`]. One writer per lane ([`lane`]).
 //! No printing: commands report what the engine returns.
 
 pub mod ctx;
@@ -11,5 +12,6 @@ pub mod page;
 pub mod pipeline;
 pub mod pulled;
 pub mod resolve;
+pub mod twins;
 pub mod verify;
 pub mod window;

@@ -56,6 +56,12 @@ pub struct MappedPage {
     pub soft_deletes: Vec<(Vec<Value>, Value)>,
     pub dead: Vec<DeadLetter>,
     pub resolved: Vec<String>,
+    /// Documents that lose their key to a twin of another BSON type, by source id, with the
+    /// error ([`crate::engine::twins`]); they are dead letters of the page.
+    pub twin_losers: HashMap<String, String>,
+    /// Typed twins outside the page that lose their key to a string of the page: dead
+    /// letters written with the batch, not counted among its documents.
+    pub twin_dead: Vec<DeadLetter>,
     pub duplicates: u64,
     /// Documents matching the deleted rule (with or without a derivable key).
     pub deleted: u64,
@@ -172,6 +178,18 @@ type Deletion = (Vec<Value>, Option<DateTime<Utc>>);
 /// Within a page the last event per key wins: a later version replaces an earlier one,
 /// a deletion cancels an earlier row and a row cancels an earlier deletion.
 pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool) -> MappedPage {
+    map_page_twins(e, docs, track_resolved, HashMap::new(), Vec::new())
+}
+
+/// [`map_page`], where the documents named in `losers` (by source id) lose their key to a
+/// twin of another BSON type and are dead letters ([`crate::engine::twins`]).
+pub fn map_page_twins(
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    track_resolved: bool,
+    losers: HashMap<String, String>,
+    twin_dead: Vec<DeadLetter>,
+) -> MappedPage {
     let mut out = MappedPage::default();
     let mut rows: Vec<Option<RowWithChildren>> = Vec::with_capacity(docs.len());
     let mut index: HashMap<String, usize> = HashMap::with_capacity(docs.len());
@@ -183,6 +201,20 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
         .as_ref()
         .is_some_and(|d| d.action == crate::mapping::spec::DeleteAction::SoftDelete);
     for (di, doc) in docs.iter().enumerate() {
+        if !losers.is_empty() {
+            let id = source_id(doc);
+            if let Some(error) = losers.get(&id) {
+                if track_resolved {
+                    last_ok.insert(id.clone(), false);
+                }
+                out.dead.push(DeadLetter {
+                    source_id: id,
+                    error: error.clone(),
+                    document: raw_json(doc),
+                });
+                continue;
+            }
+        }
         let outcome = match e.map(doc) {
             Ok(o) => o,
             Err(err) => {
@@ -297,6 +329,8 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
             rows
         })
         .collect();
+    out.twin_losers = losers;
+    out.twin_dead = twin_dead;
     out
 }
 

@@ -4,7 +4,7 @@
 
 pub use crate::engine::ctx::{nightly_lane, Counts, Ctx, EntityReport, WindowReport};
 pub use crate::engine::page::{
-    map_page, prepare, raw_json, row_meta, source_id, MappedPage, PreSkipped,
+    map_page, map_page_twins, prepare, raw_json, row_meta, source_id, MappedPage, PreSkipped,
 };
 use crate::engine::window::{self, LaneState, PlanInput, Window};
 use crate::exit::Failure;
@@ -29,7 +29,9 @@ pub async fn write_docs(
     cp: Option<&Checkpoint>,
     track_ids: bool,
 ) -> Result<Counts> {
-    write_mapped(ctx, e, docs, map_page(e, docs, true), cp, track_ids).await
+    let twins = crate::engine::twins::find(&ctx.source, e, docs).await?;
+    let mapped = map_page_twins(e, docs, true, twins.losers, twins.outside);
+    write_mapped(ctx, e, docs, mapped, cp, track_ids).await
 }
 
 /// Resolve and write one page already mapped by [`map_page`] (with `track_resolved`).
@@ -73,7 +75,12 @@ pub async fn resolve_batch(
 ) -> Result<Resolved> {
     let before_queries = ctx.source.queries.load(Ordering::Relaxed);
     let skipped = skip_pulled(ctx, e, docs, &mut mapped) + mapped.skipped_unmapped;
-    let res = crate::engine::resolve::resolve(ctx, e, &mut mapped, docs).await?;
+    let mut res = crate::engine::resolve::resolve(ctx, e, &mut mapped, docs).await?;
+    res.other_dead.extend(
+        std::mem::take(&mut mapped.twin_dead)
+            .into_iter()
+            .map(|d| (e.name.clone(), d)),
+    );
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");
     }
@@ -385,7 +392,13 @@ fn confirm_pre_skipped(
             None => docs.next(),
         })
         .collect();
-    let mut again = map_page(e, &page.docs, true);
+    let mut again = map_page_twins(
+        e,
+        &page.docs,
+        true,
+        std::mem::take(&mut mapped.twin_losers),
+        std::mem::take(&mut mapped.twin_dead),
+    );
     prepare(e, &mut again, hash);
     again.hash_docs(&page.docs);
     again.presume_new = mapped.presume_new;
@@ -464,10 +477,18 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
     let source_wait = Arc::new(AtomicU64::new(0));
     let map_time = Arc::new(AtomicU64::new(0));
     let (sw, mt) = (source_wait.clone(), map_time.clone());
+    let source = ctx.source.clone();
     let mapper = tokio::spawn(async move {
         loop {
             let t0 = Instant::now();
             let Some(page) = rx.recv().await else { break };
+            // Ids of another BSON type with the same key text, looked up in the source.
+            let page = match page {
+                Ok(p) => crate::engine::twins::find(&source, &entity, &p.docs)
+                    .await
+                    .map(|t| (p, t)),
+                Err(e) => Err(e),
+            };
             sw.fetch_add(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
             // Map only once the writer has room: at most two mapped pages exist at a time.
             let Ok(slot) = mtx.reserve().await else { break };
@@ -478,13 +499,13 @@ pub fn open_window(ctx: &Ctx, e: &Entity, w: Window, after: Option<Position>) ->
             let pulled = Arc::clone(&pulled);
             let t1 = Instant::now();
             let mapped = tokio::task::spawn_blocking(move || {
-                page.map(|mut p| {
+                page.map(|(mut p, twins)| {
                     let (unmapped, hashes) = if hash_docs {
                         pre_skip(&pulled, &entity, &mut p.docs)
                     } else {
                         Default::default()
                     };
-                    let mut m = map_page(&entity, &p.docs, true);
+                    let mut m = map_page_twins(&entity, &p.docs, true, twins.losers, twins.outside);
                     prepare(&entity, &mut m, hash);
                     m.doc_hashes = hashes;
                     m.unmapped = unmapped;

@@ -259,16 +259,20 @@ impl Source {
                     Ok(Some(doc)) => {
                         page.push(doc);
                         if page.len() >= batch_size {
+                            // A page leaves no earlier than the rate limit allows for every
+                            // document up to and including it (the first page too).
+                            sent += page.len() as u64;
+                            self.throttle(sent, started).await;
                             if !self.send(&mut page, &time_path, &mut after, tx).await? {
                                 return Ok(());
                             }
-                            sent += batch_size as u64;
-                            self.throttle(sent, started).await;
                             failures = 0;
                         }
                     }
                     Ok(None) => {
                         if !page.is_empty() {
+                            sent += page.len() as u64;
+                            self.throttle(sent, started).await;
                             self.send(&mut page, &time_path, &mut after, tx).await?;
                         }
                         return Ok(());
