@@ -189,6 +189,22 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     for n in &names {
         mapping.entity(n).map_err(Failure::Config)?;
     }
+    if opts.ids.is_empty() {
+        // An entity with `windowed = false` has no lane of its own: it is only pulled on
+        // demand (or migrated by id).
+        if let Some(n) = opts
+            .entities
+            .iter()
+            .find(|n| mapping.entity(n).is_ok_and(|e| !e.windowed))
+        {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "entity `{n}` has windowed = false in the mapping: it has no time windows and is only \
+                 pulled on demand; migrate records of it with --id, or set windowed = true"
+            ))
+            .into());
+        }
+        names.retain(|n| mapping.entity(n).is_ok_and(|e| e.windowed));
+    }
     if !opts.dry_run {
         metrics::entities(&names);
     }

@@ -58,7 +58,9 @@ pub fn format_list(rows: &[RunRow]) -> String {
                 (
                     c["read"].as_u64().unwrap_or(0),
                     c["written"].as_u64().unwrap_or(0),
-                    c["dead_lettered"].as_u64().unwrap_or(0),
+                    // The invalid-time scan's dead letters are dead letters too.
+                    c["dead_lettered"].as_u64().unwrap_or(0)
+                        + c["invalid_time"].as_u64().unwrap_or(0),
                 )
             })
             .unwrap_or_default();

@@ -857,6 +857,9 @@ pub async fn catch_up(
         warn!(entity = %e.name, "{w}");
         warnings.push(w);
     }
+    if ctx.settings.sync.scan_invalid_time {
+        check_time_field(ctx, e).await?;
+    }
     let mut counts = retry_pending(ctx, e).await?;
     let cp = ctx.sink.load_checkpoint(&lane).await?;
     let (state, last) = cp.map(|c| (c.state, c.last)).unwrap_or_default();
@@ -950,7 +953,7 @@ pub async fn catch_up(
         counts.invalid_time = scan_invalid_time(ctx, e).await?;
         if counts.invalid_time > 0 {
             let msg = format!(
-                "{} documents in {} have a missing or mistyped {} (expected {:?}); they are in tidemark_dead_letters",
+                "{} documents in {} have a missing, mistyped or out-of-range {} (expected {:?}); they are in tidemark_dead_letters",
                 counts.invalid_time, e.collection, e.time_field, e.time_encoding
             );
             warn!(entity = %e.name, "{msg}");
@@ -1025,7 +1028,32 @@ pub async fn retry_pending(ctx: &Ctx, e: &Entity) -> Result<Counts> {
     Ok(counts)
 }
 
-/// Dead-letter documents that no window can ever select (time field missing or mistyped).
+/// A collection none of whose documents has a usable time (a misspelt `time_field`, a wrong
+/// `time_encoding`) would look like an empty one: every window reads nothing, the watermark
+/// advances and the scan dead-letters everything. Fail before any window instead, so the
+/// watermark stays where it was and the message names the field.
+async fn check_time_field(ctx: &Ctx, e: &Entity) -> Result<()> {
+    if ctx.source.invalid_time_docs(e, 1).await?.is_empty() {
+        return Ok(());
+    }
+    let (first, last) = crate::source::readable_range();
+    if ctx.source.next_time(e, first, last).await?.is_some() {
+        return Ok(());
+    }
+    Err(Failure::Config(anyhow::anyhow!(
+        "no document of collection {} has a usable time field `{}` (expected {:?}), and some have none \
+         or another type: is time_field misspelt, or time_encoding wrong? Fix entity `{}` in the \
+         mapping; nothing was read and the watermark did not move",
+        e.collection,
+        e.time_field,
+        e.time_encoding,
+        e.name
+    ))
+    .into())
+}
+
+/// Dead-letter documents that no window can ever select (time field missing, mistyped, or
+/// outside the years 1–9999).
 async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
     let docs = ctx.source.invalid_time_docs(e, 10_000).await?;
     if docs.is_empty() {
@@ -1036,7 +1064,7 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
         .map(|d| DeadLetter {
             source_id: source_id(d),
             error: format!(
-                "time field `{}` is missing or not {:?}; no window can select this document. Fix the document or the mapping's time_encoding",
+                "time field `{}` is missing, not {:?}, or outside the years 1-9999; no window can select this document. Fix the document or the mapping's time_encoding",
                 e.time_field, e.time_encoding
             ),
             document: raw_json(d),

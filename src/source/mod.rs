@@ -2,6 +2,7 @@
 
 mod mongo;
 mod query;
+pub use query::readable_range;
 
 pub use mongo::{in_time_order, Page, Position, Source};
 pub use query::{encode_bound, window_filter};

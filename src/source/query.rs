@@ -144,6 +144,18 @@ pub fn later_type_codes(v: &Bson) -> Vec<i32> {
 /// Not looked for: BSON timestamps (an internal type applications do not store, whose range
 /// SecantusDB cannot serve from the index) and arrays whose elements all have the right type
 /// (windows select those by their elements; mapping the time column then dead-letters them).
+/// The first and the last instant a window can hold: the years 1 to 9999 (what every
+/// column and encoding can represent, ISO-8601 strings included); a value of the right type
+/// outside them is invalid.
+pub fn readable_range() -> (DateTime<Utc>, DateTime<Utc>) {
+    use chrono::TimeZone;
+    (
+        Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap()
+            + chrono::TimeDelta::milliseconds(999),
+    )
+}
+
 pub fn invalid_time_filter(extra: &Document, time_field: &str, enc: TimeEncoding) -> Document {
     let numbers = [
         doc! { time_field: { "$gte": f64::NEG_INFINITY } },
@@ -158,14 +170,27 @@ pub fn invalid_time_filter(extra: &Document, time_field: &str, enc: TimeEncoding
         doc! { time_field: { "$in": [true, false] } },
         doc! { time_field: [] },
     ];
+    // Values of the right type that no window can hold (beyond the years 1-9999, e.g.
+    // epoch milliseconds of ±2^62): never read by a window, so the scan must find them.
+    let (first, last) = readable_range();
+    let (lo, hi) = (first.timestamp_millis(), last.timestamp_millis());
     match enc {
         TimeEncoding::Date => {
             any.extend(numbers);
             any.push(strings);
+            any.push(doc! { time_field: { "$lt": bson::DateTime::from_millis(lo), "$gte": bson::DateTime::MIN } });
+            any.push(doc! { time_field: { "$gt": bson::DateTime::from_millis(hi) } });
         }
         TimeEncoding::EpochSeconds | TimeEncoding::EpochMillis => {
             any.push(strings);
             any.push(dates);
+            let (lo, hi) = if enc == TimeEncoding::EpochSeconds {
+                (lo / 1000, hi / 1000)
+            } else {
+                (lo, hi)
+            };
+            any.push(doc! { time_field: { "$lt": lo as f64, "$gte": f64::NEG_INFINITY } });
+            any.push(doc! { time_field: { "$gt": hi as f64 } });
         }
         TimeEncoding::Iso8601 => {
             any.extend(numbers);

@@ -187,7 +187,7 @@ pub fn record_entity(r: &EntityReport, finished: DateTime<Utc>) {
     counter!(READ, "entity" => e.clone()).increment(r.counts.read);
     counter!(WRITTEN, "entity" => e.clone()).increment(r.counts.written);
     counter!(UNCHANGED, "entity" => e.clone()).increment(r.counts.unchanged);
-    counter!(DEAD, "entity" => e.clone()).increment(r.counts.dead_lettered);
+    counter!(DEAD, "entity" => e.clone()).increment(r.counts.dead_lettered + r.counts.invalid_time);
     counter!(PULLED, "entity" => e.clone()).increment(r.counts.pulled);
     gauge!(ENTITY_DURATION, "entity" => e.clone()).set(r.elapsed_ms as f64 / 1000.0);
     gauge!(ENTITY_SUCCESS, "entity" => e).set(secs(finished));

@@ -5,6 +5,7 @@ mod bad_config;
 mod crash_resume;
 mod deps;
 mod encodings;
+mod exact_edges;
 mod exact_ids;
 mod exact_parallel;
 mod exact_softdelete;
