@@ -519,11 +519,30 @@ fn apply_policies(
             page.row_meta[ri] = row_meta(t, &page.rows[ri]);
         }
     }
-    // Child rows: null the column, or drop the child row (skip/defer cannot hold back one element).
+    // Child rows: null the column, or drop the child row (skip/defer cannot hold back one
+    // element); either way the occurrence is recorded under its document, with the column
+    // named `<child table>.<column>` (one record per document and column).
+    let mut recorded: HashSet<(String, String)> = HashSet::new();
     for (ci, child) in e.children.iter().enumerate() {
         let Some(rows) = page.children.get_mut(ci) else {
             continue;
         };
+        // A child row's document, by the values of its link to the parent row.
+        let link = |row: &[Value], cols: &mut dyn Iterator<Item = usize>| -> String {
+            cols.map(|i| key_text(&row[i]))
+                .collect::<Vec<_>>()
+                .join("\u{1f}")
+        };
+        let parent_doc: HashMap<String, usize> =
+            if child.columns.iter().any(|c| c.references.is_some()) {
+                page.rows
+                    .iter()
+                    .zip(&page.row_docs)
+                    .map(|(row, &di)| (link(row, &mut child.parent_links.iter().map(|l| l.1)), di))
+                    .collect()
+            } else {
+                HashMap::new()
+            };
         let mut meta = page
             .child_meta
             .get_mut(ci)
@@ -537,6 +556,21 @@ fn apply_policies(
                 let fine = row[i] == Value::Null || memo.get(r, &key_text(&row[i])) == Some(true);
                 if !fine {
                     page.children_cut = true;
+                    let at = link(&row, &mut child.parent_links.iter().map(|l| l.0));
+                    if let Some(&di) = parent_doc.get(&at) {
+                        let sid = source_id(&docs[di]);
+                        let column = format!("{}.{}", child.table, c.name);
+                        if recorded.insert((sid.clone(), column.clone())) {
+                            res.missing.push(MissingRef {
+                                entity: e.name.clone(),
+                                source_id: sid,
+                                column,
+                                ref_entity: r.to_owned(),
+                                ref_key: key_text(&row[i]),
+                                policy: c.on_missing,
+                            });
+                        }
+                    }
                     if c.on_missing != MissingPolicy::Null {
                         continue;
                     }

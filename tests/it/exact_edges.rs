@@ -1,6 +1,6 @@
 //! Edges where a run looked healthier than it was: the rate limit and the first page,
 //! `windowed = false`, the invalid-time scan's dead letters in `tidemark runs`, time values
-//! no window can hold, and a misspelt `time_field`.
+//! no window can hold, a misspelt `time_field`, and missing references in child tables.
 
 use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use bson::{doc, Document};
@@ -168,5 +168,74 @@ async fn misspelt_time_field_fails_the_run() {
         .await,
         0,
         "the watermark must not advance"
+    );
+}
+
+const CHILD_REFS: &str = r#"
+version = "cr-1"
+[entities.accounts]
+collection = "accounts"
+id_field = "accountId"
+time_field = "t"
+time_encoding = "epoch_millis"
+table = "accounts"
+primary_key = ["account_id"]
+windowed = false
+[entities.accounts.columns]
+account_id = { path = "accountId", type = "text", required = true }
+[entities.studies]
+collection = "studies"
+time_field = "t"
+time_encoding = "epoch_millis"
+table = "studies"
+primary_key = ["id"]
+[entities.studies.columns]
+id = { path = "_id", type = "bigint", required = true }
+[entities.studies.children.members]
+path = "members"
+table = "members"
+primary_key = ["study_id", "position"]
+[entities.studies.children.members.columns]
+study_id = { parent = "id", type = "bigint" }
+position = { ordinal = true, type = "integer" }
+account_id = { path = "account", type = "text", references = "accounts", on_missing = "null" }
+"#;
+
+/// A reference missing from a child-table column is recorded in tidemark_missing_refs and
+/// counted, like one in a main column (DEPENDENCIES.md: every occurrence is recorded).
+#[tokio::test]
+async fn missing_references_in_child_tables_are_recorded() {
+    let env = Env::new("childrefs", Backend::Sqlite, CHILD_REFS).await;
+    let t = ms(2024, 1, 1);
+    env.insert("accounts", vec![doc! { "accountId": "a1", "t": t }])
+        .await;
+    env.insert(
+        "studies",
+        vec![
+            doc! { "_id": 1i64, "t": t, "members": [{ "account": "a1" }, { "account": "ghost" }] },
+            doc! { "_id": 2i64, "t": t + 1, "members": [{ "account": "a1" }] },
+        ],
+    )
+    .await;
+    env.index("studies", doc! { "t": 1, "_id": 1 }).await;
+    let r = env.run(env.settings()).await.expect("run");
+    assert_eq!(r.entities[0].counts.missing_refs, 1, "{r}");
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_missing_refs WHERE entity = 'studies' \
+             AND source_id = '1' AND column_name = 'members.account_id' AND ref_key = 'ghost'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM members WHERE account_id IS NULL"
+        )
+        .await,
+        1,
+        "nulled, kept"
     );
 }
