@@ -32,6 +32,7 @@ mod ops_metrics;
 mod ops_status;
 mod ops_systemd;
 mod ops_util;
+mod oracle;
 mod records;
 mod schema;
 mod security;
