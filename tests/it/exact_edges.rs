@@ -5,7 +5,7 @@
 use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use bson::{doc, Document};
 use chrono::{TimeZone, Utc};
-use tidemark::app::RunOptions;
+use tidemark::commands::run::RunOptions;
 
 fn ms(y: i32, mo: u32, d: u32) -> i64 {
     Utc.with_ymd_and_hms(y, mo, d, 0, 0, 0)
@@ -95,7 +95,7 @@ async fn unwindowed_entities_are_only_pulled() {
         0,
         "no lane or watermark for accounts"
     );
-    let err = tidemark::app::run(
+    let err = tidemark::commands::run::run(
         env.settings(),
         RunOptions {
             entities: vec!["accounts".into()],
@@ -132,10 +132,12 @@ async fn unreadable_times_are_dead_letters_and_runs_counts_them() {
         4
     );
     let s = env.settings();
-    let mapping = tidemark::app::load_mapping(&s).unwrap();
-    let sink = tidemark::app::open_sink(&s, &mapping).await.unwrap();
-    let rows = tidemark::reports::list(&sink, None, 10).await.unwrap();
-    let text = tidemark::reports::format_list(&rows);
+    let mapping = tidemark::commands::setup::load_mapping(&s).unwrap();
+    let sink = tidemark::commands::setup::open_sink(&s, &mapping)
+        .await
+        .unwrap();
+    let rows = tidemark::sink::runs::list(&sink, None, 10).await.unwrap();
+    let text = tidemark::commands::runs::format_list(&rows);
     let line = text.lines().nth(1).expect("one run");
     assert!(
         line.split_whitespace().last() == Some("4"),

@@ -48,11 +48,11 @@ async fn colliding_ids(backend: Backend, batch: usize, second_run: bool) {
     let mut s = env.settings();
     s.sync.start = "2023-12-31T00:00:00Z".parse().unwrap();
     s.source.batch_size = batch;
-    let first_until = tidemark::app::RunOptions {
+    let first_until = tidemark::commands::run::RunOptions {
         until: Some("2024-01-01T00:08:00Z".into()),
         ..Default::default()
     };
-    let report = tidemark::app::run(s.clone(), first_until, Default::default())
+    let report = tidemark::commands::run::run(s.clone(), first_until, Default::default())
         .await
         .expect("run");
     if second_run {

@@ -4,7 +4,7 @@
 
 use crate::harness::{scalar_i64, Backend, Env};
 use bson::{doc, Document};
-use tidemark::app::RunOptions;
+use tidemark::commands::run::RunOptions;
 
 const MAPPING: &str = r#"
 version = "soft-1"
@@ -65,7 +65,7 @@ async fn soft_delete(backend: Backend) {
     .await;
     let mut s = env.settings();
     s.sync.start = "2024-01-01T00:00:00Z".parse().unwrap();
-    let first = tidemark::app::run(s.clone(), until("2024-03-02"), Default::default())
+    let first = tidemark::commands::run::run(s.clone(), until("2024-03-02"), Default::default())
         .await
         .expect("first run");
     let rows = env.dump(&env.target_url, "studies").await;
@@ -86,7 +86,7 @@ async fn soft_delete(backend: Backend) {
         )
         .await
         .unwrap();
-    let second = tidemark::app::run(s.clone(), until("2024-03-03"), Default::default())
+    let second = tidemark::commands::run::run(s.clone(), until("2024-03-03"), Default::default())
         .await
         .expect("second run");
     let rows = env.dump(&env.target_url, "studies").await;
@@ -118,7 +118,7 @@ async fn soft_delete(backend: Backend) {
     } else {
         0
     };
-    let again = tidemark::app::run(
+    let again = tidemark::commands::run::run(
         s,
         RunOptions {
             entities: vec!["studies".into()],

@@ -21,8 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tidemark::app::RunOptions;
-use tidemark::backfill::{backfill, BackfillOptions};
+use tidemark::commands::backfill::{backfill, BackfillOptions};
+use tidemark::commands::run::RunOptions;
 
 const MAPPING: &str = r#"
 version = "oracle-1"
@@ -382,7 +382,7 @@ async fn one_case(seed: u64, backend: Backend) {
                 until: Some(until),
                 ..Default::default()
             };
-            tidemark::app::run(s.clone(), opts, Default::default())
+            tidemark::commands::run::run(s.clone(), opts, Default::default())
                 .await
                 .unwrap_or_else(|e| panic!("seed {seed}: run: {e:#}"));
         }
