@@ -97,7 +97,9 @@ async fn run_backfill(env: &Env, url: &str, parallel: usize, fk: ForeignKeyCheck
         from: Some("2024-05-01T00:00:00Z".into()),
         to: Some("2024-05-03T00:00:00Z".into()),
         entities: vec!["studies".into()],
-        chunk: std::time::Duration::from_secs(2 * 3600),
+        chunk: tidemark::engine::window::ChunkBy::Duration(std::time::Duration::from_secs(
+            2 * 3600,
+        )),
         parallel,
         resume: None,
     };

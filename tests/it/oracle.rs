@@ -366,7 +366,9 @@ async fn one_case(seed: u64, backend: Backend) {
                 from: Some(iso(base() - HOUR)),
                 to: Some(until),
                 entities: Vec::new(),
-                chunk: std::time::Duration::from_secs(1800),
+                chunk: tidemark::engine::window::ChunkBy::Duration(std::time::Duration::from_secs(
+                    1800,
+                )),
                 parallel,
                 resume: None,
             };
