@@ -268,7 +268,8 @@ async fn ops_lock_a_terminated_session_frees_the_lane_postgres() {
     let a_err = stderr_of(&mut first);
 
     // Assert: the lane was free for B; A noticed it lost its lanes and stopped.
-    assert_eq!(killed, 1, "no lock session of A found");
+    // Its lane locks' session and its run lock's session.
+    assert!(killed >= 1, "no lock session of A found");
     assert!(b_status.success(), "{b_err}");
     assert!(!a_status.success(), "A kept writing after losing its lanes");
     assert!(a_err.contains("lane locks lost"), "{a_err}");
