@@ -216,6 +216,7 @@ impl Drop for Lease {
 /// `running` whose lock is free belongs to a process that died.
 pub struct RunAlive {
     locks: LaneLocks,
+    lane: String,
 }
 
 /// Take the lock of run `run_id` (call before `Sink::start_run`).
@@ -224,7 +225,10 @@ pub async fn run_alive(sink: &Sink, run_id: &str) -> Result<RunAlive> {
     if !locks.try_lock(&lease::run_lane(run_id)).await? {
         anyhow::bail!("run id {run_id} is already held by another process");
     }
-    Ok(RunAlive { locks })
+    Ok(RunAlive {
+        locks,
+        lane: lease::run_lane(run_id),
+    })
 }
 
 impl RunAlive {
@@ -238,7 +242,7 @@ impl RunAlive {
                 continue;
             }
             let marked = lease::mark_abandoned(sink, &id).await;
-            self.locks.unlock(&lane).await?;
+            self.locks.unlock_and_forget(&lane).await?;
             if marked? {
                 warn!(run_id = %id, "a run recorded as running has no live process (its run lock is free); recorded it as abandoned");
                 done.push(id);
@@ -249,6 +253,9 @@ impl RunAlive {
 
     /// Free the run's lock (after its row is finished).
     pub async fn release(self) {
+        if let Err(e) = self.locks.unlock_and_forget(&self.lane).await {
+            warn!(error = %format!("{e:#}"), "could not free the run lock; it frees when the process exits");
+        }
         self.locks.close().await;
     }
 }

@@ -192,6 +192,17 @@ impl LaneLocks {
         Ok(())
     }
 
+    /// Give `lane` back and delete its lock file (SQLite): for run locks, which nobody
+    /// takes again once the run's row is finished.
+    pub async fn unlock_and_forget(&self, lane: &str) -> Result<()> {
+        if let Kind::Sqlite(Some(dir)) = &self.kind {
+            if self.held.lock().await.contains_key(lane) {
+                let _ = std::fs::remove_file(dir.join(lock_file_name(lane)));
+            }
+        }
+        self.unlock(lane).await
+    }
+
     /// Whether the locks are still ours: on PostgreSQL, whether the holding session answers
     /// within `limit` (a cut or terminated session has lost every lock it held).
     pub async fn check(&self, limit: Duration) -> Result<()> {
