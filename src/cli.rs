@@ -29,6 +29,11 @@ pub struct Cli {
     /// Settings file layered over the built-in defaults (TIDEMARK__SECTION__KEY variables still win).
     #[arg(long, global = true, env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
+    /// KEY=VALUE lines to read into the environment first, as the units' EnvironmentFile
+    /// (e.g. /etc/tidemark/tidemark.env), so a monitoring check sees the units' settings.
+    /// Variables already set in the environment win.
+    #[arg(long, global = true, env = "TIDEMARK_ENV_FILE", value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -60,23 +65,16 @@ pub enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Show per entity the watermark, lag, backlog and dead letters.
+    /// A read-only monitoring check: per entity the watermark, lag, backlog and dead letters.
     ///
-    /// Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    /// Follows the Nagios plugin guidelines: the first line is
+    /// `TIDEMARK <STATE> - <worst entity and why> | <perfdata>`, exit codes 0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN (target, tool tables or source absent, bad thresholds).
+    /// Never creates, migrates or writes anything: a SELECT-only role is enough.
     #[command(
-        after_help = "Examples:\n  tidemark status\n  tidemark status --warn 26h --crit 48h\n  tidemark status --json"
+        after_help = "Examples:\n  tidemark status\n  tidemark status --warn 26h --crit 48h\n  tidemark status --warn 26h --crit 48h --dead-letters-warn 0 --failed-run critical\n  tidemark status --json"
     )]
-    Status {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-        /// Lag above which the status is WARNING (e.g. 26h).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        warn: Option<std::time::Duration>,
-        /// Lag above which the status is CRITICAL (e.g. 48h).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        crit: Option<std::time::Duration>,
-    },
+    Status(StatusArgs),
     /// Backfill a time range by hand, in chunks, without moving the nightly watermark.
     ///
     /// Each (entity, chunk) has its own checkpoint and is claimed from a ledger in the target,
@@ -171,6 +169,35 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct StatusArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Lag above which the state is WARNING (e.g. 26h); an entity that never ran is WARNING too.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warn: Option<std::time::Duration>,
+    /// Lag above which the state is CRITICAL (e.g. 48h); an entity that never ran is CRITICAL too.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub crit: Option<std::time::Duration>,
+    /// WARNING when an entity has more than N dead letters (0: any dead letter).
+    #[arg(long, value_name = "N")]
+    pub dead_letters_warn: Option<u64>,
+    /// CRITICAL when an entity has more than N dead letters.
+    #[arg(long, value_name = "N")]
+    pub dead_letters_crit: Option<u64>,
+    /// The state when the newest catch-up run failed or was abandoned (its process died).
+    #[arg(long, value_enum, value_name = "STATE")]
+    pub failed_run: Option<RaiseTo>,
+}
+
+/// A state a status option raises the check to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RaiseTo {
+    Warning,
+    Critical,
 }
 
 #[derive(Debug, Args)]

@@ -1,16 +1,49 @@
 //! The `tidemark` binary: parse the command line and hand it to [`tidemark::commands`].
 
+use anyhow::{Context, Result};
 use clap::Parser;
-use tidemark::cli::Cli;
+use tidemark::cli::{Cli, Command};
+use tidemark::commands::status;
 
 fn main() {
     let cli = Cli::parse();
+    // Before the runtime starts: setting variables is only sound while one thread runs.
+    if let Some(path) = &cli.env_file {
+        if let Err(e) = load_env_file(path) {
+            let msg = format!("{e:#}");
+            if let Command::Status(args) = &cli.command {
+                status::print_unknown(&msg, args.json);
+                std::process::exit(status::NAGIOS_UNKNOWN);
+            }
+            eprintln!("error: {msg}");
+            std::process::exit(tidemark::exit::CONFIG);
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let code = rt.block_on(tidemark::commands::execute(cli));
     std::process::exit(code);
+}
+
+/// Read `--env-file` (the units' EnvironmentFile) into the environment; variables already
+/// set win.
+fn load_env_file(path: &std::path::Path) -> Result<()> {
+    let lines = dotenvy::from_path_iter(path)
+        .with_context(|| format!("cannot read --env-file {}", path.display()))?;
+    for line in lines {
+        let (key, value) = line.with_context(|| {
+            format!(
+                "--env-file {} has a line that is not KEY=VALUE",
+                path.display()
+            )
+        })?;
+        if std::env::var_os(&key).is_none() {
+            std::env::set_var(key, value);
+        }
+    }
+    Ok(())
 }
 
 /// jemalloc, not glibc's malloc, for Rust and C alike (the bundled SQLite's allocations too:

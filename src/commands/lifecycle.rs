@@ -6,6 +6,7 @@
 //! writes the report file (`tidemark runs show ID` reads either).
 
 use crate::commands::setup::fingerprint;
+use crate::engine::lane::{self, RunAlive};
 use crate::settings::Settings;
 use crate::sink::{runs, RunRecord, Sink};
 use anyhow::Result;
@@ -18,6 +19,10 @@ pub struct RunLog {
     pub record: RunRecord,
     started_at: DateTime<Utc>,
     reports_dir: PathBuf,
+    /// The run's own lock, held from before its row is written until it is finished, so
+    /// `status` and later runs can tell a live run from a dead one (a mutex only so that
+    /// `finish(&self)` can give it back; never contended).
+    alive: tokio::sync::Mutex<Option<RunAlive>>,
 }
 
 impl RunLog {
@@ -32,7 +37,12 @@ impl RunLog {
     ) -> Result<RunLog> {
         let log = RunLog::new(s, kind, dry_run, mapping_version, started_at);
         if !dry_run {
+            let alive = lane::run_alive(sink, &log.record.id).await?;
             sink.start_run(&log.record).await?;
+            if let Err(e) = alive.record_abandoned(sink).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not check for abandoned runs");
+            }
+            *log.alive.lock().await = Some(alive);
         }
         Ok(log)
     }
@@ -56,6 +66,7 @@ impl RunLog {
             },
             started_at,
             reports_dir: s.reports_path(),
+            alive: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -76,7 +87,12 @@ impl RunLog {
                 report,
             )
         } else {
-            runs::finish(sink, &self.reports_dir, &self.record.id, status, report).await
+            let written =
+                runs::finish(sink, &self.reports_dir, &self.record.id, status, report).await;
+            if let Some(alive) = self.alive.lock().await.take() {
+                alive.release().await;
+            }
+            written
         }
     }
 }

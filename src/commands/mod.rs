@@ -79,6 +79,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
     let settings = match Settings::load(config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
+            // A monitoring check answers UNKNOWN (3) on its first line, whatever went wrong.
+            if let Command::Status(args) = &cli.command {
+                let msg = secret::redact_uri(&format!("settings: {e:#}"));
+                status::print_unknown(&msg, args.json);
+                return Ok(status::NAGIOS_UNKNOWN);
+            }
             // A run that cannot even load its settings is a failed run for monitoring too.
             if let Command::Run(args) = &cli.command {
                 if let Some(path) = &args.textfile {
@@ -166,9 +172,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             print!("{}", check_config::check_config(&settings, quiet)?);
             Ok(exit::OK)
         }
-        Command::Status { json, warn, crit } => {
-            Ok(status::status(&settings, json, warn, crit).await)
-        }
+        Command::Status(args) => Ok(status::status(&settings, &args).await),
         Command::Runs(args) => runs::runs(&settings, args).await,
         Command::Rollback(args) => {
             let report = rollback::rollback(settings, &args.run, args.dry_run, args.force).await?;

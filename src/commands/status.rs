@@ -1,14 +1,19 @@
-//! `tidemark status`: how far behind each entity is, for people and for monitoring.
-//! Exit codes follow the Nagios plugin convention.
+//! `tidemark status`: how far behind each entity is, as a read-only monitoring check that
+//! follows the Nagios plugin guidelines (one status line with perfdata, exit 0/1/2/3).
+//! It opens the target read-only (src/sink/monitor.rs) and decides whether a run is alive
+//! by its lock, never by /proc.
 
+use crate::cli::{RaiseTo, StatusArgs};
 use crate::commands::setup::load_mapping;
 use crate::engine::pipeline::nightly_lane;
 use crate::engine::window::{fmt_ts, lag};
 use crate::secret::redact_uri;
 use crate::settings::Settings;
-use crate::sink::{from_ms, Sink};
+use crate::sink::lease::{self, run_lane};
+use crate::sink::monitor::{self, RunRow};
+use crate::sink::Sink;
 use crate::source::Source;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -16,6 +21,8 @@ pub const NAGIOS_OK: i32 = 0;
 pub const NAGIOS_WARNING: i32 = 1;
 pub const NAGIOS_CRITICAL: i32 = 2;
 pub const NAGIOS_UNKNOWN: i32 = 3;
+
+const STATES: [&str; 4] = ["OK", "WARNING", "CRITICAL", "UNKNOWN"];
 
 #[derive(Debug, Serialize)]
 pub struct EntityStatus {
@@ -30,45 +37,57 @@ pub struct EntityStatus {
     /// Documents held back for a later run (tidemark_pending).
     pub pending: i64,
     pub open_window: Option<String>,
-    /// Result of the entity's last catch-up: ok, partial, failed (None: never ran).
+    /// Result of the entity's last catch-up: ok, partial, failed, abandoned (None: never ran).
     pub last_result: Option<String>,
     /// How long that catch-up took (for a failed one: the whole run until it failed).
     pub last_duration_s: Option<f64>,
     /// When the run holding that result started.
     pub last_run_at: Option<String>,
-    /// `host pid since` of a process writing the nightly lane right now.
+    /// `host pid since` of the process holding the nightly lane's lock right now.
     pub running: Option<String>,
+}
+
+/// A run of `tidemark_runs` as status shows it.
+#[derive(Debug, Serialize)]
+pub struct RunStatus {
+    pub id: String,
+    pub kind: String,
+    /// The recorded status, except `abandoned` for a run recorded as running whose lock is
+    /// free: its process died (the next writer records it so).
+    pub status: String,
+    pub host: String,
+    pub pid: i64,
+    pub started_at: String,
+    pub duration_s: Option<f64>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub state: &'static str,
+    /// Why: the worst finding (the text after the state on the first line).
+    pub summary: String,
     pub entities: Vec<EntityStatus>,
-    pub last_run: Option<serde_json::Value>,
+    /// The newest catch-up run.
+    pub last_run: Option<RunStatus>,
+    /// Runs of any kind recorded as running whose process is gone.
+    pub abandoned: Vec<RunStatus>,
     /// Backfills not finished yet, with their progress and live workers.
     pub backfills: Vec<crate::sink::chunks::BackfillStatus>,
+    #[serde(skip)]
+    perfdata: String,
 }
 
-/// Print the status and return the Nagios exit code.
-pub async fn status(
-    s: &Settings,
-    json: bool,
-    warn: Option<Duration>,
-    crit: Option<Duration>,
-) -> i32 {
-    match collect(s).await {
-        Ok(st) => {
-            let worst = st
-                .entities
-                .iter()
-                .map(|e| e.lag_seconds)
-                .collect::<Vec<_>>();
-            let code = classify(&worst, warn, crit);
-            let st = Status {
-                state: ["OK", "WARNING", "CRITICAL", "UNKNOWN"][code as usize],
-                ..st
-            };
-            if json {
+/// Print the check's output and return its Nagios exit code.
+pub async fn status(s: &Settings, args: &StatusArgs) -> i32 {
+    let result = match check_args(args) {
+        Ok(()) => collect(s).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(mut st) => {
+            let code = evaluate(&mut st, args);
+            if args.json {
                 println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
             } else {
                 print_human(&st);
@@ -76,121 +95,152 @@ pub async fn status(
             code
         }
         Err(e) => {
-            let msg = redact_uri(&format!("{e:#}"));
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "state": "UNKNOWN", "error": msg })
-                );
-            } else {
-                println!("UNKNOWN: {msg}");
-            }
+            print_unknown(&redact_uri(&format!("{e:#}")), args.json);
             NAGIOS_UNKNOWN
         }
     }
 }
 
-/// Nagios state from per-entity lags; an entity that never ran is CRITICAL when thresholds are set.
-pub fn classify(lags: &[Option<u64>], warn: Option<Duration>, crit: Option<Duration>) -> i32 {
-    let mut code = NAGIOS_OK;
-    for l in lags {
-        let l = l.map(Duration::from_secs);
-        if crit.is_some_and(|c| l.is_none_or(|l| l > c)) {
-            return NAGIOS_CRITICAL;
-        }
-        if warn.is_some_and(|w| l.is_none_or(|l| l > w)) {
-            code = NAGIOS_WARNING;
+/// The UNKNOWN answer (also for settings that do not load).
+pub fn print_unknown(msg: &str, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "state": "UNKNOWN", "error": msg })
+        );
+    } else {
+        println!("TIDEMARK UNKNOWN - {msg}");
+    }
+}
+
+/// Thresholds that contradict each other are a usage error, not a state.
+fn check_args(a: &StatusArgs) -> Result<()> {
+    if let (Some(w), Some(c)) = (a.warn, a.crit) {
+        if w > c {
+            bail!(
+                "--warn {} is longer than --crit {}; the warning lag must be at most the critical one",
+                humantime::format_duration(w),
+                humantime::format_duration(c)
+            );
         }
     }
-    code
+    if let (Some(w), Some(c)) = (a.dead_letters_warn, a.dead_letters_crit) {
+        if w > c {
+            bail!("--dead-letters-warn {w} is above --dead-letters-crit {c}; the warning count must be at most the critical one");
+        }
+    }
+    Ok(())
 }
 
 async fn collect(s: &Settings) -> Result<Status> {
     let mapping = load_mapping(s)?;
-    let sink = Sink::connect(&s.target.url, 1).await?;
-    sink.migrate_tool_tables().await?;
-    let source = Source::connect(&s.source).await?;
+    let sink = monitor::open_read_only(&s.target.url).await?;
+    let result = collect_from(s, &mapping, &sink).await;
+    sink.close().await;
+    result
+}
+
+async fn collect_from(
+    s: &Settings,
+    mapping: &crate::mapping::Mapping,
+    sink: &Sink,
+) -> Result<Status> {
+    let missing = monitor::missing_tables(sink).await?;
+    if !missing.is_empty() {
+        bail!(
+            "tidemark's tables are not in the target {} (missing: {}); run `tidemark migrate` or a first `tidemark run` with a role that may create tables, \
+             or grant this role SELECT on them (docs/OPERATIONS.md, Monitoring)",
+            s.target.url,
+            missing.join(", ")
+        );
+    }
+    let source = crate::source::Source::connect(&s.source).await?;
     let now = source.server_time().await?;
-    let history = run_history(&sink).await?;
-    let leases = crate::engine::lane::live(&sink).await?;
+    let runs = monitor::recent_runs(sink, 50).await?;
     let mut entities = Vec::new();
     for e in &mapping.entities {
-        let last = last_result(&history, &e.name);
-        let running = leases
-            .iter()
-            .find(|h| h.lane == nightly_lane(&e.name))
-            .map(|h| format!("host {} pid {} since {}", h.host, h.pid, fmt_ts(h.since)));
-        let cp = sink.load_checkpoint(&nightly_lane(&e.name)).await?;
-        let wm = cp.as_ref().and_then(|c| c.state.watermark);
-        let backlog = match wm {
-            Some(w) => Some(source.count_since(e, w).await?),
-            None => None,
-        };
-        entities.push(EntityStatus {
-            entity: e.name.clone(),
-            watermark: wm.map(fmt_ts),
-            lag_seconds: lag(wm, now).map(|d| d.as_secs()),
-            backlog,
-            dead_letters: sink.dead_letter_count(&e.name).await?,
-            missing_refs: sink.count_for("tidemark_missing_refs", &e.name).await?,
-            pending: sink.count_for("tidemark_pending", &e.name).await?,
-            open_window: cp.and_then(|c| c.state.open).map(|w| w.to_string()),
-            last_result: last.as_ref().map(|l| l.0.clone()),
-            last_duration_s: last.as_ref().and_then(|l| l.1),
-            last_run_at: last.map(|l| l.2),
-            running,
-        });
+        entities.push(entity_status(sink, &source, e, &runs, now).await?);
     }
-    let last_run = sink
-        .last_run("run")
-        .await?
-        .map(|(id, status, fin, start, _)| {
-            serde_json::json!({
-                "id": id, "status": status, "started_at": fmt_ts(from_ms(start)),
-                "duration_s": fin.map(|f| (f - start) as f64 / 1000.0),
-            })
-        });
-    let backfills = crate::sink::chunks::unfinished(&sink).await?;
-    sink.close().await;
+    let mut abandoned = Vec::new();
+    for r in monitor::running_runs(sink).await? {
+        if !lease::lane_is_held(sink, &run_lane(&r.id)).await? {
+            abandoned.push(run_status(&r, Some("abandoned")));
+        }
+    }
+    let last_run = match runs.first() {
+        Some(r) if abandoned.iter().any(|a| a.id == r.id) => Some(run_status(r, Some("abandoned"))),
+        Some(r) => Some(run_status(r, None)),
+        None => None,
+    };
     Ok(Status {
         state: "OK",
+        summary: String::new(),
         entities,
         last_run,
-        backfills,
+        abandoned,
+        backfills: crate::sink::chunks::unfinished(sink).await?,
+        perfdata: String::new(),
     })
 }
 
-/// A finished (or failed) catch-up run: status, start, end and its JSON report.
-struct PastRun {
-    status: String,
-    started_ms: i64,
-    finished_ms: Option<i64>,
-    report: serde_json::Value,
-}
-
-/// The latest catch-up runs, newest first (enough to find every entity's last result).
-async fn run_history(sink: &Sink) -> Result<Vec<PastRun>> {
-    let sql = "SELECT status, started_at_ms, finished_at_ms, report FROM tidemark_runs \
-               WHERE kind = 'run' AND status <> 'running' ORDER BY started_at_ms DESC LIMIT 50";
-    let rows: Vec<(String, i64, Option<i64>, Option<String>)> =
-        crate::sink::with_pool!(sink, p => sqlx::query_as(sql).fetch_all(p).await?);
-    Ok(rows
-        .into_iter()
-        .map(|(status, started_ms, finished_ms, report)| PastRun {
-            status,
-            started_ms,
-            finished_ms,
-            report: report
-                .and_then(|r| serde_json::from_str(&r).ok())
-                .unwrap_or_default(),
+async fn entity_status(
+    sink: &Sink,
+    source: &Source,
+    e: &crate::mapping::Entity,
+    runs: &[RunRow],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<EntityStatus> {
+    let lane = nightly_lane(&e.name);
+    let running = if lease::lane_is_held(sink, &lane).await? {
+        Some(match lease::row(sink, &lane).await? {
+            Some(h) => format!("host {} pid {} since {}", h.host, h.pid, fmt_ts(h.since)),
+            None => "a process that has not recorded itself yet".to_owned(),
         })
-        .collect())
+    } else {
+        None
+    };
+    let cp = sink.load_checkpoint(&lane).await?;
+    let wm = cp.as_ref().and_then(|c| c.state.watermark);
+    let backlog = match wm {
+        Some(w) => Some(source.count_since(e, w).await?),
+        None => None,
+    };
+    let last = last_result(runs, &e.name);
+    Ok(EntityStatus {
+        entity: e.name.clone(),
+        watermark: wm.map(fmt_ts),
+        lag_seconds: lag(wm, now).map(|d| d.as_secs()),
+        backlog,
+        dead_letters: sink.dead_letter_count(&e.name).await?,
+        missing_refs: sink.count_for("tidemark_missing_refs", &e.name).await?,
+        pending: sink.count_for("tidemark_pending", &e.name).await?,
+        open_window: cp.and_then(|c| c.state.open).map(|w| w.to_string()),
+        last_result: last.as_ref().map(|l| l.0.clone()),
+        last_duration_s: last.as_ref().and_then(|l| l.1),
+        last_run_at: last.map(|l| l.2),
+        running,
+    })
 }
 
-/// `(result, duration_s, run start)` of an entity's newest catch-up in `history`.
-fn last_result(history: &[PastRun], entity: &str) -> Option<(String, Option<f64>, String)> {
-    for run in history {
-        let at = fmt_ts(from_ms(run.started_ms));
+fn run_status(r: &RunRow, status: Option<&str>) -> RunStatus {
+    RunStatus {
+        id: r.id.clone(),
+        kind: r.kind.clone(),
+        status: status.unwrap_or(&r.status).to_owned(),
+        host: r.host.clone(),
+        pid: r.pid,
+        started_at: fmt_ts(r.started),
+        duration_s: r
+            .finished
+            .map(|f| (f - r.started).num_milliseconds() as f64 / 1000.0),
+        error: r.report["error"].as_str().map(str::to_owned),
+    }
+}
+
+/// `(result, duration_s, run start)` of an entity's newest finished catch-up in `runs`.
+fn last_result(runs: &[RunRow], entity: &str) -> Option<(String, Option<f64>, String)> {
+    for run in runs.iter().filter(|r| r.status != "running") {
+        let at = fmt_ts(run.started);
         let done = run.report["entities"]
             .as_array()
             .into_iter()
@@ -202,23 +252,174 @@ fn last_result(history: &[PastRun], entity: &str) -> Option<(String, Option<f64>
         }
         if run.report["failed_entity"] == entity {
             let secs = run
-                .finished_ms
-                .map(|f| (f - run.started_ms) as f64 / 1000.0);
+                .finished
+                .map(|f| (f - run.started).num_milliseconds() as f64 / 1000.0);
             return Some((run.status.clone(), secs, at));
         }
     }
     None
 }
 
+/// One reason for a state; among findings of the worst state the summary names the one
+/// with the highest `rank` (a failed run, then the largest lag, then the most dead letters).
+struct Finding {
+    code: i32,
+    rank: (u8, u64),
+    text: String,
+}
+
+/// Set the state, the summary and the perfdata from the thresholds; returns the exit code.
+pub fn evaluate(st: &mut Status, a: &StatusArgs) -> i32 {
+    let mut findings = Vec::new();
+    for e in &st.entities {
+        findings.extend(lag_finding(&e.entity, e.lag_seconds, a));
+        let dead = e.dead_letters.max(0) as u64;
+        let over = |n: Option<u64>| n.is_some_and(|n| dead > n);
+        if over(a.dead_letters_crit) || over(a.dead_letters_warn) {
+            let (code, flag, n) = if over(a.dead_letters_crit) {
+                (NAGIOS_CRITICAL, "--dead-letters-crit", a.dead_letters_crit)
+            } else {
+                (NAGIOS_WARNING, "--dead-letters-warn", a.dead_letters_warn)
+            };
+            findings.push(Finding {
+                code,
+                rank: (0, dead),
+                text: format!(
+                    "{} has {dead} dead letters (more than {flag} {})",
+                    e.entity,
+                    n.unwrap_or_default()
+                ),
+            });
+        }
+    }
+    if let (Some(raise), Some(r)) = (a.failed_run, &st.last_run) {
+        if r.status == "failed" || r.status == "abandoned" {
+            let why = if r.status == "abandoned" {
+                format!(
+                    "the last run (started {} on host {} pid {}) was abandoned: its process died without finishing",
+                    r.started_at, r.host, r.pid
+                )
+            } else {
+                format!(
+                    "the last run (started {}) failed: {}",
+                    r.started_at,
+                    r.error.as_deref().unwrap_or("see `tidemark runs`")
+                )
+            };
+            findings.push(Finding {
+                code: if raise == RaiseTo::Critical {
+                    NAGIOS_CRITICAL
+                } else {
+                    NAGIOS_WARNING
+                },
+                rank: (2, 0),
+                text: why,
+            });
+        }
+    }
+    let code = findings.iter().map(|f| f.code).max().unwrap_or(NAGIOS_OK);
+    st.state = STATES[code as usize];
+    st.summary = summary(st, &findings, code);
+    st.perfdata = perfdata(st, a);
+    code
+}
+
+fn lag_finding(entity: &str, lag: Option<u64>, a: &StatusArgs) -> Option<Finding> {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let Some(l) = lag.map(Duration::from_secs) else {
+        let code = if a.crit.is_some() {
+            NAGIOS_CRITICAL
+        } else if a.warn.is_some() {
+            NAGIOS_WARNING
+        } else {
+            return None;
+        };
+        return Some(Finding {
+            code,
+            rank: (1, u64::MAX),
+            text: format!("{entity} never ran (no watermark yet)"),
+        });
+    };
+    let (code, flag, limit) = match (a.warn, a.crit) {
+        (_, Some(c)) if l > c => (NAGIOS_CRITICAL, "--crit", c),
+        (Some(w), _) if l > w => (NAGIOS_WARNING, "--warn", w),
+        _ => return None,
+    };
+    Some(Finding {
+        code,
+        rank: (1, l.as_secs()),
+        text: format!("{entity} lag {} is over {flag} {}", human(l), human(limit)),
+    })
+}
+
+fn summary(st: &Status, findings: &[Finding], code: i32) -> String {
+    let mut worst: Vec<&Finding> = findings.iter().filter(|f| f.code == code).collect();
+    worst.sort_by_key(|f| std::cmp::Reverse(f.rank));
+    if let Some(first) = worst.first() {
+        return match worst.len() {
+            1 => first.text.clone(),
+            n => format!("{} (and {} more)", first.text, n - 1),
+        };
+    }
+    let most = st
+        .entities
+        .iter()
+        .filter_map(|e| e.lag_seconds.map(|l| (l, &e.entity)))
+        .max();
+    match most {
+        Some((l, e)) => format!(
+            "{} entities within thresholds; largest lag {e} {}",
+            st.entities.len(),
+            humantime::format_duration(Duration::from_secs(l))
+        ),
+        None => format!("{} entities, none ran yet", st.entities.len()),
+    }
+}
+
+/// `lag_<entity>=<s>s;<warn>;<crit>` and `dead_letters_<entity>=<n>;<warn>;<crit>` per entity
+/// (a lag that does not exist yet is `U`, as the guidelines say).
+fn perfdata(st: &Status, a: &StatusArgs) -> String {
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs().to_string()).unwrap_or_default();
+    let num = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
+    let mut out = Vec::new();
+    for e in &st.entities {
+        let lag = e.lag_seconds.map(|l| format!("{l}s")).unwrap_or("U".into());
+        out.push(format!(
+            "{}={lag};{};{}",
+            label("lag", &e.entity),
+            secs(a.warn),
+            secs(a.crit)
+        ));
+        out.push(format!(
+            "{}={};{};{}",
+            label("dead_letters", &e.entity),
+            e.dead_letters,
+            num(a.dead_letters_warn),
+            num(a.dead_letters_crit)
+        ));
+    }
+    out.join(" ")
+}
+
+/// A perfdata label, quoted when it holds characters the format reserves.
+fn label(metric: &str, entity: &str) -> String {
+    let l = format!("{metric}_{entity}");
+    if l.chars().any(|c| c == ' ' || c == '=' || c == '\'') {
+        format!("'{}'", l.replace('\'', "''"))
+    } else {
+        l
+    }
+}
+
 fn print_human(st: &Status) {
-    println!("{}", st.state);
+    println!("TIDEMARK {} - {} | {}", st.state, st.summary, st.perfdata);
     println!(
-        "{:<20} {:<26} {:>10} {:>9} {:>6} {:>8} {:>7}  {:<8} {:>9}",
+        "{:<20} {:<26} {:>10} {:>9} {:>6} {:>8} {:>7}  {:<9} {:>9}",
         "entity", "watermark", "lag", "backlog", "dead", "missing", "pending", "last run", "took"
     );
     for e in &st.entities {
         println!(
-            "{:<20} {:<26} {:>10} {:>9} {:>6} {:>8} {:>7}  {:<8} {:>9}{}{}",
+            "{:<20} {:<26} {:>10} {:>9} {:>6} {:>8} {:>7}  {:<9} {:>9}{}{}",
             e.entity,
             e.watermark.as_deref().unwrap_or("never ran"),
             e.lag_seconds
@@ -243,7 +444,23 @@ fn print_human(st: &Status) {
         );
     }
     if let Some(r) = &st.last_run {
-        println!("last run: {r}");
+        println!(
+            "last run: {} {} started {} on host {} pid {}{}",
+            r.id,
+            r.status,
+            r.started_at,
+            r.host,
+            r.pid,
+            r.duration_s
+                .map(|d| format!(", took {d:.1}s"))
+                .unwrap_or_default()
+        );
+    }
+    for r in &st.abandoned {
+        println!(
+            "abandoned: {} run {} started {} on host {} pid {} is recorded as running but its process is gone",
+            r.kind, r.id, r.started_at, r.host, r.pid
+        );
     }
     for b in &st.backfills {
         let p = &b.progress;
@@ -270,17 +487,77 @@ fn print_human(st: &Status) {
 mod tests {
     use super::*;
 
+    fn st(lags: &[Option<u64>], dead: &[i64]) -> Status {
+        Status {
+            state: "OK",
+            summary: String::new(),
+            entities: lags
+                .iter()
+                .zip(dead)
+                .enumerate()
+                .map(|(i, (l, d))| EntityStatus {
+                    entity: format!("e{i}"),
+                    watermark: None,
+                    lag_seconds: *l,
+                    backlog: None,
+                    dead_letters: *d,
+                    missing_refs: 0,
+                    pending: 0,
+                    open_window: None,
+                    last_result: None,
+                    last_duration_s: None,
+                    last_run_at: None,
+                    running: None,
+                })
+                .collect(),
+            last_run: None,
+            abandoned: vec![],
+            backfills: vec![],
+            perfdata: String::new(),
+        }
+    }
+
+    fn args(w: u64, c: u64) -> StatusArgs {
+        StatusArgs {
+            warn: Some(Duration::from_secs(w * 3600)),
+            crit: Some(Duration::from_secs(c * 3600)),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn nagios_thresholds() {
         let h = |x: u64| Some(x * 3600);
-        let (w, c) = (
-            Some(Duration::from_secs(26 * 3600)),
-            Some(Duration::from_secs(48 * 3600)),
+        let a = args(26, 48);
+        assert_eq!(evaluate(&mut st(&[h(1), h(2)], &[0, 0]), &a), NAGIOS_OK);
+        assert_eq!(
+            evaluate(&mut st(&[h(1), h(30)], &[0, 0]), &a),
+            NAGIOS_WARNING
         );
-        assert_eq!(classify(&[h(1), h(2)], w, c), NAGIOS_OK);
-        assert_eq!(classify(&[h(1), h(30)], w, c), NAGIOS_WARNING);
-        assert_eq!(classify(&[h(50), h(1)], w, c), NAGIOS_CRITICAL);
-        assert_eq!(classify(&[None], w, c), NAGIOS_CRITICAL);
-        assert_eq!(classify(&[None], None, None), NAGIOS_OK);
+        assert_eq!(
+            evaluate(&mut st(&[h(50), h(1)], &[0, 0]), &a),
+            NAGIOS_CRITICAL
+        );
+        assert_eq!(evaluate(&mut st(&[None], &[0]), &a), NAGIOS_CRITICAL);
+        let none = StatusArgs::default();
+        assert_eq!(evaluate(&mut st(&[None], &[0]), &none), NAGIOS_OK);
+    }
+
+    #[test]
+    fn first_line_names_the_worst_entity_and_carries_perfdata() {
+        let mut s = st(&[Some(3600), Some(30 * 3600)], &[0, 4]);
+        let a = StatusArgs {
+            dead_letters_warn: Some(0),
+            ..args(26, 48)
+        };
+        assert_eq!(evaluate(&mut s, &a), NAGIOS_WARNING);
+        assert_eq!(
+            s.summary,
+            "e1 lag 1day 6h is over --warn 1day 2h (and 1 more)"
+        );
+        assert_eq!(
+            s.perfdata,
+            "lag_e0=3600s;93600;172800 dead_letters_e0=0;0; lag_e1=108000s;93600;172800 dead_letters_e1=4;0;"
+        );
     }
 }

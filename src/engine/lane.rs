@@ -1,49 +1,24 @@
-//! One writer per lane. Before `run` touches an entity's nightly lane it takes a lease
-//! on it: a row in `tidemark_locks` naming the holder (host, pid, since) with an expiry
-//! that a heartbeat task pushes forward. A second process sees the row and waits or
-//! exits with [`Failure::LockHeld`]; a crashed holder's row expires (on the same host it
-//! is taken over as soon as the holder's pid is gone).
+//! One writer per lane. Before `run` (or `rollback`) touches an entity's nightly lane it
+//! takes the lane's lock, held with the target's own locking (see [`crate::sink::lease`]):
+//! a PostgreSQL session advisory lock, or an OS file lock beside a SQLite database. Whether
+//! the holder is alive is the lock's own business — the database or the kernel frees it when
+//! the holder's session or process ends — so nothing here reads /proc or compares clocks.
 //!
-//! The same lease row works on both backends. PostgreSQL advisory locks were weighed and
-//! not used: they pin one pooled connection per lane for the whole run, vanish behind a
-//! transaction-pooling proxy (PgBouncer), and cannot say who holds them.
+//! A second process finds the lane taken and waits (`--wait`) or exits with
+//! [`Failure::LockHeld`] naming the holder from its `tidemark_locks` row (host, pid, since).
+//! A watchdog checks every `lock.lease / 3` that the holding session still answers; if it
+//! was cut, the lanes may already be someone else's and the run stops after its batch.
 
 use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
-use crate::sink::with_pool;
-use crate::sink::{from_ms, ms, Sink};
+use crate::sink::lease::{self, LaneLocks, LeaseRow};
+use crate::sink::Sink;
 use anyhow::Result;
-use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
-
-/// Who holds a lane.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
-    pub lane: String,
-    pub holder: String,
-    pub host: String,
-    pub pid: i64,
-    pub since: DateTime<Utc>,
-    pub expires: DateTime<Utc>,
-}
-
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "lane {} is held by host {} pid {} since {} (lease expires {})",
-            self.lane,
-            self.host,
-            self.pid,
-            fmt_ts(self.since),
-            fmt_ts(self.expires)
-        )
-    }
-}
 
 /// This machine's name as stored in lease rows.
 pub fn this_host() -> String {
@@ -52,223 +27,153 @@ pub fn this_host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Whether a process of this host is still running (Linux `/proc`; elsewhere assume it is).
-pub fn pid_alive(pid: i64) -> bool {
-    if cfg!(target_os = "linux") {
-        std::path::Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
-    }
-}
-
-/// Whether a lease of `host`/`pid` belongs to a process of this host that no longer exists.
-pub fn holder_is_dead(host: &str, pid: i64) -> bool {
-    host == this_host() && pid != std::process::id() as i64 && !pid_alive(pid)
-}
-
 /// How to behave when a lane is taken.
 #[derive(Debug, Clone, Copy)]
 pub struct LockOptions {
+    /// `lock.lease`: the watchdog checks the lock session every third of it, and the
+    /// waiting loop polls at that pace.
     pub lease: Duration,
     /// Wait for the lanes instead of failing with [`Failure::LockHeld`].
     pub wait: bool,
 }
 
-/// Leases held on a set of lanes, renewed in the background until released.
+/// Lanes held by this process until released (or until it exits).
 pub struct Lease {
     sink: Sink,
+    /// Shared with the watchdog, which pings the PostgreSQL session through it.
+    locks: Arc<LaneLocks>,
     holder: String,
     lanes: Vec<String>,
-    /// Set by the heartbeat when a renewal found fewer rows than lanes: someone took a lane over.
+    /// Set by the watchdog when the lock session stopped answering: the lanes may be free.
     lost: Arc<AtomicBool>,
-    heartbeat: JoinHandle<()>,
+    watchdog: JoinHandle<()>,
 }
 
-const TAKE: &str = "INSERT INTO tidemark_locks (lane, holder, host, pid, acquired_at_ms, expires_at_ms) \
-    VALUES ($1, $2, $3, $4, $5, $6) \
-    ON CONFLICT (lane) DO UPDATE SET holder = excluded.holder, host = excluded.host, pid = excluded.pid, \
-    acquired_at_ms = excluded.acquired_at_ms, expires_at_ms = excluded.expires_at_ms \
-    WHERE tidemark_locks.expires_at_ms < $5";
+/// Why a lane could not be taken: who holds it, as far as its lease row says.
+struct Busy {
+    lane: String,
+    row: Option<LeaseRow>,
+}
 
-/// Take every lane in `lanes` (in sorted order) or none of them.
-///
-/// `stop` ends a wait early; the heartbeat sets it if a lease is lost, so the pipeline
-/// stops after its current batch rather than write on a lane it no longer owns.
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.row {
+            Some(r) => write!(
+                f,
+                "lane {} is held by host {} pid {} since {}",
+                self.lane,
+                r.host,
+                r.pid,
+                fmt_ts(r.since)
+            ),
+            None => write!(
+                f,
+                "lane {} is held by another tidemark process (it has not recorded itself in tidemark_locks yet)",
+                self.lane
+            ),
+        }
+    }
+}
+
+/// Take every lane in `lanes` (in sorted order) or none of them, under a fresh holder token.
 pub async fn acquire(
     sink: &Sink,
     lanes: &[String],
     opts: LockOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<Lease> {
-    let mut lanes = lanes.to_vec();
-    lanes.sort();
-    lanes.dedup();
     let holder = uuid::Uuid::new_v4().to_string();
-    let poll = (opts.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(5));
-    let mut announced = false;
-    loop {
-        match take_all(sink, &lanes, &holder, opts.lease).await? {
-            None => break,
-            Some(h) if !opts.wait => {
-                return Err(Failure::LockHeld(format!(
-                    "{h}; another tidemark process is writing this lane. \
-                     Run again later, pass --wait to queue behind it, or if that process is gone wait for its lease to expire (lock.lease)"
-                ))
-                .into())
-            }
-            Some(h) => {
-                if !announced {
-                    info!(lane = %h.lane, host = %h.host, pid = h.pid, since = %fmt_ts(h.since), "lane is held; waiting (--wait)");
-                    announced = true;
-                }
-                if stop.load(Ordering::SeqCst) {
-                    anyhow::bail!("stopped by signal while waiting for {h}");
-                }
-                tokio::time::sleep(poll).await;
-            }
-        }
-    }
-    let lost = Arc::new(AtomicBool::new(false));
-    let heartbeat = tokio::spawn(heartbeat(
-        sink.clone(),
-        holder.clone(),
-        lanes.len() as u64,
-        opts.lease,
-        lost.clone(),
-        stop,
-    ));
-    Ok(Lease {
-        sink: sink.clone(),
-        holder,
-        lanes,
-        lost,
-        heartbeat,
-    })
+    acquire_as(sink, lanes, &holder, opts, stop).await
 }
 
-/// Try each lane; on the first one held by someone else, give back what was taken.
-async fn take_all(
+/// Take every lane in `lanes` as `holder` (a run id lets `status` tie a run to its lanes).
+///
+/// `stop` ends a wait early; the watchdog sets it if the lock session is lost, so the
+/// pipeline stops after its current batch rather than write on a lane it may no longer own.
+pub async fn acquire_as(
     sink: &Sink,
     lanes: &[String],
     holder: &str,
-    lease: Duration,
-) -> Result<Option<Holder>> {
+    opts: LockOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<Lease> {
+    let mut lanes = lanes.to_vec();
+    lanes.sort();
+    lanes.dedup();
+    let locks = Arc::new(LaneLocks::open(sink).await?);
+    let poll = (opts.lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut announced = false;
+    loop {
+        let Some(busy) = take_all(sink, &locks, &lanes).await? else {
+            break;
+        };
+        if !opts.wait {
+            locks.close().await;
+            return Err(Failure::LockHeld(format!(
+                "{busy}; another tidemark process is writing this lane. \
+                 Run again later or pass --wait to queue behind it (the lane frees itself as soon as that process or its database session ends)"
+            ))
+            .into());
+        }
+        if !announced {
+            info!(lane = %busy.lane, holder = %busy, "lane is held; waiting (--wait)");
+            announced = true;
+        }
+        if stop.load(Ordering::SeqCst) {
+            locks.close().await;
+            anyhow::bail!("stopped by signal while waiting: {busy}");
+        }
+        tokio::time::sleep(poll).await;
+    }
+    let host = this_host();
+    for lane in &lanes {
+        if let Some(previous) = lease::record(sink, lane, holder, &host).await? {
+            // Its lock was free, so that holder is gone without cleaning up its row.
+            info!(lane, previous_holder = %previous, "took a lane whose previous holder ended without releasing it");
+        }
+    }
+    let lost = Arc::new(AtomicBool::new(false));
+    let watchdog = tokio::spawn(watchdog(locks.clone(), opts.lease, lost.clone(), stop));
+    Ok(Lease {
+        sink: sink.clone(),
+        locks,
+        holder: holder.to_owned(),
+        lanes,
+        lost,
+        watchdog,
+    })
+}
+
+/// Lock each lane; on the first one held elsewhere, give back what was taken.
+async fn take_all(sink: &Sink, locks: &LaneLocks, lanes: &[String]) -> Result<Option<Busy>> {
     for (i, lane) in lanes.iter().enumerate() {
-        if let Some(h) = take(sink, lane, holder, lease).await? {
+        if !locks.try_lock(lane).await? {
             for l in &lanes[..i] {
-                release_lane(sink, l, holder).await?;
+                locks.unlock(l).await?;
             }
-            return Ok(Some(h));
+            let row = lease::row(sink, lane).await?;
+            return Ok(Some(Busy {
+                lane: lane.clone(),
+                row,
+            }));
         }
     }
     Ok(None)
 }
 
-/// Take one lane; `Some(holder)` if someone else holds a live lease on it.
-async fn take(sink: &Sink, lane: &str, holder: &str, lease: Duration) -> Result<Option<Holder>> {
-    let now = ms(Utc::now());
-    let expires = now + lease.as_millis() as i64;
-    let host = this_host();
-    let pid = std::process::id() as i64;
-    let taken = with_pool!(sink, p => sqlx::query(TAKE)
-        .bind(lane).bind(holder).bind(&host).bind(pid).bind(now).bind(expires)
-        .execute(p).await?.rows_affected());
-    if taken > 0 {
-        return Ok(None);
-    }
-    let Some(h) = current(sink, lane).await? else {
-        // Released between our insert and our look: try once more.
-        return Box::pin(take(sink, lane, holder, lease)).await;
-    };
-    if holder_is_dead(&h.host, h.pid) {
-        warn!(lane, pid = h.pid, since = %fmt_ts(h.since), "taking over a lane whose holder on this host has exited");
-        let stolen = with_pool!(sink, p => sqlx::query(
-            "UPDATE tidemark_locks SET holder = $1, pid = $2, acquired_at_ms = $3, expires_at_ms = $4 \
-             WHERE lane = $5 AND holder = $6")
-            .bind(holder).bind(pid).bind(now).bind(expires).bind(lane).bind(&h.holder)
-            .execute(p).await?.rows_affected());
-        if stolen > 0 {
-            return Ok(None);
-        }
-        return current(sink, lane).await;
-    }
-    Ok(Some(h))
-}
-
-/// The live holder of a lane, if any.
-pub async fn current(sink: &Sink, lane: &str) -> Result<Option<Holder>> {
-    let sql = "SELECT holder, host, pid, acquired_at_ms, expires_at_ms FROM tidemark_locks WHERE lane = $1";
-    let row: Option<(String, String, i64, i64, i64)> =
-        with_pool!(sink, p => sqlx::query_as(sql).bind(lane).fetch_optional(p).await?);
-    Ok(row.map(|(holder, host, pid, since, exp)| Holder {
-        lane: lane.to_owned(),
-        holder,
-        host,
-        pid,
-        since: from_ms(since),
-        expires: from_ms(exp),
-    }))
-}
-
-/// Every lease that has not expired (for `status`).
-pub async fn live(sink: &Sink) -> Result<Vec<Holder>> {
-    let sql = "SELECT lane, holder, host, pid, acquired_at_ms, expires_at_ms FROM tidemark_locks \
-               WHERE expires_at_ms >= $1 ORDER BY lane";
-    let rows: Vec<(String, String, String, i64, i64, i64)> =
-        with_pool!(sink, p => sqlx::query_as(sql).bind(ms(Utc::now())).fetch_all(p).await?);
-    Ok(rows
-        .into_iter()
-        .map(|(lane, holder, host, pid, since, exp)| Holder {
-            lane,
-            holder,
-            host,
-            pid,
-            since: from_ms(since),
-            expires: from_ms(exp),
-        })
-        .collect())
-}
-
-async fn release_lane(sink: &Sink, lane: &str, holder: &str) -> Result<()> {
-    with_pool!(sink, p => sqlx::query("DELETE FROM tidemark_locks WHERE lane = $1 AND holder = $2")
-        .bind(lane).bind(holder).execute(p).await?.rows_affected());
-    Ok(())
-}
-
-async fn heartbeat(
-    sink: Sink,
-    holder: String,
-    lanes: u64,
+async fn watchdog(
+    locks: Arc<LaneLocks>,
     lease: Duration,
     lost: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut valid_until = Utc::now() + lease;
     loop {
         tokio::time::sleep(lease / 3).await;
-        let now = Utc::now();
-        let expires = ms(now) + lease.as_millis() as i64;
-        let renewed: Result<u64> = async {
-            Ok(with_pool!(&sink, p => sqlx::query(
-                "UPDATE tidemark_locks SET expires_at_ms = $1 WHERE holder = $2")
-                .bind(expires).bind(&holder).execute(p).await?.rows_affected()))
-        }
-        .await;
-        match renewed {
-            Ok(n) if n == lanes => valid_until = now + lease,
-            Ok(n) => {
-                error!(renewed = n, lanes, "lease lost: another process took over a lane; stopping after the current batch");
-                lost.store(true, Ordering::SeqCst);
-                stop.store(true, Ordering::SeqCst);
-                return;
-            }
-            Err(e) if now > valid_until => {
-                error!(error = %format!("{e:#}"), "lease expired while the target was unreachable; stopping after the current batch");
-                lost.store(true, Ordering::SeqCst);
-                stop.store(true, Ordering::SeqCst);
-                return;
-            }
-            Err(e) => warn!(error = %format!("{e:#}"), "lease renewal failed; retrying"),
+        if let Err(e) = locks.check(lease).await {
+            error!(error = %format!("{e:#}"), "lane locks lost: another process may take the lanes; stopping after the current batch");
+            lost.store(true, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
+            return;
         }
     }
 }
@@ -279,23 +184,93 @@ impl Lease {
         &self.lanes
     }
 
-    /// Whether a renewal found that another process took a lane over.
+    /// Whether the watchdog found the lock session gone.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
 
-    /// Stop renewing and delete the lease rows (only ours: a taken-over lane is left alone).
+    /// Delete our lease rows, then free the lanes.
     pub async fn release(self) -> Result<()> {
-        self.heartbeat.abort();
-        with_pool!(&self.sink, p => sqlx::query("DELETE FROM tidemark_locks WHERE holder = $1")
-            .bind(&self.holder).execute(p).await?.rows_affected());
-        Ok(())
+        self.watchdog.abort();
+        let mut result = Ok(());
+        for lane in &self.lanes {
+            if let Err(e) = lease::erase(&self.sink, lane, &self.holder).await {
+                result = Err(e);
+            }
+        }
+        self.locks.close().await;
+        result
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        // Without `release` (a panic, an early return) the rows simply expire.
-        self.heartbeat.abort();
+        // Without `release` (a panic, an early return) the locks go with `locks`: the
+        // PostgreSQL session closes and the lock files are closed.
+        self.watchdog.abort();
     }
+}
+
+/// A run's own lock (`run:<id>`), taken before its `tidemark_runs` row is written and
+/// freed after the row is finished: while it is held the run is alive. A row still
+/// `running` whose lock is free belongs to a process that died.
+pub struct RunAlive {
+    locks: LaneLocks,
+    lane: String,
+}
+
+/// Take the lock of run `run_id` (call before `Sink::start_run`).
+pub async fn run_alive(sink: &Sink, run_id: &str) -> Result<RunAlive> {
+    let locks = LaneLocks::open(sink).await?;
+    if !locks.try_lock(&lease::run_lane(run_id)).await? {
+        anyhow::bail!("run id {run_id} is already held by another process");
+    }
+    Ok(RunAlive {
+        locks,
+        lane: lease::run_lane(run_id),
+    })
+}
+
+impl RunAlive {
+    /// Record as `abandoned` every run still marked running whose lock is free (call after
+    /// this run's own row is written). Returns their ids.
+    pub async fn record_abandoned(&self, sink: &Sink) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        for id in lease::running_run_ids(sink).await? {
+            let lane = lease::run_lane(&id);
+            if !self.locks.try_lock(&lane).await? {
+                continue;
+            }
+            let marked = lease::mark_abandoned(sink, &id).await;
+            self.locks.unlock_and_forget(&lane).await?;
+            if marked? {
+                warn!(run_id = %id, "a run recorded as running has no live process (its run lock is free); recorded it as abandoned");
+                done.push(id);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Free the run's lock (after its row is finished).
+    pub async fn release(self) {
+        if let Err(e) = self.locks.unlock_and_forget(&self.lane).await {
+            warn!(error = %format!("{e:#}"), "could not free the run lock; it frees when the process exits");
+        }
+        self.locks.close().await;
+    }
+}
+
+/// Whether a process of this host is still running (Linux `/proc`; elsewhere assume it is).
+/// Only backfill chunk claims still use it, until they hold lane locks too.
+pub fn pid_alive(pid: i64) -> bool {
+    if cfg!(target_os = "linux") {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// Whether a claim of `host`/`pid` belongs to a process of this host that no longer exists.
+pub fn holder_is_dead(host: &str, pid: i64) -> bool {
+    host == this_host() && pid != std::process::id() as i64 && !pid_alive(pid)
 }

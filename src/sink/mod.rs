@@ -5,6 +5,8 @@
 pub mod chunks;
 pub mod ddl;
 pub mod dead_letters;
+pub mod lease;
+pub mod monitor;
 pub mod order;
 mod postgres;
 pub(crate) mod provenance;

@@ -66,6 +66,47 @@ fn ops_units_keep_their_promises() {
     assert!(env.contains("TIDEMARK__SOURCE__URI=") && env.contains("TIDEMARK__TARGET__URL="));
 }
 
+/// The shipped Nagios command sees what the units see: their settings file, their
+/// EnvironmentFile and their working directory (a relative SQLite URL resolves there).
+#[test]
+fn ops_check_command_loads_the_units_settings() {
+    let service = unit("tidemark.service");
+    let check = unit("check_tidemark");
+    let value = |key: &str| {
+        service
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("tidemark.service has no {key}"))
+            .to_owned()
+    };
+    let config = value("Environment=TIDEMARK_CONFIG=");
+    let env_file = value("EnvironmentFile=");
+    let workdir = value("WorkingDirectory=");
+    let exec = check
+        .lines()
+        .find(|l| l.starts_with("exec "))
+        .expect("check_tidemark execs tidemark");
+    assert!(
+        exec.contains(&format!("--config {config} "))
+            && exec.contains(&format!("--env-file {env_file} "))
+            && exec.ends_with(" status \"$@\""),
+        "{exec}"
+    );
+    assert!(
+        check
+            .lines()
+            .any(|l| l.starts_with(&format!("cd {workdir} "))),
+        "check_tidemark does not run in {workdir}"
+    );
+    let ops =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md"))
+            .unwrap();
+    assert!(
+        ops.contains("command_line sudo -u tidemark /usr/local/lib/nagios/plugins/check_tidemark"),
+        "OPERATIONS.md does not document the shipped check command"
+    );
+}
+
 #[test]
 fn ops_units_pass_systemd_analyze_verify() {
     let probe = Command::new("systemd-analyze").arg("--version").output();

@@ -169,7 +169,11 @@ async fn the_source_is_never_written() {
 
     // Act
     let report = env.run(s.clone()).await.expect("run");
-    let status = tidemark::commands::status::status(&s, true, None, None).await;
+    let json = tidemark::cli::StatusArgs {
+        json: true,
+        ..Default::default()
+    };
+    let status = tidemark::commands::status::status(&s, &json).await;
 
     // Assert
     assert!(report.totals.read > 1000, "{report}");
