@@ -401,6 +401,85 @@ async fn one_case(seed: u64, backend: Backend) {
             how.join("; ")
         );
     }
+    verify_agrees(&env, &s, seed, &mut rng, steps as i64, &how).await;
+}
+
+/// `verify`'s verdict must agree with the model: nothing on the target the model produced,
+/// and exactly the damaged key after one random row is damaged by hand.
+async fn verify_agrees(
+    env: &Env,
+    s: &tidemark::settings::Settings,
+    seed: u64,
+    rng: &mut ChaCha8Rng,
+    steps: i64,
+    how: &[String],
+) {
+    use tidemark::commands::verify::{verify, VerifyOptions};
+    let opts = || VerifyOptions {
+        from: iso(base() - 2 * HOUR),
+        to: iso(base() + (steps + 1) * HOUR),
+        entities: Vec::new(),
+        bucket: std::time::Duration::from_secs(3600),
+        limit: 1000,
+    };
+    let clean = verify(s, &opts())
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: verify: {e:#}"));
+    assert_eq!(
+        clean.differences,
+        0,
+        "seed {seed} ({}): the target equals the model, yet verify reports {clean}{}",
+        how.join("; "),
+        serde_json::to_string_pretty(
+            &clean
+                .entities
+                .iter()
+                .map(|e| &e.details)
+                .collect::<Vec<_>>()
+        )
+        .unwrap()
+    );
+    // Damage one row the model says must be there, of a randomly chosen kind.
+    let url = &env.target_url;
+    let pick = |t: &str, k: &str| format!("SELECT {k} FROM {t} ORDER BY {k} LIMIT 1");
+    let kinds: [(&str, &str, &str); 3] = [
+        (
+            "notes",
+            "id",
+            "UPDATE notes SET body = 'damaged by the oracle' WHERE id = '{}'",
+        ),
+        (
+            "studies",
+            "study_id",
+            "UPDATE studies SET title = 'damaged by the oracle' WHERE study_id = '{}'",
+        ),
+        (
+            "accounts",
+            "account_id",
+            "UPDATE accounts SET name = 'damaged by the oracle' WHERE account_id = '{}'",
+        ),
+    ];
+    let start = rng.gen_range(0..kinds.len());
+    for i in 0..kinds.len() {
+        let (table, key, update) = kinds[(start + i) % kinds.len()];
+        let Some(victim) = strings(url, &pick(table, key)).await.into_iter().next() else {
+            continue;
+        };
+        crate::trust_util::exec(url, &update.replace("{}", &victim.replace('\'', "''"))).await;
+        let damaged = verify(s, &opts())
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: verify: {e:#}"));
+        let named: Vec<&String> = damaged
+            .entities
+            .iter()
+            .flat_map(|e| e.different.iter())
+            .collect();
+        assert!(
+            damaged.differences >= 1 && named.iter().any(|k| k.contains(victim.as_str())),
+            "seed {seed}: {table} row {victim} was damaged, verify reports {damaged}"
+        );
+        return;
+    }
 }
 
 fn cases() -> Vec<u64> {

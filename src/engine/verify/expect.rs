@@ -73,10 +73,11 @@ pub(super) fn expect_page(
                 continue;
             }
             Ok(Outcome::Filtered) => continue,
+            // A soft-deleted document maps to its full row with the marker set.
             Ok(Outcome::Row { row, children }) => Expected::Row {
+                soft: soft_col.is_some_and(|sc| !matches!(row[sc], Value::Null)),
                 row,
                 children,
-                soft: false,
             },
             Ok(Outcome::Deleted { key: None, .. }) => continue,
             Ok(Outcome::Deleted { key: Some(key), at }) => {

@@ -177,10 +177,56 @@ async fn verify_entity(
     while let Some(page) = rx.recv().await {
         let page = page?;
         acc.out.source_documents += page.docs.len() as u64;
-        verify_page(sink, mapping, &mut acc, &plain, &page.docs).await?;
+        // Ids that differ only in BSON type: the loser is dead-lettered by a run, so it is
+        // judged apart and never replaces the winner's verdict on the shared key.
+        let twins = crate::engine::twins::find(source, e, &page.docs).await?;
+        let (losers, docs): (Vec<RawDocumentBuf>, Vec<RawDocumentBuf>) =
+            page.docs.into_iter().partition(|d| {
+                twins
+                    .losers
+                    .contains_key(&crate::engine::page::source_id(d))
+            });
+        twin_losers(sink, &mut acc, &losers).await?;
+        verify_page(sink, mapping, &mut acc, &plain, &docs).await?;
     }
     extras(sink, &mut acc, range).await?;
     Ok(acc.finish())
+}
+
+/// Documents that lose their key to a string twin (`engine/twins.rs`): a dead letter must
+/// record each; their key belongs to the winner, so they add no verdict of their own.
+async fn twin_losers(sink: &Sink, acc: &mut Acc<'_>, losers: &[RawDocumentBuf]) -> Result<()> {
+    if losers.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = losers
+        .iter()
+        .map(|d| crate::engine::page::source_id(d))
+        .collect();
+    let records = sink.records_of(&acc.e.name, &ids).await?;
+    for id in ids {
+        if records.contains_key(&id) {
+            acc.out.dead_lettered += 1;
+        } else {
+            acc.differ(
+                None,
+                None,
+                None,
+                RowDiff {
+                    key: format!("source id {id}"),
+                    state: "missing",
+                    reason: Some(
+                        "its id collides with a string id of another document and no dead \
+                         letter records it"
+                            .into(),
+                    ),
+                    columns: Vec::new(),
+                    children: Vec::new(),
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The target's rows of the page's keys, and per child table the child rows of its
