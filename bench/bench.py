@@ -235,8 +235,13 @@ def timed(name, cmd, env=None, stdin=None):
 # Source data
 # ---------------------------------------------------------------------------------------------
 def demo_fingerprint():
-    path = ROOT / "src" / "commands" / "demo.rs"
-    return hashlib.sha256((path if path.exists() else ROOT / "src" / "demo.rs").read_bytes()).hexdigest()[:16]
+    """Hash of the demo generator's sources (the command and its plan, documents and text)."""
+    demo = ROOT / "src" / "commands"
+    files = [demo / "demo.rs"] + sorted(p for p in (demo / "demo").glob("*.rs") if p.name != "tests.rs")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def ensure_source(db, vizzes, seed, reseed):
@@ -1002,7 +1007,7 @@ def main():
     p.add_argument("--big-vizzes", type=int, default=1_000_000)
     p.add_argument("--reseed", action="store_true", help="re-seed source databases even if they look current")
     p.add_argument("--reuse-source", action="store_true",
-                   help="keep a source database of the right size and seed even if src/demo.rs changed since it was seeded")
+                   help="keep a source database of the right size and seed even if the demo generator (src/commands/demo*) changed since it was seeded")
     p.add_argument("--tools", default=DEFAULT_TOOLS,
                    help=f"comma-separated tools, of: {', '.join(k for k, _, _ in TOOLS)} (default: %(default)s)")
     p.add_argument("--alt-bin", help="a second tidemark binary, measured as tm_flat_alt / tm_full_alt")
