@@ -540,23 +540,23 @@ pub async fn run_window(
 ) -> Result<WindowReport> {
     let resumed = after.is_some();
     let opened = open_window(ctx, e, w, after);
-    drive_window(
-        ctx,
-        e,
+    let job = WindowJob {
         lane,
         watermark,
-        w,
+        window: w,
         resumed,
-        opened,
         outstanding,
-        false,
-    )
-    .await
+        presume_new: false,
+    };
+    drive_window(ctx, e, job, opened).await
 }
+
+/// What a batch's task gives back: its documents, its counts, the time it took.
+type Committed = (usize, Result<Counts>, std::time::Duration);
 
 /// A batch being written by a task of its own.
 struct InFlight {
-    task: AbortOnDrop<(usize, Result<Counts>, std::time::Duration)>,
+    task: AbortOnDrop<Committed>,
     /// Its place in the order of commits, when batches are written at once.
     order: Option<Arc<crate::sink::order::Order>>,
     touched: Option<crate::sink::order::Touched>,
@@ -623,203 +623,315 @@ async fn receive_and_resolve(ctx: &Arc<Ctx>, e: &Entity, mrx: &mut Mapped) -> Re
     Ok((Some((page, ready?)), waited, t.elapsed()))
 }
 
-/// The window's last stage: resolve and write what [`open_window`] reads. `presume_new`:
-/// the first batch presumes a first load (the previous window's last batch was one).
-#[allow(clippy::too_many_arguments)]
+/// What the window's last stage needs besides the run and the entity: the lane and its
+/// watermark, the window, and what the run knows going in.
+#[derive(Clone, Copy)]
+struct WindowJob<'a> {
+    lane: &'a str,
+    watermark: Option<DateTime<Utc>>,
+    window: Window,
+    /// Resumed after a checkpoint inside the window (reported as such).
+    resumed: bool,
+    /// The entity has dead letters, missing-reference or pending records: every batch also
+    /// clears the records of the documents it writes cleanly.
+    outstanding: bool,
+    /// The first batch presumes a first load (the previous window's last batch was one).
+    presume_new: bool,
+}
+
+/// The batches of one window being written, each by a task of its own, committed in order
+/// (at most `max` at once), and what the committed ones added up to.
+struct Writing {
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// Batches written at once at most ([`batches_in_flight`]).
+    max: usize,
+    counts: Counts,
+    batches: u64,
+    /// The last committed batch found none of its rows stored (a first load): the next one
+    /// presumes the same ([`crate::sink::BatchWrite::presume_new`]).
+    presume_new: bool,
+    /// The same for its dependents.
+    presume_dependents_new: bool,
+    /// Time spent writing batches, summed over batches written at once.
+    write_ms: u64,
+}
+
+impl Writing {
+    /// Whether a resolved batch may be written now: nothing is in flight, or there is room
+    /// and it touches nothing the batches in flight touch.
+    fn fits(&self, r: &Resolved) -> bool {
+        self.in_flight.is_empty()
+            || (self.in_flight.len() < self.max
+                && r.touched.as_ref().is_some_and(|t| {
+                    self.in_flight
+                        .iter()
+                        .all(|f| f.touched.as_ref().is_some_and(|o| o.disjoint(t)))
+                }))
+    }
+
+    /// Start writing a resolved batch, with the checkpoint after its last document, on a
+    /// task of its own.
+    fn start(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        entity: &Arc<Entity>,
+        job: &WindowJob<'_>,
+        page: Page,
+        mut ready: Resolved,
+    ) {
+        ready.mapped.presume_new = self.presume_new;
+        ready.mapped.presume_dependents_new = self.presume_dependents_new;
+        let cp = Checkpoint {
+            lane: job.lane.to_owned(),
+            entity: entity.name.clone(),
+            state: LaneState {
+                watermark: job.watermark,
+                open: Some(job.window),
+            },
+            last: Some(page.last.clone()),
+            run_id: ctx.run_id.clone(),
+        };
+        let beside = !self.in_flight.is_empty();
+        let order = (self.max > 1).then(|| {
+            Arc::new(crate::sink::order::Order::new(
+                self.in_flight.back().and_then(|f| f.order.as_deref()),
+            ))
+        });
+        let touched = ready.touched.take();
+        let outstanding = job.outstanding;
+        let task = {
+            let (ctx, e, order) = (Arc::clone(ctx), Arc::clone(entity), order.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let c = commit_batch(
+                    &ctx,
+                    &e,
+                    &page.docs,
+                    ready,
+                    Some(&cp),
+                    outstanding,
+                    order.as_deref(),
+                )
+                .await;
+                (page.docs.len(), c, t.elapsed())
+            })
+        };
+        self.in_flight.push_back(InFlight {
+            task: AbortOnDrop(task),
+            order,
+            touched,
+            beside,
+        });
+    }
+
+    /// The oldest batch in flight, `f`, ended with `joined`: count it, or fail the window
+    /// (nothing this run pulled may be skipped after a failed batch). After each commit the
+    /// run's error budget and the stop flag are checked.
+    fn committed(
+        &mut self,
+        ctx: &Ctx,
+        e: &Entity,
+        f: InFlight,
+        joined: std::result::Result<Committed, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let verdict = |ok: bool| {
+            if let Some(o) = &f.order {
+                o.done(ok);
+            }
+        };
+        let fail = |err: anyhow::Error| {
+            verdict(false);
+            forget_pulled(ctx);
+            Err(err)
+        };
+        let (docs, c, took) = match joined {
+            Ok(j) => j,
+            Err(err) => return fail(anyhow::anyhow!("writing a batch failed: {err}")),
+        };
+        self.write_ms += took.as_millis() as u64;
+        let c = match c {
+            Ok(c) => Counts {
+                overlapped_batches: f.beside as u64,
+                ..c
+            },
+            Err(err) => return fail(err),
+        };
+        self.presume_new = c.all_new;
+        self.presume_dependents_new = c.dependents_new;
+        self.batches += 1;
+        self.counts.add(&c);
+        debug!(entity = %e.name, batch = self.batches, docs, written = c.written, "batch committed");
+        let dead_total =
+            ctx.dead_total.fetch_add(c.dead_lettered, Ordering::SeqCst) + c.dead_lettered;
+        if dead_total > ctx.settings.sync.error_budget {
+            return fail(
+                Failure::Partial(format!(
+                    "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
+                     stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
+                    ctx.settings.sync.error_budget
+                ))
+                .into(),
+            );
+        }
+        if ctx.stop.load(Ordering::SeqCst) {
+            return fail(anyhow::anyhow!(
+                "stopped by signal after a committed batch; the next run resumes from the checkpoint"
+            ));
+        }
+        verdict(true);
+        Ok(())
+    }
+}
+
+/// The window's next batch: received from the mapper and resolved while the batches before
+/// it are written.
+#[derive(Default)]
+struct Reading<'a> {
+    /// The mapper's channel, when no batch is being received.
+    mrx: Option<Mapped>,
+    /// The batch being received and resolved.
+    next: Option<NextBatch<'a>>,
+    /// The batch resolved and waiting for its turn to be written.
+    ahead: Option<(Page, Resolved)>,
+    /// The mapper has no more pages (or resolving one failed).
+    ended: bool,
+    /// Resolving a batch failed: the window fails once the batches in flight are committed.
+    failed: Option<anyhow::Error>,
+    /// Time spent waiting for mapped pages, and resolving them.
+    wait_ms: u64,
+    resolve_ms: u64,
+}
+
+impl<'a> Reading<'a> {
+    /// Start receiving the next batch, unless one is waiting or being received.
+    fn request(&mut self, ctx: &'a Arc<Ctx>, e: &'a Entity) {
+        if self.ahead.is_none() && !self.ended {
+            if let Some(rx) = self.mrx.take() {
+                self.next = Some(Box::pin(next_batch(ctx, e, rx)));
+            }
+        }
+    }
+
+    /// The batch being received arrived (or the window ended, or resolving it failed).
+    fn got(&mut self, (rx, got): (Mapped, Result<Received>)) {
+        self.next = None;
+        self.mrx = Some(rx);
+        match got {
+            Ok((resolved, waited, took)) => {
+                self.wait_ms += waited.as_millis() as u64;
+                self.resolve_ms += took.as_millis() as u64;
+                match resolved {
+                    Some(r) => self.ahead = Some(r),
+                    None => self.ended = true,
+                }
+            }
+            // The batches in flight were resolved cleanly: they commit first.
+            Err(err) => {
+                self.failed = Some(err);
+                self.ended = true;
+            }
+        }
+    }
+}
+
+/// The window's last stage: resolve and write what [`open_window`] reads.
 async fn drive_window(
     ctx: &Arc<Ctx>,
     e: &Entity,
-    lane: &str,
-    watermark: Option<DateTime<Utc>>,
-    w: Window,
-    resumed: bool,
+    job: WindowJob<'_>,
     opened: Opened,
-    outstanding: bool,
-    presume_new: bool,
 ) -> Result<WindowReport> {
     let started = Instant::now();
-    let mut counts = Counts::default();
-    let mut batches = 0;
     let Opened {
         rx: mrx,
         _mapper,
         source_wait,
         map_time,
     } = opened;
-    let mut presume_new = presume_new;
-    let mut presume_dependents_new = false;
     // Where the window's time went: waiting for the next mapped page (`wait_ms`), resolving
     // it (`resolve_ms`: source reads and mapping of what it pulls) and writing batches
     // (`write_ms`, summed over batches written at once), which run at the same time; the
     // mapper waiting for the source's next page (`source_wait_ms`) versus mapping one
-    // (`map_ms`). Logged with "window done".
-    let (mut wait_ms, mut resolve_ms, mut write_ms) = (0u64, 0u64, 0u64);
+    // (`map_ms`). Logged with "window done" (`Reading`, `Writing` count them).
+    //
     // While batches are written, the next one is received and resolved (its reads of the
     // source and of committed target rows do not depend on the writes in flight: what they
     // pull is in the resolution memo before it is resolved). On PostgreSQL up to
     // `target.batches_in_flight` batches are written at once, each in its own transaction,
     // committed in order ([`crate::sink::order`]); elsewhere one after the other.
-    let max_in_flight = batches_in_flight(ctx);
+    let mut writing = Writing {
+        in_flight: Default::default(),
+        max: batches_in_flight(ctx),
+        counts: Counts::default(),
+        batches: 0,
+        presume_new: job.presume_new,
+        presume_dependents_new: false,
+        write_ms: 0,
+    };
+    let mut reading = Reading {
+        mrx: Some(mrx),
+        ..Default::default()
+    };
     let entity = ctx.entity_arc(&e.name)?;
-    let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
-    let mut ahead: Option<(Page, Resolved)> = None;
-    let mut next: Option<NextBatch<'_>> = None;
-    let mut mrx = Some(mrx);
-    let mut ended = false;
-    let mut failed: Option<anyhow::Error> = None;
     loop {
         // Start writing the batch ahead if it may go beside those in flight.
-        if let Some((_, r)) = &ahead {
-            let fits = in_flight.is_empty()
-                || (in_flight.len() < max_in_flight
-                    && r.touched.as_ref().is_some_and(|t| {
-                        in_flight
-                            .iter()
-                            .all(|f| f.touched.as_ref().is_some_and(|o| o.disjoint(t)))
-                    }));
-            if fits {
-                let (page, mut ready) = ahead.take().expect("checked above");
-                ready.mapped.presume_new = presume_new;
-                ready.mapped.presume_dependents_new = presume_dependents_new;
-                let cp = Checkpoint {
-                    lane: lane.to_owned(),
-                    entity: e.name.clone(),
-                    state: LaneState {
-                        watermark,
-                        open: Some(w),
-                    },
-                    last: Some(page.last.clone()),
-                    run_id: ctx.run_id.clone(),
-                };
-                let beside = !in_flight.is_empty();
-                let order = (max_in_flight > 1).then(|| {
-                    Arc::new(crate::sink::order::Order::new(
-                        in_flight.back().and_then(|f| f.order.as_deref()),
-                    ))
-                });
-                let touched = ready.touched.take();
-                let task = {
-                    let (ctx, e, order) = (Arc::clone(ctx), entity.clone(), order.clone());
-                    tokio::spawn(async move {
-                        let t = Instant::now();
-                        let c = commit_batch(
-                            &ctx,
-                            &e,
-                            &page.docs,
-                            ready,
-                            Some(&cp),
-                            outstanding,
-                            order.as_deref(),
-                        )
-                        .await;
-                        (page.docs.len(), c, t.elapsed())
-                    })
-                };
-                in_flight.push_back(InFlight {
-                    task: AbortOnDrop(task),
-                    order,
-                    touched,
-                    beside,
-                });
-            }
+        if reading.ahead.as_ref().is_some_and(|(_, r)| writing.fits(r)) {
+            let (page, ready) = reading.ahead.take().expect("checked above");
+            writing.start(ctx, &entity, &job, page, ready);
         }
-        if ahead.is_none() && !ended {
-            if let Some(rx) = mrx.take() {
-                next = Some(Box::pin(next_batch(ctx, e, rx)));
-            }
-        }
-        if in_flight.is_empty() && ahead.is_none() && ended {
+        reading.request(ctx, e);
+        if writing.in_flight.is_empty() && reading.ahead.is_none() && reading.ended {
             break;
         }
         tokio::select! {
             joined = async {
-                match in_flight.front_mut() {
+                match writing.in_flight.front_mut() {
                     Some(f) => (&mut f.task.0).await,
                     None => std::future::pending().await,
                 }
             } => {
-                let f = in_flight.pop_front().expect("a batch was in flight");
-                let verdict = |ok: bool| {
-                    if let Some(o) = &f.order {
-                        o.done(ok);
-                    }
-                };
-                let (docs, c, took) = match joined {
-                    Ok(j) => j,
-                    Err(err) => {
-                        verdict(false);
-                        forget_pulled(ctx);
-                        return Err(anyhow::anyhow!("writing a batch failed: {err}"));
-                    }
-                };
-                write_ms += took.as_millis() as u64;
-                let c = match c {
-                    Ok(c) => Counts { overlapped_batches: f.beside as u64, ..c },
-                    Err(err) => {
-                        verdict(false);
-                        forget_pulled(ctx);
-                        return Err(err);
-                    }
-                };
-                presume_new = c.all_new;
-                presume_dependents_new = c.dependents_new;
-                batches += 1;
-                counts.add(&c);
-                debug!(entity = %e.name, batch = batches, docs, written = c.written, "batch committed");
-                let dead_total =
-                    ctx.dead_total.fetch_add(c.dead_lettered, Ordering::SeqCst) + c.dead_lettered;
-                if dead_total > ctx.settings.sync.error_budget {
-                    verdict(false);
-                    forget_pulled(ctx);
-                    return Err(Failure::Partial(format!(
-                        "{dead_total} documents dead-lettered in this run, over sync.error_budget = {}; \
-                         stopped after the last committed batch. Inspect tidemark_dead_letters, fix the mapping, run again",
-                        ctx.settings.sync.error_budget
-                    ))
-                    .into());
-                }
-                if ctx.stop.load(Ordering::SeqCst) {
-                    verdict(false);
-                    forget_pulled(ctx);
-                    anyhow::bail!("stopped by signal after a committed batch; the next run resumes from the checkpoint");
-                }
-                verdict(true);
+                let f = writing.in_flight.pop_front().expect("a batch was in flight");
+                writing.committed(ctx, e, f, joined)?;
             }
             got = async {
-                match next.as_mut() {
+                match reading.next.as_mut() {
                     Some(n) => n.await,
                     None => std::future::pending().await,
                 }
-            } => {
-                next = None;
-                let (rx, got) = got;
-                mrx = Some(rx);
-                match got {
-                    Ok((resolved, waited, took)) => {
-                        wait_ms += waited.as_millis() as u64;
-                        resolve_ms += took.as_millis() as u64;
-                        match resolved {
-                            Some(r) => ahead = Some(r),
-                            None => ended = true,
-                        }
-                    }
-                    // The batches in flight were resolved cleanly: they commit first.
-                    Err(err) => {
-                        failed = Some(err);
-                        ended = true;
-                    }
-                }
-            }
+            } => reading.got(got),
         }
     }
-    if let Some(err) = failed {
+    if let Some(err) = reading.failed {
         return Err(err);
     }
+    close_window(ctx, e, &job).await?;
+    let (w, counts) = (job.window, writing.counts);
+    let report = WindowReport {
+        entity: e.name.clone(),
+        window: w,
+        resumed: job.resumed,
+        batches: writing.batches,
+        counts,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        ended_new: writing.presume_new,
+    };
+    info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
+          already = counts.already_written, dead = counts.dead_lettered, overlapped = counts.overlapped_batches, ms = report.elapsed_ms,
+          wait_ms = reading.wait_ms, resolve_ms = reading.resolve_ms, write_ms = writing.write_ms,
+          source_wait_ms = source_wait.load(Ordering::Relaxed), map_ms = map_time.load(Ordering::Relaxed),
+          "window done");
+    Ok(report)
+}
+
+/// Every batch of the window committed: the lane's checkpoint leaves the window, its
+/// watermark at the window's end.
+async fn close_window(ctx: &Ctx, e: &Entity, job: &WindowJob<'_>) -> Result<()> {
+    let w = job.window;
     let done = Checkpoint {
-        lane: lane.to_owned(),
+        lane: job.lane.to_owned(),
         entity: e.name.clone(),
         state: LaneState {
-            watermark: Some(watermark.map_or(w.to, |m| m.max(w.to))),
+            watermark: Some(job.watermark.map_or(w.to, |m| m.max(w.to))),
             open: None,
         },
         last: None,
@@ -828,20 +940,7 @@ async fn drive_window(
     if !ctx.dry_run {
         ctx.sink.save_checkpoint(&done).await?;
     }
-    let report = WindowReport {
-        entity: e.name.clone(),
-        window: w,
-        resumed,
-        batches,
-        counts,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        ended_new: presume_new,
-    };
-    info!(entity = %e.name, window = %w, read = counts.read, written = counts.written,
-          already = counts.already_written, dead = counts.dead_lettered, overlapped = counts.overlapped_batches, ms = report.elapsed_ms, wait_ms, resolve_ms, write_ms,
-          source_wait_ms = source_wait.load(Ordering::Relaxed), map_ms = map_time.load(Ordering::Relaxed),
-          "window done");
-    Ok(report)
+    Ok(())
 }
 
 /// Catch an entity's nightly lane up to `min(source clock - settle, until)`.
@@ -923,18 +1022,15 @@ pub async fn catch_up(
             .then(|| window::next(w.to, Some(w.to), s.max_window, plan.upper))
             .flatten()
             .map(|next| (next, open_window(ctx, e, next, None)));
-        let r = drive_window(
-            ctx,
-            e,
-            &lane,
+        let job = WindowJob {
+            lane: &lane,
             watermark,
-            w,
-            false,
-            opened,
+            window: w,
+            resumed: false,
             outstanding,
             presume_new,
-        )
-        .await?;
+        };
+        let r = drive_window(ctx, e, job, opened).await?;
         presume_new = r.ended_new;
         probe = r.counts.read == 0;
         // Quiet stretches are skipped in exponentially growing steps; data resets the step.
