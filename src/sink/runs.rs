@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{json, Value as J};
+use sqlx::Row;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -201,4 +202,46 @@ pub async fn lanes(sink: &Sink, run_id: &str) -> Result<Vec<J>> {
 /// Milliseconds now (ledger clock).
 pub fn now_ms() -> i64 {
     ms(Utc::now())
+}
+
+/// The runs ledger's rows.
+impl Sink {
+    /// Record the start of a run in the ledger.
+    pub async fn start_run(&self, r: &RunRecord) -> Result<()> {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        with_pool!(self, p => sqlx::query(
+            "INSERT INTO tidemark_runs (id, kind, dry_run, status, host, pid, started_at_ms, settings_fingerprint, mapping_version) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)")
+            .bind(&r.id).bind(&r.kind).bind(r.dry_run).bind(host).bind(std::process::id() as i64)
+            .bind(ms(Utc::now())).bind(&r.settings_fingerprint).bind(&r.mapping_version)
+            .execute(p).await.map(|_| ())?);
+        Ok(())
+    }
+
+    /// Record the end of a run and its JSON report.
+    pub async fn finish_run(
+        &self,
+        id: &str,
+        status: &str,
+        report: &serde_json::Value,
+    ) -> Result<()> {
+        with_pool!(self, p => sqlx::query("UPDATE tidemark_runs SET status = $1, finished_at_ms = $2, report = $3 WHERE id = $4")
+            .bind(status).bind(ms(Utc::now())).bind(report.to_string()).bind(id)
+            .execute(p).await.map(|_| ())?);
+        Ok(())
+    }
+
+    /// The latest finished run's status, finish time and report per kind.
+    pub async fn last_run(
+        &self,
+        kind: &str,
+    ) -> Result<Option<(String, String, Option<i64>, i64, Option<String>)>> {
+        Ok(with_pool!(self, p => sqlx::query(
+            "SELECT id, status, finished_at_ms, started_at_ms, report FROM tidemark_runs WHERE kind = $1 \
+             ORDER BY started_at_ms DESC LIMIT 1")
+            .bind(kind).fetch_optional(p).await?
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))))
+    }
 }
