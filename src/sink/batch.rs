@@ -176,48 +176,10 @@ impl Sink {
                     .bind(entity_name).bind(id).bind(reason).bind(now).bind(b.run_id)
                     .execute(&mut *tx).await?;
             }
-            let mut out = BatchOutcome::default();
             let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
-            let optimistic = b.optimistic_inserts;
-            // Pulled references were read absent from the target (`resolve::pull`): with
-            // optimistic inserts they are inserted without reading them again (a row that
-            // appeared since fails the batch with `PresumedNewConflict`, and it is written
-            // again with a read first).
-            for r in b.before {
-                let rows = Rows {
-                    rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta,
-                    presume_new: optimistic, optimistic, ..Default::default()
-                };
-                let o = write_rows(&mut tx, &r.entity, rows, &mut trk).await?;
-                out.pulled_written += o.written + o.child_written;
-            }
-            if let Some(e) = b.entity {
-                let o = write_rows(&mut tx, e, Rows {
-                    rows: b.rows, meta: b.row_meta, children: b.children, child_meta: b.child_meta, deletes: b.deletes, soft_deletes: b.soft_deletes,
-                    presume_new: b.presume_new, optimistic, skip_fk_checks: b.skip_fk_checks,
-                }, &mut trk).await?;
-                out = BatchOutcome { pulled_written: out.pulled_written, ..o };
-            }
-            out.dependents_new = b.after.iter().any(|r| !r.rows.is_empty());
-            for r in b.after {
-                let rows = Rows {
-                    rows: &r.rows, meta: &r.meta, children: &r.children, child_meta: &r.child_meta,
-                    presume_new: b.presume_dependents_new, optimistic, ..Default::default()
-                };
-                let o = write_rows(&mut tx, &r.entity, rows, &mut trk).await?;
-                out.pulled_written += o.written + o.child_written;
-                out.dependents_new &= o.all_new || r.rows.is_empty();
-            }
+            let out = write_entities(&mut tx, b, &mut trk).await?;
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
-                let inserted = trk.inserted_by_table();
-                let rows: Vec<ProvenanceRow> = trk
-                    .changes
-                    .iter()
-                    .filter(|(_, c)| !c.is_insert())
-                    .map(|((table, pk), c)| (table.as_str(), pk.as_str(), c.before.as_deref(), c.after_hash.as_deref(), None))
-                    .chain(inserted.iter().map(|(table, list)| (*table, "", None, None, Some(list.as_str()))))
-                    .collect();
-                tx.insert_provenance(b.run_id, &rows, now).await.context("recording provenance")?;
+                record_provenance(&mut tx, b, &trk, now).await?;
             }
             // Everything but the checkpoint is sent: commit after the batch before, or not at all.
             if let Some(after) = b.order.and_then(|o| o.after.as_ref()) {
@@ -309,6 +271,100 @@ impl Sink {
             }
         }
     }
+}
+
+/// The batch's rows: what it pulled (`before`), the entity's own, then its dependents
+/// (`after`). Pulled references were read absent from the target (`resolve::pull`): with
+/// optimistic inserts they are inserted without reading them again (a row that appeared
+/// since fails the batch with `PresumedNewConflict`, and it is written again with a read
+/// first).
+async fn write_entities<T: TableOps>(
+    tx: &mut T,
+    b: &BatchWrite<'_>,
+    trk: &mut Tracker,
+) -> Result<BatchOutcome> {
+    let mut out = BatchOutcome::default();
+    let optimistic = b.optimistic_inserts;
+    for r in b.before {
+        let rows = Rows {
+            rows: &r.rows,
+            meta: &r.meta,
+            children: &r.children,
+            child_meta: &r.child_meta,
+            presume_new: optimistic,
+            optimistic,
+            ..Default::default()
+        };
+        let o = write_rows(tx, &r.entity, rows, trk).await?;
+        out.pulled_written += o.written + o.child_written;
+    }
+    if let Some(e) = b.entity {
+        let rows = Rows {
+            rows: b.rows,
+            meta: b.row_meta,
+            children: b.children,
+            child_meta: b.child_meta,
+            deletes: b.deletes,
+            soft_deletes: b.soft_deletes,
+            presume_new: b.presume_new,
+            optimistic,
+            skip_fk_checks: b.skip_fk_checks,
+        };
+        let o = write_rows(tx, e, rows, trk).await?;
+        out = BatchOutcome {
+            pulled_written: out.pulled_written,
+            ..o
+        };
+    }
+    out.dependents_new = b.after.iter().any(|r| !r.rows.is_empty());
+    for r in b.after {
+        let rows = Rows {
+            rows: &r.rows,
+            meta: &r.meta,
+            children: &r.children,
+            child_meta: &r.child_meta,
+            presume_new: b.presume_dependents_new,
+            optimistic,
+            ..Default::default()
+        };
+        let o = write_rows(tx, &r.entity, rows, trk).await?;
+        out.pulled_written += o.written + o.child_written;
+        out.dependents_new &= o.all_new || r.rows.is_empty();
+    }
+    Ok(out)
+}
+
+/// What the batch changed, for `tidemark rollback`: a before-image and after-hash per
+/// changed row, and per table the list of rows it inserted.
+async fn record_provenance<T: TableOps>(
+    tx: &mut T,
+    b: &BatchWrite<'_>,
+    trk: &Tracker,
+    now: i64,
+) -> Result<()> {
+    let inserted = trk.inserted_by_table();
+    let rows: Vec<ProvenanceRow> = trk
+        .changes
+        .iter()
+        .filter(|(_, c)| !c.is_insert())
+        .map(|((table, pk), c)| {
+            (
+                table.as_str(),
+                pk.as_str(),
+                c.before.as_deref(),
+                c.after_hash.as_deref(),
+                None,
+            )
+        })
+        .chain(
+            inserted
+                .iter()
+                .map(|(table, list)| (*table, "", None, None, Some(list.as_str()))),
+        )
+        .collect();
+    tx.insert_provenance(b.run_id, &rows, now)
+        .await
+        .context("recording provenance")
 }
 
 const DEAD_LETTER_INSERT: &str = "INSERT INTO tidemark_dead_letters \
