@@ -5,13 +5,16 @@
 //! and counts: [`ctx`]. One writer per lane ([`lane`]).
 //! No printing: commands report what the engine returns.
 
+pub mod batch;
 pub mod ctx;
+pub mod drive;
 pub mod lane;
 pub mod memo;
 pub mod page;
 pub mod pipeline;
 pub mod pulled;
 pub mod resolve;
+pub mod skip;
 pub mod twins;
 pub mod verify;
 pub mod window;
