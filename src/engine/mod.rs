@@ -1,7 +1,7 @@
 //! One window of one entity: plan the windows ([`window`]), read a page and map it
 //! ([`page`]), resolve what it depends on ([`resolve`], with the run's [`memo`]), commit rows
-//! with the checkpoint ([`pipeline`]), and remember what this run already wrote
-//! ([`pulled`]); ids of other BSON types with the same key ([`twins`]). What a run shares
+//! with the checkpoint ([`batch`]), a window's stages ([`drive`]), an entity's windows
+//! ([`pipeline`]), and skip what this run already wrote ([`skip`], [`pulled`]); ids of other BSON types with the same key ([`twins`]). What a run shares
 //! and counts: [`ctx`]. One writer per lane ([`lane`]).
 //! No printing: commands report what the engine returns.
 

@@ -57,7 +57,7 @@ pub struct MappedPage {
     pub dead: Vec<DeadLetter>,
     pub resolved: Vec<String>,
     /// Documents that lose their key to a twin of another BSON type, by source id, with the
-    /// error ([`crate::engine::twins`]); they are dead letters of the page.
+    /// error (`engine/twins.rs`); they are dead letters of the page.
     pub twin_losers: HashMap<String, String>,
     /// Typed twins outside the page that lose their key to a string of the page: dead
     /// letters written with the batch, not counted among its documents.
@@ -182,7 +182,7 @@ pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool)
 }
 
 /// [`map_page`], where the documents named in `losers` (by source id) lose their key to a
-/// twin of another BSON type and are dead letters ([`crate::engine::twins`]).
+/// twin of another BSON type and are dead letters (`engine/twins.rs`).
 pub fn map_page_twins(
     e: &Entity,
     docs: &[bson::RawDocumentBuf],

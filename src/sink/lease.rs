@@ -84,7 +84,7 @@ pub fn advisory_key(lane: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// The lock a run holds for its whole life (see `crate::engine::lane::RunAlive`).
+/// The lock a run holds for its whole life (see `RunAlive` in `engine/lane.rs`).
 pub fn run_lane(run_id: &str) -> String {
     format!("run:{run_id}")
 }
