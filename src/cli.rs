@@ -253,7 +253,7 @@ pub struct BackfillArgs {
     pub chunk: Option<std::time::Duration>,
     /// Documents per chunk when --chunk is not given (per entity; documents sharing one
     /// instant stay in one chunk).
-    #[arg(long, value_name = "N", default_value_t = crate::engine::window::DEFAULT_CHUNK_DOCS, conflicts_with = "chunk")]
+    #[arg(long, value_name = "N", default_value_t = crate::span::DEFAULT_CHUNK_DOCS, conflicts_with = "chunk")]
     pub chunk_docs: u64,
     /// Chunks run at the same time by this process.
     #[arg(long, value_name = "N", default_value_t = 1)]

@@ -30,5 +30,6 @@ pub mod secret;
 pub mod settings;
 pub mod sink;
 pub mod source;
+pub mod span;
 pub mod telemetry;
 pub mod timearg;

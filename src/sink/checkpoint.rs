@@ -3,8 +3,8 @@
 //! (kept for rollback).
 
 use super::{from_ms, with_pool, BeginWrite, Checkpoint, Sink};
-use crate::engine::window::{LaneState, Window};
 use crate::source::Position;
+use crate::span::{LaneState, Window};
 use anyhow::Result;
 use sqlx::Row;
 

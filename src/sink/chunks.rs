@@ -2,8 +2,8 @@
 //! its chunks, and each chunk's claim (holder, host, pid, lease), shared by every worker of
 //! every host. `tidemark backfill` (src/commands/backfill.rs) drives it.
 
-use crate::engine::window::{fmt_ts, ChunkBy, Window};
 use crate::sink::{from_ms, ms, with_pool, BeginWrite, Sink};
+use crate::span::{fmt_ts, ChunkBy, Window};
 use anyhow::Result;
 use chrono::Utc;
 use serde::Serialize;

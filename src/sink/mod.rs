@@ -19,11 +19,11 @@ mod sqlite;
 pub mod undo;
 pub mod verify;
 
-use crate::engine::window::LaneState;
 use crate::mapping::{Entity, TableRef, Value};
 use crate::secret::{redact_uri, SecretUri};
 use crate::settings::ForeignKeyChecks;
 use crate::source::Position;
+use crate::span::LaneState;
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
 use rows::key_text;

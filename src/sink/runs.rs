@@ -3,10 +3,10 @@
 //! nothing to the target). `tidemark runs` lists the ledger, `tidemark runs show ID` prints
 //! one report. Error texts pass through `redact_uri`, so no secret reaches a report.
 
-use crate::engine::window::fmt_ts;
 use crate::secret::redact_uri;
 use crate::sink::with_pool;
 use crate::sink::{from_ms, ms, RunRecord, Sink};
+use crate::span::fmt_ts;
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;

@@ -12,8 +12,8 @@
 
 use super::ddl::quote;
 use super::{ProvenanceRow, TableOps};
-use crate::engine::window::fmt_ts;
 use crate::mapping::{ColumnType, TableRef, Value};
+use crate::span::fmt_ts;
 use anyhow::{Context, Result};
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 

@@ -2,12 +2,12 @@
 //! index checks and bulk lookups by id.
 
 use super::query::{invalid_time_filter, window_filter};
-use crate::engine::window::Window;
 use crate::mapping::spec::TimeEncoding;
 use crate::mapping::value::to_timestamp;
 use crate::mapping::{lookup, Entity, SourceFormat};
 use crate::secret::redact_uri;
 use crate::settings::{ReadPref, SourceSettings};
+use crate::span::Window;
 use anyhow::{anyhow, Context, Result};
 use bson::{doc, Bson, RawDocumentBuf};
 use chrono::{DateTime, Utc};

@@ -2,8 +2,8 @@
 //! `(time_field, _id)` index serves both the range and the keyset.
 
 use super::Position;
-use crate::engine::window::{fmt_ts, Window};
 use crate::mapping::spec::TimeEncoding;
+use crate::span::{fmt_ts, Window};
 use bson::{doc, Bson, Document};
 use chrono::{DateTime, Utc};
 

@@ -119,7 +119,7 @@ pub fn coerce(
             RawBsonRef::Boolean(b) => Ok(Value::Text(b.to_string())),
             RawBsonRef::Decimal128(d) => Ok(Value::Text(d.to_string())),
             RawBsonRef::DateTime(_) => {
-                to_timestamp(v, None).map(|t| Value::Text(crate::engine::window::fmt_ts(t)))
+                to_timestamp(v, None).map(|t| Value::Text(crate::span::fmt_ts(t)))
             }
             _ => Err(format!("expected text, found {}", type_name(v))),
         },

@@ -111,7 +111,7 @@ impl Value {
             Value::BigInt(i) => i.to_string(),
             Value::Double(d) => d.to_string(),
             Value::Bool(b) => b.to_string(),
-            Value::Timestamp(t) => crate::engine::window::fmt_ts(*t),
+            Value::Timestamp(t) => crate::span::fmt_ts(*t),
             Value::Json(j) => j.to_string(),
             Value::JsonText { text, .. } => text.clone(),
         }
