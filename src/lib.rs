@@ -24,6 +24,7 @@ pub mod commands;
 pub mod engine;
 pub mod exit;
 pub mod mapping;
+pub mod prehashed;
 pub mod retry;
 pub mod schedule;
 pub mod secret;

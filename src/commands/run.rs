@@ -270,7 +270,7 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
         match r {
             Ok(r) => {
                 if !opts.dry_run {
-                    metrics::record_entity(&r, chrono::Utc::now());
+                    metrics::record_entity(&r.totals(), chrono::Utc::now());
                 }
                 reports.push(r);
             }

@@ -208,6 +208,22 @@ pub struct EntityReport {
     pub elapsed_ms: u64,
 }
 
+impl EntityReport {
+    /// What the metrics record of this catch-up.
+    pub fn totals(&self) -> crate::telemetry::metrics::EntityTotals<'_> {
+        crate::telemetry::metrics::EntityTotals {
+            entity: &self.entity,
+            watermark: self.watermark,
+            read: self.counts.read,
+            written: self.counts.written,
+            unchanged: self.counts.unchanged,
+            dead: self.counts.dead_lettered + self.counts.invalid_time,
+            pulled: self.counts.pulled,
+            elapsed_ms: self.elapsed_ms,
+        }
+    }
+}
+
 /// The nightly lane of an entity.
 pub fn nightly_lane(entity: &str) -> String {
     format!("nightly:{entity}")

@@ -164,10 +164,8 @@ pub(crate) fn is_deadlock(e: &anyhow::Error) -> bool {
 #[derive(Debug, Default)]
 pub struct Touched {
     /// Already hashes: the set does not hash them again.
-    keys: std::collections::HashSet<
-        u64,
-        std::hash::BuildHasherDefault<crate::engine::pulled::Prehashed>,
-    >,
+    keys:
+        std::collections::HashSet<u64, std::hash::BuildHasherDefault<crate::prehashed::Prehashed>>,
     /// Deletions: nothing may be written beside this batch.
     pub exclusive: bool,
 }

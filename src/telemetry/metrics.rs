@@ -11,7 +11,6 @@
 //! Label values are bounded: entity names from the mapping and a fixed set of results.
 //! Never document ids, run ids, URIs or anything else that could grow or hold a secret.
 
-use crate::engine::ctx::EntityReport;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -178,17 +177,32 @@ pub fn record_watermark(entity: &str, wm: DateTime<Utc>) {
         .insert(entity.to_owned(), wm);
 }
 
+/// What [`record_entity`] records of one entity's finished catch-up (the engine's
+/// `EntityReport::totals`).
+#[derive(Debug, Clone, Copy)]
+pub struct EntityTotals<'a> {
+    pub entity: &'a str,
+    pub watermark: Option<DateTime<Utc>>,
+    pub read: u64,
+    pub written: u64,
+    pub unchanged: u64,
+    /// Dead letters, those of invalid times included.
+    pub dead: u64,
+    pub pulled: u64,
+    pub elapsed_ms: u64,
+}
+
 /// Record one entity's finished catch-up.
-pub fn record_entity(r: &EntityReport, finished: DateTime<Utc>) {
-    let e = r.entity.clone();
+pub fn record_entity(r: &EntityTotals<'_>, finished: DateTime<Utc>) {
+    let e = r.entity.to_owned();
     if let Some(wm) = r.watermark {
         record_watermark(&e, wm);
     }
-    counter!(READ, "entity" => e.clone()).increment(r.counts.read);
-    counter!(WRITTEN, "entity" => e.clone()).increment(r.counts.written);
-    counter!(UNCHANGED, "entity" => e.clone()).increment(r.counts.unchanged);
-    counter!(DEAD, "entity" => e.clone()).increment(r.counts.dead_lettered + r.counts.invalid_time);
-    counter!(PULLED, "entity" => e.clone()).increment(r.counts.pulled);
+    counter!(READ, "entity" => e.clone()).increment(r.read);
+    counter!(WRITTEN, "entity" => e.clone()).increment(r.written);
+    counter!(UNCHANGED, "entity" => e.clone()).increment(r.unchanged);
+    counter!(DEAD, "entity" => e.clone()).increment(r.dead);
+    counter!(PULLED, "entity" => e.clone()).increment(r.pulled);
     gauge!(ENTITY_DURATION, "entity" => e.clone()).set(r.elapsed_ms as f64 / 1000.0);
     gauge!(ENTITY_SUCCESS, "entity" => e).set(secs(finished));
 }

@@ -57,7 +57,7 @@ mod spill;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use hash::Prehashed;
+pub(crate) use crate::prehashed::Prehashed;
 pub use hash::{deleted_key_hash, doc_hash, key_hash};
 
 use shard::Shard;
