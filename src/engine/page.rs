@@ -1,6 +1,7 @@
 //! One page of source documents mapped to rows ([`map_page`], [`MappedPage`]) and made
 //! ready for the writer ([`prepare`]: keys and hashes computed ahead, off the async runtime).
 
+use crate::mapping::value::key_text_of;
 use crate::mapping::{Entity, Outcome, TableRef, Value};
 use crate::sink::DeadLetter;
 use bson::Bson;
@@ -131,14 +132,16 @@ impl MappedPage {
         for (ci, child) in e.children.iter().enumerate() {
             let (by, parent_cols): (Vec<usize>, Vec<usize>) =
                 child.parent_links.iter().copied().unzip();
-            let gone: std::collections::HashSet<String> =
-                removed.iter().map(|r| key_text(r, &parent_cols)).collect();
+            let gone: std::collections::HashSet<String> = removed
+                .iter()
+                .map(|r| key_text_of(r, &parent_cols))
+                .collect();
             let Some(rows) = self.children.get_mut(ci) else {
                 continue;
             };
             let kept: Vec<bool> = rows
                 .iter()
-                .map(|row| !gone.contains(&key_text(row, &by)))
+                .map(|row| !gone.contains(&key_text_of(row, &by)))
                 .collect();
             let aligned = self
                 .child_meta
@@ -162,13 +165,6 @@ impl MappedPage {
 fn retain_marked<T>(v: &mut Vec<T>, keep: &[bool]) {
     let mut k = keep.iter();
     v.retain(|_| *k.next().unwrap_or(&false));
-}
-
-fn key_text(row: &[Value], cols: &[usize]) -> String {
-    cols.iter()
-        .map(|&i| row[i].key_text())
-        .collect::<Vec<_>>()
-        .join("\u{1f}")
 }
 
 type RowWithChildren = (Vec<Value>, Vec<Vec<Vec<Value>>>, usize);
@@ -237,7 +233,7 @@ pub fn map_page_twins(
         }
         match outcome {
             Outcome::Row { row, children } => {
-                let key = key_text(&row, &e.pk);
+                let key = key_text_of(&row, &e.pk);
                 if let Some(at) = del_index.remove(&key) {
                     deletes[at] = None;
                     out.duplicates += 1;
@@ -257,11 +253,7 @@ pub fn map_page_twins(
             Outcome::Deleted { key, at } => {
                 out.deleted += 1;
                 let Some(k) = key else { continue };
-                let kt = k
-                    .iter()
-                    .map(Value::key_text)
-                    .collect::<Vec<_>>()
-                    .join("\u{1f}");
+                let kt = crate::mapping::value::key_text(&k);
                 if let Some(i) = index.remove(&kt) {
                     rows[i] = None;
                     out.duplicates += 1;
@@ -316,7 +308,7 @@ pub fn map_page_twins(
             let mut seen: HashMap<String, usize> = HashMap::new();
             for pc in &parent_children {
                 for r in &pc[ci] {
-                    let k = key_text(r, &c.pk);
+                    let k = key_text_of(r, &c.pk);
                     match seen.get(&k) {
                         Some(&at) => rows[at] = r.clone(),
                         None => {

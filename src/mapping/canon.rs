@@ -152,7 +152,9 @@ pub fn key_of_row(t: TableRef<'_>, row: &[Value]) -> String {
     key_json(t.pk.iter().map(|&i| (&row[i], t.columns[i].ty)))
 }
 
-/// A key given as values in primary-key order, as canonical JSON text.
+/// A key given as values in primary-key order, as canonical JSON text. Not the in-memory
+/// [`crate::mapping::value::key_text`]: this one is stored (provenance) and must read the
+/// same from either backend, so it goes through the column types' canonical forms.
 pub fn key_text(t: TableRef<'_>, key: &[Value]) -> String {
     key_json(t.pk.iter().zip(key).map(|(&i, v)| (v, t.columns[i].ty)))
 }

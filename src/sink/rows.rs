@@ -13,12 +13,7 @@ fn key_of(row: &[Value], cols: &[usize]) -> Vec<Value> {
     cols.iter().map(|&i| row[i].clone()).collect()
 }
 
-pub(super) fn key_text(key: &[Value]) -> String {
-    key.iter()
-        .map(Value::key_text)
-        .collect::<Vec<_>>()
-        .join("\u{1f}")
-}
+pub(super) use crate::mapping::value::key_text;
 
 /// `key_text(&key_of(row, cols))`, borrowed from the row when the key is one text column
 /// (a child's link to its parent, most keys): the writer compares a batch's child rows with
@@ -30,7 +25,7 @@ pub(crate) fn key_text_at<'r>(row: &'r [Value], cols: &[usize]) -> Cow<'r, str> 
             Value::Text(s) | Value::JsonText { text: s, .. } => Cow::Borrowed(s.as_str()),
             v => Cow::Owned(v.key_text()),
         },
-        _ => Cow::Owned(key_text(&key_of(row, cols))),
+        _ => Cow::Owned(crate::mapping::value::key_text_of(row, cols)),
     }
 }
 

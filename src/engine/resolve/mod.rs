@@ -54,16 +54,12 @@ struct Level {
     docs: Vec<RawDocumentBuf>,
 }
 
-fn key_text(v: &Value) -> String {
-    v.key_text()
-}
-
 /// `(referenced entity, key)` pairs used by rows of `e` (main rows and child rows).
 fn refs_of(e: &Entity, page: &MappedPage) -> HashMap<String, Vec<Value>> {
     let mut out: HashMap<String, Vec<Value>> = HashMap::new();
     let mut seen = HashSet::new();
     let mut add = |r: &str, v: &Value| {
-        if *v != Value::Null && seen.insert((r.to_owned(), key_text(v))) {
+        if *v != Value::Null && seen.insert((r.to_owned(), v.key_text())) {
             out.entry(r.to_owned()).or_default().push(v.clone());
         }
     };
@@ -115,7 +111,7 @@ fn note_deleted(e: &Entity, page: &MappedPage, memo: &mut Memo) {
         return;
     }
     for key in &page.deletes {
-        memo.set(&e.name, key_text(&key[0]), false);
+        memo.set(&e.name, key[0].key_text(), false);
     }
 }
 
@@ -139,7 +135,7 @@ pub async fn resolve(
     note_deleted(e, page, &mut memo);
     if let Some(kc) = e.key_column {
         for row in &page.rows {
-            memo.set(&e.name, key_text(&row[kc]), true);
+            memo.set(&e.name, row[kc].key_text(), true);
         }
     }
     let mut budget = ctx.settings.sync.max_pulled_per_batch;
@@ -183,7 +179,7 @@ pub async fn resolve(
         let (ddocs, dpage) = map_fetched(ctx, dent, ddocs).await?;
         if let Some(kc) = dent.key_column {
             for row in &dpage.rows {
-                memo.set(&dent.name, key_text(&row[kc]), true);
+                memo.set(&dent.name, row[kc].key_text(), true);
             }
         }
         levels.extend(pull(ctx, &mut memo, refs_of(dent, &dpage), &mut budget, &mut res).await?);
@@ -303,7 +299,7 @@ fn settle(
 fn forget_dropped(e: &Entity, dropped: &[Vec<Value>], memo: &mut Memo) {
     if let Some(kc) = e.key_column {
         for row in dropped {
-            memo.forget(&e.name, &key_text(&row[kc]));
+            memo.forget(&e.name, &row[kc].key_text());
         }
     }
 }
@@ -369,7 +365,7 @@ async fn pull(
             let Some(kc) = r.key_column else { continue };
             let unknown: Vec<Value> = keys
                 .into_iter()
-                .filter(|k| memo.get(&rname, &key_text(k)).is_none())
+                .filter(|k| memo.get(&rname, &k.key_text()).is_none())
                 .collect();
             if unknown.is_empty() {
                 continue;
@@ -377,7 +373,7 @@ async fn pull(
             let present = ctx.sink.existing_keys(r.table_ref(), kc, &unknown).await?;
             let mut rest = Vec::new();
             for k in unknown {
-                let kt = key_text(&k);
+                let kt = k.key_text();
                 if present.contains(&kt) {
                     memo.set(&rname, kt, true);
                 } else {
@@ -404,9 +400,9 @@ async fn pull(
             *budget = budget.saturating_sub(docs.len());
             res.pulled += docs.len() as u64;
             let (docs, page) = map_fetched(ctx, r, docs).await?;
-            let found: HashSet<String> = page.rows.iter().map(|row| key_text(&row[kc])).collect();
+            let found: HashSet<String> = page.rows.iter().map(|row| row[kc].key_text()).collect();
             for k in rest {
-                let kt = key_text(&k);
+                let kt = k.key_text();
                 let here = found.contains(&kt);
                 memo.set(&rname, kt, here);
             }
@@ -426,7 +422,7 @@ async fn pull(
     }
     let unresolved = frontier
         .iter()
-        .any(|(r, ks)| ks.iter().any(|k| memo.get(r, &key_text(k)).is_none()));
+        .any(|(r, ks)| ks.iter().any(|k| memo.get(r, &k.key_text()).is_none()));
     if unresolved {
         res.limit_hit = Some(format!(
             "sync.max_depth = {max_depth} reached; references deeper than that are not followed and the rows needing them are deferred"

@@ -2,7 +2,7 @@
 //! the run's memo, and a row whose reference is missing gets its column's policy (`null`,
 //! `skip`: a dead letter, `defer`: held back for a later run), recorded in the resolution.
 
-use super::{key_text, Resolution};
+use super::Resolution;
 use crate::engine::memo::Memo;
 use crate::engine::page::{row_meta, source_id, MappedPage};
 use crate::mapping::spec::MissingPolicy;
@@ -39,7 +39,7 @@ pub(super) fn apply_policies(
             if row[ci] == Value::Null {
                 continue;
             }
-            let kt = key_text(&row[ci]);
+            let kt = row[ci].key_text();
             let state = memo.get(r, &kt);
             if state == Some(true) {
                 continue;
@@ -107,7 +107,7 @@ pub(super) fn apply_policies(
         };
         // A child row's document, by the values of its link to the parent row.
         let link = |row: &[Value], cols: &mut dyn Iterator<Item = usize>| -> String {
-            cols.map(|i| key_text(&row[i]))
+            cols.map(|i| row[i].key_text())
                 .collect::<Vec<_>>()
                 .join("\u{1f}")
         };
@@ -131,7 +131,7 @@ pub(super) fn apply_policies(
             let mut old_meta = meta.as_mut().map(|m| std::mem::take(*m).into_iter());
             for mut row in std::mem::take(rows) {
                 let m = old_meta.as_mut().and_then(Iterator::next);
-                let fine = row[i] == Value::Null || memo.get(r, &key_text(&row[i])) == Some(true);
+                let fine = row[i] == Value::Null || memo.get(r, &row[i].key_text()) == Some(true);
                 if !fine {
                     page.children_cut = true;
                     let at = link(&row, &mut child.parent_links.iter().map(|l| l.0));
@@ -144,7 +144,7 @@ pub(super) fn apply_policies(
                                 source_id: sid,
                                 column,
                                 ref_entity: r.to_owned(),
-                                ref_key: key_text(&row[i]),
+                                ref_key: row[i].key_text(),
                                 policy: c.on_missing,
                             });
                         }

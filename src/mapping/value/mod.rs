@@ -123,6 +123,23 @@ impl Value {
     }
 }
 
+/// The key text of a key of several values: each value's [`Value::key_text`], joined by
+/// U+001F. The one in-memory encoding of keys (de-duplication in a page, child rows matched
+/// with their parents, the run's memo). The other, `canon::key_text` (canonical JSON), is
+/// what provenance stores and verify compares across backends: the two are not
+/// interchangeable, and neither may change, since both reach stored records.
+pub fn key_text<'v>(key: impl IntoIterator<Item = &'v Value>) -> String {
+    key.into_iter()
+        .map(Value::key_text)
+        .collect::<Vec<_>>()
+        .join("\u{1f}")
+}
+
+/// [`key_text`] of the columns `cols` of `row`.
+pub fn key_text_of(row: &[Value], cols: &[usize]) -> String {
+    key_text(cols.iter().map(|&i| &row[i]))
+}
+
 /// Strip NUL characters, which PostgreSQL refuses in text and jsonb.
 pub fn sanitize(s: &str) -> String {
     if s.contains('\0') {
