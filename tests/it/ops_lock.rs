@@ -6,6 +6,7 @@
 
 use crate::harness::{items_mapping, scalar_i64, Backend, Env};
 use crate::ops_util::{items, seed, signal, stderr_of, tidemark, wait_exit, wait_for};
+use crate::trust_util::exec;
 use std::process::{Child, Command};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -315,17 +316,6 @@ async fn a_lease_row_alone_blocks_nothing(backend: Backend) {
         scalar_i64(&env.target_url, "SELECT COUNT(*) FROM tidemark_locks").await,
         0
     );
-}
-
-async fn exec(url: &str, sql: &str) {
-    use sqlx::Connection;
-    if url.starts_with("sqlite:") {
-        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-        sqlx::query(sql).execute(&mut c).await.unwrap();
-    } else {
-        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-        sqlx::query(sql).execute(&mut c).await.unwrap();
-    }
 }
 
 #[tokio::test]

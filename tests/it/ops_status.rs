@@ -6,6 +6,7 @@
 
 use crate::harness::{items_mapping, pg_admin_url, scalar_i64, Backend, Env};
 use crate::ops_util::{dead_mongo_uri, items, seed, tidemark};
+use crate::trust_util::exec;
 use tidemark::commands::status::{NAGIOS_CRITICAL, NAGIOS_OK, NAGIOS_UNKNOWN, NAGIOS_WARNING};
 use tidemark::telemetry::metrics;
 
@@ -489,17 +490,6 @@ async fn ops_status_a_failed_last_run_raises_the_state_when_asked() {
         warn.1
     );
     assert_eq!(crit.0, NAGIOS_CRITICAL, "{}", crit.1);
-}
-
-async fn exec(url: &str, sql: &str) {
-    use sqlx::Connection;
-    if url.starts_with("sqlite:") {
-        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-        sqlx::query(sql).execute(&mut c).await.unwrap();
-    } else {
-        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-        sqlx::query(sql).execute(&mut c).await.unwrap();
-    }
 }
 
 #[tokio::test]
