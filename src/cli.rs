@@ -202,7 +202,7 @@ pub enum RaiseTo {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Only these entities (repeatable); default: all.
+    /// Only these entities (repeatable); default: sync.entities, else every windowed entity.
     #[arg(long = "entity", value_name = "NAME")]
     pub entities: Vec<String>,
     /// Stop windows at this time instead of now minus settle (RFC 3339, date, or -7d).

@@ -18,7 +18,7 @@ pub mod status;
 pub mod sweep;
 pub mod verify;
 
-use crate::cli::{Cli, Command, DemoCommand, VerifyArgs};
+use crate::cli::{BackfillArgs, Cli, Command, DemoCommand, VerifyArgs};
 use crate::engine::window::ChunkBy;
 use crate::exit::{self, Failure};
 use crate::settings::Settings;
@@ -47,119 +47,20 @@ pub async fn execute(cli: Cli) -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> Result<i32> {
-    // Completions and man pages describe the command line only: no settings needed. A
-    // reader that closes the pipe early (`| head`) is not an error.
-    let stdout_done = |r: std::io::Result<()>| match r {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
-        _ => Ok(exit::OK),
-    };
-    match &cli.command {
-        Command::Completions { shell } => {
-            return Ok(stdout_done(crate::cli::write_completions(
-                *shell,
-                &mut std::io::stdout(),
-            ))?);
-        }
-        Command::Man { dir: None } => {
-            return Ok(stdout_done(crate::cli::write_man(&mut std::io::stdout()))?);
-        }
-        Command::Man { dir: Some(dir) } => {
-            let pages = crate::cli::write_man_pages(dir).map_err(|e| {
-                Failure::Config(anyhow::anyhow!(
-                    "cannot write man pages into {}: {e}; give an existing, writable folder",
-                    dir.display()
-                ))
-            })?;
-            println!("{} man pages written into {}", pages.len(), dir.display());
-            return Ok(exit::OK);
-        }
-        _ => {}
+    if let Some(code) = describe_cli(&cli.command)? {
+        return Ok(code);
     }
     let config = cli.config.clone();
     let settings = match Settings::load(config.as_deref()) {
         Ok(s) => s,
-        Err(e) => {
-            // A monitoring check answers UNKNOWN (3) on its first line, whatever went wrong.
-            if let Command::Status(args) = &cli.command {
-                let msg = secret::redact_uri(&format!("settings: {e:#}"));
-                status::print_unknown(&msg, args.json);
-                return Ok(status::NAGIOS_UNKNOWN);
-            }
-            // A run that cannot even load its settings is a failed run for monitoring too.
-            if let Command::Run(args) = &cli.command {
-                if let Some(path) = &args.textfile {
-                    metrics::install();
-                    metrics::record_run("failed", 0, chrono::Utc::now());
-                    if let Err(te) = metrics::write_textfile(path, chrono::Utc::now()) {
-                        eprintln!("metrics textfile not written: {te:#}");
-                    }
-                }
-            }
-            return Err(Failure::Config(e).into());
-        }
+        Err(e) => return settings_failed(&cli.command, e),
     };
     telemetry::init(settings.log.format, &settings.log.level);
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_watch(stop.clone());
     match cli.command {
-        Command::Run(args) => {
-            if args.textfile.is_some() {
-                metrics::install();
-            }
-            let result = run::run(
-                settings,
-                run::RunOptions {
-                    entities: args.entities,
-                    until: args.until,
-                    wait: args.wait,
-                    dry_run: args.dry_run,
-                    ids: args.ids,
-                },
-                stop,
-            )
-            .await;
-            if let Some(path) = &args.textfile {
-                // A textfile failure must not hide the run's own error.
-                match (metrics::write_textfile(path, chrono::Utc::now()), &result) {
-                    (Err(e), Ok(_)) => return Err(e),
-                    (Err(e), Err(_)) => {
-                        tracing::error!(error = %format!("{e:#}"), "metrics textfile not written")
-                    }
-                    _ => {}
-                }
-            }
-            println!("{}", result?);
-            Ok(exit::OK)
-        }
-        Command::Backfill(args) if args.dry_run => {
-            let (Some(from), Some(to)) = (&args.from, &args.to) else {
-                return Err(
-                    Failure::Config(anyhow::anyhow!("--dry-run needs --from and --to")).into(),
-                );
-            };
-            let chunk = ChunkBy::from_args(args.chunk, Some(args.chunk_docs))?;
-            let report =
-                backfill::backfill_dry_run(settings, from, to, args.entities, chunk, stop).await?;
-            println!("{report}");
-            Ok(exit::OK)
-        }
-        Command::Backfill(args) => {
-            let report = backfill::backfill(
-                settings,
-                backfill::BackfillOptions {
-                    from: args.from,
-                    to: args.to,
-                    entities: args.entities,
-                    chunk: ChunkBy::from_args(args.chunk, Some(args.chunk_docs))?,
-                    parallel: args.parallel,
-                    resume: args.resume,
-                },
-                stop,
-            )
-            .await?;
-            println!("{report}");
-            Ok(exit::OK)
-        }
+        Command::Run(args) => run::execute(settings, args, stop).await,
+        Command::Backfill(args) => backfill_command(settings, args, stop).await,
         Command::Daemon => {
             daemon::daemon(config, settings, stop).await?;
             Ok(exit::OK)
@@ -182,7 +83,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::DeadLetters(cmd) => dead_letters::execute(settings, cmd).await,
         Command::Verify(args) => verify_command(settings, args).await,
         Command::Sweep(args) => sweep::execute(settings, args).await,
-        // Answered above, before the settings were loaded.
+        // Answered by `describe_cli`, before the settings were loaded.
         Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
         Command::Demo(DemoCommand::Seed {
             vizzes,
@@ -198,6 +99,91 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
     }
+}
+
+/// Completions and man pages describe the command line only: they are answered here,
+/// without settings (`Some(exit code)`); every other command gives `None`. A reader that
+/// closes the pipe early (`| head`) is not an error.
+fn describe_cli(command: &Command) -> Result<Option<i32>> {
+    let stdout_done = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
+        _ => Ok(exit::OK),
+    };
+    match command {
+        Command::Completions { shell } => Ok(Some(stdout_done(crate::cli::write_completions(
+            *shell,
+            &mut std::io::stdout(),
+        ))?)),
+        Command::Man { dir: None } => Ok(Some(stdout_done(crate::cli::write_man(
+            &mut std::io::stdout(),
+        ))?)),
+        Command::Man { dir: Some(dir) } => {
+            let pages = crate::cli::write_man_pages(dir).map_err(|e| {
+                Failure::Config(anyhow::anyhow!(
+                    "cannot write man pages into {}: {e}; give an existing, writable folder",
+                    dir.display()
+                ))
+            })?;
+            println!("{} man pages written into {}", pages.len(), dir.display());
+            Ok(Some(exit::OK))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Settings that do not load: a configuration error (exit 5), except that a monitoring
+/// check answers UNKNOWN (3) on its first line, and a run with `--textfile` still records
+/// itself as failed there.
+fn settings_failed(command: &Command, e: anyhow::Error) -> Result<i32> {
+    if let Command::Status(args) = command {
+        let msg = secret::redact_uri(&format!("settings: {e:#}"));
+        status::print_unknown(&msg, args.json);
+        return Ok(status::NAGIOS_UNKNOWN);
+    }
+    // A run that cannot even load its settings is a failed run for monitoring too.
+    if let Command::Run(args) = command {
+        if let Some(path) = &args.textfile {
+            metrics::install();
+            metrics::record_run("failed", 0, chrono::Utc::now());
+            if let Err(te) = metrics::write_textfile(path, chrono::Utc::now()) {
+                eprintln!("metrics textfile not written: {te:#}");
+            }
+        }
+    }
+    Err(Failure::Config(e).into())
+}
+
+/// `tidemark backfill`: a dry run maps a range without writing, a real one runs its chunks.
+async fn backfill_command(
+    settings: Settings,
+    args: BackfillArgs,
+    stop: Arc<AtomicBool>,
+) -> Result<i32> {
+    if args.dry_run {
+        let (Some(from), Some(to)) = (&args.from, &args.to) else {
+            return Err(Failure::Config(anyhow::anyhow!("--dry-run needs --from and --to")).into());
+        };
+        let chunk = ChunkBy::from_args(args.chunk, Some(args.chunk_docs))?;
+        let report =
+            backfill::backfill_dry_run(settings, from, to, args.entities, chunk, stop).await?;
+        println!("{report}");
+        return Ok(exit::OK);
+    }
+    let report = backfill::backfill(
+        settings,
+        backfill::BackfillOptions {
+            from: args.from,
+            to: args.to,
+            entities: args.entities,
+            chunk: ChunkBy::from_args(args.chunk, Some(args.chunk_docs))?,
+            parallel: args.parallel,
+            resume: args.resume,
+        },
+        stop,
+    )
+    .await?;
+    println!("{report}");
+    Ok(exit::OK)
 }
 
 /// First SIGINT/SIGTERM: finish the current batch, save the checkpoint, exit. Second: exit now.

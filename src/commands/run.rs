@@ -1,5 +1,6 @@
 //! `tidemark run`: catch every selected entity up, or migrate single records (`--id`).
 
+use crate::cli::RunArgs;
 use crate::commands::lifecycle::{outcome, RunLog};
 use crate::commands::setup::{load_mapping, open_sink, open_sink_dry};
 use crate::engine::pipeline::{self, Counts, Ctx, EntityReport};
@@ -118,6 +119,34 @@ fn run_pool(s: &Settings) -> Settings {
         pool.target.max_connections = s.target.max_connections.min(2);
     }
     pool
+}
+
+/// `tidemark run` from the command line: run, write the metrics textfile when asked, print
+/// the report.
+pub async fn execute(s: Settings, args: RunArgs, stop: Arc<AtomicBool>) -> Result<i32> {
+    if args.textfile.is_some() {
+        metrics::install();
+    }
+    let opts = RunOptions {
+        entities: args.entities,
+        until: args.until,
+        wait: args.wait,
+        dry_run: args.dry_run,
+        ids: args.ids,
+    };
+    let result = run(s, opts, stop).await;
+    if let Some(path) = &args.textfile {
+        // A textfile failure must not hide the run's own error.
+        match (metrics::write_textfile(path, chrono::Utc::now()), &result) {
+            (Err(e), Ok(_)) => return Err(e),
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %format!("{e:#}"), "metrics textfile not written")
+            }
+            _ => {}
+        }
+    }
+    println!("{}", result?);
+    Ok(crate::exit::OK)
 }
 
 /// `tidemark run`: catch every selected entity up (or, with `ids`, migrate single records).
