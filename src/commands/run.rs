@@ -3,7 +3,9 @@
 use crate::cli::RunArgs;
 use crate::commands::lifecycle::{outcome, RunLog};
 use crate::commands::setup::{load_mapping, open_sink, open_sink_dry};
+use crate::engine::lane::{Lease, LockOptions};
 use crate::engine::pipeline::{self, Counts, Ctx, EntityReport};
+use crate::engine::select::Selection;
 use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
 use crate::mapping::Mapping;
@@ -207,49 +209,16 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let mapping = load_mapping(&s)?;
-    let mut names = if opts.entities.is_empty() {
-        s.sync.entities.clone()
+    let chosen = Selection::new(&mapping, &opts.entities).or_configured(&s.sync.entities);
+    let names = if opts.ids.is_empty() {
+        chosen.windows()?
     } else {
-        opts.entities.clone()
+        vec![chosen.one()?]
     };
-    if names.is_empty() {
-        names = mapping.entities.iter().map(|e| e.name.clone()).collect();
-    }
-    for n in &names {
-        mapping.entity(n).map_err(Failure::Config)?;
-    }
-    if opts.ids.is_empty() {
-        // An entity with `windowed = false` has no lane of its own: it is only pulled on
-        // demand (or migrated by id).
-        if let Some(n) = opts
-            .entities
-            .iter()
-            .find(|n| mapping.entity(n).is_ok_and(|e| !e.windowed))
-        {
-            return Err(Failure::Config(anyhow::anyhow!(
-                "entity `{n}` has windowed = false in the mapping: it has no time windows and is only \
-                 pulled on demand; migrate records of it with --id, or set windowed = true"
-            ))
-            .into());
-        }
-        names.retain(|n| mapping.entity(n).is_ok_and(|e| e.windowed));
-    }
     if !opts.dry_run {
         metrics::entities(&names);
     }
-    if !opts.ids.is_empty() && opts.entities.len() != 1 {
-        return Err(Failure::Config(anyhow::anyhow!(
-            "--id needs exactly one --entity, e.g. tidemark run --entity vizzes --id 1a2b…"
-        ))
-        .into());
-    }
-    let until = opts
-        .until
-        .as_deref()
-        .map(|u| timearg::parse_instant(u, chrono::Utc::now()))
-        .transpose()
-        .map_err(Failure::Config)?
-        .map(crate::engine::window::to_millis);
+    let until = parse_until(opts.until.as_deref())?;
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
@@ -259,23 +228,7 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     } else {
         open_sink(&pool, &mapping).await?
     };
-    // Single records move no checkpoint and a dry run writes nothing: neither takes the lanes.
-    let lease = if opts.dry_run || !opts.ids.is_empty() {
-        None
-    } else {
-        let lanes: Vec<String> = names.iter().map(|n| pipeline::nightly_lane(n)).collect();
-        let lock_opts = crate::engine::lane::LockOptions {
-            lease: s.lock.lease,
-            wait: opts.wait,
-        };
-        match crate::engine::lane::acquire(&sink, &lanes, lock_opts, stop.clone()).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                sink.close().await;
-                return Err(e);
-            }
-        }
-    };
+    let lease = take_lanes(&s, &sink, &opts, &names, stop.clone()).await?;
     if !opts.dry_run {
         metrics::set_in_progress(true);
     }
@@ -283,62 +236,20 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     let log = RunLog::start(&s, &sink, kind, opts.dry_run, &mapping.version, started_at).await?;
     let run_id = log.id().to_owned();
     info!(run_id = %run_id, dry_run = opts.dry_run, target_url = %s.target.url, source_uri = %s.source.uri, "run started");
-    let mut ctx = Ctx::new(s, mapping, source, sink, run_id.clone(), stop);
+    let mut ctx = Ctx::new(s, mapping, source, sink, run_id, stop);
     ctx.dry_run = opts.dry_run;
     let ctx = Arc::new(ctx);
-    let mut reports = Vec::new();
-    let mut result = Ok(());
-    let mut failed_entity = None;
-    for n in &names {
-        let e = ctx.mapping.entity(n)?.clone();
-        let r = if opts.ids.is_empty() {
-            pipeline::catch_up(&ctx, &e, until).await
-        } else {
-            crate::commands::record::migrate_records(&ctx, &e, &opts.ids).await
-        };
-        match r {
-            Ok(r) => {
-                if !opts.dry_run {
-                    metrics::record_entity(&r.totals(), chrono::Utc::now());
-                }
-                reports.push(r);
-            }
-            Err(err) => {
-                failed_entity = Some(n.clone());
-                result = Err(err);
-                break;
-            }
+    let mut done = catch_up_each(&ctx, &names, &opts.ids, until).await?;
+    if let Some(lease) = lease.as_ref().filter(|l| l.is_lost()) {
+        if done.result.is_ok() {
+            done.result = Err(anyhow::anyhow!(
+                "the lease on {:?} was lost during the run (another process took a lane over after it expired); \
+                 check lock.lease against how long the target stalls",
+                lease.lanes()
+            ));
         }
     }
-    if lease.as_ref().is_some_and(|l| l.is_lost()) && result.is_ok() {
-        result = Err(anyhow::anyhow!(
-            "the lease on {:?} was lost during the run (another process took a lane over after it expired); \
-             check lock.lease against how long the target stalls",
-            lease.as_ref().map(|l| l.lanes()).unwrap_or_default()
-        ));
-    }
-    let mut totals = Counts::default();
-    for r in &reports {
-        totals.add(&r.counts);
-    }
-    let mut report = RunReport {
-        run_id: run_id.clone(),
-        dry_run: opts.dry_run,
-        entities: reports,
-        totals,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        report_file: None,
-    };
-    let mut json = serde_json::to_value(&report)?;
-    let status = outcome(&result, &mut json, true);
-    if let Some(n) = &failed_entity {
-        json["failed_entity"] = serde_json::Value::String(n.clone());
-    }
-    let written = log.finish(&ctx.sink, status, &json).await;
-    match written {
-        Ok(p) => report.report_file = Some(p.display().to_string()),
-        Err(e) => warn!(error = %format!("{e:#}"), "run report file not written"),
-    }
+    let (report, result) = write_report(&ctx, &log, done, started).await?;
     if !opts.dry_run {
         observe_outstanding(&ctx.sink, &ctx.source, &ctx.mapping, &names).await;
     }
@@ -349,6 +260,119 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     }
     ctx.sink.close().await;
     result.map(|_| report)
+}
+
+/// `--until`: where the windows stop instead of now minus `sync.settle`.
+fn parse_until(until: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let at = until
+        .map(|u| timearg::parse_instant(u, chrono::Utc::now()))
+        .transpose()
+        .map_err(Failure::Config)?;
+    Ok(at.map(crate::engine::window::to_millis))
+}
+
+/// Take the entities' nightly lanes, or none: single records move no checkpoint and a dry
+/// run writes nothing. When they cannot be taken the sink is closed before the error.
+async fn take_lanes(
+    s: &Settings,
+    sink: &Sink,
+    opts: &RunOptions,
+    names: &[String],
+    stop: Arc<AtomicBool>,
+) -> Result<Option<Lease>> {
+    if opts.dry_run || !opts.ids.is_empty() {
+        return Ok(None);
+    }
+    let lanes: Vec<String> = names.iter().map(|n| pipeline::nightly_lane(n)).collect();
+    let lock_opts = LockOptions {
+        lease: s.lock.lease,
+        wait: opts.wait,
+    };
+    match crate::engine::lane::acquire(sink, &lanes, lock_opts, stop).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) => {
+            sink.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// What the entities' catch-ups gave: a report for each one that finished, in order, and
+/// the error that stopped the run with the entity it stopped at.
+struct Done {
+    reports: Vec<EntityReport>,
+    result: Result<()>,
+    failed_entity: Option<String>,
+}
+
+/// Catch each entity up in turn (or, with `ids`, migrate those records of the one entity),
+/// stopping at the first error; each finished entity is counted in the metrics. An error
+/// here (an entity the mapping lacks) ends the run before its report.
+async fn catch_up_each(
+    ctx: &Arc<Ctx>,
+    names: &[String],
+    ids: &[String],
+    until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Done> {
+    let mut done = Done {
+        reports: Vec::new(),
+        result: Ok(()),
+        failed_entity: None,
+    };
+    for n in names {
+        let e = ctx.mapping.entity(n)?;
+        let r = if ids.is_empty() {
+            pipeline::catch_up(ctx, e, until).await
+        } else {
+            crate::commands::record::migrate_records(ctx, e, ids).await
+        };
+        match r {
+            Ok(r) => {
+                if !ctx.dry_run {
+                    metrics::record_entity(&r.totals(), chrono::Utc::now());
+                }
+                done.reports.push(r);
+            }
+            Err(err) => {
+                done.failed_entity = Some(n.clone());
+                done.result = Err(err);
+                break;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The run's report, closed in the ledger and written to its file (a file that cannot be
+/// written is only a warning), with the run's result.
+async fn write_report(
+    ctx: &Ctx,
+    log: &RunLog,
+    done: Done,
+    started: Instant,
+) -> Result<(RunReport, Result<()>)> {
+    let mut totals = Counts::default();
+    for r in &done.reports {
+        totals.add(&r.counts);
+    }
+    let mut report = RunReport {
+        run_id: ctx.run_id.clone(),
+        dry_run: ctx.dry_run,
+        entities: done.reports,
+        totals,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        report_file: None,
+    };
+    let mut json = serde_json::to_value(&report)?;
+    let status = outcome(&done.result, &mut json, true);
+    if let Some(n) = &done.failed_entity {
+        json["failed_entity"] = serde_json::Value::String(n.clone());
+    }
+    match log.finish(&ctx.sink, status, &json).await {
+        Ok(p) => report.report_file = Some(p.display().to_string()),
+        Err(e) => warn!(error = %format!("{e:#}"), "run report file not written"),
+    }
+    Ok((report, done.result))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 use crate::cli::SweepArgs;
 use crate::commands::lifecycle::{outcome, RunLog};
+use crate::engine::select::{Fallback, Selection};
 use crate::exit::{self, Failure};
 use crate::mapping::spec::DeleteAction;
 use crate::mapping::{Entity, Value};
@@ -220,19 +221,9 @@ pub async fn sweep(
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let mapping = crate::commands::setup::load_mapping(&s)?;
-    let names: Vec<String> = if entities.is_empty() {
-        mapping
-            .entities
-            .iter()
-            .filter(|e| e.windowed && e.key_column.is_some())
-            .map(|e| e.name.clone())
-            .collect()
-    } else {
-        entities
-    };
-    for n in &names {
-        mapping.entity(n).map_err(Failure::Config)?;
-    }
+    let names = Selection::new(&mapping, &entities)
+        .or(Fallback::Keyed)
+        .names()?;
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;
