@@ -322,138 +322,193 @@ pub(super) fn target_hash(
     xor(&full_hash(e, row, &kids))
 }
 
-/// The verdict on one entry of a page, given the target's row (`trow`, hashed `th`) and
-/// the tool's record of its document.
+/// What the target holds for one key: its row and that row's hash (with its child rows),
+/// the tool's record of the document, and the target's child rows of the page by parent
+/// link ([`group_children`]).
+pub(super) struct InTarget<'a> {
+    pub(super) row: Option<&'a Vec<Value>>,
+    pub(super) hash: Option<u128>,
+    pub(super) record: Option<Record>,
+    pub(super) kids: &'a [HashMap<String, Vec<Vec<Value>>>],
+}
+
+/// The verdict on one entry of a page, given what the target holds for its key.
 pub(super) fn judge(
     acc: &mut Acc<'_>,
     en: Entry,
     when: Option<DateTime<Utc>>,
-    trow: Option<&Vec<Value>>,
-    th: Option<u128>,
-    record: Option<Record>,
-    t_kids: &[HashMap<String, Vec<Vec<Value>>>],
+    target: InTarget<'_>,
 ) {
-    let e = acc.e;
-    let bucket = acc.bucket_of(when);
-    let plain = |kind| Verdict {
-        bucket,
-        source: None,
-        target: th,
-        kind,
-    };
-    let diff = |state: &'static str,
-                reason: Option<String>,
-                columns: Vec<ColumnDiff>,
-                children: Vec<ChildDiff>| RowDiff {
-        key: en.key.clone(),
-        state,
-        reason,
-        columns,
-        children,
+    let case = Case {
+        bucket: acc.bucket_of(when),
+        acc,
+        key: en.key,
+        when,
+        target,
     };
     match en.expected {
-        Expected::Gone { .. } => match trow {
-            None => acc.decide(en.key, plain(Kind::Nothing)),
-            Some(_) => {
-                let d = diff(
-                    "different",
-                    Some("deleted in the source".into()),
-                    vec![],
-                    vec![],
-                );
-                acc.differ(when, None, th, d)
-            }
-        },
-        Expected::Marked { at, .. } => {
-            let Some(t) = trow else {
-                return acc.decide(en.key, plain(Kind::Nothing));
-            };
-            let sc = e.deleted.as_ref().and_then(|d| d.column).unwrap_or(0);
-            let c = &e.columns[sc];
-            let (s, v) = (canon::value(&at, c.ty), canon::value(&t[sc], c.ty));
-            if s == v {
-                acc.decide(
-                    en.key,
-                    Verdict {
-                        source: th,
-                        ..plain(Kind::SoftDeleted)
-                    },
-                );
-            } else {
-                let cols = vec![ColumnDiff {
-                    column: c.name.clone(),
-                    source: shown(&c.name, s),
-                    target: shown(&c.name, v),
-                }];
-                let d = diff(
-                    "different",
-                    Some("soft-deleted in the source".into()),
-                    cols,
-                    vec![],
-                );
-                acc.differ(when, None, th, d);
-            }
-        }
+        Expected::Gone { .. } => case.gone(),
+        Expected::Marked { at, .. } => case.marked(&at),
         Expected::Row {
             row,
             children,
             soft,
-        } => {
-            if let Some(why) = &en.held {
-                // The row must stay out until its reference exists.
-                match (trow, record) {
-                    (Some(_), _) => {
-                        let why = format!("{why}, yet the row is there");
-                        acc.differ(when, None, th, diff("different", Some(why), vec![], vec![]))
-                    }
-                    (None, Some(Record::DeadLetter)) => {
-                        acc.decide(en.key, plain(Kind::DeadLettered))
-                    }
-                    (None, Some(Record::Pending)) => acc.decide(en.key, plain(Kind::Deferred)),
-                    (None, None) => {
-                        let why = format!(
-                            "{why}, and no dead letter or pending entry records the document"
-                        );
-                        acc.differ(when, None, None, diff("missing", Some(why), vec![], vec![]))
-                    }
-                }
-                return;
-            }
-            let sh = xor(&full_hash(e, &row, &children));
-            let Some(t) = trow else {
-                return match record {
-                    Some(Record::Pending) => acc.decide(en.key, plain(Kind::Deferred)),
-                    Some(Record::DeadLetter) => acc.decide(en.key, plain(Kind::DeadLettered)),
-                    None => acc.differ(when, Some(sh), None, diff("missing", None, vec![], vec![])),
-                };
-            };
-            if Some(sh) == th {
-                let kind = if soft { Kind::SoftDeleted } else { Kind::Same };
-                return acc.decide(
-                    en.key,
-                    Verdict {
-                        bucket,
-                        source: Some(sh),
-                        target: th,
-                        kind,
-                    },
-                );
-            }
-            let t_children: Vec<Vec<Vec<Value>>> = e
-                .children
-                .iter()
-                .zip(t_kids.iter())
-                .map(|(c, m)| m.get(&link_of_parent(c, &row)).cloned().unwrap_or_default())
-                .collect();
-            let columns = column_diffs(e.table_ref(), &row, t);
-            let kids: Vec<ChildDiff> = e
-                .children
-                .iter()
-                .zip(children.iter().zip(&t_children))
-                .flat_map(|(c, (s, t))| child_diffs(c, s, t))
-                .collect();
-            let reason = soft.then(|| "soft-deleted in the source".into());
-            acc.differ(when, Some(sh), th, diff("different", reason, columns, kids));
+        } => match &en.held {
+            Some(why) => case.held(why),
+            None => case.row(&row, &children, soft),
+        },
+    }
+}
+
+/// One key being judged: where its verdict goes, and what the target holds for it.
+struct Case<'a, 'e> {
+    acc: &'a mut Acc<'e>,
+    key: String,
+    when: Option<DateTime<Utc>>,
+    bucket: i64,
+    target: InTarget<'a>,
+}
+
+impl Case<'_, '_> {
+    /// A verdict of `kind` with the target's hash only.
+    fn verdict(&self, kind: Kind) -> Verdict {
+        Verdict {
+            bucket: self.bucket,
+            source: None,
+            target: self.target.hash,
+            kind,
         }
+    }
+
+    fn decide(self, v: Verdict) {
+        self.acc.decide(self.key, v)
+    }
+
+    /// The plain verdict of `kind`.
+    fn settle(self, kind: Kind) {
+        let v = self.verdict(kind);
+        self.decide(v)
+    }
+
+    /// A difference in `state`, without columns or child rows.
+    fn diff(&self, state: &'static str, reason: Option<String>) -> RowDiff {
+        RowDiff {
+            key: self.key.clone(),
+            state,
+            reason,
+            columns: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    fn differ(self, source: Option<u128>, target: Option<u128>, d: RowDiff) {
+        self.acc.differ(self.when, source, target, d)
+    }
+
+    /// Deleted by the deleted rule: the target must hold no row.
+    fn gone(self) {
+        if self.target.row.is_none() {
+            return self.settle(Kind::Nothing);
+        }
+        let d = self.diff("different", Some("deleted in the source".into()));
+        let th = self.target.hash;
+        self.differ(None, th, d)
+    }
+
+    /// Soft-deleted, the document no longer maps: the row (if any) must carry the marker `at`.
+    fn marked(self, at: &Value) {
+        let e = self.acc.e;
+        let Some(t) = self.target.row else {
+            return self.settle(Kind::Nothing);
+        };
+        let sc = e.deleted.as_ref().and_then(|d| d.column).unwrap_or(0);
+        let c = &e.columns[sc];
+        let (s, v) = (canon::value(at, c.ty), canon::value(&t[sc], c.ty));
+        if s == v {
+            let v = Verdict {
+                source: self.target.hash,
+                ..self.verdict(Kind::SoftDeleted)
+            };
+            return self.decide(v);
+        }
+        let columns = vec![ColumnDiff {
+            column: c.name.clone(),
+            source: shown(&c.name, s),
+            target: shown(&c.name, v),
+        }];
+        let reason = Some("soft-deleted in the source".into());
+        let d = RowDiff {
+            columns,
+            ..self.diff("different", reason)
+        };
+        let th = self.target.hash;
+        self.differ(None, th, d);
+    }
+
+    /// A row that must stay out until its reference exists (`why`): absent, and recorded
+    /// as a dead letter or pending.
+    fn held(self, why: &str) {
+        match (self.target.row, self.target.record) {
+            (Some(_), _) => {
+                let d = self.diff("different", Some(format!("{why}, yet the row is there")));
+                let th = self.target.hash;
+                self.differ(None, th, d)
+            }
+            (None, Some(Record::DeadLetter)) => self.settle(Kind::DeadLettered),
+            (None, Some(Record::Pending)) => self.settle(Kind::Deferred),
+            (None, None) => {
+                let why =
+                    format!("{why}, and no dead letter or pending entry records the document");
+                let d = self.diff("missing", Some(why));
+                self.differ(None, None, d)
+            }
+        }
+    }
+
+    /// A row with its child rows (`soft`: marked deleted): the same in the target, counted
+    /// apart when recorded as pending or dead, else missing or different in these columns
+    /// and child rows.
+    fn row(self, row: &[Value], children: &[Vec<Vec<Value>>], soft: bool) {
+        let e = self.acc.e;
+        let sh = xor(&full_hash(e, row, children));
+        let th = self.target.hash;
+        let Some(t) = self.target.row else {
+            return match self.target.record {
+                Some(Record::Pending) => self.settle(Kind::Deferred),
+                Some(Record::DeadLetter) => self.settle(Kind::DeadLettered),
+                None => {
+                    let d = self.diff("missing", None);
+                    self.differ(Some(sh), None, d)
+                }
+            };
+        };
+        if Some(sh) == th {
+            let kind = if soft { Kind::SoftDeleted } else { Kind::Same };
+            let v = Verdict {
+                source: Some(sh),
+                ..self.verdict(kind)
+            };
+            return self.decide(v);
+        }
+        let t_children: Vec<Vec<Vec<Value>>> = e
+            .children
+            .iter()
+            .zip(self.target.kids.iter())
+            .map(|(c, m)| m.get(&link_of_parent(c, row)).cloned().unwrap_or_default())
+            .collect();
+        let columns = column_diffs(e.table_ref(), row, t);
+        let kids: Vec<ChildDiff> = e
+            .children
+            .iter()
+            .zip(children.iter().zip(&t_children))
+            .flat_map(|(c, (s, t))| child_diffs(c, s, t))
+            .collect();
+        let reason = soft.then(|| "soft-deleted in the source".into());
+        let d = RowDiff {
+            columns,
+            children: kids,
+            ..self.diff("different", reason)
+        };
+        self.differ(Some(sh), th, d);
     }
 }

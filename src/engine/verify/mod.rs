@@ -29,6 +29,7 @@
 mod expect;
 mod judge;
 
+use crate::engine::select::Selection;
 use crate::engine::window::Window;
 use crate::exit::Failure;
 use crate::mapping::canon;
@@ -40,7 +41,7 @@ use bson::RawDocumentBuf;
 use chrono::Utc;
 use expect::{apply_policies, expect_page, present_refs, Entry, Expected};
 use indexmap::IndexMap;
-use judge::{group_children, judge, target_hash, xor, Acc, Kind, Verdict};
+use judge::{group_children, judge, target_hash, xor, Acc, InTarget, Kind, Verdict};
 use serde::Serialize;
 use serde_json::Value as J;
 use std::collections::HashMap;
@@ -335,10 +336,14 @@ async fn verify_page(
             .ok()
             .flatten()
             .and_then(|v| crate::mapping::value::to_timestamp(&v, Some(e.time_format())).ok());
-        let record = records.get(&sid(en.doc)).copied();
-        let trow = target.get(&en.key);
-        let th = trow.map(|t| target_hash(e, t, &t_kids));
-        judge(acc, en, when, trow, th, record, &t_kids);
+        let row = target.get(&en.key);
+        let held = InTarget {
+            row,
+            hash: row.map(|t| target_hash(e, t, &t_kids)),
+            record: records.get(&sid(en.doc)).copied(),
+            kids: &t_kids,
+        };
+        judge(acc, en, when, held);
     }
     Ok(())
 }
@@ -406,19 +411,7 @@ pub fn plan(mapping: &Mapping, opts: &VerifyOptions) -> Result<Plan> {
         crate::engine::window::to_millis(f),
         crate::engine::window::to_millis(t),
     );
-    let entities: Vec<String> = if opts.entities.is_empty() {
-        mapping
-            .entities
-            .iter()
-            .filter(|e| e.windowed)
-            .map(|e| e.name.clone())
-            .collect()
-    } else {
-        opts.entities.clone()
-    };
-    for n in &entities {
-        mapping.entity(n).map_err(Failure::Config)?;
-    }
+    let entities = Selection::new(mapping, &opts.entities).names()?;
     Ok(Plan { range, entities })
 }
 
