@@ -187,127 +187,185 @@ pub fn map_page_twins(
     twin_dead: Vec<DeadLetter>,
 ) -> MappedPage {
     let mut out = MappedPage::default();
-    let mut rows: Vec<Option<RowWithChildren>> = Vec::with_capacity(docs.len());
-    let mut index: HashMap<String, usize> = HashMap::with_capacity(docs.len());
-    let mut deletes: Vec<Option<Deletion>> = Vec::new();
-    let mut del_index: HashMap<String, usize> = HashMap::new();
+    let mut wins = LastWins::with_capacity(docs.len());
     let mut last_ok: HashMap<String, bool> = HashMap::new();
-    let soft = e
-        .deleted
-        .as_ref()
-        .is_some_and(|d| d.action == crate::mapping::spec::DeleteAction::SoftDelete);
     for (di, doc) in docs.iter().enumerate() {
-        if !losers.is_empty() {
-            let id = source_id(doc);
-            if let Some(error) = losers.get(&id) {
-                if track_resolved {
-                    last_ok.insert(id.clone(), false);
-                }
-                out.dead.push(DeadLetter {
-                    source_id: id,
-                    error: error.clone(),
-                    document: raw_json(doc),
-                });
-                continue;
-            }
-        }
-        let outcome = match e.map(doc) {
-            Ok(o) => o,
-            Err(err) => {
-                let id = source_id(doc);
-                if track_resolved {
-                    last_ok.insert(id.clone(), false);
-                }
-                out.dead.push(DeadLetter {
-                    source_id: id,
-                    error: err.to_string(),
-                    document: raw_json(doc),
-                });
-                continue;
-            }
+        let track = track_resolved.then_some(&mut last_ok);
+        let Some(outcome) = map_one(e, doc, &losers, &mut out, track) else {
+            continue;
         };
-        if track_resolved {
-            let id = source_id(doc);
-            last_ok.insert(id.clone(), true);
-            out.resolved.push(id);
-        }
         match outcome {
             Outcome::Row { row, children } => {
                 let key = key_text_of(&row, &e.pk);
-                if let Some(at) = del_index.remove(&key) {
-                    deletes[at] = None;
-                    out.duplicates += 1;
-                    out.deleted -= 1;
-                }
-                match index.get(&key) {
-                    Some(&at) => {
-                        rows[at] = Some((row, children, di));
-                        out.duplicates += 1;
-                    }
-                    None => {
-                        index.insert(key, rows.len());
-                        rows.push(Some((row, children, di)));
-                    }
-                }
+                wins.row(key, (row, children, di), &mut out);
             }
             Outcome::Deleted { key, at } => {
                 out.deleted += 1;
-                let Some(k) = key else { continue };
-                let kt = crate::mapping::value::key_text(&k);
-                if let Some(i) = index.remove(&kt) {
-                    rows[i] = None;
-                    out.duplicates += 1;
-                }
-                match del_index.get(&kt) {
-                    Some(&i) => {
-                        deletes[i] = Some((k, at));
-                        out.duplicates += 1;
-                        out.deleted -= 1;
-                    }
-                    None => {
-                        del_index.insert(kt, deletes.len());
-                        deletes.push(Some((k, at)));
-                    }
+                if let Some(k) = key {
+                    wins.delete(k, at, &mut out);
                 }
             }
             Outcome::Filtered => out.filtered += 1,
         }
     }
-    if track_resolved && last_ok.len() < out.dead.len() + out.resolved.len() {
-        // A document came twice in the page (changed while being read): its last version
-        // decides whether it is dead-lettered or resolved; a superseded failure counts as a
-        // duplicate.
-        let before = out.dead.len();
-        out.dead
-            .retain(|d| last_ok.get(&d.source_id) != Some(&true));
-        out.duplicates += (before - out.dead.len()) as u64;
-        let mut seen = std::collections::HashSet::new();
-        out.resolved
-            .retain(|id| last_ok.get(id) == Some(&true) && seen.insert(id.clone()));
+    if track_resolved {
+        keep_last_versions(&mut out, &last_ok);
     }
-    for (k, at) in deletes.into_iter().flatten() {
-        if soft {
-            out.soft_deletes
-                .push((k, at.map_or(Value::Null, Value::Timestamp)));
-        } else {
-            out.deletes.push(k);
+    wins.into_page(e, &mut out);
+    out.twin_losers = losers;
+    out.twin_dead = twin_dead;
+    out
+}
+
+/// Map one document: its outcome, or `None` when it became a dead letter in `out` (a twin
+/// that lost its key to another, or a document that does not map). With `last_ok` (the page
+/// tracks what it resolved) the document's id goes to `out.resolved` when it maps, and
+/// `last_ok` records whether its latest version did.
+fn map_one(
+    e: &Entity,
+    doc: &bson::RawDocument,
+    losers: &HashMap<String, String>,
+    out: &mut MappedPage,
+    last_ok: Option<&mut HashMap<String, bool>>,
+) -> Option<Outcome> {
+    let lost = if losers.is_empty() {
+        None
+    } else {
+        let id = source_id(doc);
+        losers.get(&id).map(|error| (id, error.clone()))
+    };
+    let failed = match lost {
+        Some(dead) => Err(dead),
+        None => e.map(doc).map_err(|err| (source_id(doc), err.to_string())),
+    };
+    match failed {
+        Ok(outcome) => {
+            if let Some(last_ok) = last_ok {
+                let id = source_id(doc);
+                last_ok.insert(id.clone(), true);
+                out.resolved.push(id);
+            }
+            Some(outcome)
+        }
+        Err((id, error)) => {
+            if let Some(last_ok) = last_ok {
+                last_ok.insert(id.clone(), false);
+            }
+            out.dead.push(DeadLetter {
+                source_id: id,
+                error,
+                document: raw_json(doc),
+            });
+            None
         }
     }
-    let mut parent_children = Vec::with_capacity(rows.len());
-    for (row, children, di) in rows.into_iter().flatten() {
-        out.rows.push(row);
-        out.row_docs.push(di);
-        parent_children.push(children);
+}
+
+/// A document that came twice in the page (changed while being read): its last version
+/// decides whether it is dead-lettered or resolved; a superseded failure counts as a
+/// duplicate.
+fn keep_last_versions(out: &mut MappedPage, last_ok: &HashMap<String, bool>) {
+    if last_ok.len() >= out.dead.len() + out.resolved.len() {
+        return; // every document came once
     }
-    out.children = e
-        .children
-        .iter()
-        .enumerate()
-        .map(|(ci, c)| {
-            let mut rows: Vec<Vec<Value>> = Vec::new();
-            let mut seen: HashMap<String, usize> = HashMap::new();
-            for pc in &parent_children {
-                for r in &pc[ci] {
+    let before = out.dead.len();
+    out.dead
+        .retain(|d| last_ok.get(&d.source_id) != Some(&true));
+    out.duplicates += (before - out.dead.len()) as u64;
+    let mut seen = std::collections::HashSet::new();
+    out.resolved
+        .retain(|id| last_ok.get(id) == Some(&true) && seen.insert(id.clone()));
+}
+
+/// A page's rows and deletions by key, the last event per key winning: a later version
+/// replaces an earlier one, a deletion cancels an earlier row and a row an earlier deletion
+/// (each counted in `MappedPage::duplicates`). First-seen order is kept.
+struct LastWins {
+    rows: Vec<Option<RowWithChildren>>,
+    index: HashMap<String, usize>,
+    deletes: Vec<Option<Deletion>>,
+    del_index: HashMap<String, usize>,
+}
+
+impl LastWins {
+    fn with_capacity(n: usize) -> Self {
+        LastWins {
+            rows: Vec::with_capacity(n),
+            index: HashMap::with_capacity(n),
+            deletes: Vec::new(),
+            del_index: HashMap::new(),
+        }
+    }
+
+    /// The row (with its child rows and document index) of the key `key`.
+    fn row(&mut self, key: String, row: RowWithChildren, out: &mut MappedPage) {
+        if let Some(at) = self.del_index.remove(&key) {
+            self.deletes[at] = None;
+            out.duplicates += 1;
+            out.deleted -= 1;
+        }
+        match self.index.get(&key) {
+            Some(&at) => {
+                self.rows[at] = Some(row);
+                out.duplicates += 1;
+            }
+            None => {
+                self.index.insert(key, self.rows.len());
+                self.rows.push(Some(row));
+            }
+        }
+    }
+
+    /// The deletion of the row with primary key `k`, deleted at `at` (already counted in
+    /// `out.deleted`).
+    fn delete(&mut self, k: Vec<Value>, at: Option<DateTime<Utc>>, out: &mut MappedPage) {
+        let kt = crate::mapping::value::key_text(&k);
+        if let Some(i) = self.index.remove(&kt) {
+            self.rows[i] = None;
+            out.duplicates += 1;
+        }
+        match self.del_index.get(&kt) {
+            Some(&i) => {
+                self.deletes[i] = Some((k, at));
+                out.duplicates += 1;
+                out.deleted -= 1;
+            }
+            None => {
+                self.del_index.insert(kt, self.deletes.len());
+                self.deletes.push(Some((k, at)));
+            }
+        }
+    }
+
+    /// The winners into `out`: deletions (marks with their time for a soft delete), rows
+    /// with the index of their document, and each child table's rows, last per key.
+    fn into_page(self, e: &Entity, out: &mut MappedPage) {
+        let soft = e
+            .deleted
+            .as_ref()
+            .is_some_and(|d| d.action == crate::mapping::spec::DeleteAction::SoftDelete);
+        for (k, at) in self.deletes.into_iter().flatten() {
+            if soft {
+                out.soft_deletes
+                    .push((k, at.map_or(Value::Null, Value::Timestamp)));
+            } else {
+                out.deletes.push(k);
+            }
+        }
+        let mut parent_children = Vec::with_capacity(self.rows.len());
+        for (row, children, di) in self.rows.into_iter().flatten() {
+            out.rows.push(row);
+            out.row_docs.push(di);
+            parent_children.push(children);
+        }
+        out.children = e
+            .children
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| {
+                let mut rows: Vec<Vec<Value>> = Vec::new();
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                for r in parent_children.iter().flat_map(|pc| &pc[ci]) {
                     let k = key_text_of(r, &c.pk);
                     match seen.get(&k) {
                         Some(&at) => rows[at] = r.clone(),
@@ -317,13 +375,10 @@ pub fn map_page_twins(
                         }
                     }
                 }
-            }
-            rows
-        })
-        .collect();
-    out.twin_losers = losers;
-    out.twin_dead = twin_dead;
-    out
+                rows
+            })
+            .collect();
+    }
 }
 
 /// A row's canonical key and hash, as the writer records them for provenance.
