@@ -32,15 +32,8 @@ pub async fn catch_up(
 ) -> Result<EntityReport> {
     let started = Instant::now();
     let lane = nightly_lane(&e.name);
-    let mut warnings = Vec::new();
-    if let Some(w) = ctx.source.missing_index_warning(e).await? {
-        warn!(entity = %e.name, "{w}");
-        warnings.push(w);
-    }
-    if ctx.settings.sync.scan_invalid_time {
-        check_time_field(ctx, e).await?;
-    }
-    let mut counts = retry_pending(ctx, e).await?;
+    let mut warnings = preflight(ctx, e).await?;
+    let counts = retry_pending(ctx, e).await?;
     let cp = ctx.sink.load_checkpoint(&lane).await?;
     let (state, last) = cp.map(|c| (c.state, c.last)).unwrap_or_default();
     let s = &ctx.settings.sync;
@@ -53,16 +46,80 @@ pub async fn catch_up(
         until,
     };
     let plan = window::plan(&state, &input);
-    let mut outstanding = ctx.sink.has_outstanding(&e.name).await?;
-    let mut watermark = state.watermark;
-    let mut windows = 0;
+    let mut p = Progress {
+        counts,
+        outstanding: ctx.sink.has_outstanding(&e.name).await?,
+        watermark: state.watermark,
+        windows: 0,
+    };
     if let Some(w) = plan.resume {
-        let r = run_window(ctx, e, &lane, watermark, w, last, outstanding).await?;
-        counts.add(&r.counts);
-        outstanding |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
-        watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
-        windows += 1;
+        let r = run_window(ctx, e, &lane, p.watermark, w, last, p.outstanding).await?;
+        p.done(w, &r.counts);
     }
+    fresh_windows(ctx, e, &lane, &plan, &mut p).await?;
+    if s.scan_invalid_time {
+        p.counts.invalid_time = scan_invalid_time(ctx, e).await?;
+        if p.counts.invalid_time > 0 {
+            let msg = format!(
+                "{} documents in {} have a missing, mistyped or out-of-range {} (expected {:?}); they are in tidemark_dead_letters",
+                p.counts.invalid_time, e.collection, e.time_field, e.time_encoding
+            );
+            warn!(entity = %e.name, "{msg}");
+            warnings.push(msg);
+        }
+    }
+    Ok(EntityReport {
+        entity: e.name.clone(),
+        windows: p.windows,
+        counts: p.counts,
+        watermark: p.watermark,
+        warnings,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Before the windows: the warning when `(time_field, _id)` has no index (logged and
+/// returned for the report) and, with `sync.scan_invalid_time`, the time field's check.
+async fn preflight(ctx: &Ctx, e: &Entity) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    if let Some(w) = ctx.source.missing_index_warning(e).await? {
+        warn!(entity = %e.name, "{w}");
+        warnings.push(w);
+    }
+    if ctx.settings.sync.scan_invalid_time {
+        check_time_field(ctx, e).await?;
+    }
+    Ok(warnings)
+}
+
+/// What an entity's windows have given so far.
+struct Progress {
+    counts: Counts,
+    /// Documents of the entity wait in dead letters or pending (the writer checks them).
+    outstanding: bool,
+    watermark: Option<DateTime<Utc>>,
+    windows: usize,
+}
+
+impl Progress {
+    /// Window `w` is done with these counts: the watermark moves to its end.
+    fn done(&mut self, w: Window, c: &Counts) {
+        self.counts.add(c);
+        self.outstanding |= c.dead_lettered + c.missing_refs + c.deferred > 0;
+        self.watermark = Some(self.watermark.map_or(w.to, |m| m.max(w.to)));
+        self.windows += 1;
+    }
+}
+
+/// The new windows of `plan`, from `fresh_from` to `upper`, one after another.
+async fn fresh_windows(
+    ctx: &Arc<Ctx>,
+    e: &Entity,
+    lane: &str,
+    plan: &window::Plan,
+    p: &mut Progress,
+) -> Result<()> {
+    let max_window = ctx.settings.sync.max_window;
     let mut cursor = plan.fresh_from;
     // After an empty window (and at the start) one indexed query finds the next document, so a
     // quiet stretch costs one window. The probe looks a growing number of windows ahead: some
@@ -73,42 +130,22 @@ pub async fn catch_up(
     let mut presume_new = false;
     while cursor < plan.upper {
         let w = if probe {
-            let span = chrono::TimeDelta::from_std(s.max_window)
-                .ok()
-                .and_then(|d| d.checked_mul(probe_span));
-            let end = span
-                .and_then(|d| cursor.checked_add_signed(d))
-                .map_or(plan.upper, |t| t.min(plan.upper));
-            match ctx.source.next_time(e, cursor, end).await? {
-                None => Some(Window::new(cursor, end)),
-                first => window::next(cursor, first, s.max_window, plan.upper),
-            }
+            probe_next(ctx, e, cursor, probe_span, plan).await?
         } else {
-            window::next(cursor, Some(cursor), s.max_window, plan.upper)
+            window::next(cursor, Some(cursor), max_window, plan.upper)
         };
         let Some(w) = w else { break };
         let opened = match ahead.take() {
             Some((next, opened)) if next == w => opened,
             _ => open_window(ctx, e, w, None),
         };
-        // Read ahead: start reading the window after this one (as it is when this one has
-        // documents) so its first pages are mapped when this one ends. Reading is all it
-        // does; a window that turns out different is dropped unread. Only into PostgreSQL
-        // and for entities without references or dependents: elsewhere the writer is the
-        // slower stage by far, and reading ahead only held more memory (flat run into
-        // SQLite: 64 -> 71 MB peak; full mapping: 169 -> ~200 MB; neither faster;
-        // BENCHMARKS.md).
-        let plain = e.dependents.is_empty() && !e.has_references();
-        ahead = (w.to < plan.upper && plain && ctx.sink.backend() == "postgres")
-            .then(|| window::next(w.to, Some(w.to), s.max_window, plan.upper))
-            .flatten()
-            .map(|next| (next, open_window(ctx, e, next, None)));
+        ahead = read_ahead(ctx, e, w, plan);
         let job = WindowJob {
-            lane: &lane,
-            watermark,
+            lane,
+            watermark: p.watermark,
             window: w,
             resumed: false,
-            outstanding,
+            outstanding: p.outstanding,
             presume_new,
         };
         let r = drive_window(ctx, e, job, opened).await?;
@@ -120,31 +157,52 @@ pub async fn catch_up(
         } else {
             1
         };
-        counts.add(&r.counts);
-        outstanding |= r.counts.dead_lettered + r.counts.missing_refs + r.counts.deferred > 0;
-        watermark = Some(watermark.map_or(w.to, |m| m.max(w.to)));
-        windows += 1;
+        p.done(w, &r.counts);
         cursor = w.to;
     }
-    if s.scan_invalid_time {
-        counts.invalid_time = scan_invalid_time(ctx, e).await?;
-        if counts.invalid_time > 0 {
-            let msg = format!(
-                "{} documents in {} have a missing, mistyped or out-of-range {} (expected {:?}); they are in tidemark_dead_letters",
-                counts.invalid_time, e.collection, e.time_field, e.time_encoding
-            );
-            warn!(entity = %e.name, "{msg}");
-            warnings.push(msg);
-        }
-    }
-    Ok(EntityReport {
-        entity: e.name.clone(),
-        windows,
-        counts,
-        watermark,
-        warnings,
-        elapsed_ms: started.elapsed().as_millis() as u64,
+    Ok(())
+}
+
+/// The next window from `cursor` after an empty one: one indexed query looks `probe_span`
+/// windows ahead for the next document; none there gives the whole span as one window.
+async fn probe_next(
+    ctx: &Ctx,
+    e: &Entity,
+    cursor: DateTime<Utc>,
+    probe_span: i32,
+    plan: &window::Plan,
+) -> Result<Option<Window>> {
+    let max_window = ctx.settings.sync.max_window;
+    let span = chrono::TimeDelta::from_std(max_window)
+        .ok()
+        .and_then(|d| d.checked_mul(probe_span));
+    let end = span
+        .and_then(|d| cursor.checked_add_signed(d))
+        .map_or(plan.upper, |t| t.min(plan.upper));
+    Ok(match ctx.source.next_time(e, cursor, end).await? {
+        None => Some(Window::new(cursor, end)),
+        first => window::next(cursor, first, max_window, plan.upper),
     })
+}
+
+/// Read ahead: start reading the window after `w` (as it is when `w` has documents) so its
+/// first pages are mapped when `w` ends. Reading is all it does; a window that turns out
+/// different is dropped unread. Only into PostgreSQL and for entities without references
+/// or dependents: elsewhere the writer is the slower stage by far, and reading ahead only
+/// held more memory (flat run into SQLite: 64 -> 71 MB peak; full mapping: 169 -> ~200 MB;
+/// neither faster; BENCHMARKS.md).
+fn read_ahead(
+    ctx: &Arc<Ctx>,
+    e: &Entity,
+    w: Window,
+    plan: &window::Plan,
+) -> Option<(Window, Opened)> {
+    let plain = e.dependents.is_empty() && !e.has_references();
+    if !(w.to < plan.upper && plain && ctx.sink.backend() == "postgres") {
+        return None;
+    }
+    let next = window::next(w.to, Some(w.to), ctx.settings.sync.max_window, plan.upper)?;
+    Some((next, open_window(ctx, e, next, None)))
 }
 
 /// Retry documents held back by earlier runs (`on_missing = "defer"` or a pull limit): fetch
