@@ -149,81 +149,19 @@ fn pk_indexes(columns: &[Column], keys: &[String]) -> Result<Vec<usize>> {
 
 fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
     check_ident("table", &spec.table)?;
-    if spec.collection.is_empty()
-        || spec.collection.contains('\0')
-        || spec.collection.starts_with('$')
-    {
-        bail!(
-            "collection `{}` is not a valid MongoDB collection name",
-            spec.collection
-        );
-    }
+    check_collection(&spec.collection)?;
     check_path(&spec.time_field).context("time_field")?;
-    let used: HashSet<String> = spec
-        .columns
-        .values()
-        .filter_map(|c| c.path.as_deref())
-        .map(|p| p.split('.').next().unwrap_or(p).to_owned())
-        .collect();
-    let mut columns = compile_columns(&spec.columns, Some(&used), None)?;
-    if let Some(DeletedSpec {
-        action: DeleteAction::SoftDelete,
-        column: Some(c),
-        ..
-    }) = &spec.deleted
-    {
-        // The soft-delete marker needs no declaration: an undeclared one is a timestamptz
-        // column that is NULL until the rule marks the document.
-        if !columns.iter().any(|x| &x.name == c) {
-            check_ident("column", c).context("deleted.column")?;
-            columns.push(Column {
-                name: c.clone(),
-                ty: ColumnType::Timestamptz,
-                required: false,
-                references: None,
-                on_missing: MissingPolicy::Null,
-                source: ColumnSource::Constant(value::Value::Null),
-                format: None,
-                transforms: Vec::new(),
-                default: None,
-                enum_map: None,
-            });
-        }
-    }
+    let columns = entity_columns(spec)?;
     let pk = pk_indexes(&columns, &spec.primary_key)?;
     let key_column = spec
         .columns
         .values()
         .position(|c| c.path.as_deref() == Some(spec.id_field.as_str()));
-    let deleted = match &spec.deleted {
-        None => None,
-        Some(d) => {
-            let when = Expr::compile(&d.when).map_err(|e| anyhow!("deleted.when: {e}"))?;
-            let column = match (d.action, &d.column) {
-                (DeleteAction::SoftDelete, Some(c)) => {
-                    let i = columns
-                        .iter()
-                        .position(|x| &x.name == c && x.ty == ColumnType::Timestamptz)
-                        .ok_or_else(|| {
-                            anyhow!(
-                                "deleted.column `{c}` is declared with a type other than timestamptz; \
-                                 give it type = \"timestamptz\" or leave it out of columns (tidemark then adds it)"
-                            )
-                        })?;
-                    Some(i)
-                }
-                (DeleteAction::SoftDelete, None) => {
-                    bail!("deleted.action = \"soft_delete\" needs deleted.column")
-                }
-                (DeleteAction::Delete, _) => None,
-            };
-            Some(Deleted {
-                when,
-                action: d.action,
-                column,
-            })
-        }
-    };
+    let deleted = spec
+        .deleted
+        .as_ref()
+        .map(|d| compile_deleted(d, &columns))
+        .transpose()?;
     let skip_when = spec
         .skip_when
         .as_deref()
@@ -259,6 +197,78 @@ fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
             ),
             other => other,
         },
+    })
+}
+
+fn check_collection(collection: &str) -> Result<()> {
+    if collection.is_empty() || collection.contains('\0') || collection.starts_with('$') {
+        bail!("collection `{collection}` is not a valid MongoDB collection name");
+    }
+    Ok(())
+}
+
+/// The entity's declared columns, plus the soft-delete marker when it is not declared.
+fn entity_columns(spec: &EntitySpec) -> Result<Vec<Column>> {
+    let used: HashSet<String> = spec
+        .columns
+        .values()
+        .filter_map(|c| c.path.as_deref())
+        .map(|p| p.split('.').next().unwrap_or(p).to_owned())
+        .collect();
+    let mut columns = compile_columns(&spec.columns, Some(&used), None)?;
+    if let Some(DeletedSpec {
+        action: DeleteAction::SoftDelete,
+        column: Some(c),
+        ..
+    }) = &spec.deleted
+    {
+        // The soft-delete marker needs no declaration: an undeclared one is a timestamptz
+        // column that is NULL until the rule marks the document.
+        if !columns.iter().any(|x| &x.name == c) {
+            check_ident("column", c).context("deleted.column")?;
+            columns.push(Column {
+                name: c.clone(),
+                ty: ColumnType::Timestamptz,
+                required: false,
+                references: None,
+                on_missing: MissingPolicy::Null,
+                source: ColumnSource::Constant(value::Value::Null),
+                format: None,
+                transforms: Vec::new(),
+                default: None,
+                enum_map: None,
+            });
+        }
+    }
+    Ok(columns)
+}
+
+/// The deleted rule: its condition and, for a soft delete, the index of its marker column
+/// among `columns` (which must be a timestamptz).
+fn compile_deleted(d: &DeletedSpec, columns: &[Column]) -> Result<Deleted> {
+    let when = Expr::compile(&d.when).map_err(|e| anyhow!("deleted.when: {e}"))?;
+    let column = match (d.action, &d.column) {
+        (DeleteAction::SoftDelete, Some(c)) => {
+            let i = columns
+                .iter()
+                .position(|x| &x.name == c && x.ty == ColumnType::Timestamptz)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "deleted.column `{c}` is declared with a type other than timestamptz; \
+                         give it type = \"timestamptz\" or leave it out of columns (tidemark then adds it)"
+                    )
+                })?;
+            Some(i)
+        }
+        (DeleteAction::SoftDelete, None) => {
+            bail!("deleted.action = \"soft_delete\" needs deleted.column")
+        }
+        (DeleteAction::Delete, _) => None,
+    };
+    Ok(Deleted {
+        when,
+        action: d.action,
+        column,
     })
 }
 
