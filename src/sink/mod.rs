@@ -26,7 +26,7 @@ use crate::secret::SecretUri;
 use crate::settings::ForeignKeyChecks;
 use crate::source::Position;
 use crate::span::LaneState;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
 use rows::key_text;
 pub(crate) use rows::key_text_at;

@@ -21,7 +21,7 @@ pub fn cause(e: &Error, timeout: Duration) -> Cause {
         ErrorKind::InvalidTlsConfig { .. } => Cause::Tls,
         ErrorKind::Io(io) => io_cause(io, timeout),
         // Server selection gave up; its message carries what each server's check met.
-        ErrorKind::ServerSelection { message } => selection_cause(message, timeout),
+        ErrorKind::ServerSelection { message, .. } => selection_cause(message, timeout),
         _ => text_cause(&e.to_string(), timeout),
     }
 }

@@ -259,3 +259,49 @@ async fn ops_run_summary_counts_every_row_written() {
         );
     }
 }
+
+#[tokio::test]
+async fn ops_check_connect_says_a_mongodb_password_is_wrong() {
+    // Arrange: a private server with --auth and one user.
+    let mongo = crate::fault_util::Mongod::start_with(true);
+    let admin = mongodb::Client::with_uri_str(mongo.uri()).await.unwrap();
+    admin
+        .database("admin")
+        .run_command(bson::doc! { "createUser": "tm", "pwd": "Right-Pw-31", "roles": ["root"] })
+        .await
+        .expect("createUser through the localhost exception");
+    let env = seed(Backend::Sqlite, "check_scram").await;
+    let wrong = format!(
+        "mongodb://tm:Wrong-Pw-42@127.0.0.1:{}/?directConnection=true&authSource=admin",
+        mongo.port
+    );
+
+    // Act
+    let started = Instant::now();
+    let (code, out, err) = check(
+        &env,
+        &env.target_url,
+        &[("TIDEMARK__SOURCE__URI", wrong.as_str()), ("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "3s")],
+        &["check-config", "--connect"],
+    );
+    let (run_code, _, run_err) = check(
+        &env,
+        &env.target_url,
+        &[("TIDEMARK__SOURCE__URI", wrong.as_str()), ("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "3s")],
+        &["run"],
+    );
+    eprintln!("wrong MongoDB password after {:?}:\n{out}{err}\nrun: {run_err}", started.elapsed());
+
+    // Assert: named as an authentication failure with the fix, no driver dump, no password.
+    assert_eq!(code, tidemark::exit::UNAVAILABLE, "{out}{err}");
+    assert!(
+        out.contains("FAIL  source reachable and authenticated (ping): authentication failed"),
+        "{out}"
+    );
+    assert!(out.contains("authSource"), "{out}");
+    assert_eq!(run_code, tidemark::exit::UNAVAILABLE, "{run_err}");
+    assert!(run_err.contains("authentication failed") && !run_err.contains("Kind:"), "{run_err}");
+    for text in [&out, &err, &run_err] {
+        assert!(!text.contains("Wrong-Pw-42"), "{text}");
+    }
+}
