@@ -157,7 +157,7 @@ async fn ops_check_connect_names_a_missing_database_and_an_unknown_role() {
 }
 
 #[tokio::test]
-async fn ops_check_connect_names_a_missing_collection_and_index() {
+async fn ops_check_connect_names_a_missing_collection_and_warns_of_a_missing_index() {
     // Arrange: the mapping's items collection is renamed away, and owners has no index.
     let env = Env::new("check_missing", Backend::Sqlite, &MAPPING.replace("collection = \"items\"", "collection = \"itemz\"")).await;
     env.insert("owners", vec![crate::trust_util::owner("o1")]).await;
@@ -171,6 +171,18 @@ async fn ops_check_connect_names_a_missing_collection_and_index() {
     assert_eq!(code, tidemark::exit::CONFIG, "{out}{err}");
     assert!(
         out.contains("FAIL  collection itemz (entity items): does not exist"),
+        "{out}"
+    );
+
+    // A windowed collection without its (time, _id) index: a WARN with the command, exit 0.
+    let plain = Env::new("check_noindex", Backend::Sqlite, MAPPING).await;
+    plain.insert("items", vec![crate::trust_util::item(1, 0, "v", "o1")]).await;
+    plain.insert("owners", vec![crate::trust_util::owner("o1")]).await;
+    let (code, out, err) = check(&plain, &plain.target_url, &[], &["check-config", "--connect"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("WARN  index (t, _id) on items: ")
+            && out.contains("db.items.createIndex({\"t\": 1, \"_id\": 1})"),
         "{out}"
     );
 }
