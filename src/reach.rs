@@ -94,7 +94,10 @@ impl Unreachable {
             Cause::Refused => "connection refused".to_string(),
             Cause::HostUnknown => "host name not found".to_string(),
             Cause::DatabaseMissing(db) => format!("database \"{db}\" does not exist"),
-            Cause::TimedOut(d) => format!("timed out after {}", crate::settings::human::fmt_duration(*d)),
+            Cause::TimedOut(d) => format!(
+                "timed out after {}",
+                crate::settings::human::fmt_duration(*d)
+            ),
             Cause::Tls => "TLS handshake failed".to_string(),
             Cause::FileUnusable => "cannot open or create the SQLite file".to_string(),
             Cause::Other => self.detail.clone(),
@@ -183,9 +186,26 @@ pub fn io_cause(e: &std::io::Error, timeout: Duration) -> Cause {
     match e.kind() {
         ErrorKind::ConnectionRefused => Cause::Refused,
         ErrorKind::TimedOut => Cause::TimedOut(timeout),
+        _ if is_tls_text(&e.to_string()) => Cause::Tls,
         _ if is_dns_text(&e.to_string()) => Cause::HostUnknown,
         _ => Cause::Other,
     }
+}
+
+/// Whether a driver's text is about TLS (rustls' and OpenSSL's wordings). Checked before
+/// [`is_dns_text`]: a certificate error names the certificate's `DnsName`s.
+pub fn is_tls_text(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "notvalidforname",
+        "handshake",
+        "tls",
+        "ssl",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
 }
 
 /// Whether a driver's text says a host name did not resolve (the resolvers' wordings).
@@ -197,7 +217,7 @@ pub fn is_dns_text(text: &str) -> bool {
         "nodename nor servname",
         "no such host",
         "temporary failure in name resolution",
-        "dns",
+        "dns resolution",
     ]
     .iter()
     .any(|w| t.contains(w))
@@ -214,15 +234,15 @@ mod tests {
             .said("password authentication failed for user \"app\"");
         let text = e.to_string();
         assert!(text.contains("authentication failed"), "{text}");
-        assert!(text.contains("What to do:") && text.contains("pg_hba.conf"), "{text}");
-        assert!(!text.contains("hunter2secret"), "{text}");
-        let missing = Unreachable::new(
-            Side::Target,
-            Cause::DatabaseMissing("v3".into()),
-            &uri,
-            "",
+        assert!(
+            text.contains("What to do:") && text.contains("pg_hba.conf"),
+            "{text}"
         );
-        assert!(missing.to_string().contains("database \"v3\" does not exist"));
+        assert!(!text.contains("hunter2secret"), "{text}");
+        let missing = Unreachable::new(Side::Target, Cause::DatabaseMissing("v3".into()), &uri, "");
+        assert!(missing
+            .to_string()
+            .contains("database \"v3\" does not exist"));
     }
 
     #[test]
@@ -230,7 +250,9 @@ mod tests {
         let t = Duration::from_secs(5);
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(io_cause(&refused, t), Cause::Refused);
-        let dns = std::io::Error::other("failed to lookup address information: Name or service not known");
+        let dns = std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        );
         assert_eq!(io_cause(&dns, t), Cause::HostUnknown);
     }
 }

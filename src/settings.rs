@@ -412,7 +412,11 @@ mod tests {
         let s = Settings::load(Some(&file)).unwrap();
         let db = dir.path().join("data/y.db");
         assert_eq!(s.target.url.expose(), format!("sqlite://{}", db.display()));
-        assert_eq!(s.state_dir, PathBuf::from("state"), "a default stays relative");
+        assert_eq!(
+            s.state_dir,
+            PathBuf::from("state"),
+            "a default stays relative"
+        );
         let d = Settings::load(None).unwrap();
         assert_eq!(d.target.url.expose(), "sqlite://state/tidemark.db");
     }

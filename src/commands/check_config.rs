@@ -66,7 +66,10 @@ mod tests {
         assert_eq!(v["sync"]["max_window"].as_str(), Some("365d"), "{out}");
         assert_eq!(v["sync"]["settle"].as_str(), Some("5m"), "{out}");
         assert!(!out.contains("Pa55word") && !out.contains("T0ken"), "{out}");
-        assert!(v["source"]["uri"].as_str().unwrap().contains("u:***@h"), "{out}");
+        assert!(
+            v["source"]["uri"].as_str().unwrap().contains("u:***@h"),
+            "{out}"
+        );
     }
 
     /// An entity in sync.entities that the mapping lacks fails here (exit 5), not at `run`.

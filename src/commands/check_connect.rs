@@ -116,11 +116,16 @@ async fn check_source(s: &Settings, mapping: &Mapping, checks: &mut Checks) {
             );
         }
         Ok(names) => names,
-        Err(u) => return checks.fail_with(&format!("source database {db:?} (listCollections)"), &u),
+        Err(u) => {
+            return checks.fail_with(&format!("source database {db:?} (listCollections)"), &u)
+        }
     };
     checks.push(
         Status::Ok,
-        format!("source database {db:?} exists ({} collections)", names.len()),
+        format!(
+            "source database {db:?} exists ({} collections)",
+            names.len()
+        ),
     );
     let mut seen = std::collections::BTreeSet::new();
     for e in &mapping.entities {
@@ -148,8 +153,13 @@ async fn check_source(s: &Settings, mapping: &Mapping, checks: &mut Checks) {
             Err(u) => checks.fail_with(&format!("{what}: read one document"), &u),
         }
     }
-    let selected = |name: &str| s.sync.entities.is_empty() || s.sync.entities.iter().any(|n| n == name);
-    for e in mapping.entities.iter().filter(|e| e.windowed && selected(&e.name)) {
+    let selected =
+        |name: &str| s.sync.entities.is_empty() || s.sync.entities.iter().any(|n| n == name);
+    for e in mapping
+        .entities
+        .iter()
+        .filter(|e| e.windowed && selected(&e.name))
+    {
         if !names.contains(&e.collection) {
             continue;
         }
@@ -233,8 +243,14 @@ async fn target_rights(s: &Settings, sink: &Sink, checks: &mut Checks) {
         Err(u) => checks.fail_with("target schema writable (create a table, insert a row)", &u),
     }
     if s.target.foreign_key_checks != crate::settings::ForeignKeyChecks::Database {
-        match sink.check_foreign_key_checks(s.target.foreign_key_checks).await {
-            Ok(()) => checks.push(Status::Ok, "target.foreign_key_checks = \"tidemark\" allowed"),
+        match sink
+            .check_foreign_key_checks(s.target.foreign_key_checks)
+            .await
+        {
+            Ok(()) => checks.push(
+                Status::Ok,
+                "target.foreign_key_checks = \"tidemark\" allowed",
+            ),
             Err(e) => checks.fail("target.foreign_key_checks = \"tidemark\"", &e),
         }
     }

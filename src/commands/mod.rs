@@ -170,7 +170,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::CheckConfig { quiet, connect } => {
-            print!("{}", check_config::check_config(&settings, quiet || connect)?);
+            print!(
+                "{}",
+                check_config::check_config(&settings, quiet || connect)?
+            );
             if !connect {
                 return Ok(exit::OK);
             }

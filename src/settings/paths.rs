@@ -176,7 +176,10 @@ mod tests {
             with_absolute_files(pg, dir),
             "postgres://u@h/db?sslmode=verify-full&sslrootcert=/etc/tidemark/my%20ca.pem"
         );
-        assert_eq!(with_absolute_files("postgres://u@h/db", dir), "postgres://u@h/db");
+        assert_eq!(
+            with_absolute_files("postgres://u@h/db", dir),
+            "postgres://u@h/db"
+        );
     }
 
     #[test]

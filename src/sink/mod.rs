@@ -11,8 +11,8 @@ pub mod lease;
 pub mod monitor;
 pub mod order;
 mod postgres;
-pub(crate) mod provenance;
 pub mod probe;
+pub(crate) mod provenance;
 mod reach;
 pub mod records;
 mod rows;
@@ -31,8 +31,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use rows::key_text;
 pub(crate) use rows::key_text_at;
 use sqlx::{
-    postgres::PgConnectOptions, postgres::PgPoolOptions, sqlite::SqliteConnectOptions, sqlite::SqlitePoolOptions, PgPool,
-    SqlitePool,
+    postgres::PgConnectOptions, postgres::PgPoolOptions, sqlite::SqliteConnectOptions,
+    sqlite::SqlitePoolOptions, PgPool, SqlitePool,
 };
 use std::str::FromStr;
 

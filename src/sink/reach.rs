@@ -3,7 +3,7 @@
 //! password is reported at once and by name, not after the pool's acquire timeout as "pool
 //! timed out while waiting for an open connection".
 
-use crate::reach::{io_cause, is_dns_text, Cause, Side, Unreachable};
+use crate::reach::{io_cause, is_dns_text, is_tls_text, Cause, Side, Unreachable};
 use crate::secret::{redact_uri, SecretUri};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
@@ -39,20 +39,21 @@ pub fn cause(e: &sqlx::Error, database: Option<&str>) -> (Cause, Option<String>)
                 _ => (Cause::Other, None),
             }
         }
-        sqlx::Error::Io(io) => (io_cause(io, CONNECT_TIMEOUT), None),
+        sqlx::Error::Io(io) => match io_cause(io, CONNECT_TIMEOUT) {
+            // rustls' short reason (UnknownIssuer, NotValidForName) tells which fix applies.
+            Cause::Tls => (Cause::Tls, Some(io.to_string())),
+            cause => (cause, None),
+        },
         sqlx::Error::Tls(t) => (Cause::Tls, Some(t.to_string())),
         sqlx::Error::PoolTimedOut => (Cause::TimedOut(CONNECT_TIMEOUT), None),
         other => {
             let text = other.to_string();
             let cause = if text.contains("Connection refused") {
                 Cause::Refused
+            } else if is_tls_text(&text) {
+                Cause::Tls
             } else if is_dns_text(&text) {
                 Cause::HostUnknown
-            } else if ["certificate", "UnknownIssuer", "not valid for name"]
-                .iter()
-                .any(|w| text.contains(w))
-            {
-                Cause::Tls
             } else {
                 Cause::Other
             };

@@ -121,7 +121,12 @@ impl Source {
             let cause = super::reach::cause(&e, s.connect_timeout);
             if matches!(cause, Cause::HostUnknown) {
                 // An SRV record that does not resolve.
-                return anyhow::Error::new(Unreachable::new(Side::Source, cause, &s.uri, &e.to_string()));
+                return anyhow::Error::new(Unreachable::new(
+                    Side::Source,
+                    cause,
+                    &s.uri,
+                    &e.to_string(),
+                ));
             }
             anyhow!(
                 "source.uri {} is invalid: {}",

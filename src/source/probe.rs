@@ -16,7 +16,11 @@ impl Source {
     }
 
     /// Read one document of `collection` (a find with limit 1): whether it holds any.
-    pub async fn read_one(&self, s: &SourceSettings, collection: &str) -> Result<bool, Unreachable> {
+    pub async fn read_one(
+        &self,
+        s: &SourceSettings,
+        collection: &str,
+    ) -> Result<bool, Unreachable> {
         self.db
             .collection::<bson::Document>(collection)
             .find_one(doc! {})

@@ -2,7 +2,7 @@
 //! a quick TCP probe of the seed list so a closed port is reported at once, not after the
 //! driver's server selection timeout.
 
-use crate::reach::{io_cause, is_dns_text, Cause};
+use crate::reach::{io_cause, is_dns_text, is_tls_text, Cause};
 use mongodb::error::{Error, ErrorKind};
 use mongodb::options::ServerAddress;
 use std::time::Duration;
@@ -40,13 +40,10 @@ fn text_cause(text: &str, timeout: Duration) -> Cause {
         Cause::Refused
     } else if t.contains("scram") || t.contains("authentication failed") {
         Cause::AuthFailed
+    } else if is_tls_text(&t) {
+        Cause::Tls
     } else if is_dns_text(&t) {
         Cause::HostUnknown
-    } else if ["certificate", "tls", "ssl", "handshake"]
-        .iter()
-        .any(|w| t.contains(w))
-    {
-        Cause::Tls
     } else if t.contains("timed out") || t.contains("timeout") {
         Cause::TimedOut(timeout)
     } else {
@@ -84,7 +81,8 @@ mod tests {
                        Servers: [ { Address: 127.0.0.1:1, Type: Unknown, Error: Kind: I/O error: \
                        Connection refused (os error 111), labels: {} } ] }";
         assert_eq!(selection_cause(refused, t), Cause::Refused);
-        let scram = "Server selection timeout: ... Error: Kind: SCRAM failure: Authentication failed.";
+        let scram =
+            "Server selection timeout: ... Error: Kind: SCRAM failure: Authentication failed.";
         assert_eq!(selection_cause(scram, t), Cause::AuthFailed);
         assert_eq!(
             selection_cause("Server selection timeout: No available servers.", t),

@@ -32,14 +32,21 @@ fn pg_url_of(name: &str) -> String {
 async fn ops_check_config_prints_toml_without_secrets() {
     // Arrange: passwords in the source URI, a token in the target URL's options.
     let env = seed(Backend::Sqlite, "check_toml").await;
-    let source = format!("mongodb://reader:Src-Pa55word@{}", env.mongo.trim_start_matches("mongodb://"));
-    let target = "postgres://app:Tgt-Pa55word@db.internal:5432/v3?sslmode=require&password=Qs-T0ken-9";
+    let source = format!(
+        "mongodb://reader:Src-Pa55word@{}",
+        env.mongo.trim_start_matches("mongodb://")
+    );
+    let target =
+        "postgres://app:Tgt-Pa55word@db.internal:5432/v3?sslmode=require&password=Qs-T0ken-9";
 
     // Act
     let (code, out, err) = check(
         &env,
         target,
-        &[("TIDEMARK__SOURCE__URI", source.as_str()), ("TIDEMARK__SYNC__MAX_WINDOW", "30d")],
+        &[
+            ("TIDEMARK__SOURCE__URI", source.as_str()),
+            ("TIDEMARK__SYNC__MAX_WINDOW", "30d"),
+        ],
         &["check-config"],
     );
 
@@ -48,9 +55,16 @@ async fn ops_check_config_prints_toml_without_secrets() {
     let v: toml::Value = toml::from_str(&out).unwrap_or_else(|e| panic!("not TOML: {e}\n{out}"));
     assert_eq!(v["sync"]["max_window"].as_str(), Some("30d"), "{out}");
     assert_eq!(v["sync"]["overlap"].as_str(), Some("1h"), "{out}");
-    assert_eq!(v["source"]["database"].as_str(), Some(env.name.as_str()), "{out}");
+    assert_eq!(
+        v["source"]["database"].as_str(),
+        Some(env.name.as_str()),
+        "{out}"
+    );
     for secret in ["Src-Pa55word", "Tgt-Pa55word", "Qs-T0ken-9"] {
-        assert!(!out.contains(secret) && !err.contains(secret), "{secret} shown:\n{out}{err}");
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret} shown:\n{out}{err}"
+        );
     }
     assert!(out.contains("reader:***@"), "{out}");
 }
@@ -66,7 +80,10 @@ async fn ops_check_connect_good_setup_sqlite_then_postgres() {
         let (code, _, err) = check(&env, &env.target_url, &[], &["migrate"]);
         assert_eq!(code, 0, "{err}");
         let after = check(&env, &env.target_url, &[], &["check-config", "--connect"]);
-        eprintln!("{backend:?} before migrate:\n{}\n{backend:?} after:\n{}", before.1, after.1);
+        eprintln!(
+            "{backend:?} before migrate:\n{}\n{backend:?} after:\n{}",
+            before.1, after.1
+        );
 
         // Assert
         assert_eq!(before.0, 0, "{backend:?}: {}{}", before.1, before.2);
@@ -84,7 +101,11 @@ async fn ops_check_connect_good_setup_sqlite_then_postgres() {
             "OK    mapped tables present and up to date",
             " 0 WARN, 0 FAIL",
         ] {
-            assert!(after.1.contains(needle), "{backend:?}: `{needle}` missing:\n{}", after.1);
+            assert!(
+                after.1.contains(needle),
+                "{backend:?}: `{needle}` missing:\n{}",
+                after.1
+            );
         }
         if backend == Backend::Sqlite {
             // The check created nothing: before migrate, the file did not exist.
@@ -97,7 +118,10 @@ async fn ops_check_connect_good_setup_sqlite_then_postgres() {
 async fn ops_check_connect_closed_ports_fail_fast_as_refused() {
     // Arrange: nothing listens on either port.
     let env = seed(Backend::Sqlite, "check_refused").await;
-    let target = format!("postgres://postgres:Pw-Hidden-1@127.0.0.1:{}/db", free_port());
+    let target = format!(
+        "postgres://postgres:Pw-Hidden-1@127.0.0.1:{}/db",
+        free_port()
+    );
     let source = format!("mongodb://u:Pw-Hidden-2@127.0.0.1:{}/", free_port());
 
     // Act
@@ -114,17 +138,33 @@ async fn ops_check_connect_closed_ports_fail_fast_as_refused() {
     // Assert: both FAIL as refused, at once, exit 6, no password.
     assert_eq!(code, tidemark::exit::UNAVAILABLE, "{out}{err}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert!(out.contains("FAIL  source reachable and authenticated (ping): connection refused"), "{out}");
-    assert!(out.contains("FAIL  target reachable and authenticated: connection refused"), "{out}");
+    assert!(
+        out.contains("FAIL  source reachable and authenticated (ping): connection refused"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  target reachable and authenticated: connection refused"),
+        "{out}"
+    );
     assert!(out.contains("What to do:"), "{out}");
-    assert!(!out.contains("Pw-Hidden") && !err.contains("Pw-Hidden"), "{out}{err}");
+    assert!(
+        !out.contains("Pw-Hidden") && !err.contains("Pw-Hidden"),
+        "{out}{err}"
+    );
 
     // And `run` says the same, without waiting for a pool timeout.
     let started = Instant::now();
     let (code, _, err) = check(&env, &target, &[], &["run"]);
     assert_eq!(code, tidemark::exit::UNAVAILABLE, "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    assert!(err.contains("connection refused") && err.contains("target.url"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("connection refused") && err.contains("target.url"),
+        "{err}"
+    );
     assert!(!err.contains("pool timed out"), "{err}");
 }
 
@@ -134,7 +174,10 @@ async fn ops_check_connect_names_a_missing_database_and_an_unknown_role() {
     let env = seed(Backend::Sqlite, "check_pgnames").await;
     let missing_db = pg_url_of(&format!("{}_nosuch", env.name));
     let admin = pg_admin_url();
-    let rest = admin.split_once('@').map(|(_, r)| r).expect("user@host in the PG URL");
+    let rest = admin
+        .split_once('@')
+        .map(|(_, r)| r)
+        .expect("user@host in the PG URL");
     let unknown_role = format!("postgres://tm_no_such_role:pw-x@{rest}");
 
     // Act
@@ -145,7 +188,11 @@ async fn ops_check_connect_names_a_missing_database_and_an_unknown_role() {
 
     // Assert
     assert_eq!(db.0, tidemark::exit::UNAVAILABLE, "{}", db.1);
-    assert!(db.1.contains(&format!("database \"{}_nosuch\" does not exist", env.name)), "{}", db.1);
+    assert!(
+        db.1.contains(&format!("database \"{}_nosuch\" does not exist", env.name)),
+        "{}",
+        db.1
+    );
     assert!(db.1.contains("createdb"), "{}", db.1);
     assert_eq!(role.0, tidemark::exit::UNAVAILABLE, "{}", role.1);
     assert!(
@@ -153,14 +200,24 @@ async fn ops_check_connect_names_a_missing_database_and_an_unknown_role() {
         "{}",
         role.1
     );
-    assert!(run.2.contains("does not exist") && !run.2.contains("Kind:"), "{}", run.2);
+    assert!(
+        run.2.contains("does not exist") && !run.2.contains("Kind:"),
+        "{}",
+        run.2
+    );
 }
 
 #[tokio::test]
 async fn ops_check_connect_names_a_missing_collection_and_warns_of_a_missing_index() {
     // Arrange: the mapping's items collection is renamed away, and owners has no index.
-    let env = Env::new("check_missing", Backend::Sqlite, &MAPPING.replace("collection = \"items\"", "collection = \"itemz\"")).await;
-    env.insert("owners", vec![crate::trust_util::owner("o1")]).await;
+    let env = Env::new(
+        "check_missing",
+        Backend::Sqlite,
+        &MAPPING.replace("collection = \"items\"", "collection = \"itemz\""),
+    )
+    .await;
+    env.insert("owners", vec![crate::trust_util::owner("o1")])
+        .await;
     env.insert("other", vec![bson::doc! {"x": 1}]).await;
 
     // Act
@@ -176,9 +233,18 @@ async fn ops_check_connect_names_a_missing_collection_and_warns_of_a_missing_ind
 
     // A windowed collection without its (time, _id) index: a WARN with the command, exit 0.
     let plain = Env::new("check_noindex", Backend::Sqlite, MAPPING).await;
-    plain.insert("items", vec![crate::trust_util::item(1, 0, "v", "o1")]).await;
-    plain.insert("owners", vec![crate::trust_util::owner("o1")]).await;
-    let (code, out, err) = check(&plain, &plain.target_url, &[], &["check-config", "--connect"]);
+    plain
+        .insert("items", vec![crate::trust_util::item(1, 0, "v", "o1")])
+        .await;
+    plain
+        .insert("owners", vec![crate::trust_util::owner("o1")])
+        .await;
+    let (code, out, err) = check(
+        &plain,
+        &plain.target_url,
+        &[],
+        &["check-config", "--connect"],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("WARN  index (t, _id) on items: ")
@@ -240,7 +306,11 @@ async fn ops_paths_in_a_settings_file_resolve_against_its_folder() {
     assert_eq!(run_code, 0, "{run_out}{run_err}");
     assert!(st.join("tidemark.db").exists(), "{run_out}");
     assert!(st.join("reports").read_dir().unwrap().count() >= 1);
-    assert_eq!(elsewhere.path().read_dir().unwrap().count(), 0, "the working directory got files");
+    assert_eq!(
+        elsewhere.path().read_dir().unwrap().count(),
+        0,
+        "the working directory got files"
+    );
 }
 
 #[tokio::test]
@@ -256,11 +326,19 @@ async fn ops_run_summary_counts_every_row_written() {
             let url = env.target_url.clone();
             async move { scalar_i64(&url, &format!("SELECT COUNT(*) FROM {t}")).await as u64 }
         };
-        let (items, tags, owners) = (count("items").await, count("item_tags").await, count("owners").await);
+        let (items, tags, owners) = (
+            count("items").await,
+            count("item_tags").await,
+            count("owners").await,
+        );
         let line = report.to_string();
 
         // Assert
-        assert_eq!((rows.main, rows.child, rows.pulled), (items, tags, owners), "{backend:?}: {line}");
+        assert_eq!(
+            (rows.main, rows.child, rows.pulled),
+            (items, tags, owners),
+            "{backend:?}: {line}"
+        );
         assert_eq!(rows.total, items + tags + owners);
         assert!(
             line.contains(&format!(
@@ -293,16 +371,25 @@ async fn ops_check_connect_says_a_mongodb_password_is_wrong() {
     let (code, out, err) = check(
         &env,
         &env.target_url,
-        &[("TIDEMARK__SOURCE__URI", wrong.as_str()), ("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "3s")],
+        &[
+            ("TIDEMARK__SOURCE__URI", wrong.as_str()),
+            ("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "3s"),
+        ],
         &["check-config", "--connect"],
     );
     let (run_code, _, run_err) = check(
         &env,
         &env.target_url,
-        &[("TIDEMARK__SOURCE__URI", wrong.as_str()), ("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "3s")],
+        &[
+            ("TIDEMARK__SOURCE__URI", wrong.as_str()),
+            ("TIDEMARK__SOURCE__CONNECT_TIMEOUT", "3s"),
+        ],
         &["run"],
     );
-    eprintln!("wrong MongoDB password after {:?}:\n{out}{err}\nrun: {run_err}", started.elapsed());
+    eprintln!(
+        "wrong MongoDB password after {:?}:\n{out}{err}\nrun: {run_err}",
+        started.elapsed()
+    );
 
     // Assert: named as an authentication failure with the fix, no driver dump, no password.
     assert_eq!(code, tidemark::exit::UNAVAILABLE, "{out}{err}");
@@ -312,7 +399,10 @@ async fn ops_check_connect_says_a_mongodb_password_is_wrong() {
     );
     assert!(out.contains("authSource"), "{out}");
     assert_eq!(run_code, tidemark::exit::UNAVAILABLE, "{run_err}");
-    assert!(run_err.contains("authentication failed") && !run_err.contains("Kind:"), "{run_err}");
+    assert!(
+        run_err.contains("authentication failed") && !run_err.contains("Kind:"),
+        "{run_err}"
+    );
     for text in [&out, &err, &run_err] {
         assert!(!text.contains("Wrong-Pw-42"), "{text}");
     }
