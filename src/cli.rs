@@ -56,14 +56,20 @@ pub enum Command {
         #[arg(long)]
         print: bool,
     },
-    /// Validate settings and mapping and print what was resolved (secrets redacted).
+    /// Validate settings and mapping and print the effective settings as TOML (secrets redacted).
     #[command(
-        after_help = "Examples:\n  tidemark check-config\n  tidemark --config /etc/tidemark/tidemark.toml check-config\n  TIDEMARK__SYNC__SETTLE=10m tidemark check-config\n  tidemark check-config --quiet"
+        after_help = "Examples:\n  tidemark check-config\n  tidemark --config /etc/tidemark/tidemark.toml check-config\n  TIDEMARK__SYNC__SETTLE=10m tidemark check-config\n  tidemark check-config --quiet\n  tidemark check-config --connect"
     )]
     CheckConfig {
         /// Print one line when valid (for ExecStartPre); errors are printed as always.
+        /// With --connect: only the checks that warn or fail.
         #[arg(long, short)]
         quiet: bool,
+        /// Also test the connections: source reachable and readable, each collection, the
+        /// (time, _id) indexes, target reachable and writable, tables migrated. One line per
+        /// check; exit 0 when none fails, 6 when a connection fails, 5 otherwise.
+        #[arg(long)]
+        connect: bool,
     },
     /// A read-only monitoring check: per entity the watermark, lag, backlog and dead letters.
     ///

@@ -13,7 +13,7 @@
 //! - [`sink`]: everything stored in the target (rows, checkpoints, leases, the runs ledger,
 //!   the backfill ledger, dead letters, provenance). All SQL lives here.
 //! - [`mapping`]: the declarative mapping, compiled; documents to rows. No I/O.
-//! - Base modules: [`settings`], [`cli`], [`timearg`], [`schedule`], [`secret`], [`exit`],
+//! - Base modules: [`settings`], [`cli`], [`timearg`], [`schedule`], [`secret`], [`exit`], [`reach`],
 //!   [`retry`], [`telemetry`].
 //!
 //! Imports point downward only: commands → engine → {source, sink} → mapping → base.
@@ -25,6 +25,7 @@ pub mod engine;
 pub mod exit;
 pub mod mapping;
 pub mod prehashed;
+pub mod reach;
 pub mod retry;
 pub mod schedule;
 pub mod secret;

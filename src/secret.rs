@@ -18,7 +18,7 @@
 //! When unsure where a secret ends, more is hidden, never less: an `@` in the options
 //! after the host hides the host too.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::io::{self, Write};
 use std::ops::Range;
@@ -100,6 +100,13 @@ impl fmt::Debug for SecretUri {
 impl fmt::Display for SecretUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
+    }
+}
+
+/// Serialized redacted (as `Display`): a serialized setting is for people to read.
+impl Serialize for SecretUri {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
     }
 }
 

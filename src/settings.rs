@@ -5,14 +5,17 @@
 use crate::secret::SecretUri;
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub mod human;
+mod paths;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Every setting; see `config/default.toml` for the meaning of each key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Directory for the SQLite target, reports and local server data.
@@ -27,7 +30,7 @@ pub struct Settings {
     pub daemon: DaemonSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
     /// MongoDB connection string (secret).
@@ -44,11 +47,11 @@ pub struct SourceSettings {
     /// Retries of a failed source read before the run fails.
     pub retry_attempts: u32,
     /// Connection establishment timeout.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum ReadPref {
     Primary,
@@ -58,10 +61,10 @@ pub enum ReadPref {
     Nearest,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSettings {
-    /// `sqlite://PATH` or `postgres://...` (secret).
+    /// `sqlite://PATH` or `postgres://...` (secret); empty = `sqlite://<state_dir>/tidemark.db`.
     pub url: SecretUri,
     /// Pool size.
     pub max_connections: u32,
@@ -81,7 +84,7 @@ impl TargetSettings {
 }
 
 /// `target.foreign_key_checks`: see `config/default.toml` and docs/DEPENDENCIES.md.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ForeignKeyChecks {
     /// PostgreSQL checks every row a batch inserts or updates at commit (the deferred keys).
@@ -94,7 +97,7 @@ pub enum ForeignKeyChecks {
     Tidemark,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncSettings {
     /// Mapping file.
@@ -105,13 +108,13 @@ pub struct SyncSettings {
     #[serde(deserialize_with = "crate::timearg::deserialize_instant")]
     pub start: DateTime<Utc>,
     /// Source clock minus this is the newest `to`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub settle: Duration,
     /// Re-read behind the watermark.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub overlap: Duration,
     /// Longest single window.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub max_window: Duration,
     /// Dead letters tolerated per run before it counts as partial.
     pub error_budget: u64,
@@ -129,16 +132,16 @@ pub struct SyncSettings {
 }
 
 /// Leases that keep one writer per lane (see `src/lock.rs`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockSettings {
     /// How long a lease lives without a heartbeat; a crashed holder's lane frees up after it.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub lease: Duration,
 }
 
 /// `tidemark daemon`: schedule, metrics endpoint, retries and shutdown.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
     /// Cron expression evaluated in UTC: five fields (`min hour day-of-month month
@@ -149,17 +152,17 @@ pub struct DaemonSettings {
     /// Address of the `/metrics` and `/health` endpoint; empty = off. A bare port binds 127.0.0.1.
     pub metrics_listen: String,
     /// First retry delay after a failed run; doubles after each further failure.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub backoff_initial: Duration,
     /// Longest retry delay (before jitter).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub backoff_max: Duration,
     /// After SIGTERM/SIGINT, how long the current batch may take to commit before the daemon exits anyway.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human")]
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     #[serde(deserialize_with = "one_of")]
@@ -167,7 +170,7 @@ pub struct LogSettings {
     pub level: String,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Auto,
@@ -196,7 +199,8 @@ impl Settings {
         }
     }
 
-    /// Load defaults, then `file` (if any), then the environment.
+    /// Load defaults, then `file` (if any), then the environment; relative paths of the
+    /// file resolve against its folder ([`paths`]).
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
@@ -223,12 +227,14 @@ impl Settings {
         let cfg = builder
             .build()
             .with_context(|| format!("reading settings ({origin} + TIDEMARK__* environment)"))?;
-        let settings: Settings = cfg.try_deserialize().map_err(|e| {
+        let from_file = paths::FromFile::of(&cfg, file)?;
+        let mut settings: Settings = cfg.try_deserialize().map_err(|e| {
             anyhow::anyhow!(
                 "invalid setting in {origin} or TIDEMARK__* environment: {e}. \
                  See config/default.toml for every valid key and its type"
             )
         })?;
+        paths::resolve(&mut settings, &from_file);
         settings.validate()?;
         Ok(settings)
     }
@@ -383,6 +389,36 @@ mod tests {
         assert!(load("[log]\nlevel = \"tidemark=verbose\"\n").is_err());
         let s = load("[log]\nformat = \"json\"\nlevel = \"tidemark=debug, INFO\"\n").unwrap();
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    /// Relative paths of a settings file point into its folder; the SQLite default follows
+    /// `state_dir`; absolute paths and the defaults' stay as written.
+    #[test]
+    fn relative_paths_of_a_file_resolve_against_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "state_dir = \"st\"\nreports_dir = \"/abs/r\"\n[sync]\nmapping = \"m/x.toml\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&file)).unwrap();
+        assert_eq!(s.state_dir, dir.path().join("st"));
+        assert_eq!(s.reports_dir, PathBuf::from("/abs/r"));
+        assert_eq!(s.sync.mapping, dir.path().join("m/x.toml"));
+        let db = dir.path().join("st/tidemark.db");
+        assert_eq!(s.target.url.expose(), format!("sqlite://{}", db.display()));
+        std::fs::write(&file, "[target]\nurl = \"sqlite:data/y.db\"\n").unwrap();
+        let s = Settings::load(Some(&file)).unwrap();
+        let db = dir.path().join("data/y.db");
+        assert_eq!(s.target.url.expose(), format!("sqlite://{}", db.display()));
+        assert_eq!(
+            s.state_dir,
+            PathBuf::from("state"),
+            "a default stays relative"
+        );
+        let d = Settings::load(None).unwrap();
+        assert_eq!(d.target.url.expose(), "sqlite://state/tidemark.db");
     }
 
     #[test]

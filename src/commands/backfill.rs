@@ -90,10 +90,13 @@ impl std::fmt::Display for BackfillReport {
         }
         write!(
             f,
-            "this worker: {} chunks, {} documents read, {} rows written, {} dead-lettered in {:.1}s ({:.0} documents/s)",
+            "this worker: {} chunks, {} documents read, {} rows written ({} main, {} child, {} pulled), {} dead-lettered in {:.1}s ({:.0} documents/s)",
             self.chunks_here,
             self.counts.read,
+            self.counts.rows_written().total,
             self.counts.written,
+            self.counts.child_written,
+            self.counts.pulled_written,
             self.counts.dead_lettered,
             secs,
             self.counts.read as f64 / secs.max(0.001)
@@ -567,6 +570,7 @@ pub async fn backfill_dry_run(
         run_id,
         dry_run: true,
         entities: reports,
+        rows_written: totals.rows_written(),
         totals,
         elapsed_ms: started.elapsed().as_millis() as u64,
         report_file: None,

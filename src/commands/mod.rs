@@ -4,6 +4,7 @@
 
 pub mod backfill;
 pub mod check_config;
+pub mod check_connect;
 pub mod daemon;
 pub mod dead_letters;
 pub mod demo;
@@ -69,9 +70,18 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             print!("{}", migrate::migrate(&settings, print).await?);
             Ok(exit::OK)
         }
-        Command::CheckConfig { quiet } => {
-            print!("{}", check_config::check_config(&settings, quiet)?);
-            Ok(exit::OK)
+        Command::CheckConfig { quiet, connect } => {
+            print!(
+                "{}",
+                check_config::check_config(&settings, quiet || connect)?
+            );
+            if !connect {
+                return Ok(exit::OK);
+            }
+            let mapping = setup::load_mapping(&settings)?;
+            let checks = check_connect::check_connect(&settings, &mapping).await;
+            print!("{}", checks.render(quiet));
+            Ok(checks.exit_code())
         }
         Command::Status(args) => Ok(status::status(&settings, &args).await),
         Command::Runs(args) => runs::runs(&settings, args).await,

@@ -4,7 +4,7 @@ use crate::cli::RunArgs;
 use crate::commands::lifecycle::{outcome, RunLog};
 use crate::commands::setup::{load_mapping, open_sink, open_sink_dry};
 use crate::engine::lane::{Lease, LockOptions};
-use crate::engine::pipeline::{self, Counts, Ctx, EntityReport};
+use crate::engine::pipeline::{self, Counts, Ctx, EntityReport, RowsWritten};
 use crate::engine::select::Selection;
 use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
@@ -28,6 +28,8 @@ pub struct RunReport {
     pub dry_run: bool,
     pub entities: Vec<EntityReport>,
     pub totals: Counts,
+    /// Every row written: main, child and pulled (`totals.written` counts main rows only).
+    pub rows_written: RowsWritten,
     pub elapsed_ms: u64,
     /// Where the JSON report was written.
     #[serde(skip)]
@@ -83,12 +85,16 @@ impl std::fmt::Display for RunReport {
         if let Some(p) = &self.report_file {
             writeln!(f, "report: {p}")?;
         }
+        let rows = self.totals.rows_written();
         write!(
             f,
-            "run {}: {} documents read, {} rows written in {:.1}s ({:.0} documents/s)",
+            "run {}: {} documents read, {} rows written ({} main, {} child, {} pulled) in {:.1}s ({:.0} documents/s)",
             self.run_id,
             self.totals.read,
-            self.totals.written,
+            rows.total,
+            rows.main,
+            rows.child,
+            rows.pulled,
             secs,
             self.totals.read as f64 / secs.max(0.001)
         )
@@ -359,6 +365,7 @@ async fn write_report(
         run_id: ctx.run_id.clone(),
         dry_run: ctx.dry_run,
         entities: done.reports,
+        rows_written: totals.rows_written(),
         totals,
         elapsed_ms: started.elapsed().as_millis() as u64,
         report_file: None,

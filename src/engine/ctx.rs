@@ -157,7 +157,30 @@ pub struct Counts {
     pub dependents_new: bool,
 }
 
+/// Every row a run wrote (inserted or changed), in each kind of table.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct RowsWritten {
+    /// `main + child + pulled`.
+    pub total: u64,
+    /// Rows of the entities' own tables ([`Counts::written`]).
+    pub main: u64,
+    /// Rows of their child tables (exploded arrays).
+    pub child: u64,
+    /// Rows of entities pulled on demand (references and dependents), child rows included.
+    pub pulled: u64,
+}
+
 impl Counts {
+    /// Every row written: the entity's own, its child rows, and what it pulled.
+    pub fn rows_written(&self) -> RowsWritten {
+        RowsWritten {
+            total: self.written + self.child_written + self.pulled_written,
+            main: self.written,
+            child: self.child_written,
+            pulled: self.pulled_written,
+        }
+    }
+
     pub fn add(&mut self, o: &Counts) {
         self.read += o.read;
         self.written += o.written;

@@ -7,7 +7,7 @@
 pub use crate::engine::batch::{
     commit_batch, forget_pulled, resolve_batch, write_docs, write_mapped, Resolved,
 };
-pub use crate::engine::ctx::{nightly_lane, Counts, Ctx, EntityReport, WindowReport};
+pub use crate::engine::ctx::{nightly_lane, Counts, Ctx, EntityReport, RowsWritten, WindowReport};
 use crate::engine::drive::{drive_window, WindowJob};
 pub use crate::engine::drive::{open_window, run_window, Opened};
 pub use crate::engine::page::{

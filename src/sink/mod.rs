@@ -11,7 +11,9 @@ pub mod lease;
 pub mod monitor;
 pub mod order;
 mod postgres;
+pub mod probe;
 pub(crate) mod provenance;
+mod reach;
 pub mod records;
 mod rows;
 pub mod runs;
@@ -20,17 +22,17 @@ pub mod undo;
 pub mod verify;
 
 use crate::mapping::{Entity, TableRef, Value};
-use crate::secret::{redact_uri, SecretUri};
+use crate::secret::SecretUri;
 use crate::settings::ForeignKeyChecks;
 use crate::source::Position;
 use crate::span::LaneState;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
 use rows::key_text;
 pub(crate) use rows::key_text_at;
 use sqlx::{
-    postgres::PgPoolOptions, sqlite::SqliteConnectOptions, sqlite::SqlitePoolOptions, PgPool,
-    SqlitePool,
+    postgres::PgConnectOptions, postgres::PgPoolOptions, sqlite::SqliteConnectOptions,
+    sqlite::SqlitePoolOptions, PgPool, SqlitePool,
 };
 use std::str::FromStr;
 
@@ -249,22 +251,8 @@ impl Sink {
     /// Connect (creating a SQLite file and its directory if needed).
     pub async fn connect(url: &SecretUri, max_connections: u32) -> Result<Self> {
         let raw = url.expose();
-        let fail = |e: sqlx::Error| {
-            let text = redact_uri(&e.to_string());
-            // A TLS failure needs a different fix than a missing or read-only database.
-            let hint = if matches!(e, sqlx::Error::Tls(_))
-                || ["certificate", "UnknownIssuer", "not valid for name", "tls"]
-                    .iter()
-                    .any(|w| text.contains(w))
-            {
-                "Check the TLS settings in target.url: sslmode=verify-full needs the host name the \
-                 server's certificate was issued for and sslrootcert naming the CA that signed it \
-                 (docs/OPERATIONS.md, TLS)"
-            } else {
-                "Check that the database exists and is writable"
-            };
-            anyhow!("cannot open the target {url} (target.url): {text}. {hint}")
-        };
+        // What happened and what to do (authentication, refused, missing database, TLS…).
+        let fail = |e: sqlx::Error| anyhow::Error::new(reach::unreachable(url, &e));
         if raw.starts_with("sqlite:") {
             let path = raw
                 .trim_start_matches("sqlite://")
@@ -299,10 +287,12 @@ impl Sink {
                 .map_err(fail)?;
             Ok(Sink::Sqlite(pool))
         } else {
+            let opts = PgConnectOptions::from_str(raw).map_err(fail)?;
+            reach::probe_postgres(url, &opts).await?;
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
-                .acquire_timeout(std::time::Duration::from_secs(15))
-                .connect(raw)
+                .acquire_timeout(reach::CONNECT_TIMEOUT)
+                .connect_with(opts)
                 .await
                 .map_err(fail)?;
             Ok(Sink::Postgres(pool))

@@ -2,13 +2,12 @@
 //! migrating or writing anything (a SELECT-only role is enough), and read the runs ledger.
 
 use super::{from_ms, with_pool, Sink};
-use crate::secret::{redact_uri, SecretUri};
-use anyhow::{anyhow, bail, Result};
+use crate::secret::SecretUri;
+use anyhow::{bail, Result};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use std::str::FromStr;
-use std::time::Duration;
 
 /// The tool tables `status` reads; without any of them it cannot say anything.
 pub const STATUS_TABLES: [&str; 8] = [
@@ -26,12 +25,8 @@ pub const STATUS_TABLES: [&str; 8] = [
 /// PostgreSQL transaction is `READ ONLY`.
 pub async fn open_read_only(url: &SecretUri) -> Result<Sink> {
     let raw = url.expose();
-    let fail = |e: sqlx::Error| {
-        anyhow!(
-            "cannot open the target {url} (target.url) read-only: {}",
-            redact_uri(&e.to_string())
-        )
-    };
+    // What happened and what to do (authentication, refused, missing database, TLS…).
+    let fail = |e: sqlx::Error| anyhow::Error::new(super::reach::unreachable(url, &e));
     if raw.starts_with("sqlite:") {
         let opts = SqliteConnectOptions::from_str(raw)
             .map_err(fail)?
@@ -57,9 +52,10 @@ pub async fn open_read_only(url: &SecretUri) -> Result<Sink> {
             .map_err(fail)?
             .application_name("tidemark status")
             .options([("default_transaction_read_only", "on")]);
+        super::reach::probe_postgres(url, &opts).await?;
         let pool = PgPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(15))
+            .acquire_timeout(super::reach::CONNECT_TIMEOUT)
             .connect_with(opts)
             .await
             .map_err(fail)?;

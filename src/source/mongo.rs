@@ -5,6 +5,7 @@ use super::query::{invalid_time_filter, window_filter};
 use crate::mapping::spec::TimeEncoding;
 use crate::mapping::value::to_timestamp;
 use crate::mapping::{lookup, Entity, SourceFormat};
+use crate::reach::{Cause, Side, Unreachable};
 use crate::secret::redact_uri;
 use crate::settings::{ReadPref, SourceSettings};
 use crate::span::Window;
@@ -113,15 +114,30 @@ fn read_pref(p: ReadPref) -> ReadPreference {
 }
 
 impl Source {
-    /// Connect and ping; the error names the (redacted) URI and what to check.
+    /// Connect and ping. A failure is an [`Unreachable`] that says what happened and what to
+    /// do (the driver's text goes to the debug log); a closed port is reported at once.
     pub async fn connect(s: &SourceSettings) -> Result<Self> {
         let mut opts = ClientOptions::parse(s.uri.expose()).await.map_err(|e| {
+            let cause = super::reach::cause(&e, s.connect_timeout);
+            if matches!(cause, Cause::HostUnknown) {
+                // An SRV record that does not resolve.
+                return anyhow::Error::new(Unreachable::new(
+                    Side::Source,
+                    cause,
+                    &s.uri,
+                    &e.to_string(),
+                ));
+            }
             anyhow!(
                 "source.uri {} is invalid: {}",
                 s.uri,
                 redact_uri(&e.to_string())
             )
         })?;
+        if let Some(addrs) = super::reach::all_refused(&opts.hosts, s.connect_timeout).await {
+            let detail = format!("TCP connect to {}", addrs.join(", "));
+            return Err(Unreachable::new(Side::Source, Cause::Refused, &s.uri, &detail).into());
+        }
         opts.app_name = Some("tidemark".into());
         opts.connect_timeout = Some(s.connect_timeout);
         opts.server_selection_timeout = Some(s.connect_timeout);
@@ -132,11 +148,10 @@ impl Source {
             .map_err(|e| anyhow!("source: {}", redact_uri(&e.to_string())))?;
         let db = client.database(&s.database);
         db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
-            anyhow!(
-                "cannot reach the source at {} (source.uri): {}. Check that the server runs and the URI is right",
-                s.uri,
-                redact_uri(&e.to_string())
-            )
+            let detail = redact_uri(&e.to_string());
+            debug!(error = %detail, "source ping failed");
+            let cause = super::reach::cause(&e, s.connect_timeout);
+            Unreachable::new(Side::Source, cause, &s.uri, &detail)
         })?;
         Ok(Source {
             db,

@@ -246,8 +246,12 @@ async fn ops_status_never_creates_a_missing_sqlite_target() {
     );
     assert!(!absent.exists() && !absent.parent().unwrap().exists());
     assert_eq!(default.0, Some(NAGIOS_UNKNOWN), "{}", default.1);
+    // The default target lives in state_dir (TIDEMARK__STATE_DIR = the environment's folder).
+    let default_db = env.dir.path().join("tidemark.db");
     assert!(
-        default.1.contains("state/tidemark.db does not exist"),
+        default
+            .1
+            .contains(&format!("{} does not exist", default_db.display())),
         "{}",
         default.1
     );

@@ -415,7 +415,7 @@ async fn mongo_tls_refuses_unknown_ca_wrong_host_and_plaintext() {
         // Assert
         eprintln!("{what}: failed after {took:?}: {msg}");
         assert!(
-            msg.contains("cannot reach the source") && msg.contains("source.uri"),
+            msg.contains("cannot connect to the source") && msg.contains("source.uri"),
             "{what}: the error names the source: {msg}"
         );
         if let Some(word) = expect {
