@@ -13,6 +13,7 @@ pub mod order;
 mod postgres;
 pub(crate) mod provenance;
 pub mod records;
+pub mod retention;
 mod rows;
 pub mod runs;
 mod sqlite;
