@@ -103,7 +103,7 @@ fn ops_schema_vizhub_diagrams_name_every_table_and_reference() {
             "mermaid lacks {from}.{col} -> {to}:\n{mermaid}"
         );
         assert!(
-            dot.contains(&format!("{from}:{col} -> {to}:")),
+            dot.contains(&format!("{from}:{col}_out:e -> {to}:")),
             "dot lacks {from}.{col} -> {to}"
         );
     }
@@ -343,11 +343,11 @@ async fn ops_schema_unfamiliar_mapping_renders_correctly() {
     }
     let dot = stdout_ok(schema_cmd(&["--mapping", &path, "--format", "dot"]));
     assert!(
-        dot.contains("order_lines:sku -> skus:code [style=dashed"),
+        dot.contains("order_lines:sku_out:e -> skus:code_in:w [style=dashed"),
         "{dot}"
     );
     assert!(
-        dot.contains("order_lines:ships_from -> warehouses:uid [style=solid"),
+        dot.contains("order_lines:ships_from_out:e -> warehouses:uid_in:w [style=solid"),
         "{dot}"
     );
     let pg = stdout_ok(schema_cmd(&[
