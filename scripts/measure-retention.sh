@@ -7,8 +7,9 @@
 #   scripts/measure-retention.sh [--vizzes 20000] [--percent 1] [--nights 3] [--bin target/release/tidemark]
 #
 # Environment: MONGO_URI (default mongodb://127.0.0.1:27017), PG_URL (an admin URL, default
-# postgres://postgres@127.0.0.1:5432/postgres). It creates and drops its own MongoDB and
-# PostgreSQL databases and writes under a temporary folder.
+# postgres://postgres@127.0.0.1:5432/postgres). It seeds the MongoDB database tm_retention
+# (re-seeded, never dropped: drop it by hand when done), creates and drops its own
+# PostgreSQL database, and writes under a temporary folder.
 set -euo pipefail
 
 vizzes=20000 percent=1 nights=3 bin=target/release/tidemark
@@ -23,11 +24,11 @@ while [ $# -gt 0 ]; do
 done
 mongo=${MONGO_URI:-mongodb://127.0.0.1:27017}
 pg_admin=${PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-name=tm_retention_$$
+name=tm_retention
 pg_url=${pg_admin%/*}/$name
 work=$(mktemp -d)
 trap 'psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-psql -q "$pg_admin" -c "CREATE DATABASE $name" >/dev/null
+psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $name WITH (FORCE)" -c "CREATE DATABASE $name" >/dev/null
 
 export TIDEMARK__SOURCE__URI=$mongo TIDEMARK__SOURCE__DATABASE=$name TIDEMARK__SYNC__SETTLE=0s \
     TIDEMARK__LOG__LEVEL=warn
