@@ -151,6 +151,27 @@ pub enum Command {
         after_help = "Examples:\n  tidemark sweep --dry-run\n  tidemark sweep --entity vizzes"
     )]
     Sweep(SweepArgs),
+    /// Draw the target schema the mapping declares: every table with its columns and types,
+    /// primary keys, references, child tables and their parent link, and the source
+    /// collection of each table.
+    ///
+    /// Reads only the mapping (sync.mapping, or --mapping); connects to nothing. `mermaid`: an
+    /// ER diagram (Markdown renders it); `dot`: Graphviz (pipe it to `dot -Tsvg`); `sql`: the
+    /// DDL `tidemark migrate` runs on an empty target, in --dialect.
+    #[command(
+        after_help = "Examples:\n  tidemark schema\n  tidemark schema --format dot | dot -Tsvg > schema.svg\n  tidemark schema --format sql --dialect sqlite\n  tidemark schema --mapping config/mappings/vizhub.toml > docs/schema-vizhub.mmd"
+    )]
+    Schema(SchemaArgs),
+    /// Remove report files, runs-ledger rows and provenance of runs that finished before
+    /// the cutoff (retention). A pruned run can no longer be rolled back.
+    ///
+    /// Never removed: runs still running, and the ledger row (not the provenance) of each
+    /// entity's newest catch-up run, which `tidemark status` reads. Checkpoints, backfills and
+    /// dead letters are never touched. Without --older-than: [retention] older_than.
+    #[command(
+        after_help = "Examples:\n  tidemark prune --older-than 90d --dry-run\n  tidemark prune --older-than 90d\n  TIDEMARK__RETENTION__OLDER_THAN=180d tidemark prune"
+    )]
+    Prune(PruneArgs),
     /// Print the shell completion script for SHELL on stdout.
     ///
     /// Needs no settings. Install it where your shell looks, e.g. for bash
@@ -175,6 +196,48 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// `tidemark schema`'s output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaFormat {
+    /// Mermaid erDiagram.
+    Mermaid,
+    /// Graphviz dot.
+    Dot,
+    /// The DDL `tidemark migrate` runs on an empty target.
+    Sql,
+}
+
+/// The SQL dialect of `tidemark schema --format sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqlDialect {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = SchemaFormat::Mermaid)]
+    pub format: SchemaFormat,
+    /// The mapping file to draw (default: sync.mapping from the settings).
+    #[arg(long, value_name = "PATH")]
+    pub mapping: Option<PathBuf>,
+    /// SQL dialect of --format sql (default: the target.url's backend).
+    #[arg(long, value_enum)]
+    pub dialect: Option<SqlDialect>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Prune what finished longer ago than this (e.g. 90d, 26w); at least 1d.
+    /// Default: [retention] older_than.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub older_than: Option<std::time::Duration>,
+    /// Count what would be removed (per kind, with the bytes of the files); change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -429,6 +492,19 @@ pub enum DemoCommand {
         /// (those are left alone; same-named demo collections are dropped).
         #[arg(long)]
         force: bool,
+    },
+    /// Simulate a night of application writes: change a share of the seeded vizzes (title,
+    /// one file's text, time stamps set to now), as the next run will see them.
+    #[command(
+        after_help = "Examples:\n  tidemark demo touch\n  tidemark demo touch --percent 5 --seed 2"
+    )]
+    Touch {
+        /// Share of the vizzes (documentInfo documents with an id) to change, in percent.
+        #[arg(long, default_value_t = 1.0)]
+        percent: f64,
+        /// Random seed choosing which vizzes change.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 

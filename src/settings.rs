@@ -28,6 +28,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub lock: LockSettings,
     pub daemon: DaemonSettings,
+    pub retention: RetentionSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -160,6 +161,47 @@ pub struct DaemonSettings {
     /// After SIGTERM/SIGINT, how long the current batch may take to commit before the daemon exits anyway.
     #[serde(with = "human")]
     pub shutdown_grace: Duration,
+}
+
+/// `[retention]`: how long run reports, ledger rows and provenance are kept (`tidemark prune`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Age beyond which `tidemark prune` (without --older-than) and the daemon, after each
+    /// successful scheduled run, prune; "" or "off" = never (the default).
+    pub older_than: String,
+}
+
+/// The shortest retention `prune` accepts: a day, so a typo ("90m" for "90d") cannot take
+/// the rollback of last night's run away.
+pub const MIN_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+impl RetentionSettings {
+    /// `older_than` read: None when off.
+    pub fn older_than(&self) -> Result<Option<Duration>> {
+        let text = self.older_than.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let d = humantime::parse_duration(text).map_err(|e| {
+            anyhow::anyhow!(
+                "retention.older_than = {text:?} is not a duration ({e}); use e.g. \"90d\", or \"off\""
+            )
+        })?;
+        check_retention(d, "retention.older_than")?;
+        Ok(Some(d))
+    }
+}
+
+/// A retention of at least [`MIN_RETENTION`]; `what` names the setting or flag.
+pub fn check_retention(d: Duration, what: &str) -> Result<()> {
+    if d < MIN_RETENTION {
+        bail!(
+            "{what} = {} is shorter than a day; keep at least \"1d\" (typical: \"90d\")",
+            humantime::format_duration(d)
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -345,6 +387,7 @@ impl Settings {
         if !d.metrics_listen.is_empty() {
             crate::schedule::listen_addr(&d.metrics_listen)?;
         }
+        self.retention.older_than()?;
         if d.backoff_initial.is_zero() || d.backoff_max < d.backoff_initial {
             bail!(
                 "daemon.backoff_initial must be above 0s and at most daemon.backoff_max (now {:?} and {:?})",
@@ -419,6 +462,35 @@ mod tests {
         );
         let d = Settings::load(None).unwrap();
         assert_eq!(d.target.url.expose(), "sqlite://state/tidemark.db");
+    }
+
+    /// `[retention] older_than`: off by default, a duration of at least a day otherwise.
+    #[test]
+    fn retention_is_off_by_default_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |toml: &str| {
+            let file = dir.path().join("s.toml");
+            std::fs::write(&file, toml).unwrap();
+            Settings::load(Some(&file)).map_err(|e| format!("{e:#}"))
+        };
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.retention.older_than().unwrap(), None);
+        let s = load("[retention]\nolder_than = \"90d\"\n").unwrap();
+        assert_eq!(
+            s.retention.older_than().unwrap(),
+            Some(Duration::from_secs(90 * 86400))
+        );
+        let s = load("[retention]\nolder_than = \"off\"\n").unwrap();
+        assert_eq!(s.retention.older_than().unwrap(), None);
+        let err = load("[retention]\nolder_than = \"90\"\n").unwrap_err();
+        assert!(
+            err.contains("retention.older_than") && err.contains("90d"),
+            "{err}"
+        );
+        let err = load("[retention]\nolder_than = \"90m\"\n").unwrap_err();
+        assert!(err.contains("shorter than a day"), "{err}");
+        let err = load("[retention]\nolder = \"90d\"\n").unwrap_err();
+        assert!(err.contains("older"), "{err}");
     }
 
     #[test]

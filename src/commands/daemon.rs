@@ -214,9 +214,13 @@ pub async fn daemon(
         let s = shared.read().expect("settings lock").clone();
         let stop = run_stop.clone();
         async move {
-            let r = crate::commands::run::run(s, RunOptions::default(), stop.clone()).await;
+            let retention = s.retention.older_than().ok().flatten();
+            let r = crate::commands::run::run(s.clone(), RunOptions::default(), stop.clone()).await;
             if let Ok(report) = &r {
                 info!(run_id = %report.run_id, read = report.totals.read, written = report.totals.written, ms = report.elapsed_ms, "scheduled run done");
+                if retention.is_some() {
+                    prune_after_run(&s, retention).await;
+                }
             }
             classify(&r, &stop)
         }
@@ -234,6 +238,24 @@ pub async fn daemon(
         info!("daemon stopped");
     }
     outcome
+}
+
+/// `[retention] older_than` after a successful scheduled run. A failed prune is logged and
+/// changes nothing about the run's outcome (the next run tries again).
+async fn prune_after_run(s: &Settings, older_than: Option<Duration>) {
+    match crate::commands::prune::prune(s, older_than, false).await {
+        Ok(rep) => info!(
+            runs = rep.runs,
+            ledger_rows = rep.removed.ledger_rows,
+            provenance_records = rep.removed.provenance_records,
+            report_files = rep.report_files,
+            report_bytes = rep.report_bytes,
+            "retention: pruned what finished before the cutoff"
+        ),
+        Err(e) => {
+            warn!(error = %crate::secret::redact_uri(&format!("{e:#}")), "retention: prune failed; the next scheduled run tries again")
+        }
+    }
 }
 
 fn note_next_run(state: &State, expr: &str) {

@@ -14,13 +14,17 @@
 //! references and a few oversized contents.
 //!
 //! Here: the command (`seed`, `generate`) and the collections; `demo/plan.rs` draws the
-//! plan, `demo/docs.rs` the documents, `demo/text.rs` their text.
+//! plan, `demo/docs.rs` the documents, `demo/text.rs` their text, `demo/touch.rs` a night
+//! of application writes (`demo touch`).
 
 mod docs;
 mod plan;
 #[cfg(test)]
 mod tests;
 mod text;
+mod touch;
+
+pub use touch::{touch, TouchReport};
 
 use anyhow::{Context, Result};
 use bson::RawDocumentBuf;

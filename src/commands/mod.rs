@@ -10,10 +10,12 @@ pub mod dead_letters;
 pub mod demo;
 pub mod lifecycle;
 pub mod migrate;
+pub mod prune;
 pub mod record;
 pub mod rollback;
 pub mod run;
 pub mod runs;
+pub mod schema;
 pub mod setup;
 pub mod status;
 pub mod sweep;
@@ -93,6 +95,24 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::DeadLetters(cmd) => dead_letters::execute(settings, cmd).await,
         Command::Verify(args) => verify_command(settings, args).await,
         Command::Sweep(args) => sweep::execute(settings, args).await,
+        Command::Schema(args) => {
+            print!("{}", schema::schema(&settings, &args)?);
+            Ok(exit::OK)
+        }
+        Command::Prune(args) => {
+            println!(
+                "{}",
+                prune::prune(&settings, args.older_than, args.dry_run).await?
+            );
+            Ok(exit::OK)
+        }
+        Command::Demo(DemoCommand::Touch { percent, seed }) => {
+            let source = crate::source::Source::connect(&settings.source)
+                .await
+                .map_err(Failure::Unavailable)?;
+            println!("{}", demo::touch(&source.db, percent, seed).await?);
+            Ok(exit::OK)
+        }
         // Answered by `describe_cli`, before the settings were loaded.
         Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
         Command::Demo(DemoCommand::Seed {

@@ -27,6 +27,10 @@ pub async fn rollback(
     let started_at = chrono::Utc::now();
     let mapping = crate::commands::setup::load_mapping(&s)?;
     let sink = crate::commands::setup::open_sink_dry(&s, &mapping).await?;
+    if let Some(p) = crate::sink::retention::pruned(&sink, run).await? {
+        sink.close().await;
+        return Err(crate::commands::prune::pruned_error(&p));
+    }
     let target = crate::sink::runs::get(&sink, run).await?.ok_or_else(|| {
         Failure::Config(anyhow!(
             "there is no run {run} in tidemark_runs; `tidemark runs` lists them (dry runs wrote nothing to roll back)"

@@ -11,14 +11,19 @@ pub async fn runs(s: &Settings, args: RunsArgs) -> Result<i32> {
     let sink = super::setup::connect_dry(s).await?;
     let out = match args.command {
         Some(RunsCommand::Show { id }) => {
-            let row = crate::sink::runs::find(&sink, &s.reports_path(), &id)
-                .await?
-                .ok_or_else(|| {
-                    Failure::Config(anyhow!(
-                        "no run {id} in tidemark_runs or {}; `tidemark runs` lists them",
-                        s.reports_path().display()
-                    ))
-                })?;
+            let found = crate::sink::runs::find(&sink, &s.reports_path(), &id).await?;
+            if found.is_none() {
+                if let Some(p) = crate::sink::retention::pruned(&sink, &id).await? {
+                    sink.close().await;
+                    return Err(crate::commands::prune::pruned_error(&p));
+                }
+            }
+            let row = found.ok_or_else(|| {
+                Failure::Config(anyhow!(
+                    "no run {id} in tidemark_runs or {}; `tidemark runs` lists them",
+                    s.reports_path().display()
+                ))
+            })?;
             let mut v = serde_json::to_value(&row)?;
             v["lanes"] = serde_json::Value::Array(crate::sink::runs::lanes(&sink, &id).await?);
             serde_json::to_string_pretty(&v)?

@@ -156,7 +156,7 @@ async fn collect_from(
     }
     let source = crate::source::Source::connect(&s.source).await?;
     let now = source.server_time().await?;
-    let runs = monitor::recent_runs(sink, 50).await?;
+    let runs = monitor::recent_runs(sink, RECENT_RUNS).await?;
     let mut entities = Vec::new();
     for e in &mapping.entities {
         entities.push(entity_status(sink, &source, e, &runs, now).await?);
@@ -237,27 +237,46 @@ fn run_status(r: &RunRow, status: Option<&str>) -> RunStatus {
     }
 }
 
-/// `(result, duration_s, run start)` of an entity's newest finished catch-up in `runs`.
-fn last_result(runs: &[RunRow], entity: &str) -> Option<(String, Option<f64>, String)> {
+/// How many of the newest catch-up runs status reads (`tidemark prune` keeps the ones that
+/// give an entity its last result, see [`last_run_of`]).
+pub const RECENT_RUNS: i64 = 50;
+
+/// An entity's newest finished catch-up in `runs` (newest first), and the entity's entry
+/// in its report when the entity finished (None: the run failed on it).
+pub fn last_run_of<'r>(
+    runs: &'r [RunRow],
+    entity: &str,
+) -> Option<(&'r RunRow, Option<&'r serde_json::Value>)> {
     for run in runs.iter().filter(|r| r.status != "running") {
-        let at = fmt_ts(run.started);
         let done = run.report["entities"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|e| e["entity"] == entity);
-        if let Some(e) = done {
-            let secs = e["elapsed_ms"].as_f64().map(|m| m / 1000.0);
-            return Some(("ok".into(), secs, at));
-        }
-        if run.report["failed_entity"] == entity {
-            let secs = run
-                .finished
-                .map(|f| (f - run.started).num_milliseconds() as f64 / 1000.0);
-            return Some((run.status.clone(), secs, at));
+        if done.is_some() || run.report["failed_entity"] == entity {
+            return Some((run, done));
         }
     }
     None
+}
+
+/// `(result, duration_s, run start)` of an entity's newest finished catch-up in `runs`.
+fn last_result(runs: &[RunRow], entity: &str) -> Option<(String, Option<f64>, String)> {
+    let (run, done) = last_run_of(runs, entity)?;
+    let at = fmt_ts(run.started);
+    Some(match done {
+        Some(e) => (
+            "ok".into(),
+            e["elapsed_ms"].as_f64().map(|m| m / 1000.0),
+            at,
+        ),
+        None => (
+            run.status.clone(),
+            run.finished
+                .map(|f| (f - run.started).num_milliseconds() as f64 / 1000.0),
+            at,
+        ),
+    })
 }
 
 /// One reason for a state; among findings of the worst state the summary names the one

@@ -4,6 +4,7 @@
 
 pub mod canon;
 mod compile;
+pub mod diagram;
 pub mod expr;
 pub mod spec;
 pub mod value;

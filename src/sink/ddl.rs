@@ -20,10 +20,45 @@ pub struct SchemaPlan {
     pub manual: Vec<String>,
 }
 
-fn col_type(sink: &Sink, t: ColumnType) -> &'static str {
-    match sink {
-        Sink::Postgres(_) => t.postgres(),
-        Sink::Sqlite(_) => t.sqlite(),
+/// The SQL dialect a statement is written in: the sink's, or (for `tidemark schema --format
+/// sql`) the one asked for, so the printed script is exactly what `migrate` runs on an empty
+/// target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// The dialect of an open target.
+    pub fn of(sink: &Sink) -> Dialect {
+        match sink {
+            Sink::Postgres(_) => Dialect::Postgres,
+            Sink::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// The dialect of a `target.url` (`sqlite:…` or PostgreSQL).
+    pub fn of_url(url: &str) -> Dialect {
+        if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "postgres",
+            Dialect::Sqlite => "sqlite",
+        }
+    }
+}
+
+fn col_type(d: Dialect, t: ColumnType) -> &'static str {
+    match d {
+        Dialect::Postgres => t.postgres(),
+        Dialect::Sqlite => t.sqlite(),
     }
 }
 
@@ -97,19 +132,19 @@ pub fn foreign_keys(mapping: &Mapping, table: &str) -> Vec<(String, String)> {
     out
 }
 
-/// `CREATE TABLE` for a mapped table (SQLite: with its foreign keys inline).
-pub fn create_table(sink: &Sink, e: TableRef<'_>) -> String {
-    create_table_with(sink, e, &[])
+/// `CREATE TABLE` for a mapped table, without its foreign keys.
+pub fn create_table(d: Dialect, e: TableRef<'_>) -> String {
+    create_table_with(d, e, &[])
 }
 
-fn create_table_with(sink: &Sink, e: TableRef<'_>, fks: &[(String, String)]) -> String {
+fn create_table_with(d: Dialect, e: TableRef<'_>, fks: &[(String, String)]) -> String {
     let mut parts: Vec<String> = e
         .columns
         .iter()
         .enumerate()
         .map(|(i, c)| {
             let nn = if e.pk.contains(&i) { " NOT NULL" } else { "" };
-            format!("{} {}{nn}", quote(&c.name), col_type(sink, c.ty))
+            format!("{} {}{nn}", quote(&c.name), col_type(d, c.ty))
         })
         .collect();
     let pk: Vec<String> = e.pk.iter().map(|&i| quote(&e.columns[i].name)).collect();
@@ -153,36 +188,105 @@ async fn existing_columns(sink: &Sink, table: &str) -> Result<Vec<(String, Strin
     })
 }
 
+/// Every mapped table, main tables each followed by their child tables, in mapping order.
+fn tables(mapping: &Mapping) -> impl Iterator<Item = TableRef<'_>> {
+    mapping.entities.iter().flat_map(|e| {
+        std::iter::once(e.table_ref()).chain(e.children.iter().map(|c| c.table_ref()))
+    })
+}
+
+/// The statements that create table `t` where it does not exist: SQLite checks foreign keys
+/// lazily, so they are declared inline even for cycles; PostgreSQL needs the referenced
+/// tables first, so its constraints go to `late` (added after every create).
+fn create_statements(
+    d: Dialect,
+    mapping: &Mapping,
+    t: TableRef<'_>,
+    apply: &mut Vec<String>,
+    late: &mut Vec<String>,
+) {
+    let fks = foreign_keys(mapping, t.name);
+    match d {
+        Dialect::Sqlite => apply.push(create_table_with(d, t, &fks)),
+        Dialect::Postgres => {
+            apply.push(create_table(d, t));
+            for (name, clause) in fks {
+                late.push(format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} {clause}",
+                    quote(t.name),
+                    quote(&name)
+                ));
+            }
+        }
+    }
+}
+
+/// The whole DDL `migrate` runs on an empty target of dialect `d` for the mapped tables
+/// (what [`plan`] plans when no mapped table exists yet), as a script: each `CREATE TABLE`
+/// preceded by a comment naming the entity and the source collection it comes from, then
+/// the foreign keys added late (PostgreSQL) and the indexes. `tidemark schema --format sql`.
+pub fn create_script(mapping: &Mapping, d: Dialect) -> String {
+    let mut out = format!(
+        "-- The tables of mapping {} ({} dialect), as `tidemark migrate` creates them on an \
+         empty target.\n-- tidemark's own tables (tidemark_*) come from its embedded migrations.\n",
+        mapping.version,
+        d.name()
+    );
+    let mut late = Vec::new();
+    for e in &mapping.entities {
+        let mut apply = Vec::new();
+        create_statements(d, mapping, e.table_ref(), &mut apply, &mut late);
+        out.push_str(&format!(
+            "\n-- {}: entity {}, from collection {}\n",
+            e.table, e.name, e.collection
+        ));
+        for st in apply.drain(..) {
+            out.push_str(&format!("{st};\n"));
+        }
+        for c in &e.children {
+            create_statements(d, mapping, c.table_ref(), &mut apply, &mut late);
+            out.push_str(&format!(
+                "\n-- {}: child table {} of {}, one row per element of {}.{}\n",
+                c.table,
+                c.name,
+                e.table,
+                e.collection,
+                c.path.join(".")
+            ));
+            for st in apply.drain(..) {
+                out.push_str(&format!("{st};\n"));
+            }
+        }
+    }
+    if !late.is_empty() {
+        out.push_str("\n-- Foreign keys, once every table exists.\n");
+        for st in late {
+            out.push_str(&format!("{st};\n"));
+        }
+    }
+    let indexes = fk_indexes(mapping, d == Dialect::Sqlite);
+    if !indexes.is_empty() {
+        out.push_str("\n-- Indexes on the columns foreign keys point from.\n");
+        for (_, st) in indexes {
+            out.push_str(&format!("{st};\n"));
+        }
+    }
+    out
+}
+
 /// Compare the mapping with the target and plan the schema changes.
 pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
+    let d = Dialect::of(sink);
     let mut plan = SchemaPlan::default();
-    let tables = mapping.entities.iter().flat_map(|e| {
-        std::iter::once(e.table_ref()).chain(e.children.iter().map(|c| c.table_ref()))
-    });
     let mut late_fks = Vec::new();
-    for e in tables {
+    for e in tables(mapping) {
         let have = existing_columns(sink, e.name).await?;
         if have.is_empty() {
-            let fks = foreign_keys(mapping, e.name);
-            match sink {
-                // SQLite checks foreign keys lazily, so they can be declared inline even for cycles.
-                Sink::Sqlite(_) => plan.apply.push(create_table_with(sink, e, &fks)),
-                // PostgreSQL needs the referenced tables first: constraints are added after all creates.
-                Sink::Postgres(_) => {
-                    plan.apply.push(create_table(sink, e));
-                    for (name, clause) in fks {
-                        late_fks.push(format!(
-                            "ALTER TABLE {} ADD CONSTRAINT {} {clause}",
-                            quote(e.name),
-                            quote(&name)
-                        ));
-                    }
-                }
-            }
+            create_statements(d, mapping, e, &mut plan.apply, &mut late_fks);
             continue;
         }
         for c in e.columns {
-            let want = col_type(sink, c.ty);
+            let want = col_type(d, c.ty);
             match have.iter().find(|(n, _)| n == &c.name) {
                 None => plan.apply.push(format!(
                     "ALTER TABLE {} ADD COLUMN {} {}",
@@ -190,12 +294,12 @@ pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
                     quote(&c.name),
                     want
                 )),
-                Some((_, t)) if t != want => plan.manual.push(match sink {
-                    Sink::Postgres(_) => format!(
+                Some((_, t)) if t != want => plan.manual.push(match d {
+                    Dialect::Postgres => format!(
                         "-- {}.{} is {t}, the mapping says {want}\nALTER TABLE {} ALTER COLUMN {} TYPE {want} USING {}::{want};",
                         e.name, c.name, quote(e.name), quote(&c.name), quote(&c.name)
                     ),
-                    Sink::Sqlite(_) => format!(
+                    Dialect::Sqlite => format!(
                         "-- {}.{} is {t}, the mapping says {want}; SQLite cannot change a column type in place: \
                          rebuild the table (CREATE new, INSERT … SELECT, DROP old, RENAME)",
                         e.name, c.name
@@ -216,7 +320,7 @@ pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
         }
     }
     plan.apply.extend(late_fks);
-    for (name, sql) in fk_indexes(mapping, matches!(sink, Sink::Sqlite(_))) {
+    for (name, sql) in fk_indexes(mapping, d == Dialect::Sqlite) {
         if !index_exists(sink, &name).await? {
             plan.apply.push(sql);
         }

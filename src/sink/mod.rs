@@ -15,6 +15,7 @@ pub mod probe;
 pub(crate) mod provenance;
 mod reach;
 pub mod records;
+pub mod retention;
 mod rows;
 pub mod runs;
 mod sqlite;

@@ -101,6 +101,63 @@ pub fn write_file(dir: &Path, row: &RunRow) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A report file in `reports_dir`, as [`write_file`] names them.
+#[derive(Debug, Clone)]
+pub struct ReportFile {
+    pub path: PathBuf,
+    /// The run id in its name.
+    pub run_id: String,
+    pub bytes: u64,
+    pub modified: std::time::SystemTime,
+}
+
+/// The report files in `dir` (an absent folder has none). Only files named as
+/// [`write_file`] names them (`<start>-<kind>-<id>.json`, the start as `20261206T023000_123Z`)
+/// are listed, so whatever else an operator keeps in the folder is never taken for a report.
+pub fn report_files(dir: &Path) -> Result<Vec<ReportFile>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(anyhow!(
+                "cannot list the reports directory {} (reports_dir): {e}",
+                dir.display()
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(run_id) = report_run_id(&name) else {
+            continue;
+        };
+        let Ok(meta) = e.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        out.push(ReportFile {
+            path: e.path(),
+            run_id: run_id.to_owned(),
+            bytes: meta.len(),
+            modified: meta.modified()?,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// The run id in a report file's name `<start>-<kind>-<id>.json`, if it is one.
+fn report_run_id(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".json")?;
+    let (stamp, rest) = stem.split_once('-')?;
+    let (kind, id) = rest.split_once('-')?;
+    let stamp_ok = stamp.len() >= 15
+        && stamp.as_bytes()[..8].iter().all(u8::is_ascii_digit)
+        && stamp.as_bytes()[8] == b'T';
+    let kind_ok = !kind.is_empty() && kind.chars().all(|c| c.is_ascii_lowercase());
+    (stamp_ok && kind_ok && !id.is_empty()).then_some(id)
+}
+
 /// Close a run in the ledger and write its report file.
 pub async fn finish(
     sink: &Sink,
@@ -243,5 +300,36 @@ impl Sink {
              ORDER BY started_at_ms DESC LIMIT 1")
             .bind(kind).fetch_optional(p).await?
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_names_give_their_run_id_and_nothing_else_is_a_report() {
+        let row = RunRow {
+            id: "0b7e6a52-3c1d-4f0e-9a55-2d8c1e4f7a10".into(),
+            kind: "run".into(),
+            dry_run: false,
+            status: "ok".into(),
+            host: "h".into(),
+            pid: 1,
+            started_at: "2026-12-06T02:30:00.123Z".into(),
+            finished_at: None,
+            settings_fingerprint: "f".into(),
+            mapping_version: "m".into(),
+            report: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_file(dir.path(), &row).unwrap();
+        std::fs::write(dir.path().join("notes.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("2026-backup.json"), "{}").unwrap();
+        let files = report_files(dir.path()).unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(files[0].path, path);
+        assert_eq!(files[0].run_id, row.id);
+        assert!(report_files(&dir.path().join("absent")).unwrap().is_empty());
     }
 }

@@ -30,6 +30,8 @@ mod ops_daemon;
 mod ops_demo;
 mod ops_lock;
 mod ops_metrics;
+mod ops_prune;
+mod ops_schema;
 mod ops_status;
 mod ops_systemd;
 mod ops_util;

@@ -32,6 +32,22 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// The name a mapping file gives the type (`type = "timestamptz"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Integer => "integer",
+            ColumnType::Bigint => "bigint",
+            ColumnType::Double => "double",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamptz => "timestamptz",
+            ColumnType::Json => "json",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Date => "date",
+            ColumnType::Uuid => "uuid",
+        }
+    }
+
     pub fn postgres(self) -> &'static str {
         match self {
             ColumnType::Text => "TEXT",
