@@ -25,6 +25,7 @@ mod inflight;
 mod mapping_domains;
 mod mapping_golden;
 mod ops_backfill;
+mod ops_chunk_lock;
 mod ops_daemon;
 mod ops_demo;
 mod ops_lock;
