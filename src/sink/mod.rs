@@ -13,6 +13,7 @@ pub mod order;
 mod postgres;
 pub(crate) mod provenance;
 pub mod records;
+mod retriable;
 mod rows;
 pub mod runs;
 mod sqlite;
@@ -33,6 +34,8 @@ use sqlx::{
     SqlitePool,
 };
 use std::str::FromStr;
+
+pub use retriable::is_retriable_error;
 
 /// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
 /// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (busy_timeout cannot
