@@ -4,6 +4,8 @@ use thiserror::Error;
 
 pub const OK: i32 = 0;
 pub const FAILURE: i32 = 1;
+/// The command line is wrong (clap's own code; `status` answers Nagios UNKNOWN instead).
+pub const USAGE: i32 = 2;
 pub const PARTIAL: i32 = 3;
 pub const LOCK_HELD: i32 = 4;
 pub const CONFIG: i32 = 5;

@@ -1,12 +1,13 @@
 //! The `tidemark` binary: parse the command line and hand it to [`tidemark::commands`].
 
 use anyhow::{Context, Result};
+use clap::error::{ContextKind, ErrorKind};
 use clap::Parser;
 use tidemark::cli::{Cli, Command};
 use tidemark::commands::status;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_exit(e));
     // Before the runtime starts: setting variables is only sound while one thread runs.
     if let Some(path) = &cli.env_file {
         if let Err(e) = load_env_file(path) {
@@ -25,6 +26,38 @@ fn main() {
         .expect("tokio runtime");
     let code = rt.block_on(tidemark::commands::execute(cli));
     std::process::exit(code);
+}
+
+/// A command line clap refused (or `--help`, `--version`). Help and version print and exit 0;
+/// a usage error exits [`tidemark::exit::USAGE`] (2) as documented, except under `status`,
+/// a monitoring check, where it is Nagios UNKNOWN (3): a check whose command line is wrong
+/// must not read as CRITICAL (the Nagios plugin guidelines).
+fn usage_exit(e: clap::Error) -> ! {
+    let help = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+    let under_status = e
+        .get(ContextKind::Usage)
+        .is_some_and(|u| u.to_string().split_whitespace().nth(2) == Some("status"));
+    if help || !under_status {
+        let _ = e.print();
+        std::process::exit(if help {
+            tidemark::exit::OK
+        } else {
+            tidemark::exit::USAGE
+        });
+    }
+    let msg = e.kind().as_str().unwrap_or("invalid command line");
+    let detail = e.render().to_string();
+    let first = detail
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .map(|l| l.trim_start_matches("error:").trim())
+        .unwrap_or(msg);
+    status::print_unknown(
+        &format!("{first} (see tidemark status --help)"),
+        std::env::args().any(|a| a == "--json"),
+    );
+    let _ = e.print();
+    std::process::exit(status::NAGIOS_UNKNOWN);
 }
 
 /// Read `--env-file` (the units' EnvironmentFile) into the environment; variables already

@@ -132,11 +132,13 @@ pub struct SyncSettings {
     pub provenance: bool,
 }
 
-/// Leases that keep one writer per lane (see `src/lock.rs`).
+/// Locks that keep one writer per lane (see `src/engine/lane.rs`, `src/sink/lease.rs`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockSettings {
-    /// How long a lease lives without a heartbeat; a crashed holder's lane frees up after it.
+    /// A run checks every third of this time that the session holding its lane locks still
+    /// answers (and `--wait` polls at that pace). Liveness itself is the lock's: a dead
+    /// holder's lanes and chunks are free at once, a frozen one keeps them.
     #[serde(with = "human")]
     pub lease: Duration,
 }

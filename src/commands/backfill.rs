@@ -3,11 +3,14 @@
 //!
 //! The plan lives in the target (`tidemark_backfills`, `tidemark_backfill_chunks`), so
 //! it survives crashes and can be shared: any number of processes on any hosts claim
-//! chunks from the ledger (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite: one
-//! `UPDATE … RETURNING`, which its single writer makes atomic). A claimed chunk row is
-//! that chunk's lease: holder, host, pid and an expiry the worker's heartbeat renews; an
-//! expired claim (or one whose pid is gone on this host) is taken over, and the new
-//! holder resumes from the chunk's checkpoint.
+//! chunks from the ledger. Claiming a chunk is taking its lane's lock with the target's own
+//! locking, as `run` does for the nightly lanes ([`crate::sink::lease`]: a PostgreSQL session
+//! advisory lock, a lock file beside a SQLite database); the chunk's row then shows the
+//! holder (host, pid, since). A chunk whose holder died is free at once (its process or
+//! session ended); a frozen holder keeps it. Every batch of a chunk checks before it commits
+//! that the lock and the row are still this worker's ([`crate::sink::lease::Fence`]), so a
+//! worker that lost its lock session writes nothing more and stops; the next holder resumes
+//! from the chunk's checkpoint.
 //!
 //! By default chunks are cut by document count (about [`DEFAULT_CHUNK_DOCS`] each, planned
 //! with indexed counts per range, sparse stretches merged: see
@@ -24,13 +27,14 @@
 use crate::commands::lifecycle::{outcome, RunLog};
 use crate::commands::run::RunReport;
 use crate::commands::setup::{load_mapping, open_sink_dry};
-use crate::engine::lane::{holder_is_dead, this_host};
+use crate::engine::lane::this_host;
 use crate::engine::pipeline::EntityReport;
 use crate::engine::pipeline::{self, Counts, Ctx};
 use crate::engine::window::{self, fmt_ts, to_millis, ChunkBy, Window};
 use crate::exit::Failure;
 use crate::settings::Settings;
 use crate::sink::chunks::{plan_id, Chunk, ChunkCounts, Ledger, Plan, Progress};
+use crate::sink::lease::{LaneLocks, LostLane};
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::timearg;
@@ -131,29 +135,84 @@ pub async fn backfill(
         holder: uuid::Uuid::new_v4().to_string(),
         host: this_host(),
         pid: std::process::id() as i64,
-        lease: s.lock.lease,
     };
+    let plan = plan_or_join(&s, &opts, &mapping, &source, &mut ledger).await?;
+    ledger.prepare().await?;
+    let log = RunLog::start(&s, &sink, "backfill", false, &mapping.version, started_at).await?;
+    let before = Ledger::progress(&sink, &plan.id).await?;
+    info!(backfill = %plan.id, range = %plan.range, entities = %plan.entities.join(","),
+          chunks = before.total, done = before.done, parallel = opts.parallel, "backfill started");
+    // Planning by document count has just counted them; otherwise one count of the range.
+    let total_docs = match plan.docs {
+        Some(n) => n,
+        None => count_docs(&source, &mapping, &plan).await.unwrap_or(0),
+    };
+    let ctx = Ctx::new(s, mapping, source, sink.clone(), log.id().to_owned(), stop);
+    let ledger = Arc::new(ledger);
+    let done = Arc::new(AtomicBool::new(false));
+    let shown = tokio::spawn(show_progress(
+        sink.clone(),
+        plan.id.clone(),
+        total_docs,
+        before,
+        done.clone(),
+    ));
+    let (result, tally) = run_workers(&ctx, &ledger, opts.parallel).await;
+    done.store(true, Ordering::SeqCst);
+    let _ = shown.await;
+    let complete = ledger.close_if_complete().await?;
+    let report = BackfillReport {
+        id: plan.id.clone(),
+        progress: Ledger::progress(&sink, &plan.id).await?,
+        plan,
+        chunks_here: tally.0,
+        counts: tally.1,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    let mut json = serde_json::to_value(&report)?;
+    let status = outcome(&result, &mut json, true);
+    log.finish(&sink, status, &json).await?;
+    sink.close().await;
+    if complete {
+        info!(backfill = %report.id, "backfill complete");
+    }
+    result
+        .with_context(|| {
+            format!(
+                "backfill {} stopped; resume it with: tidemark backfill --resume {}",
+                report.id, report.id
+            )
+        })
+        .map(|_| report)
+}
+
+/// The backfill the options name: read from the ledger (`--resume`, or planned already by
+/// another worker or an earlier run of the same command), or planned now and stored.
+async fn plan_or_join(
+    s: &Settings,
+    opts: &BackfillOptions,
+    mapping: &crate::mapping::Mapping,
+    source: &Source,
+    ledger: &mut Ledger,
+) -> Result<Plan> {
     let plan = match &opts.resume {
-        Some(id) => Ledger::load(&sink, id).await?.ok_or_else(|| {
+        Some(id) => Ledger::load(&ledger.sink, id).await?.ok_or_else(|| {
             Failure::Config(anyhow!(
                 "there is no backfill {id} in the target; `tidemark status` lists backfills"
             ))
         })?,
         None => {
-            let (id, range, entities) = new_range(&s, &opts, &mapping, &source).await?;
-            match Ledger::load(&sink, &id).await? {
-                // Another worker (or an earlier run of this command) planned it: join.
+            let (id, range, entities) = new_range(s, opts, mapping, source).await?;
+            match Ledger::load(&ledger.sink, &id).await? {
                 Some(plan) => plan,
                 None => {
                     let mut chunks = Vec::new();
                     let mut docs = Some(0);
                     for n in &entities {
                         let e = mapping.entity(n).map_err(Failure::Config)?;
-                        let (windows, counted) = plan_chunks(&source, e, range, opts.chunk).await?;
+                        let (windows, counted) = plan_chunks(source, e, range, opts.chunk).await?;
                         docs = docs.zip(counted).map(|(a, b)| a + b);
-                        for w in windows {
-                            chunks.push((n.clone(), w));
-                        }
+                        chunks.extend(windows.into_iter().map(|w| (n.clone(), w)));
                     }
                     let plan = Plan {
                         id,
@@ -174,43 +233,27 @@ pub async fn backfill(
     for n in &plan.entities {
         mapping.entity(n).map_err(Failure::Config)?;
     }
-    ledger.prepare(holder_is_dead).await?;
-    let log = RunLog::start(&s, &sink, "backfill", false, &mapping.version, started_at).await?;
-    let run_id = log.id().to_owned();
-    let before = Ledger::progress(&sink, &plan.id).await?;
-    info!(backfill = %plan.id, range = %plan.range, entities = %plan.entities.join(","),
-          chunks = before.total, done = before.done, parallel = opts.parallel, "backfill started");
-    // Planning by document count has just counted them; otherwise one count of the range.
-    let total_docs = match plan.docs {
-        Some(n) => n,
-        None => count_docs(&source, &mapping, &plan).await.unwrap_or(0),
-    };
-    let ctx = Arc::new(Ctx::new(
-        s,
-        mapping,
-        source,
-        sink.clone(),
-        run_id.clone(),
-        stop.clone(),
-    ));
-    let ledger = Arc::new(ledger);
-    let done = Arc::new(AtomicBool::new(false));
-    let beat = tokio::spawn(heartbeat(ledger.clone(), done.clone()));
-    let shown = tokio::spawn(show_progress(
-        sink.clone(),
-        plan.id.clone(),
-        total_docs,
-        before,
-        done.clone(),
-    ));
+    Ok(plan)
+}
 
-    let tally = Arc::new(Mutex::new((0u64, Counts::default())));
+/// Chunks this process finished and what they counted.
+type Tally = (u64, Counts);
+
+/// Run `parallel` workers on one set of chunk locks until no chunk is left to claim; the
+/// first error (if any) and what they did.
+async fn run_workers(ctx: &Ctx, ledger: &Arc<Ledger>, parallel: usize) -> (Result<()>, Tally) {
+    let locks = match LaneLocks::open(&ledger.sink).await {
+        Ok(l) => Arc::new(l),
+        Err(e) => return (Err(e), Tally::default()),
+    };
+    let tally = Arc::new(Mutex::new(Tally::default()));
     let abort = Arc::new(AtomicBool::new(false));
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..opts.parallel {
+    for _ in 0..parallel {
         set.spawn(worker(
             Arc::new(ctx.for_lane()),
             ledger.clone(),
+            locks.clone(),
             abort.clone(),
             tally.clone(),
         ));
@@ -224,35 +267,9 @@ pub async fn backfill(
             result = Err(e);
         }
     }
-    done.store(true, Ordering::SeqCst);
-    beat.abort();
-    let _ = shown.await;
-    let complete = ledger.close_if_complete().await?;
-    let progress = Ledger::progress(&sink, &plan.id).await?;
-    let (chunks_here, counts) = *tally.lock().expect("tally lock");
-    let report = BackfillReport {
-        id: plan.id.clone(),
-        plan,
-        chunks_here,
-        counts,
-        progress,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-    };
-    let mut json = serde_json::to_value(&report)?;
-    let status = outcome(&result, &mut json, true);
-    log.finish(&sink, status, &json).await?;
-    sink.close().await;
-    if complete {
-        info!(backfill = %report.id, "backfill complete");
-    }
-    result
-        .with_context(|| {
-            format!(
-                "backfill {} stopped; resume it with: tidemark backfill --resume {}",
-                report.id, report.id
-            )
-        })
-        .map(|_| report)
+    locks.close().await;
+    let tally = *tally.lock().expect("tally lock");
+    (result, tally)
 }
 
 /// The chunks of one entity over `range`: fixed lengths, or about `n` documents each
@@ -303,23 +320,9 @@ async fn new_range(
     };
     let (f, t) = timearg::parse_range(from, to, Utc::now()).map_err(Failure::Config)?;
     let (f, t) = (to_millis(f), to_millis(t));
-    let mut entities = if !opts.entities.is_empty() {
-        opts.entities.clone()
-    } else if !s.sync.entities.is_empty() {
-        s.sync.entities.clone()
-    } else {
-        mapping
-            .entities
-            .iter()
-            .filter(|e| e.windowed)
-            .map(|e| e.name.clone())
-            .collect()
-    };
+    let mut entities = entity_names(&opts.entities, s, mapping)?;
     entities.sort();
     entities.dedup();
-    for n in &entities {
-        mapping.entity(n).map_err(Failure::Config)?;
-    }
     let settled =
         to_millis(source.server_time().await? - chrono::TimeDelta::from_std(s.sync.settle)?);
     if f >= settled {
@@ -334,6 +337,31 @@ async fn new_range(
         warn!(to = %fmt_ts(t), until = %fmt_ts(t_eff), "--to is past the source clock minus sync.settle; the backfill stops there and the nightly run covers the rest");
     }
     Ok((id, Window::new(f, t_eff), entities))
+}
+
+/// The entities asked for (`--entity`), else `sync.entities`, else every windowed entity of
+/// the mapping; each must exist.
+fn entity_names(
+    asked: &[String],
+    s: &Settings,
+    mapping: &crate::mapping::Mapping,
+) -> Result<Vec<String>> {
+    let names: Vec<String> = if !asked.is_empty() {
+        asked.to_vec()
+    } else if !s.sync.entities.is_empty() {
+        s.sync.entities.clone()
+    } else {
+        mapping
+            .entities
+            .iter()
+            .filter(|e| e.windowed)
+            .map(|e| e.name.clone())
+            .collect()
+    };
+    for n in &names {
+        mapping.entity(n).map_err(Failure::Config)?;
+    }
+    Ok(names)
 }
 
 /// Documents in the range, counted with the `(time, _id)` index: the progress bar's length.
@@ -364,44 +392,97 @@ async fn count_docs(
 async fn worker(
     ctx: Arc<Ctx>,
     ledger: Arc<Ledger>,
+    locks: Arc<LaneLocks>,
     abort: Arc<AtomicBool>,
-    tally: Arc<Mutex<(u64, Counts)>>,
+    tally: Arc<Mutex<Tally>>,
 ) -> Result<()> {
     loop {
         if ctx.stop.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Some(chunk) = ledger.claim().await? else {
+        let Some(chunk) = ledger.claim(&locks).await? else {
             return Ok(());
         };
-        match run_chunk(&ctx, &chunk).await {
+        ctx.set_fence(Some(chunk.fence(&locks, &ledger.id, &ledger.holder)));
+        let result = run_chunk(&ctx, &chunk).await;
+        ctx.set_fence(None);
+        let settled = settle(&ctx, &ledger, &locks, &chunk, result, &abort).await;
+        match settled {
             Ok(c) => {
-                if !ledger
-                    .set_state(&chunk, "done", chunk_counts(&c), None)
-                    .await?
-                {
-                    warn!(lane = %chunk.lane, "chunk was taken over by another worker after this one's lease expired; both wrote the same rows");
-                }
                 let mut t = tally.lock().expect("tally lock");
                 t.0 += 1;
                 t.1.add(&c);
             }
-            Err(e) if ctx.stop.load(Ordering::SeqCst) => {
-                ledger
-                    .set_state(&chunk, "pending", ChunkCounts::default(), None)
-                    .await?;
-                return Err(e);
-            }
-            Err(e) => {
-                abort.store(true, Ordering::SeqCst);
-                let msg = crate::secret::redact_uri(&format!("{e:#}"));
-                ledger
-                    .set_state(&chunk, "failed", ChunkCounts::default(), Some(&msg))
-                    .await?;
-                return Err(e.context(format!("chunk {} of {}", chunk.window, chunk.entity)));
-            }
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// Record how a chunk ended in the ledger, then free its lock (in that order: a worker that
+/// takes the lock next sees the chunk's final state). A chunk whose lock was lost is left
+/// alone: it is no longer this worker's to record.
+async fn settle(
+    ctx: &Ctx,
+    ledger: &Ledger,
+    locks: &LaneLocks,
+    chunk: &Chunk,
+    result: Result<Counts>,
+    abort: &AtomicBool,
+) -> Result<Counts> {
+    let e = match result {
+        Ok(c) => return record_end(ctx, ledger, locks, chunk, Ok(c), abort).await,
+        Err(e) => e,
+    };
+    let lost = e.chain().any(|c| c.is::<LostLane>())
+        || locks.check(Duration::from_secs(10)).await.is_err();
+    if !lost {
+        return record_end(ctx, ledger, locks, chunk, Err(e), abort).await;
+    }
+    abort.store(true, Ordering::SeqCst);
+    Err(e.context(format!(
+        "this worker lost the lock of chunk {} of {} (its lock session ended); it stopped \
+         without writing more, and another worker can take the chunk over at once",
+        chunk.window, chunk.entity
+    )))
+}
+
+/// [`settle`] for a chunk this worker still holds.
+async fn record_end(
+    ctx: &Ctx,
+    ledger: &Ledger,
+    locks: &LaneLocks,
+    chunk: &Chunk,
+    result: Result<Counts>,
+    abort: &AtomicBool,
+) -> Result<Counts> {
+    let state = match &result {
+        Ok(c) => ("done", chunk_counts(c), None),
+        Err(_) if ctx.stop.load(Ordering::SeqCst) => ("pending", ChunkCounts::default(), None),
+        Err(e) => {
+            abort.store(true, Ordering::SeqCst);
+            let msg = crate::secret::redact_uri(&format!("{e:#}"));
+            ("failed", ChunkCounts::default(), Some(msg))
+        }
+    };
+    let recorded = ledger
+        .set_state(chunk, state.0, state.1, state.2.as_deref())
+        .await;
+    if state.0 == "done" {
+        // Nobody claims a finished chunk again: its lock file can go.
+        locks.unlock_and_forget(&chunk.lane).await?;
+    } else {
+        locks.unlock(&chunk.lane).await?;
+    }
+    if !recorded? {
+        warn!(lane = %chunk.lane, "the chunk's ledger row no longer names this worker (rolled back meanwhile?)");
+    }
+    result.map_err(|e| {
+        if state.0 == "failed" {
+            e.context(format!("chunk {} of {}", chunk.window, chunk.entity))
+        } else {
+            e
+        }
+    })
 }
 
 /// Run one chunk from its checkpoint (a chunk whose checkpoint is already complete was
@@ -420,15 +501,6 @@ async fn run_chunk(ctx: &Arc<Ctx>, c: &Chunk) -> Result<Counts> {
     let outstanding = ctx.sink.has_outstanding(&e.name).await?;
     let r = pipeline::run_window(ctx, &e, &c.lane, None, c.window, after, outstanding).await?;
     Ok(r.counts)
-}
-
-async fn heartbeat(ledger: Arc<Ledger>, done: Arc<AtomicBool>) {
-    while !done.load(Ordering::SeqCst) {
-        tokio::time::sleep(ledger.lease / 3).await;
-        if let Err(e) = ledger.heartbeat().await {
-            warn!(error = %format!("{e:#}"), "backfill lease renewal failed; retrying");
-        }
-    }
 }
 
 /// A progress bar on a terminal, a log line every 10 s otherwise. Progress is read from
@@ -506,21 +578,7 @@ pub async fn backfill_dry_run(
         crate::engine::window::to_millis(f),
         crate::engine::window::to_millis(t),
     );
-    let names: Vec<String> = if !entities.is_empty() {
-        entities
-    } else if !s.sync.entities.is_empty() {
-        s.sync.entities.clone()
-    } else {
-        mapping
-            .entities
-            .iter()
-            .filter(|e| e.windowed)
-            .map(|e| e.name.clone())
-            .collect()
-    };
-    for n in &names {
-        mapping.entity(n).map_err(Failure::Config)?;
-    }
+    let names = entity_names(&entities, &s, &mapping)?;
     let source = Source::connect(&s.source)
         .await
         .map_err(Failure::Unavailable)?;

@@ -11,7 +11,6 @@
 
 use crate::commands::run::RunOptions;
 use crate::exit;
-use crate::retry::backoff_delay;
 use crate::schedule::{listen_addr, upcoming, with_seconds};
 use crate::settings::Settings;
 use crate::telemetry::metrics;
@@ -125,7 +124,9 @@ pub async fn runner<F, Fut>(
                 Outcome::Retry(msg) => {
                     let n = state.failures.fetch_add(1, Ordering::SeqCst) + 1;
                     metrics::set_failures(n);
-                    let delay = backoff_delay(n, policy.initial, policy.max, rand::random());
+                    let delay = crate::retry::daemon_runs(policy.initial, policy.max)
+                        .delay(n)
+                        .unwrap_or(policy.max);
                     error!(error = %msg, failures = n, retry_in_s = delay.as_secs_f64(), "run failed; retrying after a backoff");
                     *state.last_error.lock().expect("state lock") = Some(msg);
                     tokio::select! {

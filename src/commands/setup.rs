@@ -6,6 +6,7 @@ use crate::mapping::Mapping;
 use crate::settings::Settings;
 use crate::sink::{ddl, Sink};
 use anyhow::Result;
+use backon::Retryable;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
@@ -31,19 +32,20 @@ pub async fn open_sink(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     // Several processes starting at once on a fresh target (backfill workers on many hosts)
     // race on CREATE TABLE IF NOT EXISTS, which PostgreSQL can fail with a duplicate
     // pg_type key; planning again sees the tables the winner created.
-    let mut attempt = 0;
-    let plan = loop {
-        attempt += 1;
-        let plan = ddl::plan(&sink, mapping).await?;
-        match ddl::apply(&sink, &plan).await {
-            Ok(_) => break plan,
-            Err(e) if attempt < 3 => {
-                warn!(error = %format!("{e:#}"), "creating mapped tables failed; planning again (another process may have created them)");
-                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => return Err(e.context("creating mapped tables")),
-        }
-    };
+    let target = &sink;
+    let plan = (|| async move {
+        let plan = ddl::plan(target, mapping).await?;
+        ddl::apply(target, &plan).await?;
+        Ok::<_, anyhow::Error>(plan)
+    })
+    .retry(crate::retry::concurrent_ddl())
+    .when(crate::sink::is_retriable_error)
+    .notify(|e, delay| {
+        warn!(error = %format!("{e:#}"), delay_ms = delay.as_millis() as u64,
+              "creating mapped tables failed; planning again (another process may have created them)");
+    })
+    .await
+    .map_err(|e| e.context("creating mapped tables"))?;
     for m in &plan.manual {
         warn!("schema difference not applied: {m}");
     }

@@ -246,6 +246,7 @@ pub async fn commit_batch(
             skip_fk_checks: ctx.settings.target.foreign_key_checks
                 == crate::settings::ForeignKeyChecks::Tidemark,
             order,
+            fence: ctx.fence().as_deref(),
         })
         .await?;
     Ok(Counts {

@@ -41,6 +41,10 @@ pub struct Ctx {
     pub dry_run: bool,
     /// Record before-images of changed rows (`sync.provenance`) for `tidemark rollback`.
     pub provenance: bool,
+    /// Checked by every batch's transaction before it commits (a backfill worker's current
+    /// chunk: [`crate::sink::lease::Fence`]). A lock because the worker sets it per chunk
+    /// while the lane's context is shared with its tasks; held only to copy the Arc.
+    pub fence: std::sync::RwLock<Option<Arc<crate::sink::lease::Fence>>>,
 }
 
 impl Ctx {
@@ -64,6 +68,19 @@ impl Ctx {
             records: self.records.clone(),
             dry_run: self.dry_run,
             provenance: self.provenance,
+            fence: std::sync::RwLock::new(self.fence()),
+        }
+    }
+
+    /// The fence the batches of this lane check now (see [`Ctx::fence`]).
+    pub fn fence(&self) -> Option<Arc<crate::sink::lease::Fence>> {
+        self.fence.read().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Set the fence for the batches written from now on.
+    pub fn set_fence(&self, f: Option<crate::sink::lease::Fence>) {
+        if let Ok(mut g) = self.fence.write() {
+            *g = f.map(Arc::new);
         }
     }
 
@@ -103,6 +120,7 @@ impl Ctx {
             records: Default::default(),
             dry_run: false,
             provenance: settings.sync.provenance,
+            fence: Default::default(),
             settings,
         }
     }

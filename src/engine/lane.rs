@@ -259,18 +259,3 @@ impl RunAlive {
         self.locks.close().await;
     }
 }
-
-/// Whether a process of this host is still running (Linux `/proc`; elsewhere assume it is).
-/// Only backfill chunk claims still use it, until they hold lane locks too.
-pub fn pid_alive(pid: i64) -> bool {
-    if cfg!(target_os = "linux") {
-        std::path::Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
-    }
-}
-
-/// Whether a claim of `host`/`pid` belongs to a process of this host that no longer exists.
-pub fn holder_is_dead(host: &str, pid: i64) -> bool {
-    host == this_host() && pid != std::process::id() as i64 && !pid_alive(pid)
-}

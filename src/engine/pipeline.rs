@@ -254,6 +254,7 @@ pub async fn retry_pending(ctx: &Ctx, e: &Entity) -> Result<Counts> {
                 run_id: &ctx.run_id,
                 mapping_version: &ctx.mapping.version,
                 known: Some(&ctx.records),
+                fence: ctx.fence().as_deref(),
                 ..Default::default()
             })
             .await?;
@@ -313,6 +314,7 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
             mapping_version: &ctx.mapping.version,
             known: Some(&ctx.records),
             dry_run: ctx.dry_run,
+            fence: ctx.fence().as_deref(),
             ..Default::default()
         })
         .await?;

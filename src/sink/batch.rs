@@ -185,6 +185,12 @@ impl Sink {
             if let Some(after) = b.order.and_then(|o| o.after.as_ref()) {
                 tx.wait_turn(after).await?;
             }
+            // Last, so that nothing between the check and the commit waits on anything.
+            if let Some(f) = b.fence {
+                if !b.dry_run {
+                    tx.check_fence(f).await?;
+                }
+            }
             let capture = b.checkpoint.filter(|cp| !b.dry_run && !lane_captured(cp));
             if let Some(cp) = b.checkpoint {
                 if let Some(cp) = capture {

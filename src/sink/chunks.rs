@@ -1,15 +1,20 @@
 //! The backfill ledger (`tidemark_backfills`, `tidemark_backfill_chunks`): a backfill's plan,
-//! its chunks, and each chunk's claim (holder, host, pid, lease), shared by every worker of
+//! its chunks, and who works on each (holder, host, pid, since), shared by every worker of
 //! every host. `tidemark backfill` (src/commands/backfill.rs) drives it.
+//!
+//! A chunk is claimed by taking its lane's lock ([`super::lease::LaneLocks`]: a PostgreSQL
+//! session advisory lock, or a lock file beside a SQLite database), then writing the claim
+//! into its row. The lock decides; the row only shows who works on it. A chunk whose holder
+//! died (its process or lock session ended) is free at once: nothing is read from /proc and
+//! no clock is compared.
 
+use super::lease::{lane_is_held, ChunkClaim, Fence, LaneLocks};
 use crate::sink::{from_ms, ms, with_pool, BeginWrite, Sink};
 use crate::span::{fmt_ts, ChunkBy, Window};
 use anyhow::Result;
 use chrono::Utc;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::time::Duration;
-use tracing::warn;
 
 /// A backfill as stored in the ledger.
 #[derive(Debug, Clone, Serialize)]
@@ -50,6 +55,22 @@ pub struct Chunk {
     pub lane: String,
 }
 
+impl Chunk {
+    /// What this chunk's batches check before they commit: the lane's lock is still ours
+    /// and the row still names `holder`.
+    pub fn fence(&self, locks: &LaneLocks, backfill_id: &str, holder: &str) -> Fence {
+        locks.fence(
+            &self.lane,
+            Some(ChunkClaim {
+                backfill_id: backfill_id.to_owned(),
+                entity: self.entity.clone(),
+                from_ms: ms(self.window.from),
+                holder: holder.to_owned(),
+            }),
+        )
+    }
+}
+
 /// Counts of chunks by state, and documents read by finished chunks.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct Progress {
@@ -76,11 +97,7 @@ pub struct Ledger {
     pub holder: String,
     pub host: String,
     pub pid: i64,
-    pub lease: Duration,
 }
-
-const CLAIMABLE: &str =
-    "backfill_id = $1 AND (status = 'pending' OR (status = 'running' AND lease_expires_ms < $2))";
 
 impl Ledger {
     pub async fn create(&self, plan: &Plan) -> Result<()> {
@@ -123,65 +140,44 @@ impl Ledger {
         }))
     }
 
-    /// Failed chunks get another try whenever a worker starts; chunks claimed by a process
-    /// of this host that no longer exists are freed at once instead of after their lease.
-    pub async fn prepare(&self, holder_is_dead: impl Fn(&str, i64) -> bool) -> Result<()> {
+    /// Failed chunks get another try whenever a worker starts.
+    pub async fn prepare(&self) -> Result<()> {
         with_pool!(&self.sink, p => sqlx::query(
             "UPDATE tidemark_backfill_chunks SET status = 'pending' WHERE backfill_id = $1 AND status = 'failed'")
             .bind(&self.id).execute(p).await?.rows_affected());
-        let sql = "SELECT DISTINCT holder, pid FROM tidemark_backfill_chunks \
-                   WHERE backfill_id = $1 AND status = 'running' AND host = $2";
-        let claims: Vec<(String, i64)> = with_pool!(&self.sink, p => sqlx::query_as(sql).bind(&self.id).bind(&self.host).fetch_all(p).await?);
-        for (holder, pid) in claims {
-            if holder_is_dead(&self.host, pid) {
-                warn!(backfill = %self.id, pid, "freeing chunks claimed by a worker of this host that has exited");
-                with_pool!(&self.sink, p => sqlx::query(
-                    "UPDATE tidemark_backfill_chunks SET status = 'pending', holder = NULL \
-                     WHERE backfill_id = $1 AND holder = $2 AND status = 'running'")
-                    .bind(&self.id).bind(&holder).execute(p).await?.rows_affected());
-            }
-        }
         Ok(())
     }
 
-    pub async fn claim_once(&self) -> Result<Option<Chunk>> {
-        let now = ms(Utc::now());
-        let lock = match self.sink {
-            Sink::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-            Sink::Sqlite(_) => "",
-        };
-        let sql = format!(
-            "UPDATE tidemark_backfill_chunks SET status = 'running', holder = $3, host = $4, pid = $5, \
-             claimed_at_ms = $2, lease_expires_ms = $6, attempts = attempts + 1, error = NULL \
-             WHERE (backfill_id, entity, from_ms) IN (SELECT backfill_id, entity, from_ms \
-               FROM tidemark_backfill_chunks WHERE {CLAIMABLE} ORDER BY from_ms, entity LIMIT 1{lock}) \
-             RETURNING entity, from_ms, to_ms, lane"
-        );
-        let row: Option<(String, i64, i64, String)> = with_pool!(&self.sink, p => sqlx::query_as(&sql)
-            .bind(&self.id).bind(now).bind(&self.holder).bind(&self.host).bind(self.pid)
-            .bind(now + self.lease.as_millis() as i64)
-            .fetch_optional(p).await?);
-        Ok(row.map(|(entity, f, t, lane)| Chunk {
-            entity,
-            window: Window::new(from_ms(f), from_ms(t)),
-            lane,
-        }))
-    }
-
-    /// Claim the next chunk; None when nothing is left to claim. `SKIP LOCKED` can come back
-    /// empty while another worker's claim commits, so an empty answer is double-checked.
-    pub async fn claim(&self) -> Result<Option<Chunk>> {
-        for attempt in 0..20u64 {
-            if let Some(c) = self.claim_once().await? {
-                return Ok(Some(c));
+    /// Claim the next chunk nobody holds: take its lane's lock, then write the claim into its
+    /// row (if the chunk is not done meanwhile). Chunks marked running are candidates too:
+    /// if their lock is free, their holder is gone. None when every unfinished chunk is held
+    /// by a live worker (which will finish it) or nothing is left.
+    pub async fn claim(&self, locks: &LaneLocks) -> Result<Option<Chunk>> {
+        let sql = "SELECT entity, from_ms, to_ms, lane FROM tidemark_backfill_chunks \
+                   WHERE backfill_id = $1 AND status IN ('pending', 'running') \
+                   ORDER BY CASE WHEN status = 'pending' THEN 0 ELSE 1 END, from_ms, entity";
+        let candidates: Vec<(String, i64, i64, String)> =
+            with_pool!(&self.sink, p => sqlx::query_as(sql).bind(&self.id).fetch_all(p).await?);
+        for (entity, f, t, lane) in candidates {
+            if !locks.try_lock(&lane).await? {
+                continue;
             }
-            let sql = format!("SELECT COUNT(*) FROM tidemark_backfill_chunks WHERE {CLAIMABLE}");
-            let left: i64 = with_pool!(&self.sink, p => sqlx::query_scalar(&sql)
-                .bind(&self.id).bind(ms(Utc::now())).fetch_one(p).await?);
-            if left == 0 {
-                return Ok(None);
+            let claimed = with_pool!(&self.sink, p => sqlx::query(
+                "UPDATE tidemark_backfill_chunks SET status = 'running', holder = $4, host = $5, pid = $6, \
+                 claimed_at_ms = $7, lease_expires_ms = NULL, attempts = attempts + 1, error = NULL \
+                 WHERE backfill_id = $1 AND entity = $2 AND from_ms = $3 AND status IN ('pending', 'running')")
+                .bind(&self.id).bind(&entity).bind(f).bind(&self.holder).bind(&self.host)
+                .bind(self.pid).bind(ms(Utc::now()))
+                .execute(p).await?.rows_affected());
+            if claimed == 1 {
+                return Ok(Some(Chunk {
+                    entity,
+                    window: Window::new(from_ms(f), from_ms(t)),
+                    lane,
+                }));
             }
-            tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+            // Finished by its holder between our read and our lock.
+            locks.unlock(&lane).await?;
         }
         Ok(None)
     }
@@ -204,15 +200,6 @@ impl Ledger {
             .bind(&self.id).bind(&c.entity).bind(ms(c.window.from)).bind(&self.holder)
             .execute(p).await?.rows_affected());
         Ok(n > 0)
-    }
-
-    pub async fn heartbeat(&self) -> Result<()> {
-        let expires = ms(Utc::now()) + self.lease.as_millis() as i64;
-        with_pool!(&self.sink, p => sqlx::query(
-            "UPDATE tidemark_backfill_chunks SET lease_expires_ms = $1 \
-             WHERE backfill_id = $2 AND holder = $3 AND status = 'running'")
-            .bind(expires).bind(&self.id).bind(&self.holder).execute(p).await?.rows_affected());
-        Ok(())
     }
 
     pub async fn progress(sink: &Sink, id: &str) -> Result<Progress> {
@@ -262,12 +249,14 @@ pub struct BackfillStatus {
     pub range: String,
     pub entities: Vec<String>,
     pub progress: Progress,
-    /// `host:pid` of every worker holding a live claim.
+    /// `host:pid` of every worker holding a chunk's lock.
     pub workers: Vec<String>,
     pub started_at: String,
 }
 
-/// Every backfill that is not finished, with its progress and live workers.
+/// Every backfill that is not finished, with its progress and live workers (whose chunk
+/// locks are held). Call it from a process that holds no locks of this target (`status`),
+/// as [`lane_is_held`] says.
 pub async fn unfinished(sink: &Sink) -> Result<Vec<BackfillStatus>> {
     let sql = "SELECT id, created_at_ms FROM tidemark_backfills WHERE status <> 'done' ORDER BY created_at_ms";
     let rows: Vec<(String, i64)> = with_pool!(sink, p => sqlx::query_as(sql).fetch_all(p).await?);
@@ -276,10 +265,17 @@ pub async fn unfinished(sink: &Sink) -> Result<Vec<BackfillStatus>> {
         let Some(plan) = Ledger::load(sink, &id).await? else {
             continue;
         };
-        let sql = "SELECT DISTINCT host, pid FROM tidemark_backfill_chunks \
-                   WHERE backfill_id = $1 AND status = 'running' AND lease_expires_ms >= $2 ORDER BY host, pid";
-        let workers: Vec<(String, i64)> = with_pool!(sink, p => sqlx::query_as(sql)
-            .bind(&id).bind(ms(Utc::now())).fetch_all(p).await?);
+        let sql = "SELECT host, pid, lane FROM tidemark_backfill_chunks \
+                   WHERE backfill_id = $1 AND status = 'running' ORDER BY host, pid";
+        let claims: Vec<(String, i64, String)> =
+            with_pool!(sink, p => sqlx::query_as(sql).bind(&id).fetch_all(p).await?);
+        let mut workers: Vec<(String, i64)> = Vec::new();
+        for (host, pid, lane) in claims {
+            // A row marked running whose lock is free belongs to a worker that died.
+            if !workers.contains(&(host.clone(), pid)) && lane_is_held(sink, &lane).await? {
+                workers.push((host, pid));
+            }
+        }
         out.push(BackfillStatus {
             progress: Ledger::progress(sink, &id).await?,
             id,
@@ -304,6 +300,7 @@ pub fn lane(id: &str, entity: &str, w: &Window) -> String {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use std::time::Duration;
 
     #[test]
     fn same_request_same_id() {

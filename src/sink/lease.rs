@@ -9,7 +9,13 @@
 //!   the holding process exits, whatever its pid namespace.
 //!
 //! `tidemark_locks` rows (holder, host, pid, since) are kept beside the locks only to say who
-//! holds a lane; they decide nothing.
+//! holds a lane; they decide nothing. Backfill chunks are lanes too (`backfill:<id>:…`), held
+//! the same way; their claim rows are in `tidemark_backfill_chunks` ([`super::chunks`]).
+//!
+//! A batch written under a lane can carry a [`Fence`]: its transaction checks, just before
+//! it commits, that the lock is still granted to this process's lock session (and, for a
+//! chunk, that the claim row still names this holder), so a holder that lost its lock
+//! writes nothing more.
 
 use super::{from_ms, ms, with_pool, Sink};
 use anyhow::{anyhow, Context, Result};
@@ -40,6 +46,53 @@ pub struct LeaseRow {
 pub struct LaneLocks {
     kind: Kind,
     held: Mutex<HashMap<String, Held>>,
+    /// PostgreSQL: the backend pid of the lock session, which [`Fence`]s look up in `pg_locks`.
+    backend_pid: Option<i32>,
+}
+
+/// What a batch's transaction checks just before it commits (see `Sink::write_batch`): that
+/// the lane it writes is still this process's. Without it, a holder whose lock session was
+/// cut could commit batches until its watchdog noticed, while another process already wrote
+/// the same lane.
+#[derive(Debug, Clone, Default)]
+pub struct Fence {
+    /// The lane, for the error message.
+    pub lane: String,
+    /// PostgreSQL: the lock session's backend pid and the lane's advisory key, which must
+    /// still be granted to that session in `pg_locks`. None on SQLite, whose lock files are
+    /// held until the process itself exits (and then it writes nothing).
+    pub lock: Option<(i32, i64)>,
+    /// A backfill chunk whose ledger row must still name this holder. On PostgreSQL the row
+    /// is locked (`FOR UPDATE`) until the batch commits, so a new claim of the chunk, which
+    /// rewrites the row, waits for this commit and then reads its checkpoint.
+    pub claim: Option<ChunkClaim>,
+}
+
+/// A backfill chunk's ledger row, by key, and the holder token it must name.
+#[derive(Debug, Clone)]
+pub struct ChunkClaim {
+    pub backfill_id: String,
+    pub entity: String,
+    pub from_ms: i64,
+    pub holder: String,
+}
+
+/// A batch found at commit that its lane is no longer this process's: it was rolled back.
+#[derive(Debug, thiserror::Error)]
+#[error("this process no longer holds lane {lane} ({why}); the batch was rolled back and nothing of it was written")]
+pub struct LostLane {
+    pub lane: String,
+    pub why: &'static str,
+}
+
+impl Fence {
+    /// The advisory key and pid for `pg_locks`: `(pid, classid, objid)` of a bigint key.
+    pub fn pg_lock_parts(&self) -> Option<(i32, i64, i64)> {
+        self.lock.map(|(pid, key)| {
+            let k = key as u64;
+            (pid, (k >> 32) as i64, (k & 0xffff_ffff) as i64)
+        })
+    }
 }
 
 enum Kind {
@@ -133,17 +186,32 @@ impl LaneLocks {
                     .as_ref()
                     .clone()
                     .application_name("tidemark lane locks");
-                let conn = PgConnection::connect_with(&opts)
+                let mut conn = PgConnection::connect_with(&opts)
                     .await
                     .context("opening the connection that holds tidemark's lane locks")?;
-                Kind::Postgres(Mutex::new(Some(conn)))
+                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(&mut conn)
+                    .await
+                    .context("reading the lock session's backend pid")?;
+                (Kind::Postgres(Mutex::new(Some(conn))), Some(pid))
             }
-            Sink::Sqlite(pool) => Kind::Sqlite(sqlite_path(pool).map(|p| lock_dir(&p))),
+            Sink::Sqlite(pool) => (Kind::Sqlite(sqlite_path(pool).map(|p| lock_dir(&p))), None),
         };
+        let (kind, backend_pid) = kind;
         Ok(LaneLocks {
             kind,
             held: Mutex::new(HashMap::new()),
+            backend_pid,
         })
+    }
+
+    /// The fence of a lane this process holds (see [`Fence`]).
+    pub fn fence(&self, lane: &str, claim: Option<ChunkClaim>) -> Fence {
+        Fence {
+            lane: lane.to_owned(),
+            lock: self.backend_pid.map(|pid| (pid, advisory_key(lane))),
+            claim,
+        }
     }
 
     /// Take `lane` if nobody (in this process or another) holds it.

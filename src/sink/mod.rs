@@ -15,6 +15,7 @@ pub mod probe;
 pub(crate) mod provenance;
 mod reach;
 pub mod records;
+mod retriable;
 pub mod retention;
 mod rows;
 pub mod runs;
@@ -36,6 +37,8 @@ use sqlx::{
     sqlite::SqlitePoolOptions, PgPool, SqlitePool,
 };
 use std::str::FromStr;
+
+pub use retriable::is_retriable_error;
 
 /// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
 /// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (busy_timeout cannot
@@ -168,6 +171,9 @@ pub struct BatchWrite<'a> {
     /// This batch's place among the window's batches in flight (PostgreSQL; see [`order`]):
     /// it takes its advisory lock first and commits only after the batch before it.
     pub order: Option<&'a order::Order>,
+    /// Checked in the batch's transaction just before it commits: the lane is still this
+    /// process's ([`lease::Fence`]; backfill chunks).
+    pub fence: Option<&'a lease::Fence>,
 }
 
 /// A batch that presumed a first load found a row already stored; its transaction is rolled
@@ -550,6 +556,9 @@ pub(crate) trait TableOps {
     async fn take_turn_lock(&mut self, _key: i64) -> Result<()> {
         Ok(())
     }
+    /// Check, just before commit, that the batch's lane is still this process's
+    /// ([`lease::Fence`]); fails with [`lease::LostLane`] when it is not.
+    async fn check_fence(&mut self, f: &lease::Fence) -> Result<()>;
     /// Wait until the batch before this one is committed ([`order::wait_turn`]).
     async fn wait_turn(
         &mut self,

@@ -328,4 +328,27 @@ impl TableOps for Transaction<'_, Sqlite> {
         push_in(&mut q, t, t.pk, std::slice::from_ref(&key.to_vec()));
         Ok(q.build().execute(&mut **self).await?.rows_affected())
     }
+
+    /// The lock file is held until this process exits, so only the claim row is checked
+    /// (inside `BEGIN IMMEDIATE`: no other writer can change it before the commit).
+    async fn check_fence(&mut self, f: &crate::sink::lease::Fence) -> Result<()> {
+        let Some(c) = &f.claim else { return Ok(()) };
+        let holder: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT holder FROM tidemark_backfill_chunks \
+             WHERE backfill_id = $1 AND entity = $2 AND from_ms = $3",
+        )
+        .bind(&c.backfill_id)
+        .bind(&c.entity)
+        .bind(c.from_ms)
+        .fetch_optional(&mut **self)
+        .await?;
+        if holder.flatten().as_deref() != Some(c.holder.as_str()) {
+            return Err(crate::sink::lease::LostLane {
+                lane: f.lane.clone(),
+                why: "its ledger row names another holder",
+            }
+            .into());
+        }
+        Ok(())
+    }
 }

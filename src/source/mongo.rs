@@ -10,6 +10,7 @@ use crate::secret::redact_uri;
 use crate::settings::{ReadPref, SourceSettings};
 use crate::span::Window;
 use anyhow::{anyhow, Context, Result};
+use backon::{BackoffBuilder, Retryable};
 use bson::{doc, Bson, RawDocumentBuf};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -244,6 +245,8 @@ impl Source {
     ) -> Result<()> {
         let time_path: Vec<String> = e.time_field.split('.').map(str::to_owned).collect();
         let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let policy = crate::retry::source_reads(self.retry_attempts);
+        let mut delays = policy.build();
         let mut failures = 0u32;
         let started = Instant::now();
         let mut sent = 0u64;
@@ -264,7 +267,8 @@ impl Source {
             let mut cursor = match cursor {
                 Ok(c) => c,
                 Err(err) => {
-                    self.backoff(&mut failures, &e.collection, &err).await?;
+                    self.backoff(&mut delays, &mut failures, &e.collection, &err)
+                        .await?;
                     continue 'reopen;
                 }
             };
@@ -282,6 +286,7 @@ impl Source {
                                 return Ok(());
                             }
                             failures = 0;
+                            delays = policy.build();
                         }
                     }
                     Ok(None) => {
@@ -294,7 +299,8 @@ impl Source {
                     }
                     Err(err) => {
                         // Documents of the partial page are re-read from `after` on reopen.
-                        self.backoff(&mut failures, &e.collection, &err).await?;
+                        self.backoff(&mut delays, &mut failures, &e.collection, &err)
+                            .await?;
                         continue 'reopen;
                     }
                 }
@@ -320,46 +326,48 @@ impl Source {
     }
 
     /// Run a metadata read (`hello`, `listIndexes`, the next-window probe, counts, lookups)
-    /// and retry it like window reads (`backoff`), but only while the error is transient
-    /// (network, server selection, a retryable label or code): a command the server refuses
-    /// fails at once.
-    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    /// and retry it with the source read policy ([`crate::retry::source_reads`]), but only
+    /// while [`is_retriable_error`] says so: a command the server refuses fails at once.
+    async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = mongodb::error::Result<T>>,
     {
-        let mut failures = 0;
-        loop {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(err) if transient(&err) => self.backoff(&mut failures, what, &err).await?,
-                Err(err) => {
-                    return Err(anyhow!(
-                        "reading {what} from the source failed: {}",
-                        redact_uri(&err.to_string())
-                    ))
-                }
+        let attempt = std::sync::atomic::AtomicU32::new(0);
+        let result = op
+            .retry(crate::retry::source_reads(self.retry_attempts))
+            .when(is_retriable_error)
+            .notify(|err, delay| {
+                let n = attempt.fetch_add(1, Ordering::Relaxed) + 1;
+                retrying(what, n, delay, err);
+            })
+            .await;
+        result.map_err(|err| {
+            let msg = redact_uri(&err.to_string());
+            if is_retriable_error(&err) {
+                exhausted(what, self.retry_attempts + 1, &msg)
+            } else {
+                anyhow!("reading {what} from the source failed: {msg}")
             }
-        }
+        })
     }
 
+    /// Wait before reopening a window's cursor: the next delay of `delays`, or the error once
+    /// `source.retry_attempts` reads in a row have failed. Any error is retried here: the
+    /// cursor is reopened from the last position read, which also cures cursor-level errors.
     async fn backoff(
         &self,
+        delays: &mut crate::retry::Delays,
         failures: &mut u32,
         what: &str,
         err: &mongodb::error::Error,
     ) -> Result<()> {
         *failures += 1;
         let msg = redact_uri(&err.to_string());
-        if *failures > self.retry_attempts {
-            return Err(anyhow!(
-                "reading {what} from the source failed {failures} times in a row; last error: {msg}. \
-                 Check the source server, then run again: the run resumes from its checkpoint"
-            ));
-        }
-        let delay =
-            Duration::from_millis(200u64 << (*failures).min(6)).min(Duration::from_secs(10));
-        warn!(read = %what, attempt = *failures, delay_ms = delay.as_millis() as u64, error = %msg, "source read failed; retrying");
+        let Some(delay) = delays.next() else {
+            return Err(exhausted(what, *failures, &msg));
+        };
+        retrying(what, *failures, delay, err);
         tokio::time::sleep(delay).await;
         Ok(())
     }
@@ -518,7 +526,23 @@ impl Source {
 
 /// Worth retrying: the network, server selection, a retryable label, or a server code that
 /// means "not now" (the driver's own list of retryable read codes).
-fn transient(err: &mongodb::error::Error) -> bool {
+/// The log line of a source read about to be retried.
+fn retrying(what: &str, attempt: u32, delay: Duration, err: &mongodb::error::Error) {
+    let msg = redact_uri(&err.to_string());
+    warn!(read = %what, attempt, delay_ms = delay.as_millis() as u64, error = %msg, "source read failed; retrying");
+}
+
+/// The error once a read has failed `failures` times in a row.
+fn exhausted(what: &str, failures: u32, msg: &str) -> anyhow::Error {
+    anyhow!(
+        "reading {what} from the source failed {failures} times in a row; last error: {msg}. \
+         Check the source server, then run again: the run resumes from its checkpoint"
+    )
+}
+
+/// Whether a MongoDB error is worth retrying (network, server selection, a retryable label
+/// or code): the one place that decides it for the source.
+pub fn is_retriable_error(err: &mongodb::error::Error) -> bool {
     const RETRYABLE_CODES: [i32; 13] = [
         11600, 11602, 10107, 13435, 13436, 189, 91, 7, 6, 89, 9001, 134, 262,
     ];

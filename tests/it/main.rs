@@ -2,6 +2,7 @@
 //! PostgreSQL (TIDEMARK_TEST_PG_URL) and SQLite. One binary, one module per topic.
 
 mod bad_config;
+mod cli_usage;
 mod crash_resume;
 mod deps;
 mod encodings;
@@ -26,6 +27,7 @@ mod mapping_domains;
 mod mapping_golden;
 mod ops_backfill;
 mod ops_check;
+mod ops_chunk_lock;
 mod ops_daemon;
 mod ops_demo;
 mod ops_lock;

@@ -112,7 +112,7 @@ async fn seeded(name: &str, backend: Backend) -> Env {
 }
 
 /// Why `unshare -p -f --mount-proc` cannot be used here, if it cannot.
-fn unshare_unavailable() -> Option<String> {
+pub(crate) fn unshare_unavailable() -> Option<String> {
     match Command::new("unshare")
         .args(["-p", "-f", "--mount-proc", "true"])
         .output()
