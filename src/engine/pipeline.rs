@@ -295,10 +295,18 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
     if docs.is_empty() {
         return Ok(0);
     }
+    // Documents already waiting in the dead letters (found by an earlier run's scan, or
+    // dead-lettered for another reason) are neither written again nor counted: the warning
+    // and the dead-letter counter name what is new, `status` and the outstanding gauge what
+    // waits.
+    let ids: Vec<String> = docs.iter().map(|d| source_id(d)).collect();
+    let known = crate::sink::dead_letters::outstanding_among(&ctx.sink, &e.name, &ids).await?;
     let dead: Vec<DeadLetter> = docs
         .iter()
-        .map(|d| DeadLetter {
-            source_id: source_id(d),
+        .zip(ids)
+        .filter(|(_, id)| !known.contains(id))
+        .map(|(d, id)| DeadLetter {
+            source_id: id,
             error: format!(
                 "time field `{}` is missing, not {:?}, or outside the years 1-9999; no window can select this document. Fix the document or the mapping's time_encoding",
                 e.time_field, e.time_encoding
@@ -306,6 +314,9 @@ async fn scan_invalid_time(ctx: &Ctx, e: &Entity) -> Result<u64> {
             document: raw_json(d),
         })
         .collect();
+    if dead.is_empty() {
+        return Ok(0);
+    }
     ctx.sink
         .write_batch(&BatchWrite {
             entity: Some(e),

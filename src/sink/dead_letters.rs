@@ -58,3 +58,27 @@ pub async fn discard(sink: &Sink, f: &DeadLetterFilter) -> Result<u64> {
         q.build().execute(p).await?.rows_affected()
     }))
 }
+
+/// Which of `ids` already wait in the dead letters of `entity`: a scan that finds the same
+/// unselectable documents every night records (and counts) only the new ones.
+pub async fn outstanding_among(
+    sink: &Sink,
+    entity: &str,
+    ids: &[String],
+) -> Result<std::collections::HashSet<String>> {
+    let mut found = std::collections::HashSet::new();
+    for chunk in ids.chunks(5_000) {
+        let f = DeadLetterFilter {
+            entity: Some(entity.to_string()),
+            ids: chunk.to_vec(),
+            ..Default::default()
+        };
+        let rows: Vec<(String,)> = with_pool!(sink, p => {
+            let mut q = sqlx::QueryBuilder::new("SELECT source_id FROM tidemark_dead_letters");
+            push_filter(&mut q, &f);
+            q.build_query_as::<(String,)>().fetch_all(p).await?
+        });
+        found.extend(rows.into_iter().map(|(id,)| id));
+    }
+    Ok(found)
+}

@@ -143,6 +143,23 @@ async fn unreadable_times_are_dead_letters_and_runs_counts_them() {
         line.split_whitespace().last() == Some("4"),
         "dead column: {text}"
     );
+
+    // The next runs find the same four: they still wait in the dead letters, but they are
+    // not dead-lettered (nor counted, nor warned about) again; a new one is.
+    let r = env.run(env.settings()).await.expect("second run");
+    assert_eq!(r.entities[0].counts.invalid_time, 0, "{r}");
+    env.insert("items", vec![doc! { "_id": 104i64, "t": "tomorrow" }])
+        .await;
+    let r = env.run(env.settings()).await.expect("third run");
+    assert_eq!(r.entities[0].counts.invalid_time, 1, "{r}");
+    assert_eq!(
+        scalar_i64(
+            &env.target_url,
+            "SELECT COUNT(*) FROM tidemark_dead_letters"
+        )
+        .await,
+        5
+    );
 }
 
 /// A misspelt time_field makes every document unreadable: the run fails naming the field,
