@@ -30,6 +30,7 @@ use crate::commands::setup::{load_mapping, open_sink_dry};
 use crate::engine::lane::this_host;
 use crate::engine::pipeline::EntityReport;
 use crate::engine::pipeline::{self, Counts, Ctx};
+use crate::engine::select::Selection;
 use crate::engine::window::{self, fmt_ts, to_millis, ChunkBy, Window};
 use crate::exit::Failure;
 use crate::settings::Settings;
@@ -340,28 +341,15 @@ async fn new_range(
 }
 
 /// The entities asked for (`--entity`), else `sync.entities`, else every windowed entity of
-/// the mapping; each must exist.
+/// the mapping; each must exist (`engine::select`, the rule every command shares).
 fn entity_names(
     asked: &[String],
     s: &Settings,
     mapping: &crate::mapping::Mapping,
 ) -> Result<Vec<String>> {
-    let names: Vec<String> = if !asked.is_empty() {
-        asked.to_vec()
-    } else if !s.sync.entities.is_empty() {
-        s.sync.entities.clone()
-    } else {
-        mapping
-            .entities
-            .iter()
-            .filter(|e| e.windowed)
-            .map(|e| e.name.clone())
-            .collect()
-    };
-    for n in &names {
-        mapping.entity(n).map_err(Failure::Config)?;
-    }
-    Ok(names)
+    Selection::new(mapping, asked)
+        .or_configured(&s.sync.entities)
+        .names()
 }
 
 /// Documents in the range, counted with the `(time, _id)` index: the progress bar's length.
