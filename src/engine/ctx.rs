@@ -175,7 +175,8 @@ pub struct Counts {
     pub dependents_new: bool,
 }
 
-/// Every row a run wrote (inserted or changed), in each kind of table.
+/// Every row a run wrote (inserted or changed), in each kind of table. Writes are counted:
+/// a row written twice in one run (pulled, then changed in its own window) counts twice.
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct RowsWritten {
     /// `main + child + pulled`.
