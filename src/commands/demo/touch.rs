@@ -31,7 +31,10 @@ impl fmt::Display for TouchReport {
 /// Change `percent` % of the vizzes with an `id` (at least one), chosen by `seed`.
 pub async fn touch(db: &mongodb::Database, percent: f64, seed: u64) -> Result<TouchReport> {
     if !(percent > 0.0 && percent <= 100.0) {
-        bail!("--percent {percent} is out of range; give a share above 0 and at most 100");
+        return Err(crate::exit::Failure::Config(anyhow::anyhow!(
+            "--percent {percent} is out of range; give a share above 0 and at most 100"
+        ))
+        .into());
     }
     let info = db.collection::<Document>("documentInfo");
     let ids: Vec<String> = info
