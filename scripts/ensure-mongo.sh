@@ -2,7 +2,7 @@
 # Make sure a MongoDB-compatible server is reachable and print its URI on stdout.
 #
 # - If MONGO_URI is set (or TIDEMARK__SOURCE__URI), use it as is.
-# - Otherwise install SecantusDB's secantusd-rs if missing (needs cmake; ~5 min on 2 cores)
+# - Otherwise install SecantusDB's secantusd-rs if missing (needs cmake; ~3 min on 2 cores)
 #   and start it on 127.0.0.1:${TIDEMARK_MONGO_PORT:-27017} with its data under state/secantus.
 # Progress goes to stderr; the URI is the only thing on stdout.
 set -euo pipefail
@@ -33,7 +33,7 @@ if ! port_open "$PORT"; then
         exit 1
       fi
     fi
-    log "installing secantus-mdb ${SECANTUS_VERSION} with cargo (about 5 minutes on 2 cores)"
+    log "installing secantus-mdb ${SECANTUS_VERSION} with cargo (about 3 minutes on 2 cores)"
     cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version --locked >&2 \
       || cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version >&2
   fi
