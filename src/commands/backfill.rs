@@ -552,7 +552,7 @@ async fn show_progress(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if let Some(b) = bar {
-        b.finish();
+        b.finish_and_clear();
         crate::telemetry::progress::set_active(None);
     }
 }
