@@ -174,7 +174,7 @@ async fn stopped_holder(backend: Backend) {
     let s = setup("chunkstop", backend).await;
     let mut a = s.worker("2000").spawn().unwrap();
     let held = s.chunk_held_by(a.id()).await;
-    signal(&a, "STOP");
+    freeze_outside_a_transaction(&s, &a).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Act: B does everything else and leaves; then A wakes up.
@@ -204,6 +204,31 @@ async fn stopped_holder(backend: Backend) {
             .await,
         0
     );
+}
+
+/// SIGSTOP `a`. On SQLite, a process frozen inside a write transaction keeps the database's
+/// single write lock and every other writer fails with "database is locked" (SQLite's
+/// nature, not the chunk's lock): thaw and freeze again until it froze between commits.
+async fn freeze_outside_a_transaction(s: &Setup, a: &Child) {
+    use sqlx::Connection;
+    for _ in 0..50 {
+        signal(a, "STOP");
+        let url = &s.env.target_url;
+        if !url.starts_with("sqlite:") {
+            return;
+        }
+        let mut c = sqlx::SqliteConnection::connect(&format!("{url}?mode=rw"))
+            .await
+            .unwrap();
+        let free = sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await.is_ok();
+        let _ = sqlx::query("ROLLBACK").execute(&mut c).await;
+        if free {
+            return;
+        }
+        signal(a, "CONT");
+        tokio::time::sleep(Duration::from_millis(70)).await;
+    }
+    panic!("the holder was inside a write transaction at every try");
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! parameter per column, so a batch costs one round-trip whatever its size.
 
 mod copy;
+mod fence;
 
 use super::ddl::quote;
 use super::{ProvenanceRow, TableOps};
@@ -566,43 +567,7 @@ impl TableOps for Transaction<'_, Postgres> {
     }
 
     async fn check_fence(&mut self, f: &crate::sink::lease::Fence) -> Result<()> {
-        use crate::sink::lease::LostLane;
-        let lost = |why| LostLane {
-            lane: f.lane.clone(),
-            why,
-        };
-        // The claim row first, locked until commit: a worker that takes the chunk over must
-        // rewrite it, so it waits for this batch and then resumes from its checkpoint.
-        if let Some(c) = &f.claim {
-            let holder: Option<Option<String>> = sqlx::query_scalar(
-                "SELECT holder FROM tidemark_backfill_chunks                  WHERE backfill_id = $1 AND entity = $2 AND from_ms = $3 FOR UPDATE",
-            )
-            .bind(&c.backfill_id)
-            .bind(&c.entity)
-            .bind(c.from_ms)
-            .fetch_optional(&mut **self)
-            .await?;
-            if holder.flatten().as_deref() != Some(c.holder.as_str()) {
-                return Err(lost("its ledger row names another holder").into());
-            }
-        }
-        // Then the lock itself: still granted to our lock session (pg_locks is live, not
-        // a snapshot; a terminated or cut session has released it).
-        if let Some((pid, class, obj)) = f.pg_lock_parts() {
-            let held: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                 AND pid = $1 AND classid::text::bigint = $2 AND objid::text::bigint = $3 AND objsubid = 1)",
-            )
-            .bind(pid)
-            .bind(class)
-            .bind(obj)
-            .fetch_one(&mut **self)
-            .await?;
-            if !held {
-                return Err(lost("its lock session ended").into());
-            }
-        }
-        Ok(())
+        fence::check(self, f).await
     }
 }
 
