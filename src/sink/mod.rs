@@ -292,11 +292,24 @@ impl Sink {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)
                 .busy_timeout(std::time::Duration::from_secs(30));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections)
-                .connect_with(opts)
-                .await
-                .map_err(fail)?;
+            // Switching a new file to WAL needs an exclusive lock and SQLite answers "database
+            // is locked" at once, without its busy timeout, while another process holds one
+            // (two backfill workers starting together on a new target: found by the oracle
+            // test, `oracle_sqlite` seed 115). Opening again after a moment succeeds.
+            let mut attempt = 0;
+            let pool = loop {
+                let r = SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .connect_with(opts.clone())
+                    .await;
+                match r {
+                    Err(e) if attempt < 10 && e.to_string().contains("database is locked") => {
+                        attempt += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                    }
+                    r => break r.map_err(fail)?,
+                }
+            };
             Ok(Sink::Sqlite(pool))
         } else {
             let pool = PgPoolOptions::new()
