@@ -69,7 +69,7 @@ pub async fn resolve_batch(
     res.other_dead.extend(
         std::mem::take(&mut mapped.twin_dead)
             .into_iter()
-            .map(|d| (e.name.clone(), d)),
+            .map(|(_, d)| (e.name.clone(), d)),
     );
     if let Some(l) = &res.limit_hit {
         warn!(entity = %e.name, "{l}");

@@ -60,9 +60,12 @@ pub struct MappedPage {
     /// Documents that lose their key to a twin of another BSON type, by source id, with the
     /// error (`engine/twins.rs`); they are dead letters of the page.
     pub twin_losers: HashMap<String, String>,
-    /// Typed twins outside the page that lose their key to a string of the page: dead
-    /// letters written with the batch, not counted among its documents.
-    pub twin_dead: Vec<DeadLetter>,
+    /// Typed twins outside the page that lose their key to a string of the page, with that
+    /// key: dead letters written with the batch, not counted among its documents.
+    pub twin_dead: Vec<(Vec<Value>, DeadLetter)>,
+    /// Keys of `twin_dead` that a row of the page takes: if a missing-reference policy drops
+    /// that row, the twin's row (written before the string arrived) must go too.
+    pub twin_keys: std::collections::HashSet<String>,
     pub duplicates: u64,
     /// Documents matching the deleted rule (with or without a derivable key).
     pub deleted: u64,
@@ -184,7 +187,7 @@ pub fn map_page_twins(
     docs: &[bson::RawDocumentBuf],
     track_resolved: bool,
     losers: HashMap<String, String>,
-    twin_dead: Vec<DeadLetter>,
+    twin_dead: Vec<(Vec<Value>, DeadLetter)>,
 ) -> MappedPage {
     let mut out = MappedPage::default();
     let mut wins = LastWins::with_capacity(docs.len());
@@ -210,6 +213,17 @@ pub fn map_page_twins(
     }
     if track_resolved {
         keep_last_versions(&mut out, &last_ok);
+    }
+    // A typed twin that loses its key to a string of the page may have a row, written before
+    // the string arrived: the string's row replaces it; if the string makes none (filtered,
+    // unmappable), the twin's row is deleted. (Found by the oracle test: the row stayed.)
+    for (k, _) in &twin_dead {
+        let kt = crate::mapping::value::key_text(k);
+        if wins.index.contains_key(&kt) {
+            out.twin_keys.insert(kt);
+        } else if !wins.del_index.contains_key(&kt) {
+            out.deletes.push(k.clone());
+        }
     }
     wins.into_page(e, &mut out);
     out.twin_losers = losers;

@@ -19,9 +19,10 @@ pub struct Twins {
     /// Documents of the page that lose their key to a string twin (by source id), with
     /// the error.
     pub losers: HashMap<String, String>,
-    /// Typed twins outside the page that lose the key to a string of the page (they may
-    /// have been written before the string arrived; the string's row replaces theirs).
-    pub outside: Vec<DeadLetter>,
+    /// Typed twins outside the page that lose the key to a string of the page, with that
+    /// key (they may have been written before the string arrived: the string's row
+    /// replaces theirs, and if the string makes no row, theirs is deleted).
+    pub outside: Vec<(Vec<crate::mapping::Value>, DeadLetter)>,
 }
 
 fn id_of<'a>(e: &Entity, doc: &'a RawDocumentBuf) -> Option<RawBsonRef<'a>> {
@@ -146,12 +147,15 @@ pub async fn find(source: &Source, e: &Entity, docs: &[RawDocumentBuf]) -> Resul
                 if page_ids.contains(&sid) || !outside_seen.insert(sid.clone()) {
                     continue;
                 }
-                let loser = id_of(e, t).expect("read above");
-                out.outside.push(DeadLetter {
+                let (Some(k), Some(loser)) = (e.key_of(t), id_of(e, t)) else {
+                    continue;
+                };
+                let dead = DeadLetter {
                     source_id: sid,
                     error: message(e, loser, id, key),
                     document: raw_json(t),
-                });
+                };
+                out.outside.push((k, dead));
             }
         }
     }

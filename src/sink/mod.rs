@@ -287,11 +287,24 @@ impl Sink {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)
                 .busy_timeout(std::time::Duration::from_secs(30));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections)
-                .connect_with(opts)
-                .await
-                .map_err(fail)?;
+            // Switching a new file to WAL needs an exclusive lock and SQLite answers "database
+            // is locked" at once, without its busy timeout, while another process holds one
+            // (two backfill workers starting together on a new target: found by the oracle
+            // test, `oracle_sqlite` seed 115). Opening again after a moment succeeds.
+            let mut attempt = 0;
+            let pool = loop {
+                let r = SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .connect_with(opts.clone())
+                    .await;
+                match r {
+                    Err(e) if attempt < 10 && e.to_string().contains("database is locked") => {
+                        attempt += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                    }
+                    r => break r.map_err(fail)?,
+                }
+            };
             Ok(Sink::Sqlite(pool))
         } else {
             let opts = PgConnectOptions::from_str(raw).map_err(fail)?;
@@ -330,12 +343,31 @@ impl Sink {
     }
 
     /// Create or upgrade the tool's own tables (embedded sqlx migrations).
+    ///
+    /// sqlx serialises concurrent migrators on PostgreSQL (an advisory lock) but not on SQLite:
+    /// two processes starting at once on a new SQLite target (two backfill workers) both
+    /// apply the first migration and the loser fails on `_sqlx_migrations`' key or on a table
+    /// that now exists (found by the oracle test, `oracle_sqlite` seed 4). Applied
+    /// migrations are skipped, so the loser tries again after the winner's commit.
     pub async fn migrate_tool_tables(&self) -> Result<()> {
-        match self {
-            Sink::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await,
-            Sink::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await,
+        let mut attempt = 0;
+        loop {
+            let r = match self {
+                Sink::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await,
+                Sink::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await,
+            };
+            match r {
+                Err(_) if matches!(self, Sink::Sqlite(_)) && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                r => {
+                    return r.context(
+                        "applying tidemark's own migrations to the target; is the target writable?",
+                    )
+                }
+            }
         }
-        .context("applying tidemark's own migrations to the target; is the target writable?")
     }
 
     /// Whether every embedded migration of the tool's tables has been applied (read only).

@@ -82,7 +82,9 @@ fn refs_of(e: &Entity, page: &MappedPage) -> HashMap<String, Vec<Value>> {
     out
 }
 
-/// The source values to look a key up by: text that looks like an ObjectId matches both forms.
+/// The source values to look a key up by: a key is text made from the id whatever its BSON
+/// type (docs/MAPPING.md, how ids of different BSON types are keyed), so text that spells an
+/// integer or an ObjectId matches those forms too (an int64 matches every numeric type).
 fn lookup_values(keys: &[Value]) -> Vec<Bson> {
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {
@@ -92,6 +94,11 @@ fn lookup_values(keys: &[Value]) -> Vec<Bson> {
                 if let Ok(o) = bson::oid::ObjectId::parse_str(s) {
                     out.push(Bson::ObjectId(o));
                 }
+                if let Ok(i) = s.parse::<i64>() {
+                    if i.to_string() == *s {
+                        out.push(Bson::Int64(i));
+                    }
+                }
             }
             Value::Int(i) => out.push(Bson::Int32(*i)),
             Value::BigInt(i) => out.push(Bson::Int64(*i)),
@@ -99,6 +106,30 @@ fn lookup_values(keys: &[Value]) -> Vec<Bson> {
         }
     }
     out
+}
+
+/// Of fetched documents whose ids differ only in BSON type (`42` and `"42"`, an ObjectId and
+/// its hex string), the string keeps the key, as in a window read (`engine/twins.rs`): the
+/// others are not pulled (their own window dead-letters them). Only where the table's key is
+/// the id itself; other keys are the mapping's choice.
+fn string_twins_win(r: &Entity, mut docs: Vec<RawDocumentBuf>) -> Vec<RawDocumentBuf> {
+    if docs.len() < 2 || r.key_column.is_none_or(|kc| r.pk != [kc]) {
+        return docs;
+    }
+    let path: Vec<String> = r.id_field.split('.').map(str::to_owned).collect();
+    let is_string =
+        |d: &RawDocumentBuf| matches!(lookup(d, &path), Ok(Some(bson::raw::RawBsonRef::String(_))));
+    let key = |d: &RawDocumentBuf| r.key_of(d).map(|k| crate::mapping::value::key_text(&k));
+    let strings: HashSet<String> = docs
+        .iter()
+        .filter(|d| is_string(d))
+        .filter_map(key)
+        .collect();
+    if strings.is_empty() {
+        return docs;
+    }
+    docs.retain(|d| is_string(d) || key(d).is_none_or(|k| !strings.contains(&k)));
+    docs
 }
 
 /// Keys the batch deletes are gone: a row of this batch (written after its deletions, in the
@@ -140,12 +171,66 @@ pub async fn resolve(
     }
     let mut budget = ctx.settings.sync.max_pulled_per_batch;
     let refs = refs_of(e, page);
-
-    let mut dependents = Vec::new();
     // Fetch every dependent collection concurrently (one `$in` each), while the batch's own
     // references are pulled (the fetches read only the batch's ids); then process in order.
     // Resolution is the vizzes lane's critical path once batches are written at once
     // (BENCHMARKS.md, eleventh round), and these are its longest source reads.
+    let fetches = dependent_fetches(ctx, e, page, docs)?;
+    let (levels, fetched) = tokio::join!(
+        pull(ctx, &mut memo, refs, &mut budget, &mut res),
+        futures::future::join_all(fetches)
+    );
+    let mut levels = levels?;
+    let mut dependents = Vec::new();
+    for fetched in fetched {
+        let (dent, ddocs) = fetched?;
+        res.pulled += ddocs.len() as u64;
+        let (ddocs, dpage) = map_fetched(ctx, dent, ddocs).await?;
+        if let Some(kc) = dent.key_column {
+            for row in &dpage.rows {
+                memo.set(&dent.name, row[kc].key_text(), true);
+            }
+        }
+        levels.extend(pull(ctx, &mut memo, refs_of(dent, &dpage), &mut budget, &mut res).await?);
+        dependents.push(Level {
+            entity: ctx.entity_arc(&dent.name)?,
+            page: dpage,
+            docs: ddocs,
+        });
+    }
+    settle_all(
+        e,
+        page,
+        docs,
+        &mut levels,
+        &mut dependents,
+        &mut memo,
+        &mut res,
+    );
+    drop(memo);
+    res.fresh = fresh_rows(&levels, &dependents, &res.missing);
+    for (_, level) in levels {
+        if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
+            res.before.push(rows);
+        }
+    }
+    for level in dependents {
+        if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
+            res.after.push(rows);
+        }
+    }
+    Ok(res)
+}
+
+/// One `$in` fetch per dependent collection of `e`, by the batch's parent values.
+#[allow(clippy::type_complexity)]
+fn dependent_fetches<'a>(
+    ctx: &'a Ctx,
+    e: &'a Entity,
+    page: &MappedPage,
+    docs: &[RawDocumentBuf],
+) -> Result<Vec<impl std::future::Future<Output = Result<(&'a Entity, Vec<RawDocumentBuf>)>> + 'a>>
+{
     let mut fetches = Vec::new();
     for d in &e.dependents {
         let dent = ctx.mapping.entity(&d.entity)?;
@@ -168,56 +253,51 @@ pub async fn resolve(
             });
         }
     }
-    let (levels, fetched) = tokio::join!(
-        pull(ctx, &mut memo, refs, &mut budget, &mut res),
-        futures::future::join_all(fetches)
-    );
-    let mut levels = levels?;
-    for fetched in fetched {
-        let (dent, ddocs) = fetched?;
-        res.pulled += ddocs.len() as u64;
-        let (ddocs, dpage) = map_fetched(ctx, dent, ddocs).await?;
-        if let Some(kc) = dent.key_column {
-            for row in &dpage.rows {
-                memo.set(&dent.name, row[kc].key_text(), true);
-            }
-        }
-        levels.extend(pull(ctx, &mut memo, refs_of(dent, &dpage), &mut budget, &mut res).await?);
-        dependents.push(Level {
-            entity: ctx.entity_arc(&dent.name)?,
-            page: dpage,
-            docs: ddocs,
-        });
-    }
+    Ok(fetches)
+}
 
-    // Apply policies bottom-up: a row dropped for a missing reference makes its own key
-    // unknown, so rows pointing at it (at any level, in the batch or among its dependents:
-    // a dependent of a batch row that was deferred) are dropped in turn, until nothing
-    // changes. Only rows are removed, so this ends; a second pass over a page only sees
-    // rows the first left alone.
+/// Apply policies bottom-up: a row dropped for a missing reference makes its own key
+/// unknown, so rows pointing at it (at any level, in the batch or among its dependents:
+/// a dependent of a batch row that was deferred) are dropped in turn, until nothing
+/// changes. Only rows are removed, so this ends; a second pass over a page only sees
+/// rows the first left alone.
+fn settle_all(
+    e: &Entity,
+    page: &mut MappedPage,
+    docs: &[RawDocumentBuf],
+    levels: &mut [(u32, Level)],
+    dependents: &mut [Level],
+    memo: &mut Memo,
+    res: &mut Resolution,
+) {
     levels.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
     loop {
         let mut dropped_any = false;
-        for (_, l) in &mut levels {
-            dropped_any |= settle(&l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
+        for (_, l) in levels.iter_mut() {
+            dropped_any |= settle(&l.entity, &mut l.page, &l.docs, memo, res, true);
         }
-        dropped_any |= settle(e, page, docs, &mut memo, &mut res, false);
-        for l in &mut dependents {
-            dropped_any |= settle(&l.entity, &mut l.page, &l.docs, &mut memo, &mut res, true);
+        dropped_any |= settle(e, page, docs, memo, res, false);
+        for l in dependents.iter_mut() {
+            dropped_any |= settle(&l.entity, &mut l.page, &l.docs, memo, res, true);
         }
         if !dropped_any {
             break;
         }
     }
-    drop(memo);
+}
 
-    let cut: HashSet<(&str, &str)> = res
-        .missing
+/// Pulled rows written with every reference resolved, for [`crate::engine::pulled`].
+fn fresh_rows(
+    levels: &[(u32, Level)],
+    dependents: &[Level],
+    missing: &[MissingRef],
+) -> Vec<crate::engine::pulled::Fresh> {
+    let cut: HashSet<(&str, &str)> = missing
         .iter()
         .map(|m| (m.entity.as_str(), m.source_id.as_str()))
         .collect();
     let mut fresh = Vec::new();
-    for l in levels.iter().map(|(_, l)| l).chain(&dependents) {
+    for l in levels.iter().map(|(_, l)| l).chain(dependents) {
         // A row with dependents of its own is not recorded: its lane must read it again to
         // pull them (a viz pulled as a fork's parent comes without its content and commits).
         if l.page.children_cut || !l.entity.dependents.is_empty() {
@@ -232,19 +312,7 @@ pub async fn resolve(
             fresh.push((crate::engine::pulled::key_hash(&l.entity, row), doc_hash));
         }
     }
-    res.fresh = fresh;
-
-    for (_, level) in levels {
-        if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
-            res.before.push(rows);
-        }
-    }
-    for level in dependents {
-        if let Some(rows) = level.into_rows(&mut res.other_dead, &mut res.pulled_ids) {
-            res.after.push(rows);
-        }
-    }
-    Ok(res)
+    fresh
 }
 
 impl Level {
@@ -397,6 +465,7 @@ async fn pull(
                 .source
                 .fetch_in(r, &r.id_field, lookup_values(&rest))
                 .await?;
+            let docs = string_twins_win(r, docs);
             *budget = budget.saturating_sub(docs.len());
             res.pulled += docs.len() as u64;
             let (docs, page) = map_fetched(ctx, r, docs).await?;
@@ -432,104 +501,4 @@ async fn pull(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::page::row_meta;
-    use crate::mapping::Mapping;
-
-    const MAPPING: &str = r#"
-version = "t1"
-[entities.users]
-collection = "users"
-time_field = "t"
-time_encoding = "epoch_seconds"
-table = "users"
-id_field = "id"
-primary_key = ["id"]
-[entities.users.columns]
-id = { path = "id", type = "text", required = true }
-
-[entities.posts]
-collection = "posts"
-time_field = "t"
-time_encoding = "epoch_seconds"
-table = "posts"
-primary_key = ["id"]
-[entities.posts.columns]
-id = { path = "id", type = "text", required = true }
-owner = { path = "owner", type = "text", references = "users", on_missing = "skip" }
-editor = { path = "editor", type = "text", references = "users", on_missing = "null" }
-extra = { remainder = true, type = "json" }
-[entities.posts.children.likes]
-path = "likes"
-table = "likes"
-primary_key = ["post_id", "position"]
-[entities.posts.children.likes.columns]
-post_id = { parent = "id", type = "text" }
-position = { ordinal = true, type = "integer" }
-user_id = { path = "u", type = "text", references = "users", on_missing = "skip" }
-by = { path = "by", type = "text", references = "users", on_missing = "null" }
-"#;
-
-    /// Keys and hashes computed ahead survive the missing-reference policies: rows a policy
-    /// nulled get theirs computed again, rows it dropped (and a dropped row's children) take
-    /// theirs with them, and every one left matches its row (a stale one would record a
-    /// wrong hash in the undo log; a cleared one sends the hashing to the writer's task).
-    #[test]
-    fn precomputed_keys_and_hashes_follow_the_policies() {
-        let m = Mapping::parse(MAPPING, "test").unwrap();
-        let e = m.entity("posts").unwrap();
-        let like = |u: &str, by: &str| bson::rawdoc! { "u": u, "by": by };
-        let docs = vec![
-            bson::rawdoc! { "_id": 1, "id": "p1", "t": 1, "owner": "alice", "editor": "ghost", "x": {"b": 1, "a": 2},
-            "likes": [like("alice", "bob"), like("ghost", "bob"), like("bob", "ghost")] },
-            bson::rawdoc! { "_id": 2, "id": "p2", "t": 1, "owner": "ghost", "editor": "bob",
-            "likes": [like("alice", "alice")] },
-            bson::rawdoc! { "_id": 3, "id": "p3", "t": 1, "owner": "bob", "editor": "alice", "x": {"z": 1, "a": [1, {"d": 2, "c": 3}]},
-            "likes": [like("bob", "alice"), like("alice", "ghost")] },
-        ];
-        let mut page = map_page(e, &docs, true);
-        crate::engine::page::prepare(e, &mut page, true);
-        let mut memo = Memo::default();
-        for (k, present) in [("alice", true), ("bob", true), ("ghost", false)] {
-            memo.set("users", k.into(), present);
-        }
-        let mut res = Resolution::default();
-        let removed = apply_policies(e, &mut page, &docs, &mut memo, &mut res, false);
-
-        assert_eq!(removed.len(), 1, "p2's owner is missing: skipped");
-        let ids: Vec<&Value> = page.rows.iter().map(|r| &r[0]).collect();
-        assert_eq!(ids, [&Value::Text("p1".into()), &Value::Text("p3".into())]);
-        assert_eq!(
-            page.rows[0][2],
-            Value::Null,
-            "p1's editor is missing: nulled"
-        );
-        let likes = &page.children[0];
-        assert_eq!(
-            likes.len(),
-            4,
-            "one like of p1 dropped, p2's like gone with p2"
-        );
-        assert_eq!(likes.iter().filter(|r| r[3] == Value::Null).count(), 2);
-
-        let t = e.table_ref();
-        assert_eq!(
-            page.row_meta.len(),
-            page.rows.len(),
-            "row keys and hashes kept"
-        );
-        for (row, meta) in page.rows.iter().zip(&page.row_meta) {
-            assert_eq!(meta, &row_meta(t, row));
-        }
-        let ct = e.children[0].table_ref();
-        assert_eq!(
-            page.child_meta[0].len(),
-            likes.len(),
-            "child keys and hashes kept"
-        );
-        for (row, meta) in likes.iter().zip(&page.child_meta[0]) {
-            assert_eq!(meta, &row_meta(ct, row));
-        }
-    }
-}
+mod tests;
