@@ -245,7 +245,7 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id, stop);
     ctx.dry_run = opts.dry_run;
     let ctx = Arc::new(ctx);
-    let mut done = catch_up_each(&ctx, &names, &opts.ids, until).await?;
+    let mut done = catch_up_each(&ctx, &names, &opts.ids, until, lease.as_ref()).await?;
     if let Some(lease) = lease.as_ref().filter(|l| l.is_lost()) {
         if done.result.is_ok() {
             done.result = Err(anyhow::anyhow!(
@@ -319,6 +319,7 @@ async fn catch_up_each(
     names: &[String],
     ids: &[String],
     until: Option<chrono::DateTime<chrono::Utc>>,
+    lease: Option<&Lease>,
 ) -> Result<Done> {
     let mut done = Done {
         reports: Vec::new(),
@@ -327,11 +328,14 @@ async fn catch_up_each(
     };
     for n in names {
         let e = ctx.mapping.entity(n)?;
+        // Every batch of this entity's lane commits only while its lock is still ours.
+        ctx.set_fence(lease.and_then(|l| l.fence(&pipeline::nightly_lane(n))));
         let r = if ids.is_empty() {
             pipeline::catch_up(ctx, e, until).await
         } else {
             crate::commands::record::migrate_records(ctx, e, ids).await
         };
+        ctx.set_fence(None);
         match r {
             Ok(r) => {
                 if !ctx.dry_run {

@@ -184,6 +184,17 @@ impl Lease {
         &self.lanes
     }
 
+    /// The fence the batches of `lane` check just before they commit: on PostgreSQL, the
+    /// lane's advisory lock still granted to this process's lock session. A run whose lock
+    /// session was cut (a DBA, a proxy, a network partition) writes nothing more, even in
+    /// the moments before its watchdog notices. None for a lane this lease does not hold.
+    pub fn fence(&self, lane: &str) -> Option<lease::Fence> {
+        self.lanes
+            .iter()
+            .any(|l| l == lane)
+            .then(|| self.locks.fence(lane, None))
+    }
+
     /// Whether the watchdog found the lock session gone.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)

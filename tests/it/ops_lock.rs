@@ -327,3 +327,60 @@ async fn ops_lock_a_lease_row_alone_blocks_nothing_sqlite() {
 async fn ops_lock_a_lease_row_alone_blocks_nothing_postgres() {
     a_lease_row_alone_blocks_nothing(Backend::Postgres).await;
 }
+
+/// A run whose lock session is cut commits nothing more: each batch checks, in its own
+/// transaction just before the commit, that the lane's advisory lock is still granted to this
+/// process's lock session (the fence). Without it the run would go on committing until its
+/// watchdog noticed (up to `lock.lease / 3`), while another process may already hold the lane.
+#[tokio::test]
+async fn ops_lock_a_run_whose_lock_session_is_cut_commits_nothing_more_postgres() {
+    // Arrange: A commits a batch of 50 every 0.1 s, with a watchdog that looks only every 20 s.
+    let env = seeded("lockfence", Backend::Postgres).await;
+    let mut a = tidemark(&env, &env.target_url, &["run"])
+        .env("TIDEMARK__SOURCE__RATE_LIMIT", "500")
+        .env("TIDEMARK__SOURCE__BATCH_SIZE", "50")
+        .env("TIDEMARK__LOCK__LEASE", "60s")
+        .spawn()
+        .unwrap();
+    let committed = "SELECT COUNT(*) FROM tidemark_checkpoints WHERE lane = 'nightly:items'";
+    assert!(
+        wait_for(&env.target_url, committed, 1, Duration::from_secs(30)).await,
+        "A never committed a batch"
+    );
+
+    // Act: the DBA terminates A's lock sessions.
+    let killed = scalar_i64(
+        &env.target_url,
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'tidemark lane locks' AND datname = current_database()",
+    )
+    .await;
+    let cut_ms = chrono::Utc::now().timestamp_millis();
+    let a_status = wait_exit(&mut a, Duration::from_secs(60))
+        .await
+        .expect("A hangs after losing its lock session");
+    let a_err = stderr_of(&mut a);
+    let last_commit_ms = scalar_i64(
+        &env.target_url,
+        "SELECT MAX(updated_at_ms) FROM tidemark_checkpoints WHERE lane = 'nightly:items'",
+    )
+    .await;
+
+    // Assert: A's next batch failed its fence and rolled back; nothing of A committed after
+    // the cut (beyond a batch already past its fence at that instant), and A stopped.
+    assert!(killed >= 1, "no lock session of A found");
+    assert!(!a_status.success(), "A went on after losing its lane");
+    assert!(
+        a_err.contains("no longer holds lane nightly:items"),
+        "not stopped by the fence: {a_err}"
+    );
+    assert!(
+        last_commit_ms <= cut_ms + 50,
+        "A committed {} ms after its lock session was cut",
+        last_commit_ms - cut_ms
+    );
+    assert!(
+        scalar_i64(&env.target_url, "SELECT COUNT(*) FROM items").await < DOCS,
+        "A finished before the cut: the test proves nothing"
+    );
+}
