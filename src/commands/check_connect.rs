@@ -204,9 +204,19 @@ async fn check_target(s: &Settings, mapping: &Mapping, checks: &mut Checks) {
         format!("target reachable and authenticated ({url})"),
     );
     target_rights(s, &sink, checks).await;
-    match sink.tool_tables_current().await {
-        Ok(true) => checks.push(Status::Ok, "tidemark's own tables migrated"),
-        Ok(false) => not_migrated(checks),
+    match sink.tool_migrations().await {
+        Ok((have, want)) if have >= want => {
+            checks.push(Status::Ok, "tidemark's own tables migrated")
+        }
+        Ok((0, _)) => not_migrated(checks),
+        Ok((have, want)) => checks.push(
+            Status::Warn,
+            format!(
+                "tidemark's own tables: {have} of {want} migrations applied (written by an older tidemark); \
+                 `tidemark migrate` (or the next run) would apply the other {}",
+                want - have
+            ),
+        ),
         Err(e) => checks.fail("tidemark's own tables", &e),
     }
     match ddl::plan(&sink, mapping).await {

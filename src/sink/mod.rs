@@ -372,6 +372,13 @@ impl Sink {
 
     /// Whether every embedded migration of the tool's tables has been applied (read only).
     pub async fn tool_tables_current(&self) -> Result<bool> {
+        let (have, want) = self.tool_migrations().await?;
+        Ok(have >= want)
+    }
+
+    /// How many of the tool's embedded migrations the target has applied (0 when it has no
+    /// migrations table), and how many there are (read only).
+    pub async fn tool_migrations(&self) -> Result<(i64, i64)> {
         let want = match self {
             Sink::Postgres(_) => sqlx::migrate!("./migrations/postgres").iter().count(),
             Sink::Sqlite(_) => sqlx::migrate!("./migrations/sqlite").iter().count(),
@@ -379,7 +386,7 @@ impl Sink {
         let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
         let have: Result<i64, sqlx::Error> =
             with_pool!(self, p => sqlx::query_scalar(sql).fetch_one(p).await);
-        Ok(have.is_ok_and(|n| n >= want))
+        Ok((have.unwrap_or(0), want))
     }
 
     /// Whole rows of `t` whose `by` columns match one of `keys` (read only).

@@ -111,6 +111,25 @@ async fn ops_check_connect_good_setup_sqlite_then_postgres() {
             // The check created nothing: before migrate, the file did not exist.
             assert!(before.1.contains("does not exist yet"), "{}", before.1);
         }
+
+        // A target migrated by an older tidemark (its newest migration not applied yet) is
+        // told apart from one never migrated.
+        crate::trust_util::exec(
+            &env.target_url,
+            "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+        )
+        .await;
+        let older = check(&env, &env.target_url, &[], &["check-config", "--connect"]);
+        assert_eq!(older.0, 0, "{backend:?}: {}{}", older.1, older.2);
+        assert!(
+            older.1.contains("WARN  tidemark's own tables: ")
+                && older
+                    .1
+                    .contains("migrations applied (written by an older tidemark)")
+                && older.1.contains("would apply the other 1"),
+            "{backend:?}: {}",
+            older.1
+        );
     }
 }
 
