@@ -273,7 +273,11 @@ async fn ops_lock_a_terminated_session_frees_the_lane_postgres() {
     assert!(killed >= 1, "no lock session of A found");
     assert!(b_status.success(), "{b_err}");
     assert!(!a_status.success(), "A kept writing after losing its lanes");
-    assert!(a_err.contains("lane locks lost"), "{a_err}");
+    // Stopped by the fence of its next batch, or by the watchdog if no batch came first.
+    assert!(
+        a_err.contains("no longer holds lane nightly:items") || a_err.contains("lane locks lost"),
+        "{a_err}"
+    );
     assert_eq!(
         scalar_i64(&env.target_url, "SELECT COUNT(*) FROM items").await,
         DOCS
