@@ -85,6 +85,18 @@ pub fn concurrent_ddl() -> Policy {
     }
 }
 
+/// Opening or migrating a new SQLite target while another process starting at the same
+/// moment holds its lock (switching the file to WAL, applying the first migration): 100 ms
+/// doubling to 1 s, `times` retries.
+pub fn sqlite_start_race(times: usize) -> Policy {
+    Policy {
+        first: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+        times: Some(times),
+        jitter: 0.2,
+    }
+}
+
 /// The daemon between failed runs: `daemon.backoff_initial` doubling to
 /// `daemon.backoff_max`, for as long as runs fail, plus up to 20% jitter so that several
 /// daemons do not retry in step.
@@ -131,5 +143,6 @@ mod tests {
         assert_eq!(all, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
         assert_eq!(source_reads(0).build().next(), None);
         assert_eq!(concurrent_ddl().build().count(), 2);
+        assert_eq!(sqlite_start_race(10).build().count(), 10);
     }
 }

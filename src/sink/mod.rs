@@ -29,6 +29,7 @@ use crate::settings::ForeignKeyChecks;
 use crate::source::Position;
 use crate::span::LaneState;
 use anyhow::{Context, Result};
+use backon::Retryable;
 use chrono::{DateTime, TimeZone, Utc};
 use rows::key_text;
 pub(crate) use rows::key_text_at;
@@ -291,20 +292,17 @@ impl Sink {
             // is locked" at once, without its busy timeout, while another process holds one
             // (two backfill workers starting together on a new target: found by the oracle
             // test, `oracle_sqlite` seed 115). Opening again after a moment succeeds.
-            let mut attempt = 0;
-            let pool = loop {
-                let r = SqlitePoolOptions::new()
+            let opts = &opts;
+            let pool = (|| async move {
+                SqlitePoolOptions::new()
                     .max_connections(max_connections)
                     .connect_with(opts.clone())
-                    .await;
-                match r {
-                    Err(e) if attempt < 10 && e.to_string().contains("database is locked") => {
-                        attempt += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                    }
-                    r => break r.map_err(fail)?,
-                }
-            };
+                    .await
+            })
+            .retry(crate::retry::sqlite_start_race(10))
+            .when(|e| e.to_string().contains("database is locked"))
+            .await
+            .map_err(fail)?;
             Ok(Sink::Sqlite(pool))
         } else {
             let opts = PgConnectOptions::from_str(raw).map_err(fail)?;
@@ -350,24 +348,16 @@ impl Sink {
     /// that now exists (found by the oracle test, `oracle_sqlite` seed 4). Applied
     /// migrations are skipped, so the loser tries again after the winner's commit.
     pub async fn migrate_tool_tables(&self) -> Result<()> {
-        let mut attempt = 0;
-        loop {
-            let r = match self {
+        (|| async move {
+            match self {
                 Sink::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await,
                 Sink::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await,
-            };
-            match r {
-                Err(_) if matches!(self, Sink::Sqlite(_)) && attempt < 5 => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-                r => {
-                    return r.context(
-                        "applying tidemark's own migrations to the target; is the target writable?",
-                    )
-                }
             }
-        }
+        })
+        .retry(crate::retry::sqlite_start_race(5))
+        .when(|_| matches!(self, Sink::Sqlite(_)))
+        .await
+        .context("applying tidemark's own migrations to the target; is the target writable?")
     }
 
     /// Whether every embedded migration of the tool's tables has been applied (read only).
