@@ -128,7 +128,8 @@ fn touched(
 ) -> crate::sink::order::Touched {
     use crate::sink::key_text_at;
     let mut t = crate::sink::order::Touched::default();
-    t.exclusive = !m.deletes.is_empty();
+    // A big document's child rows are not listed: its batch goes alone.
+    t.exclusive = !m.deletes.is_empty() || !m.big.is_empty();
     let add_rows = |t: &mut crate::sink::order::Touched,
                     e: &Entity,
                     rows: &[Vec<Value>],
@@ -176,6 +177,25 @@ fn touched(
     t
 }
 
+/// The page's big documents whose rows are still to be written, for the writer to map and
+/// write their child rows in pieces (`sink/pieces.rs`).
+fn big_parents<'a>(
+    big: &'a [crate::engine::page::BigDoc],
+    row_docs: &[usize],
+    docs: &'a [bson::RawDocumentBuf],
+) -> Vec<crate::sink::BigParent<'a>> {
+    big.iter()
+        .filter_map(|b| {
+            let row = row_docs.iter().position(|&di| di == b.di)?;
+            Some(crate::sink::BigParent {
+                row,
+                doc: &docs[b.di],
+                missing: &b.missing,
+            })
+        })
+        .collect()
+}
+
 /// A batch failed after [`resolve_batch`] recorded it: nothing this run pulled may be
 /// skipped any more (the set described a target that the rollback did not produce).
 pub fn forget_pulled(ctx: &Ctx) {
@@ -213,6 +233,7 @@ pub async fn commit_batch(
     } else {
         Vec::new()
     };
+    let big = big_parents(&mapped.big, &mapped.row_docs, docs);
     let mut dead = mapped.dead;
     dead.extend(res.dead);
     let out = ctx
@@ -223,6 +244,7 @@ pub async fn commit_batch(
             row_meta: &mapped.row_meta,
             child_meta: &mapped.child_meta,
             children: &mapped.children,
+            big: &big,
             deletes: &mapped.deletes,
             soft_deletes: &mapped.soft_deletes,
             dead: &dead,

@@ -2,7 +2,7 @@
 //! ready for the writer ([`prepare`]: keys and hashes computed ahead, off the async runtime).
 
 use crate::mapping::value::key_text_of;
-use crate::mapping::{Entity, Outcome, TableRef, Value};
+use crate::mapping::{child_key_hash, Entity, Outcome, TableRef, Value};
 use crate::sink::DeadLetter;
 use bson::Bson;
 use chrono::{DateTime, Utc};
@@ -79,6 +79,79 @@ pub struct MappedPage {
     pub unmapped: Vec<PreSkipped>,
     /// How many documents [`confirm_pre_skipped`] confirmed: read, skipped, never mapped.
     pub skipped_unmapped: u64,
+    /// Documents of the page whose arrays map to more than [`BIG_DOC_ROWS`] child rows: their
+    /// child rows are not in `children`; the writer maps and writes them in pieces
+    /// ([`crate::sink::BigParent`]). Kept in the page order of their documents.
+    pub big: Vec<BigDoc>,
+}
+
+/// A document whose arrays map to more child rows than this is a [`BigDoc`]: its child rows
+/// are mapped and written [`crate::sink::PIECE_ROWS`] at a time, inside the batch's
+/// transaction, instead of all at once (BENCHMARKS.md, "Child rows in pieces").
+pub const BIG_DOC_ROWS: usize = 10_000;
+
+/// A document whose child rows are written in pieces (see [`MappedPage::big`]). Mapping
+/// checked every element (a failure dead-letters the document, as for any other) and that
+/// its child keys are distinct, also from the page's other child rows (else it is mapped
+/// whole, for the page's last-version-wins de-duplication).
+pub struct BigDoc {
+    /// Its index in the page's documents.
+    pub di: usize,
+    /// Per child table and column with a reference (`(child, column, keys)`): the distinct
+    /// keys its rows reference, in order of first appearance.
+    pub refs: Vec<(usize, usize, Vec<Value>)>,
+    /// Set by the missing-reference policies: per child table and column, the key texts
+    /// missing from the target, and whether the column's policy nulls them (else the child
+    /// row is dropped).
+    pub missing: Vec<(usize, usize, std::collections::HashSet<String>, bool)>,
+    /// Child tables and columns whose missing reference is already recorded.
+    pub recorded: std::collections::HashSet<(usize, usize)>,
+    /// 128-bit hashes of its child keys, per child table ([`child_key_hash`]); emptied
+    /// once the page is mapped.
+    keys: Vec<std::collections::HashSet<u128>>,
+}
+
+/// Map the child rows of a big document (`row` is its main row) without keeping them: the
+/// first failing element's error, the keys its reference columns use, and its child keys;
+/// None when two of its child rows share a key (it is then mapped whole).
+fn scan_big(
+    e: &Entity,
+    doc: &bson::RawDocument,
+    row: &[Value],
+    di: usize,
+) -> Result<Option<BigDoc>, crate::mapping::MapError> {
+    let mut big = BigDoc {
+        di,
+        refs: Vec::new(),
+        missing: Vec::new(),
+        recorded: Default::default(),
+        keys: Vec::new(),
+    };
+    for (ci, c) in e.children.iter().enumerate() {
+        let ref_cols: Vec<usize> = (0..c.columns.len())
+            .filter(|&i| c.columns[i].references.is_some())
+            .collect();
+        let mut refs: Vec<(Vec<Value>, std::collections::HashSet<String>)> =
+            vec![Default::default(); ref_cols.len()];
+        let mut keys = std::collections::HashSet::new();
+        let mut distinct = true;
+        for r in c.rows(doc, row)? {
+            let r = r?;
+            distinct &= keys.insert(child_key_hash(&r, &c.pk));
+            for (n, &i) in ref_cols.iter().enumerate() {
+                if r[i] != Value::Null && refs[n].1.insert(r[i].key_text()) {
+                    refs[n].0.push(r[i].clone());
+                }
+            }
+        }
+        if !distinct {
+            return Ok(None);
+        }
+        big.refs
+            .extend(ref_cols.into_iter().zip(refs).map(|(i, (v, _))| (ci, i, v)));
+        big.keys.push(keys);
+    }
+    Ok(Some(big))
 }
 
 /// A document [`pre_skip`] took out of its page: its position in the page, the document, its
@@ -176,12 +249,16 @@ type Deletion = (Vec<Value>, Option<DateTime<Utc>>);
 /// Map every document of a page; failures become dead letters, nothing is dropped.
 /// Within a page the last event per key wins: a later version replaces an earlier one,
 /// a deletion cancels an earlier row and a row cancels an earlier deletion.
+/// Every child row is in the page ([`MappedPage::children`]): pages of documents pulled on
+/// demand, which the writer takes whole.
 pub fn map_page(e: &Entity, docs: &[bson::RawDocumentBuf], track_resolved: bool) -> MappedPage {
-    map_page_twins(e, docs, track_resolved, HashMap::new(), Vec::new())
+    map_page_with(e, docs, track_resolved, HashMap::new(), Vec::new(), false)
 }
 
-/// [`map_page`], where the documents named in `losers` (by source id) lose their key to a
-/// twin of another BSON type and are dead letters (`engine/twins.rs`).
+/// [`map_page`] for a page of the entity's own documents, where the documents named in
+/// `losers` (by source id) lose their key to a twin of another BSON type and are dead letters
+/// (`engine/twins.rs`), and big documents' child rows are left to the writer
+/// ([`MappedPage::big`]).
 pub fn map_page_twins(
     e: &Entity,
     docs: &[bson::RawDocumentBuf],
@@ -189,12 +266,28 @@ pub fn map_page_twins(
     losers: HashMap<String, String>,
     twin_dead: Vec<(Vec<Value>, DeadLetter)>,
 ) -> MappedPage {
+    map_page_with(e, docs, track_resolved, losers, twin_dead, true)
+}
+
+fn map_page_with(
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    track_resolved: bool,
+    losers: HashMap<String, String>,
+    twin_dead: Vec<(Vec<Value>, DeadLetter)>,
+    pieces: bool,
+) -> MappedPage {
     let mut out = MappedPage::default();
     let mut wins = LastWins::with_capacity(docs.len());
     let mut last_ok: HashMap<String, bool> = HashMap::new();
+    let mut big = HashMap::new();
     for (di, doc) in docs.iter().enumerate() {
         let track = track_resolved.then_some(&mut last_ok);
-        let Some(outcome) = map_one(e, doc, &losers, &mut out, track) else {
+        let pieces = pieces
+            && !e.children.is_empty()
+            && e.children.iter().all(|c| c.links_whole_parent_key(&e.pk))
+            && e.child_elements(doc) > BIG_DOC_ROWS;
+        let Some(outcome) = map_one(e, doc, di, pieces, &losers, &mut out, track, &mut big) else {
             continue;
         };
         match outcome {
@@ -225,7 +318,7 @@ pub fn map_page_twins(
             out.deletes.push(k.clone());
         }
     }
-    wins.into_page(e, &mut out);
+    wins.into_page(e, docs, big, &mut out);
     out.twin_losers = losers;
     out.twin_dead = twin_dead;
     out
@@ -234,13 +327,18 @@ pub fn map_page_twins(
 /// Map one document: its outcome, or `None` when it became a dead letter in `out` (a twin
 /// that lost its key to another, or a document that does not map). With `last_ok` (the page
 /// tracks what it resolved) the document's id goes to `out.resolved` when it maps, and
-/// `last_ok` records whether its latest version did.
+/// `last_ok` records whether its latest version did. With `pieces` (a big document, number
+/// `di` of the page), its child rows are only checked, and it goes to `big`.
+#[allow(clippy::too_many_arguments)]
 fn map_one(
     e: &Entity,
     doc: &bson::RawDocument,
+    di: usize,
+    pieces: bool,
     losers: &HashMap<String, String>,
     out: &mut MappedPage,
     last_ok: Option<&mut HashMap<String, bool>>,
+    big: &mut HashMap<usize, BigDoc>,
 ) -> Option<Outcome> {
     let lost = if losers.is_empty() {
         None
@@ -250,6 +348,7 @@ fn map_one(
     };
     let failed = match lost {
         Some(dead) => Err(dead),
+        None if pieces => map_big(e, doc, di, big).map_err(|err| (source_id(doc), err.to_string())),
         None => e.map(doc).map_err(|err| (source_id(doc), err.to_string())),
     };
     match failed {
@@ -272,6 +371,28 @@ fn map_one(
             });
             None
         }
+    }
+}
+
+/// Map a big document (number `di` of the page): its main row, its child rows checked
+/// ([`scan_big`]) and left to the writer (recorded in `big`), unless two of them share a key
+/// (then mapped whole, as any other document).
+fn map_big(
+    e: &Entity,
+    doc: &bson::RawDocument,
+    di: usize,
+    big: &mut HashMap<usize, BigDoc>,
+) -> Result<Outcome, crate::mapping::MapError> {
+    let outcome = e.map_parent(doc)?;
+    let Outcome::Row { row, .. } = &outcome else {
+        return Ok(outcome);
+    };
+    match scan_big(e, doc, row, di)? {
+        Some(b) => {
+            big.insert(di, b);
+            Ok(outcome)
+        }
+        None => e.map(doc),
     }
 }
 
@@ -352,8 +473,17 @@ impl LastWins {
     }
 
     /// The winners into `out`: deletions (marks with their time for a soft delete), rows
-    /// with the index of their document, and each child table's rows, last per key.
-    fn into_page(self, e: &Entity, out: &mut MappedPage) {
+    /// with the index of their document, and each child table's rows, last per key. Big
+    /// documents among the winners go to `out.big`, unless one of their child keys is also
+    /// another row's of the page: then they are mapped whole (from `docs`) for the
+    /// de-duplication.
+    fn into_page(
+        self,
+        e: &Entity,
+        docs: &[bson::RawDocumentBuf],
+        mut big: HashMap<usize, BigDoc>,
+        out: &mut MappedPage,
+    ) {
         let soft = e
             .deleted
             .as_ref()
@@ -372,6 +502,16 @@ impl LastWins {
             out.row_docs.push(di);
             parent_children.push(children);
         }
+        if !big.is_empty() {
+            big.retain(|di, _| out.row_docs.contains(di));
+            materialize_shared(e, docs, &mut big, out, &mut parent_children);
+            let mut big: Vec<BigDoc> = big.into_values().collect();
+            big.sort_by_key(|b| b.di);
+            for b in &mut big {
+                b.keys = Vec::new();
+            }
+            out.big = big;
+        }
         out.children = e
             .children
             .iter()
@@ -379,19 +519,67 @@ impl LastWins {
             .map(|(ci, c)| {
                 let mut rows: Vec<Vec<Value>> = Vec::new();
                 let mut seen: HashMap<String, usize> = HashMap::new();
-                for r in parent_children.iter().flat_map(|pc| &pc[ci]) {
-                    let k = key_text_of(r, &c.pk);
+                for r in parent_children
+                    .iter_mut()
+                    .flat_map(|pc| std::mem::take(&mut pc[ci]))
+                {
+                    let k = key_text_of(&r, &c.pk);
                     match seen.get(&k) {
-                        Some(&at) => rows[at] = r.clone(),
+                        Some(&at) => rows[at] = r,
                         None => {
                             seen.insert(k, rows.len());
-                            rows.push(r.clone());
+                            rows.push(r);
                         }
                     }
                 }
                 rows
             })
             .collect();
+    }
+}
+
+/// Big documents one of whose child keys another row of the page also has are mapped whole
+/// into `parent_children` (indexed like `out.rows`) and taken out of `big`: the page's
+/// last-version-wins de-duplication then decides, as for any document.
+fn materialize_shared(
+    e: &Entity,
+    docs: &[bson::RawDocumentBuf],
+    big: &mut HashMap<usize, BigDoc>,
+    out: &MappedPage,
+    parent_children: &mut [Vec<Vec<Vec<Value>>>],
+) {
+    let mut shared = Vec::new();
+    for (ci, c) in e.children.iter().enumerate() {
+        for (pc, di) in parent_children.iter().zip(&out.row_docs) {
+            for r in &pc[ci] {
+                let h = child_key_hash(r, &c.pk);
+                shared.extend(
+                    big.values()
+                        .filter(|b| b.di != *di && b.keys[ci].contains(&h))
+                        .map(|b| b.di),
+                );
+            }
+        }
+        // Two big documents with a key in common.
+        let bigs: Vec<&BigDoc> = big.values().collect();
+        for (n, a) in bigs.iter().enumerate() {
+            for b in &bigs[n + 1..] {
+                if !a.keys[ci].is_disjoint(&b.keys[ci]) {
+                    shared.extend([a.di, b.di]);
+                }
+            }
+        }
+    }
+    for di in shared {
+        let Some(at) = out.row_docs.iter().position(|d| *d == di) else {
+            continue;
+        };
+        // Mapping checked every element of the document already: it maps.
+        if let Ok(Outcome::Row { children, .. }) = e.map(&docs[di]) {
+            if big.remove(&di).is_some() {
+                parent_children[at] = children;
+            }
+        }
     }
 }
 

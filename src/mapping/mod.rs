@@ -3,6 +3,7 @@
 //! nor SQL. Compile errors name the file, entity, column and the fix.
 
 pub mod canon;
+mod child_rows;
 mod compile;
 pub mod diagram;
 pub mod expr;
@@ -10,6 +11,7 @@ pub mod spec;
 pub mod value;
 
 use bson::{raw::RawBsonRef, Document, RawDocument};
+pub use child_rows::{child_key_hash, ChildRows};
 use chrono::{DateTime, Utc};
 use expr::{Expr, Scope};
 use spec::{DeleteAction, DependentSpec, MissingPolicy, TimeEncoding, Transform};
@@ -351,6 +353,28 @@ impl Entity {
 
     /// Map one document: a row with its child rows, a deletion, or filtered.
     pub fn map(&self, doc: &RawDocument) -> Result<Outcome, MapError> {
+        self.map_with(doc, true)
+    }
+
+    /// [`Entity::map`] without the child rows (each child table's list left empty): for a
+    /// document whose arrays are mapped and written in pieces ([`Child::rows`]).
+    pub fn map_parent(&self, doc: &RawDocument) -> Result<Outcome, MapError> {
+        self.map_with(doc, false)
+    }
+
+    /// How many elements the document's exploded arrays hold together (read without
+    /// decoding them): how many child rows it maps to.
+    pub fn child_elements(&self, doc: &RawDocument) -> usize {
+        self.children
+            .iter()
+            .map(|c| match lookup(doc, &c.path) {
+                Ok(Some(RawBsonRef::Array(a))) => a.into_iter().count(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn map_with(&self, doc: &RawDocument, with_children: bool) -> Result<Outcome, MapError> {
         // One pass over the document's fields instead of one per column.
         let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
             doc.into_iter().collect::<Result<_, _>>().ok();
@@ -396,7 +420,11 @@ impl Entity {
         }
         let mut children = Vec::with_capacity(self.children.len());
         for c in &self.children {
-            children.push(c.map(doc, &row)?);
+            children.push(if with_children {
+                c.map(doc, &row)?
+            } else {
+                Vec::new()
+            });
         }
         Ok(Outcome::Row { row, children })
     }
@@ -469,39 +497,18 @@ impl Child {
     }
 
     fn map(&self, doc: &RawDocument, parent_row: &[Value]) -> Result<Vec<Vec<Value>>, MapError> {
-        let err = |message: String| MapError {
-            column: format!("{}.{}", self.name, self.path.join(".")),
-            message,
-        };
-        let arr = match lookup(doc, &self.path).map_err(err)? {
-            None | Some(RawBsonRef::Null) => return Ok(Vec::new()),
-            Some(RawBsonRef::Array(a)) => a,
-            Some(_) => return Err(err("expected an array".into())),
-        };
-        let mut rows = Vec::new();
-        let cache = expr::DocCache::default();
-        for (i, el) in arr.into_iter().enumerate() {
-            let el = el.map_err(|e| err(format!("undecodable element {i}: {e}")))?;
-            let input = Input {
-                base: el,
-                top: None,
-                parent_row: Some(parent_row),
-                index: Some(i),
-                scope: Scope {
-                    doc: Some(doc),
-                    element: Some(el),
-                    parent: Some(doc),
-                    index: Some(i),
-                    cache: Some(&cache),
-                },
-            };
-            let row = map_columns(&self.columns, &input).map_err(|e| MapError {
-                column: format!("{}[{i}].{}", self.name, e.column),
-                message: e.message,
-            })?;
-            rows.push(row);
-        }
-        Ok(rows)
+        self.rows(doc, parent_row)?.collect()
+    }
+
+    /// The child rows of `doc` (whose row is `parent_row`), one array element at a time: a
+    /// writer can map and write a very large array in pieces. An element that does not map
+    /// is an error naming the element, as in [`Entity::map`].
+    pub fn rows<'a>(
+        &'a self,
+        doc: &'a RawDocument,
+        parent_row: &'a [Value],
+    ) -> Result<ChildRows<'a>, MapError> {
+        ChildRows::new(self, doc, parent_row)
     }
 
     pub fn table_ref(&self) -> TableRef<'_> {

@@ -176,10 +176,14 @@ impl Sink {
                     .bind(entity_name).bind(id).bind(reason).bind(now).bind(b.run_id)
                     .execute(&mut *tx).await?;
             }
-            let mut trk = Tracker { on: b.provenance || b.dry_run, ..Default::default() };
+            let mut trk = Tracker {
+                on: b.provenance || b.dry_run,
+                store: (b.provenance && !b.dry_run).then(|| (b.run_id.to_owned(), now)),
+                ..Default::default()
+            };
             let out = write_entities(&mut tx, b, &mut trk).await?;
             if b.provenance && !b.dry_run && !trk.changes.is_empty() {
-                record_provenance(&mut tx, b, &trk, now).await?;
+                record_provenance(&mut tx, b.run_id, &trk, now).await?;
             }
             // Everything but the checkpoint is sent: commit after the batch before, or not at all.
             if let Some(after) = b.order.and_then(|o| o.after.as_ref()) {
@@ -310,6 +314,7 @@ async fn write_entities<T: TableOps>(
             meta: b.row_meta,
             children: b.children,
             child_meta: b.child_meta,
+            big: b.big,
             deletes: b.deletes,
             soft_deletes: b.soft_deletes,
             presume_new: b.presume_new,
@@ -342,9 +347,9 @@ async fn write_entities<T: TableOps>(
 
 /// What the batch changed, for `tidemark rollback`: a before-image and after-hash per
 /// changed row, and per table the list of rows it inserted.
-async fn record_provenance<T: TableOps>(
+pub(super) async fn record_provenance<T: TableOps>(
     tx: &mut T,
-    b: &BatchWrite<'_>,
+    run_id: &str,
     trk: &Tracker,
     now: i64,
 ) -> Result<()> {
@@ -368,7 +373,7 @@ async fn record_provenance<T: TableOps>(
                 .map(|(table, list)| (*table, "", None, None, Some(list.as_str()))),
         )
         .collect();
-    tx.insert_provenance(b.run_id, &rows, now)
+    tx.insert_provenance(run_id, &rows, now)
         .await
         .context("recording provenance")
 }

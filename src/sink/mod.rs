@@ -10,6 +10,7 @@ pub mod dead_letters;
 pub mod lease;
 pub mod monitor;
 pub mod order;
+mod pieces;
 mod postgres;
 pub mod probe;
 pub(crate) mod provenance;
@@ -31,6 +32,7 @@ use crate::span::LaneState;
 use anyhow::{Context, Result};
 use backon::Retryable;
 use chrono::{DateTime, TimeZone, Utc};
+pub use pieces::{BigParent, PIECE_ROWS};
 use rows::key_text;
 pub(crate) use rows::key_text_at;
 use sqlx::{
@@ -115,6 +117,9 @@ pub struct BatchWrite<'a> {
     pub children: &'a [Vec<Vec<Value>>],
     /// The same as `row_meta` for each child table's rows (empty: computed while writing).
     pub child_meta: &'a [Vec<(String, String)>],
+    /// Parents of `rows` whose child rows are not in `children`: the writer maps and writes
+    /// them in pieces ([`BigParent`]).
+    pub big: &'a [BigParent<'a>],
     /// Primary keys of rows to delete (deleted rule with action `delete`).
     pub deletes: &'a [Vec<Value>],
     /// Primary keys to soft-delete, with the deletion time.
@@ -538,6 +543,16 @@ pub(crate) trait TableOps {
         t: TableRef<'_>,
         by: &[usize],
         keys: &[Vec<Value>],
+    ) -> Result<Vec<Vec<Value>>>;
+    /// Up to `limit` whole rows whose `by` columns equal `key`, in primary-key order, after
+    /// the row whose primary key is `after` (a keyset page of one parent's child rows).
+    async fn select_page(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        key: &[Value],
+        after: Option<&[Value]>,
+        limit: usize,
     ) -> Result<Vec<Vec<Value>>>;
     /// Up to `limit` whole rows ordered by column `order` and after `after`; with `range`,
     /// only rows whose column `range.0` lies in `[range.1, range.2)`.

@@ -46,6 +46,10 @@ pub struct Tracker {
     /// Read rows before writing them (provenance on, or a dry run counting inserts/updates).
     pub on: bool,
     pub changes: IndexMap<(String, String), Change>,
+    /// The run's id and the batch's time, when the changes are stored (provenance on, not a
+    /// dry run): the writer of a big parent's child rows stores them as it goes
+    /// (`sink/pieces.rs`), so that they need not all be held at once.
+    pub store: Option<(String, i64)>,
 }
 
 /// Rows of one table indexed by canonical primary key.

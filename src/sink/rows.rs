@@ -3,13 +3,13 @@
 //! by which the writer matches rows.
 
 use super::provenance::{self, Tracker};
-use super::{BatchOutcome, TableOps};
+use super::{BatchOutcome, BigParent, TableOps};
 use crate::mapping::{Child, Entity, TableRef, Value};
 use anyhow::Result;
 use indexmap::IndexMap;
 use std::borrow::Cow;
 
-fn key_of(row: &[Value], cols: &[usize]) -> Vec<Value> {
+pub(super) fn key_of(row: &[Value], cols: &[usize]) -> Vec<Value> {
     cols.iter().map(|&i| row[i].clone()).collect()
 }
 
@@ -36,6 +36,8 @@ pub(super) struct Rows<'a> {
     pub(super) meta: &'a [(String, String)],
     pub(super) children: &'a [Vec<Vec<Value>>],
     pub(super) child_meta: &'a [Vec<(String, String)>],
+    /// [`BatchWrite::big`].
+    pub(super) big: &'a [BigParent<'a>],
     pub(super) deletes: &'a [Vec<Value>],
     pub(super) soft_deletes: &'a [(Vec<Value>, Value)],
     pub(super) presume_new: bool,
@@ -64,6 +66,9 @@ pub(super) async fn write_rows<T: TableOps>(
     let is_new = write_main_rows(tx, e, &w, trk, &mut out).await?;
     for (ci, c) in e.children.iter().enumerate() {
         write_child_rows(tx, e, (ci, c), &w, &is_new, trk, &mut out).await?;
+    }
+    if !w.big.is_empty() {
+        super::pieces::write_big_children(tx, e, &w, &is_new, trk, &mut out).await?;
     }
     Ok(out)
 }
@@ -228,6 +233,10 @@ async fn write_child_rows<T: TableOps>(
         .unwrap_or_default();
     let parent_cols: Vec<usize> = c.parent_links.iter().map(|(_, p)| *p).collect();
     let mut seen = std::collections::HashSet::new();
+    // A big parent's child rows are written apart, in pieces (`sink/pieces.rs`).
+    for b in w.big {
+        seen.insert(key_text_at(&rows[b.row], &parent_cols));
+    }
     let mut parents: Vec<Vec<Value>> = rows
         .iter()
         .filter(|r| seen.insert(key_text_at(r, &parent_cols)))
@@ -404,7 +413,7 @@ async fn insert_absent<T: TableOps>(
 /// only compare and skip them, a round-trip and index probes for nothing (a lane re-reading
 /// documents another lane already pulled finds most of them unchanged). Borrowed when
 /// nothing is left out.
-fn changed<'r>(rows: &'r [Vec<Value>], same: &[bool]) -> Cow<'r, [Vec<Value>]> {
+pub(super) fn changed<'r>(rows: &'r [Vec<Value>], same: &[bool]) -> Cow<'r, [Vec<Value>]> {
     if !same.contains(&true) {
         return Cow::Borrowed(rows);
     }

@@ -2,6 +2,7 @@
 //! PostgreSQL (TIDEMARK_TEST_PG_URL) and SQLite. One binary, one module per topic.
 
 mod bad_config;
+mod big_arrays;
 mod cli_usage;
 mod crash_resume;
 mod deps;

@@ -79,6 +79,16 @@ fn refs_of(e: &Entity, page: &MappedPage) -> HashMap<String, Vec<Value>> {
             }
         }
     }
+    // Big documents' child rows are not in the page: mapping collected their keys.
+    for b in &page.big {
+        for (ci, i, keys) in &b.refs {
+            if let Some(r) = &e.children[*ci].columns[*i].references {
+                for k in keys {
+                    add(r, k);
+                }
+            }
+        }
+    }
     out
 }
 

@@ -78,6 +78,7 @@ pub(super) fn apply_policies(
         }
     }
     child_policies(e, page, docs, memo, res);
+    big_child_policies(e, page, docs, memo, res);
     twins_go_too(e, page, &keep);
     page.retain_rows(e, &keep)
 }
@@ -214,6 +215,48 @@ fn child_policies(
                 }
                 page.children[ci].push(row);
             }
+        }
+    }
+}
+
+/// The child rows of big documents ([`crate::engine::page::BigDoc`]), which the writer maps
+/// in pieces: the keys they reference that are missing get their column's policy there
+/// (`BigDoc::missing`: null the column or drop the row, as [`child_policies`] does), and
+/// the occurrence is recorded here, once per document and column.
+fn big_child_policies(
+    e: &Entity,
+    page: &mut MappedPage,
+    docs: &[RawDocumentBuf],
+    memo: &Memo,
+    res: &mut Resolution,
+) {
+    for b in &mut page.big {
+        b.missing.clear();
+        for (ci, i, keys) in &b.refs {
+            let child = &e.children[*ci];
+            let c = &child.columns[*i];
+            let Some(r) = &c.references else { continue };
+            let missing: HashSet<String> = keys
+                .iter()
+                .map(|k| k.key_text())
+                .filter(|k| memo.get(r, k) != Some(true))
+                .collect();
+            let Some(first) = keys.iter().find(|k| missing.contains(&k.key_text())) else {
+                continue;
+            };
+            page.children_cut = true;
+            if b.recorded.insert((*ci, *i)) {
+                res.missing.push(MissingRef {
+                    entity: e.name.clone(),
+                    source_id: source_id(&docs[b.di]),
+                    column: format!("{}.{}", child.table, c.name),
+                    ref_entity: r.to_owned(),
+                    ref_key: first.key_text(),
+                    policy: c.on_missing,
+                });
+            }
+            b.missing
+                .push((*ci, *i, missing, c.on_missing == MissingPolicy::Null));
         }
     }
 }

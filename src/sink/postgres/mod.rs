@@ -343,6 +343,45 @@ impl TableOps for Transaction<'_, Postgres> {
             .collect()
     }
 
+    async fn select_page(
+        &mut self,
+        t: TableRef<'_>,
+        by: &[usize],
+        key: &[Value],
+        after: Option<&[Value]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<Value>>> {
+        let col = |i: &usize| quote(&t.columns[*i].name);
+        let mut q = QueryBuilder::new(format!(
+            "SELECT {} FROM {} WHERE TRUE",
+            select_list(t),
+            quote(t.name)
+        ));
+        for (c, v) in by.iter().zip(key) {
+            q.push(format!(" AND {} = ", col(c)));
+            push_value(&mut q, v, t.columns[*c].ty);
+        }
+        let pk: Vec<String> = t.pk.iter().map(col).collect();
+        if let Some(a) = after {
+            q.push(format!(" AND ({}) > (", pk.join(", ")));
+            for (n, (c, v)) in t.pk.iter().zip(a).enumerate() {
+                if n > 0 {
+                    q.push(", ");
+                }
+                push_value(&mut q, v, t.columns[*c].ty);
+            }
+            q.push(")");
+        }
+        q.push(format!(" ORDER BY {} LIMIT {limit}", pk.join(", ")));
+        q.build()
+            .fetch_all(&mut **self)
+            .await
+            .with_context(|| format!("reading a page of rows of {}", t.name))?
+            .iter()
+            .map(|r| decode_row(t, r))
+            .collect()
+    }
+
     async fn scan_rows(
         &mut self,
         t: TableRef<'_>,
