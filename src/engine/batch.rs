@@ -180,7 +180,7 @@ fn touched(
 /// The page's big documents whose rows are still to be written, for the writer to map and
 /// write their child rows in pieces (`sink/pieces.rs`).
 fn big_parents<'a>(
-    big: &'a [crate::engine::page::BigDoc],
+    big: &'a [crate::engine::big::BigDoc],
     row_docs: &[usize],
     docs: &'a [bson::RawDocumentBuf],
 ) -> Vec<crate::sink::BigParent<'a>> {

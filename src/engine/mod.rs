@@ -1,5 +1,5 @@
 //! One window of one entity: plan the windows ([`window`]), read a page and map it
-//! ([`page`]), resolve what it depends on ([`resolve`], with the run's [`memo`]), commit rows
+//! ([`page`]; a document with very large arrays: [`big`]), resolve what it depends on ([`resolve`], with the run's [`memo`]), commit rows
 //! with the checkpoint ([`batch`]), a window's stages ([`drive`]), an entity's windows
 //! ([`pipeline`]), and skip what this run already wrote ([`skip`], [`pulled`]); ids of other BSON types with the same key ([`twins`]). What a run shares
 //! and counts: [`ctx`]. One writer per lane ([`lane`]). Which entities a command takes:
@@ -7,6 +7,7 @@
 //! No printing: commands report what the engine returns.
 
 pub mod batch;
+pub mod big;
 pub mod ctx;
 pub mod drive;
 pub mod lane;

@@ -1,8 +1,9 @@
 //! One page of source documents mapped to rows ([`map_page`], [`MappedPage`]) and made
 //! ready for the writer ([`prepare`]: keys and hashes computed ahead, off the async runtime).
 
+use crate::engine::big::{map_big, materialize_shared, BigDoc, BIG_DOC_ROWS};
 use crate::mapping::value::key_text_of;
-use crate::mapping::{child_key_hash, Entity, Outcome, TableRef, Value};
+use crate::mapping::{Entity, Outcome, TableRef, Value};
 use crate::sink::DeadLetter;
 use bson::Bson;
 use chrono::{DateTime, Utc};
@@ -83,75 +84,6 @@ pub struct MappedPage {
     /// child rows are not in `children`; the writer maps and writes them in pieces
     /// ([`crate::sink::BigParent`]). Kept in the page order of their documents.
     pub big: Vec<BigDoc>,
-}
-
-/// A document whose arrays map to more child rows than this is a [`BigDoc`]: its child rows
-/// are mapped and written [`crate::sink::PIECE_ROWS`] at a time, inside the batch's
-/// transaction, instead of all at once (BENCHMARKS.md, "Child rows in pieces").
-pub const BIG_DOC_ROWS: usize = 10_000;
-
-/// A document whose child rows are written in pieces (see [`MappedPage::big`]). Mapping
-/// checked every element (a failure dead-letters the document, as for any other) and that
-/// its child keys are distinct, also from the page's other child rows (else it is mapped
-/// whole, for the page's last-version-wins de-duplication).
-pub struct BigDoc {
-    /// Its index in the page's documents.
-    pub di: usize,
-    /// Per child table and column with a reference (`(child, column, keys)`): the distinct
-    /// keys its rows reference, in order of first appearance.
-    pub refs: Vec<(usize, usize, Vec<Value>)>,
-    /// Set by the missing-reference policies: per child table and column, the key texts
-    /// missing from the target, and whether the column's policy nulls them (else the child
-    /// row is dropped).
-    pub missing: Vec<(usize, usize, std::collections::HashSet<String>, bool)>,
-    /// Child tables and columns whose missing reference is already recorded.
-    pub recorded: std::collections::HashSet<(usize, usize)>,
-    /// 128-bit hashes of its child keys, per child table ([`child_key_hash`]); emptied
-    /// once the page is mapped.
-    keys: Vec<std::collections::HashSet<u128>>,
-}
-
-/// Map the child rows of a big document (`row` is its main row) without keeping them: the
-/// first failing element's error, the keys its reference columns use, and its child keys;
-/// None when two of its child rows share a key (it is then mapped whole).
-fn scan_big(
-    e: &Entity,
-    doc: &bson::RawDocument,
-    row: &[Value],
-    di: usize,
-) -> Result<Option<BigDoc>, crate::mapping::MapError> {
-    let mut big = BigDoc {
-        di,
-        refs: Vec::new(),
-        missing: Vec::new(),
-        recorded: Default::default(),
-        keys: Vec::new(),
-    };
-    for (ci, c) in e.children.iter().enumerate() {
-        let ref_cols: Vec<usize> = (0..c.columns.len())
-            .filter(|&i| c.columns[i].references.is_some())
-            .collect();
-        let mut refs: Vec<(Vec<Value>, std::collections::HashSet<String>)> =
-            vec![Default::default(); ref_cols.len()];
-        let mut keys = std::collections::HashSet::new();
-        let mut distinct = true;
-        for r in c.rows(doc, row)? {
-            let r = r?;
-            distinct &= keys.insert(child_key_hash(&r, &c.pk));
-            for (n, &i) in ref_cols.iter().enumerate() {
-                if r[i] != Value::Null && refs[n].1.insert(r[i].key_text()) {
-                    refs[n].0.push(r[i].clone());
-                }
-            }
-        }
-        if !distinct {
-            return Ok(None);
-        }
-        big.refs
-            .extend(ref_cols.into_iter().zip(refs).map(|(i, (v, _))| (ci, i, v)));
-        big.keys.push(keys);
-    }
-    Ok(Some(big))
 }
 
 /// A document [`pre_skip`] took out of its page: its position in the page, the document, its
@@ -374,28 +306,6 @@ fn map_one(
     }
 }
 
-/// Map a big document (number `di` of the page): its main row, its child rows checked
-/// ([`scan_big`]) and left to the writer (recorded in `big`), unless two of them share a key
-/// (then mapped whole, as any other document).
-fn map_big(
-    e: &Entity,
-    doc: &bson::RawDocument,
-    di: usize,
-    big: &mut HashMap<usize, BigDoc>,
-) -> Result<Outcome, crate::mapping::MapError> {
-    let outcome = e.map_parent(doc)?;
-    let Outcome::Row { row, .. } = &outcome else {
-        return Ok(outcome);
-    };
-    match scan_big(e, doc, row, di)? {
-        Some(b) => {
-            big.insert(di, b);
-            Ok(outcome)
-        }
-        None => e.map(doc),
-    }
-}
-
 /// A document that came twice in the page (changed while being read): its last version
 /// decides whether it is dead-lettered or resolved; a superseded failure counts as a
 /// duplicate.
@@ -535,51 +445,6 @@ impl LastWins {
                 rows
             })
             .collect();
-    }
-}
-
-/// Big documents one of whose child keys another row of the page also has are mapped whole
-/// into `parent_children` (indexed like `out.rows`) and taken out of `big`: the page's
-/// last-version-wins de-duplication then decides, as for any document.
-fn materialize_shared(
-    e: &Entity,
-    docs: &[bson::RawDocumentBuf],
-    big: &mut HashMap<usize, BigDoc>,
-    out: &MappedPage,
-    parent_children: &mut [Vec<Vec<Vec<Value>>>],
-) {
-    let mut shared = Vec::new();
-    for (ci, c) in e.children.iter().enumerate() {
-        for (pc, di) in parent_children.iter().zip(&out.row_docs) {
-            for r in &pc[ci] {
-                let h = child_key_hash(r, &c.pk);
-                shared.extend(
-                    big.values()
-                        .filter(|b| b.di != *di && b.keys[ci].contains(&h))
-                        .map(|b| b.di),
-                );
-            }
-        }
-        // Two big documents with a key in common.
-        let bigs: Vec<&BigDoc> = big.values().collect();
-        for (n, a) in bigs.iter().enumerate() {
-            for b in &bigs[n + 1..] {
-                if !a.keys[ci].is_disjoint(&b.keys[ci]) {
-                    shared.extend([a.di, b.di]);
-                }
-            }
-        }
-    }
-    for di in shared {
-        let Some(at) = out.row_docs.iter().position(|d| *d == di) else {
-            continue;
-        };
-        // Mapping checked every element of the document already: it maps.
-        if let Ok(Outcome::Row { children, .. }) = e.map(&docs[di]) {
-            if big.remove(&di).is_some() {
-                parent_children[at] = children;
-            }
-        }
     }
 }
 

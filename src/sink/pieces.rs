@@ -1,4 +1,4 @@
-//! The child rows of big parents (documents with very large arrays, `engine::page::BigDoc`),
+//! The child rows of big parents (documents with very large arrays, `engine::big::BigDoc`),
 //! mapped and written [`PIECE_ROWS`] at a time inside the batch's transaction, so that the
 //! writer holds the document and one piece, never the whole array as rows. The same
 //! replace-the-whole-set semantics as `sink/rows.rs`: stored child rows of the parent that
@@ -18,7 +18,7 @@ use std::collections::HashSet;
 pub const PIECE_ROWS: usize = 4_000;
 
 /// A parent of the batch whose child rows the writer maps from its document and writes in
-/// pieces (see `engine::page::BigDoc`, which checked that every element maps and that its
+/// pieces (see `engine::big::BigDoc`, which checked that every element maps and that its
 /// child keys are distinct).
 #[derive(Clone, Copy)]
 pub struct BigParent<'a> {
