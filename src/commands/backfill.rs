@@ -17,7 +17,9 @@
 //! [`window::chunks_by_count`]), so a backfill costs about what `run` costs over the same
 //! range, dense or sparse; `--chunk DURATION` cuts by time instead. The plan is made once,
 //! by the worker that creates the backfill, and stored; every other worker reads it from
-//! the ledger.
+//! the ledger. A collection no larger than a chunk is planned without counting. With
+//! `--parallel 1` a worker reads the first pages of the chunk it will likely claim next
+//! while it writes the current one, as `run` reads its next window ahead.
 //!
 //! The backfill id is derived from the range, the chunk setting and entities, so running the
 //! same command again (or on another host) resumes or joins the same backfill.

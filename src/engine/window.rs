@@ -353,6 +353,28 @@ mod tests {
     }
 
     #[test]
+    fn the_counts_of_a_round_overlap() {
+        // Each count yields once: counted one after another, at most one is ever in flight.
+        let (now, most) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let (n, m) = (&now, &most);
+        let count = move |_: Window| async move {
+            n.set(n.get() + 1);
+            m.set(m.get().max(n.get()));
+            tokio::task::yield_now().await;
+            n.set(n.get() - 1);
+            Ok(0u64)
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let out = rt
+            .block_on(chunks_by_count(at_ms(0), at_ms(1_000_000), 10, count))
+            .unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(most.get(), COUNTS_AT_ONCE);
+    }
+
+    #[test]
     fn empty_range_and_empty_data() {
         assert!(count_plan(&[], 5, 5, 10).0.is_empty());
         let (out, asked) = count_plan(&[], 0, 1_000_000, 10);

@@ -446,7 +446,7 @@ async fn ops_backfill_read_ahead_copies_the_edge_ties_once_postgres() {
     assert_eq!(
         started
             .iter()
-            .filter(|l| l.contains("read_ahead=true"))
+            .filter(|l| l.contains("\"read_ahead\":true"))
             .count(),
         3,
         "every chunk after the first was read ahead: {started:?}"
