@@ -17,7 +17,9 @@
 //! [`window::chunks_by_count`]), so a backfill costs about what `run` costs over the same
 //! range, dense or sparse; `--chunk DURATION` cuts by time instead. The plan is made once,
 //! by the worker that creates the backfill, and stored; every other worker reads it from
-//! the ledger.
+//! the ledger. A collection no larger than a chunk is planned without counting. With
+//! `--parallel 1` a worker reads the first pages of the chunk it will likely claim next
+//! while it writes the current one, as `run` reads its next window ahead.
 //!
 //! The backfill id is derived from the range, the chunk setting and entities, so running the
 //! same command again (or on another host) resumes or joins the same backfill.
@@ -30,14 +32,13 @@ pub use dry_run::backfill_dry_run;
 
 use crate::commands::lifecycle::{outcome, RunLog};
 use crate::engine::lane::this_host;
-use crate::engine::pipeline::{self, Counts, Ctx};
+use crate::engine::pipeline::{self, Counts, Ctx, Opened};
 use crate::engine::select::Selection;
 use crate::engine::window::{self, fmt_ts, to_millis, ChunkBy, Window};
 use crate::exit::Failure;
 use crate::settings::Settings;
 use crate::sink::chunks::{plan_id, Chunk, ChunkCounts, Ledger, Plan, Progress};
 use crate::sink::lease::{LaneLocks, LostLane};
-use crate::sink::Sink;
 use crate::source::Source;
 use crate::timearg;
 use anyhow::{anyhow, Context, Result};
@@ -47,7 +48,7 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -144,18 +145,12 @@ pub async fn backfill(
     let before = Ledger::progress(&sink, &plan.id).await?;
     info!(backfill = %plan.id, range = %plan.range, entities = %plan.entities.join(","),
           chunks = before.total, done = before.done, parallel = opts.parallel, "backfill started");
-    // Planning by document count has just counted them; otherwise one count of the range.
-    let total_docs = match plan.docs {
-        Some(n) => n,
-        None => count_docs(&source, &mapping, &plan).await.unwrap_or(0),
-    };
     let ctx = Ctx::new(s, mapping, source, sink.clone(), log.id().to_owned(), stop);
     let ledger = Arc::new(ledger);
     let done = Arc::new(AtomicBool::new(false));
     let shown = tokio::spawn(show_progress(
-        sink.clone(),
-        plan.id.clone(),
-        total_docs,
+        Arc::new(ctx.for_lane()),
+        plan.clone(),
         before,
         done.clone(),
     ));
@@ -258,6 +253,9 @@ async fn run_workers(ctx: &Ctx, ledger: &Arc<Ledger>, parallel: usize) -> (Resul
             locks.clone(),
             abort.clone(),
             tally.clone(),
+            // Workers of one process would all guess the same next chunk; with several,
+            // chunks overlap each other anyway.
+            parallel == 1,
         ));
     }
     let mut result: Result<()> = Ok(());
@@ -287,6 +285,20 @@ pub async fn plan_chunks(
         ChunkBy::Duration(d) => Ok((window::chunks(range.from, range.to, d), None)),
         ChunkBy::Docs(n) => {
             let started = Instant::now();
+            // A collection of at most `n` documents holds at most `n` in any range: one
+            // chunk, and no count (each costs about a read of its documents on SecantusDB).
+            // The estimate is the collection's metadata; if the source cannot give one, count.
+            match source.estimated_count(e).await {
+                Ok(total) if total <= n => {
+                    info!(entity = %e.name, collection_docs = total, ms = started.elapsed().as_millis() as u64,
+                          "backfill planned as one chunk: the whole collection holds fewer documents than --chunk-docs");
+                    return Ok((vec![range], None));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    debug!(entity = %e.name, error = %format!("{err:#}"), "no estimated count; counting")
+                }
+            }
             let counts = std::cell::Cell::new(0u32);
             let planned = window::chunks_by_count(range.from, range.to, n, |w| {
                 counts.set(counts.get() + 1);
@@ -353,27 +365,13 @@ fn entity_names(
         .names()
 }
 
-/// Documents in the range, counted with the `(time, _id)` index: the progress bar's length.
-async fn count_docs(
-    source: &Source,
-    mapping: &crate::mapping::Mapping,
-    plan: &Plan,
-) -> Result<u64> {
+/// Documents in the range, counted with the `(time, _id)` index: the progress bar's length
+/// when planning did not count them.
+async fn count_docs(ctx: &Ctx, plan: &Plan) -> Result<u64> {
     let mut total = 0;
     for n in &plan.entities {
-        let e = mapping.entity(n)?;
-        let filter = crate::source::window_filter(
-            &e.filter,
-            &e.time_field,
-            e.time_encoding,
-            &plan.range,
-            None,
-        );
-        total += source
-            .db
-            .collection::<bson::Document>(&e.collection)
-            .count_documents(filter)
-            .await?;
+        let e = ctx.mapping.entity(n)?;
+        total += ctx.source.count_window(e, &plan.range).await?;
     }
     Ok(total)
 }
@@ -384,7 +382,11 @@ async fn worker(
     locks: Arc<LaneLocks>,
     abort: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
+    reads_ahead: bool,
 ) -> Result<()> {
+    // The chunk this worker will likely claim next, its first pages read while the current
+    // one is written (as `run` reads its next window ahead).
+    let mut ahead: Option<(String, Opened)> = None;
     loop {
         if ctx.stop.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst) {
             return Ok(());
@@ -393,7 +395,14 @@ async fn worker(
             return Ok(());
         };
         ctx.set_fence(Some(chunk.fence(&locks, &ledger.id, &ledger.holder)));
-        let result = run_chunk(&ctx, &chunk).await;
+        let opened = ahead
+            .take()
+            .filter(|(lane, _)| *lane == chunk.lane)
+            .map(|a| a.1);
+        if reads_ahead {
+            ahead = read_ahead(&ctx, &ledger, &chunk).await?;
+        }
+        let result = run_chunk(&ctx, &chunk, opened).await;
         ctx.set_fence(None);
         let settled = settle(&ctx, &ledger, &locks, &chunk, result, &abort).await;
         match settled {
@@ -474,9 +483,32 @@ async fn record_end(
     })
 }
 
+/// Start reading the chunk this worker will likely claim after `current` (the ledger's
+/// guess, [`Ledger::peek_next`]), on the same terms as `run` reads ahead
+/// ([`pipeline::reads_ahead`]). Reading is all it does; what it read is used only if the
+/// worker then claims that chunk and runs it from its start.
+async fn read_ahead(
+    ctx: &Ctx,
+    ledger: &Ledger,
+    current: &Chunk,
+) -> Result<Option<(String, Opened)>> {
+    let Some(next) = ledger.peek_next(current).await? else {
+        return Ok(None);
+    };
+    let e = ctx.mapping.entity(&next.entity)?;
+    if !pipeline::reads_ahead(ctx, e) {
+        return Ok(None);
+    }
+    Ok(Some((
+        next.lane,
+        pipeline::open_window(ctx, e, next.window, None),
+    )))
+}
+
 /// Run one chunk from its checkpoint (a chunk whose checkpoint is already complete was
-/// finished by a worker that died before updating the ledger).
-async fn run_chunk(ctx: &Arc<Ctx>, c: &Chunk) -> Result<Counts> {
+/// finished by a worker that died before updating the ledger). `opened`: the chunk's pages
+/// read ahead from its start, used when the checkpoint says the chunk starts from there.
+async fn run_chunk(ctx: &Arc<Ctx>, c: &Chunk, opened: Option<Opened>) -> Result<Counts> {
     let e = ctx.mapping.entity(&c.entity)?.clone();
     let cp = ctx.sink.load_checkpoint(&c.lane).await?;
     if let Some(cp) = &cp {
@@ -488,53 +520,56 @@ async fn run_chunk(ctx: &Arc<Ctx>, c: &Chunk) -> Result<Counts> {
         .filter(|cp| cp.state.open == Some(c.window))
         .and_then(|cp| cp.last);
     let outstanding = ctx.sink.has_outstanding(&e.name).await?;
-    let r = pipeline::run_window(ctx, &e, &c.lane, None, c.window, after, outstanding).await?;
+    let (lane, w) = (&c.lane, c.window);
+    let opened = opened.filter(|_| after.is_none());
+    info!(entity = %c.entity, chunk = %w, resumed = after.is_some(), read_ahead = opened.is_some(), "backfill chunk started");
+    let r = match (after, opened) {
+        (None, Some(o)) => {
+            pipeline::run_opened_window(ctx, &e, lane, None, w, o, outstanding).await?
+        }
+        (after, _) => pipeline::run_window(ctx, &e, lane, None, w, after, outstanding).await?,
+    };
     Ok(r.counts)
 }
 
 /// A progress bar on a terminal, a log line every 10 s otherwise. Progress is read from
-/// the ledger, so every worker shows the whole backfill.
-async fn show_progress(
-    sink: Sink,
-    id: String,
-    total_docs: u64,
-    start: Progress,
-    done: Arc<AtomicBool>,
-) {
+/// the ledger, so every worker shows the whole backfill. The documents to copy are the
+/// plan's count; a plan that did not count them (cut by time, or one chunk of a small
+/// collection) is counted beside the copy once the first line is due, so a short backfill
+/// never pays for a count and a long one never waits for it (a count costs about what
+/// reading the documents costs on some servers).
+async fn show_progress(ctx: Arc<Ctx>, plan: Plan, start: Progress, done: Arc<AtomicBool>) {
+    let (sink, id) = (ctx.sink.clone(), plan.id.clone());
     let terminal = std::io::stderr().is_terminal();
-    let bar = terminal.then(|| {
-        let b = crate::telemetry::progress::docs_bar(total_docs, start.docs_read);
-        crate::telemetry::progress::set_active(Some(b.clone()));
-        b
-    });
-    let started = Instant::now();
     let every = if terminal {
         Duration::from_millis(500)
     } else {
         Duration::from_secs(10)
     };
+    let mut total_docs = plan.docs;
+    let mut counting = total_docs.is_none().then(|| {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(every).await;
+            count_docs(&ctx, &plan).await
+        })
+    });
+    let bar = terminal.then(|| {
+        let b = crate::telemetry::progress::docs_bar(total_docs.unwrap_or(0), start.docs_read);
+        crate::telemetry::progress::set_active(Some(b.clone()));
+        b
+    });
+    let started = Instant::now();
     let mut last = Instant::now();
     loop {
         let finished = done.load(Ordering::SeqCst);
+        if let Some(c) = counting.take_if(|c| c.is_finished()) {
+            total_docs = c.await.ok().and_then(Result::ok);
+        }
         if finished || last.elapsed() >= every {
             last = Instant::now();
             if let Ok(p) = Ledger::progress(&sink, &id).await {
-                let docs = p.docs_read;
-                match &bar {
-                    Some(b) => {
-                        b.set_length(total_docs.max(docs));
-                        b.set_position(docs);
-                        b.set_message(format!("chunks {}/{}", p.done, p.total));
-                    }
-                    None => {
-                        let secs = started.elapsed().as_secs_f64().max(0.001);
-                        let rate = docs.saturating_sub(start.docs_read) as f64 / secs;
-                        let left = total_docs.saturating_sub(docs);
-                        let eta = (rate > 0.0).then(|| (left as f64 / rate).round() as u64);
-                        info!(backfill = %id, chunks_done = p.done, chunks_total = p.total, chunks_running = p.running,
-                              docs, docs_total = total_docs, docs_per_s = rate.round() as u64, eta_s = eta.map_or(-1, |e| e as i64), "backfill progress");
-                    }
-                }
+                show_line(bar.as_ref(), &id, &p, total_docs, start, started);
             }
         }
         if finished {
@@ -542,9 +577,43 @@ async fn show_progress(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    if let Some(c) = counting {
+        c.abort();
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
         crate::telemetry::progress::set_active(None);
+    }
+}
+
+/// One update of the progress bar, or one progress log line (`total`: documents to copy,
+/// when known).
+fn show_line(
+    bar: Option<&indicatif::ProgressBar>,
+    id: &str,
+    p: &Progress,
+    total: Option<u64>,
+    start: Progress,
+    started: Instant,
+) {
+    let docs = p.docs_read;
+    match bar {
+        Some(b) => {
+            b.set_length(total.unwrap_or(docs).max(docs));
+            b.set_position(docs);
+            b.set_message(format!("chunks {}/{}", p.done, p.total));
+        }
+        None => {
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let rate = docs.saturating_sub(start.docs_read) as f64 / secs;
+            let left = total.map(|t| t.saturating_sub(docs));
+            let eta = left
+                .filter(|_| rate > 0.0)
+                .map(|l| (l as f64 / rate).round() as i64);
+            info!(backfill = %id, chunks_done = p.done, chunks_total = p.total, chunks_running = p.running,
+                  docs, docs_total = total.map_or(-1, |t| t as i64), docs_per_s = rate.round() as u64,
+                  eta_s = eta.unwrap_or(-1), "backfill progress");
+        }
     }
 }
 

@@ -135,6 +135,28 @@ pub async fn run_window(
     drive_window(ctx, e, job, opened).await
 }
 
+/// [`run_window`] from the start of `w`, whose pages `opened` is already reading (opened
+/// ahead with [`open_window`] and no position, while the lane's previous window ran).
+pub async fn run_opened_window(
+    ctx: &Arc<Ctx>,
+    e: &Entity,
+    lane: &str,
+    watermark: Option<DateTime<Utc>>,
+    w: Window,
+    opened: Opened,
+    outstanding: bool,
+) -> Result<WindowReport> {
+    let job = WindowJob {
+        lane,
+        watermark,
+        window: w,
+        resumed: false,
+        outstanding,
+        presume_new: false,
+    };
+    drive_window(ctx, e, job, opened).await
+}
+
 /// What a batch's task gives back: its documents, its counts, the time it took.
 type Committed = (usize, Result<Counts>, std::time::Duration);
 

@@ -9,7 +9,7 @@ pub use crate::engine::batch::{
 };
 pub use crate::engine::ctx::{nightly_lane, Counts, Ctx, EntityReport, RowsWritten, WindowReport};
 use crate::engine::drive::{drive_window, WindowJob};
-pub use crate::engine::drive::{open_window, run_window, Opened};
+pub use crate::engine::drive::{open_window, run_opened_window, run_window, Opened};
 pub use crate::engine::page::{
     map_page, map_page_twins, prepare, raw_json, row_meta, source_id, MappedPage, PreSkipped,
 };
@@ -197,12 +197,18 @@ fn read_ahead(
     w: Window,
     plan: &window::Plan,
 ) -> Option<(Window, Opened)> {
-    let plain = e.dependents.is_empty() && !e.has_references();
-    if !(w.to < plan.upper && plain && ctx.sink.backend() == "postgres") {
+    if !(w.to < plan.upper && reads_ahead(ctx, e)) {
         return None;
     }
     let next = window::next(w.to, Some(w.to), ctx.settings.sync.max_window, plan.upper)?;
     Some((next, open_window(ctx, e, next, None)))
+}
+
+/// Whether a lane of `e` reads its next window ahead while writing one (see `read_ahead`):
+/// into PostgreSQL, for entities without references or dependents. `run` and backfill
+/// workers share this rule.
+pub fn reads_ahead(ctx: &Ctx, e: &Entity) -> bool {
+    e.dependents.is_empty() && !e.has_references() && ctx.sink.backend() == "postgres"
 }
 
 /// Retry documents held back by earlier runs (`on_missing = "defer"` or a pull limit): fetch

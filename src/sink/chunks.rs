@@ -182,6 +182,23 @@ impl Ledger {
         Ok(None)
     }
 
+    /// The chunk [`Ledger::claim`] would most likely give this worker after `current`: the
+    /// first pending chunk nobody ever claimed (so it has no checkpoint), other than
+    /// `current`. Only a guess for reading ahead: nothing is locked or written, and the
+    /// worker uses what it read only if it then claims this very chunk, at its start.
+    pub async fn peek_next(&self, current: &Chunk) -> Result<Option<Chunk>> {
+        let sql = "SELECT entity, from_ms, to_ms, lane FROM tidemark_backfill_chunks \
+                   WHERE backfill_id = $1 AND status = 'pending' AND attempts = 0 AND lane <> $2 \
+                   ORDER BY from_ms, entity LIMIT 1";
+        let row: Option<(String, i64, i64, String)> = with_pool!(&self.sink, p => sqlx::query_as(sql)
+            .bind(&self.id).bind(&current.lane).fetch_optional(p).await?);
+        Ok(row.map(|(entity, f, t, lane)| Chunk {
+            entity,
+            window: Window::new(from_ms(f), from_ms(t)),
+            lane,
+        }))
+    }
+
     pub async fn set_state(
         &self,
         c: &Chunk,

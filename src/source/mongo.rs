@@ -494,6 +494,19 @@ impl Source {
         .await
     }
 
+    /// The number of documents in `e`'s collection as its metadata says (no scan; an
+    /// estimate that may lag writes): an upper bound, guessed, on `e`'s documents in any
+    /// range, which lets a backfill of a small collection skip counting.
+    pub async fn estimated_count(&self, e: &Entity) -> Result<u64> {
+        let coll = self.db.collection::<RawDocumentBuf>(&e.collection);
+        let coll = &coll;
+        self.retry(&format!("{} (estimated count)", e.collection), || {
+            self.queries.fetch_add(1, Ordering::Relaxed);
+            coll.estimated_document_count().into_future()
+        })
+        .await
+    }
+
     /// Count documents of `e` in window `w` (its filter and time range, the same query
     /// document a window read sends), with the `(time, _id)` index: what backfill chunks are
     /// planned by. The `count` command, not `countDocuments`' aggregation: on SecantusDB it

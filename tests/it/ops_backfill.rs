@@ -393,3 +393,87 @@ async fn ops_backfill_sparse_years_few_chunks_sqlite() {
 async fn ops_backfill_sparse_years_few_chunks_postgres() {
     sparse_years_few_chunks(Backend::Postgres).await;
 }
+
+/// A worker reads the chunk it will claim next while it writes the current one (into
+/// PostgreSQL, as `run` reads its next window ahead). Ties of documents sharing one instant
+/// on both sides of every chunk boundary, paged in small batches, are copied exactly once:
+/// what `run` writes, each document read by exactly one chunk.
+#[tokio::test]
+async fn ops_backfill_read_ahead_copies_the_edge_ties_once_postgres() {
+    // Arrange: four days, one document a minute; at each midnight a tie of 300 documents at
+    // the chunk's first instant and one of 300 at the previous chunk's last millisecond.
+    let env = Env::new("bfahead", Backend::Postgres, &items_mapping("epoch_millis")).await;
+    let b = base().timestamp_millis();
+    let mut times: Vec<i64> = (0..4 * 1_440).map(|i| b + i * 60_000 + 1).collect();
+    for d in 1..4 {
+        times.extend(std::iter::repeat_n(b + d * DAY, 300));
+        times.extend(std::iter::repeat_n(b + d * DAY - 1, 300));
+    }
+    let n = times.len() as i64;
+    let docs: Vec<bson::Document> = times
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| bson::doc! { "_id": i as i64, "t": t, "v": format!("v{i}") })
+        .collect();
+    seed(&env, docs).await;
+    let (from, to) = (date(base()), date(base() + chrono::TimeDelta::days(4)));
+    let reference = env.second_target().await;
+    let out = tidemark(&env, &reference, &["run", "--until", &to])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Act: one chunk a day, pages of 70 documents (a tie spans five pages).
+    let url = env.target_url.clone();
+    let args = ["backfill", "--from", &from, "--to", &to, "--chunk", "1d"];
+    let out = tidemark(&env, &url, &args)
+        .env("TIDEMARK__SOURCE__BATCH_SIZE", "70")
+        .output()
+        .unwrap();
+
+    // Assert
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let started: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("backfill chunk started"))
+        .collect();
+    assert_eq!(started.len(), 4, "{err}");
+    assert_eq!(
+        started
+            .iter()
+            .filter(|l| l.contains("\"read_ahead\":true"))
+            .count(),
+        3,
+        "every chunk after the first was read ahead: {started:?}"
+    );
+    assert_eq!(scalar_i64(&url, "SELECT COUNT(*) FROM items").await, n);
+    assert_eq!(
+        env.dump(&url, "items").await,
+        env.dump(&reference, "items").await
+    );
+    assert_eq!(
+        scalar_i64(
+            &url,
+            "SELECT SUM(docs_read)::bigint FROM tidemark_backfill_chunks"
+        )
+        .await,
+        n,
+        "documents read twice or missed"
+    );
+    for d in 0..4i64 {
+        let sql = format!(
+            "SELECT docs_read FROM tidemark_backfill_chunks WHERE from_ms = {}",
+            b + d * DAY
+        );
+        let want = times
+            .iter()
+            .filter(|&&t| b + d * DAY <= t && t < b + (d + 1) * DAY)
+            .count() as i64;
+        assert_eq!(scalar_i64(&url, &sql).await, want, "chunk {d}");
+    }
+}
