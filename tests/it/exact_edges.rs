@@ -190,6 +190,31 @@ async fn misspelt_time_field_fails_the_run() {
     );
 }
 
+/// Some documents have no usable time. A first load confirms the time field from the
+/// windows it is about to read (data years after `sync.start`) and copies everything else;
+/// once the lane has a watermark, a mapping that misspells the field is still refused by
+/// the check of the whole range, and the watermark stays where it was.
+#[tokio::test]
+async fn time_field_check_with_bad_times_postgres() {
+    let env = Env::new("tfcheck", Backend::Postgres, &items_mapping("epoch_millis")).await;
+    let mut docs = items(20, ms(2024, 1, 1));
+    docs.push(doc! { "_id": 100i64, "t": "yesterday" });
+    env.insert("items", docs).await;
+    env.index("items", doc! { "t": 1, "_id": 1 }).await;
+    let r = env.run(env.settings()).await.expect("run");
+    let c = r.entities[0].counts;
+    assert_eq!((c.written, c.invalid_time), (20, 1), "{r}");
+    let wm = "SELECT COALESCE(MAX(watermark_ms), -1) FROM tidemark_checkpoints";
+    let before = scalar_i64(&env.target_url, wm).await;
+    assert!(before > ms(2024, 1, 1), "watermark {before}");
+    let misspelt =
+        items_mapping("epoch_millis").replace("time_field = \"t\"", "time_field = \"ts\"");
+    std::fs::write(&env.mapping_path, misspelt).unwrap();
+    let err = env.run(env.settings()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("misspelt"), "{err:#}");
+    assert_eq!(scalar_i64(&env.target_url, wm).await, before);
+}
+
 const CHILD_REFS: &str = r#"
 version = "cr-1"
 [entities.accounts]
