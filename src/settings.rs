@@ -513,7 +513,10 @@ mod tests {
         let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
         assert!(err.contains("target.sqlite_cache_mib = 20000"), "{err}");
         std::fs::write(&file, "[target]\nsqlite_cache_mib = 0\n").unwrap();
-        assert_eq!(Settings::load(Some(&file)).unwrap().target.sqlite_cache_mib, 0);
+        assert_eq!(
+            Settings::load(Some(&file)).unwrap().target.sqlite_cache_mib,
+            0
+        );
     }
 
     #[test]
