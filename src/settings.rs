@@ -75,6 +75,9 @@ pub struct TargetSettings {
     /// Batches of one window written at once on their own connections, committed in order
     /// (PostgreSQL; SQLite writes one at a time). See `sink::order`.
     pub batches_in_flight: u32,
+    /// Page cache of each SQLite connection a run or backfill writes with, in MiB (SQLite's
+    /// own default is 2 MB). Memory apart from tidemark's own; see `sink::sqlite_tuning`.
+    pub sqlite_cache_mib: u32,
 }
 
 impl TargetSettings {
@@ -318,6 +321,12 @@ impl Settings {
         if self.target.max_connections == 0 {
             bail!("target.max_connections must be at least 1");
         }
+        if self.target.sqlite_cache_mib > 16_384 {
+            bail!(
+                "target.sqlite_cache_mib = {} is out of range: use 0 (SQLite's own 2 MB) to 16384; the default is 64",
+                self.target.sqlite_cache_mib
+            );
+        }
         if !(1..=8).contains(&self.target.batches_in_flight) {
             bail!(
                 "target.batches_in_flight = {} is out of range: use 1 (one batch after the other) to 8; the default is 2",
@@ -493,6 +502,21 @@ mod tests {
         assert!(err.contains("shorter than a day"), "{err}");
         let err = load("[retention]\nolder = \"90d\"\n").unwrap_err();
         assert!(err.contains("older"), "{err}");
+    }
+
+    #[test]
+    fn the_sqlite_cache_is_64_mib_by_default_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        assert_eq!(Settings::load(None).unwrap().target.sqlite_cache_mib, 64);
+        std::fs::write(&file, "[target]\nsqlite_cache_mib = 20000\n").unwrap();
+        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        assert!(err.contains("target.sqlite_cache_mib = 20000"), "{err}");
+        std::fs::write(&file, "[target]\nsqlite_cache_mib = 0\n").unwrap();
+        assert_eq!(
+            Settings::load(Some(&file)).unwrap().target.sqlite_cache_mib,
+            0
+        );
     }
 
     #[test]

@@ -115,16 +115,17 @@ pub struct RunOptions {
 }
 
 /// The settings a run's target pool is opened with. On SQLite a run writes one batch at a
-/// time (`target.batches_in_flight` is 1 there), and each pooled connection keeps a page
-/// cache of its own (SQLite's default, ~2 MB): the batches' transactions rotate over the
-/// pool's idle connections and warm every one. Two connections hold the writer and, beside
-/// it, the resolve stage or the lease; more only add caches. The flat run into SQLite
-/// peaked at 55–66 MB with 4 (the default `target.max_connections`), 56–57 MB with 2
-/// (BENCHMARKS.md, twelfth round). A backfill sizes its own pool (its chunks write at once).
+/// time (`target.batches_in_flight` is 1 there) on one connection, which the resolve stage
+/// shares: a SQLite connection discards its page cache whenever another connection commits,
+/// so batches rotating over a pool of two found their `target.sqlite_cache_mib` cache cold
+/// each time (full VizHub mapping, 50,000 vizzes, 64 MiB cache: 13.1 s of system time with
+/// two connections, 10.2 s with one; BENCHMARKS.md, "SQLite that scales"). Each connection
+/// also keeps a cache of its own, so one is also the least memory. A backfill sizes its own
+/// pool (its chunks write at once).
 fn run_pool(s: &Settings) -> Settings {
     let mut pool = s.clone();
     if s.target.is_sqlite() {
-        pool.target.max_connections = s.target.max_connections.min(2);
+        pool.target.max_connections = 1;
     }
     pool
 }
@@ -391,11 +392,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_on_sqlite_pools_two_connections_at_most() {
+    fn a_run_on_sqlite_pools_one_connection() {
         let mut s = Settings::load(None).expect("defaults are valid");
         s.target.url = crate::secret::SecretUri::new("sqlite://state/x.db");
         s.target.max_connections = 4;
-        assert_eq!(run_pool(&s).target.max_connections, 2);
+        assert_eq!(run_pool(&s).target.max_connections, 1);
         s.target.max_connections = 1;
         assert_eq!(run_pool(&s).target.max_connections, 1);
         s.target.max_connections = 6;

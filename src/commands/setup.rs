@@ -22,9 +22,13 @@ pub fn fingerprint(s: &Settings) -> String {
 
 /// Connect to the target and bring the tool's tables and the mapped tables up to date.
 pub async fn open_sink(s: &Settings, mapping: &Mapping) -> Result<Sink> {
-    let sink = Sink::connect(&s.target.url, s.target.max_connections)
-        .await
-        .map_err(Failure::Unavailable)?;
+    let sink = Sink::connect_tuned(
+        &s.target.url,
+        s.target.max_connections,
+        s.target.sqlite_cache_mib,
+    )
+    .await
+    .map_err(Failure::Unavailable)?;
     sink.check_foreign_key_checks(s.target.foreign_key_checks)
         .await
         .map_err(Failure::Config)?;
@@ -67,9 +71,13 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
             .into());
         }
     }
-    let sink = Sink::connect(&s.target.url, s.target.max_connections)
-        .await
-        .map_err(Failure::Unavailable)?;
+    let sink = Sink::connect_tuned(
+        &s.target.url,
+        s.target.max_connections,
+        s.target.sqlite_cache_mib,
+    )
+    .await
+    .map_err(Failure::Unavailable)?;
     sink.check_foreign_key_checks(s.target.foreign_key_checks)
         .await
         .map_err(Failure::Config)?;

@@ -261,8 +261,20 @@ pub fn from_ms(v: i64) -> DateTime<Utc> {
 }
 
 impl Sink {
-    /// Connect (creating a SQLite file and its directory if needed).
+    /// Connect (creating a SQLite file and its directory if needed), with SQLite's own
+    /// page cache: for commands that read or write little.
     pub async fn connect(url: &SecretUri, max_connections: u32) -> Result<Self> {
+        Self::connect_tuned(url, max_connections, 0).await
+    }
+
+    /// Connect for writing batches: on SQLite each connection gets a page cache of
+    /// `sqlite_cache_mib` (`target.sqlite_cache_mib`; 0 = SQLite's own) and the settings of
+    /// [`sqlite_tuning`]. PostgreSQL ignores it.
+    pub async fn connect_tuned(
+        url: &SecretUri,
+        max_connections: u32,
+        sqlite_cache_mib: u32,
+    ) -> Result<Self> {
         let raw = url.expose();
         // What happened and what to do (authentication, refused, missing database, TLS…).
         let fail = |e: sqlx::Error| anyhow::Error::new(reach::unreachable(url, &e));
@@ -293,6 +305,7 @@ impl Sink {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)
                 .busy_timeout(std::time::Duration::from_secs(30));
+            let opts = sqlite_tuning(opts, sqlite_cache_mib);
             // Switching a new file to WAL needs an exclusive lock and SQLite answers "database
             // is locked" at once, without its busy timeout, while another process holds one
             // (two backfill workers starting together on a new target: found by the oracle
@@ -301,6 +314,10 @@ impl Sink {
             let pool = (|| async move {
                 SqlitePoolOptions::new()
                     .max_connections(max_connections)
+                    // A run writes and reads on one connection (`commands::run`): the resolve
+                    // stage waits while a batch commits, which may take longer than sqlx's
+                    // 30 s default on a loaded machine or a document of 500,000 child rows.
+                    .acquire_timeout(std::time::Duration::from_secs(600))
                     .connect_with(opts.clone())
                     .await
             })
@@ -503,6 +520,31 @@ impl Sink {
     }
 }
 
+/// How tidemark opens SQLite beyond WAL and `synchronous = NORMAL`, measured on the full
+/// VizHub mapping (BENCHMARKS.md, "SQLite that scales"). A first load inserts rows with
+/// random keys (the source's ids) into a primary key and the reference indexes of each
+/// table; once those outgrow SQLite's 2 MB page cache, every row re-reads a page per index
+/// from the OS, every batch spills dirty pages to the WAL before its commit, and the
+/// checkpoint copies each page again — the system time that made 10× the data cost 17×.
+/// - `cache_size`: `cache_mib` MiB per connection (0 keeps SQLite's 2 MB). A run writes on
+///   one connection, so the cache stays warm from batch to batch (a connection discards its
+///   cache when another one commits).
+/// - `temp_store = memory`: each multi-row upsert opens a statement journal (it may fail
+///   halfway and must undo only itself); in memory instead of a temporary file, which took
+///   12 % of the demo job's samples in `pwrite` (perf, 20,000 vizzes).
+/// - `wal_autocheckpoint = 10000` pages (40 MB of WAL, SQLite's default 1,000): a page that
+///   several batches change between two checkpoints is copied into the database once.
+pub(crate) fn sqlite_tuning(opts: SqliteConnectOptions, cache_mib: u32) -> SqliteConnectOptions {
+    let opts = opts
+        .pragma("temp_store", "memory")
+        .pragma("wal_autocheckpoint", "10000");
+    if cache_mib == 0 {
+        return opts;
+    }
+    // A negative cache_size is in KiB.
+    opts.pragma("cache_size", format!("-{}", u64::from(cache_mib) * 1024))
+}
+
 /// Table operations inside an open transaction; one impl per backend.
 pub(crate) trait TableOps {
     /// Upsert; returns rows inserted or changed (identical rows are left alone).
@@ -621,3 +663,33 @@ pub(crate) type ProvenanceRow<'a> = (
     Option<&'a str>,
     Option<&'a str>,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pragma(sink: &Sink, name: &str) -> i64 {
+        let Sink::Sqlite(p) = sink else {
+            panic!("a SQLite sink")
+        };
+        sqlx::query_scalar(&format!("PRAGMA {name}"))
+            .fetch_one(p)
+            .await
+            .expect("pragma")
+    }
+
+    #[tokio::test]
+    async fn a_tuned_sqlite_connection_has_its_cache_memory_journals_and_checkpoint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = SecretUri::new(format!("sqlite://{}/t.db", dir.path().display()));
+        let tuned = Sink::connect_tuned(&url, 1, 64).await.expect("connect");
+        assert_eq!(pragma(&tuned, "cache_size").await, -64 * 1024);
+        assert_eq!(pragma(&tuned, "temp_store").await, 2, "2 = memory");
+        assert_eq!(pragma(&tuned, "wal_autocheckpoint").await, 10_000);
+        tuned.close().await;
+        // 0 keeps SQLite's own cache (-2000 = 2,000 KiB); the light commands use that.
+        let plain = Sink::connect(&url, 1).await.expect("connect");
+        assert_eq!(pragma(&plain, "cache_size").await, -2000);
+        plain.close().await;
+    }
+}
