@@ -13,7 +13,7 @@ use crate::harness::{mongo_uri, Backend, Env};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::commands::backfill::{backfill, BackfillOptions};
@@ -21,7 +21,14 @@ use tidemark::commands::backfill::{backfill, BackfillOptions};
 const DEFAULT_CASES: u64 = 6;
 const FROM: &str = "2010-01-01T00:00:00Z";
 
-fn process(env: &Env, batch: usize, args: &[&str]) -> Command {
+/// A tidemark process of the case, its log in a file of the case's folder: a pipe nobody
+/// reads until the process ends fills up (64 KiB) and stops a chatty process mid-write.
+fn process(env: &Env, batch: usize, args: &[&str]) -> (Command, std::path::PathBuf) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let log = env.dir.path().join(format!(
+        "process-{}.log",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let mut c = Command::new(env!("CARGO_BIN_EXE_tidemark"));
     c.args(args)
         .envs(env.env_vars(&env.target_url))
@@ -33,11 +40,15 @@ fn process(env: &Env, batch: usize, args: &[&str]) -> Command {
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    c
+        .stderr(std::fs::File::create(&log).expect("process log file"));
+    (c, log)
 }
 
-async fn finish(mut child: std::process::Child, kill: Option<Duration>, seed: u64) {
+async fn finish(
+    (mut child, log): (std::process::Child, std::path::PathBuf),
+    kill: Option<Duration>,
+    seed: u64,
+) {
     if let Some(d) = kill {
         tokio::time::sleep(d).await;
         let _ = child.kill();
@@ -48,7 +59,11 @@ async fn finish(mut child: std::process::Child, kill: Option<Duration>, seed: u6
     assert!(
         kill.is_some() || st.success(),
         "seed {seed}: a tidemark process failed: {}",
-        crate::ops_util::stderr_of(&mut child)
+        {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        }
     );
 }
 
@@ -109,16 +124,15 @@ async fn one_case(seed: u64, backend: Backend) {
             }
             2 => {
                 how.push(format!("run killed after {kill:?}"));
-                let child = process(&env, batch, &["run", "--until", &to])
-                    .spawn()
-                    .unwrap();
-                finish(child, Some(kill), seed).await;
+                let (mut c, log) = process(&env, batch, &["run", "--until", &to]);
+                finish((c.spawn().unwrap(), log), Some(kill), seed).await;
             }
             _ => {
                 how.push(format!("two backfill processes, one killed after {kill:?}"));
                 let args = ["backfill", "--from", FROM, "--to", &to, "--chunk", "180d"];
-                let a = process(&env, batch, &args).spawn().unwrap();
-                let b = process(&env, batch, &args).spawn().unwrap();
+                let (mut a, a_log) = process(&env, batch, &args);
+                let (mut b, b_log) = process(&env, batch, &args);
+                let (a, b) = ((a.spawn().unwrap(), a_log), (b.spawn().unwrap(), b_log));
                 tokio::join!(finish(a, Some(kill), seed), finish(b, None, seed));
             }
         }
