@@ -467,8 +467,7 @@ def run_tidemark(ctx, name, mapping, backend, binary=None, extra_env=None):
     else:
         path = STATE / "tmp" / f"{name}.db"
         path.parent.mkdir(parents=True, exist_ok=True)
-        for p in path.parent.glob(path.name + "*"):
-            p.unlink()
+        remove_sqlite(path)
         target = f"sqlite://{path}"
     r = timed(name, [binary or BIN, "run", "--until", iso(ctx.hi)],
               dict(tm_env(ctx, target, mapping, ctx.lo), **(extra_env or {})))
@@ -490,8 +489,7 @@ def run_tidemark(ctx, name, mapping, backend, binary=None, extra_env=None):
     if backend == "pg":
         drop_db(db)
     else:
-        for p in path.parent.glob(path.name + "*"):
-            p.unlink()
+        remove_sqlite(path)
     return r
 
 
@@ -657,11 +655,19 @@ def sqlite_table_sql(upvotes):
             f"updated_at TEXT, forked_from TEXT, doc TEXT{extra}, PRIMARY KEY (id))")
 
 
+def remove_sqlite(path):
+    """A SQLite target and what lies beside it: -wal, -shm, and the `.lanes` folder of lock files."""
+    for p in path.parent.glob(path.name + "*"):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def run_sqlite_limit(ctx, name):
     path = STATE / "tmp" / f"{name}.db"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for p in path.parent.glob(path.name + "*"):
-        p.unlink()
+    remove_sqlite(path)
     cmd = [PY, BENCH / "sqlite_limit.py", "--rows-file", ctx.rows_file, "--db", path,
            "--ddl", sqlite_table_sql(ctx.upvotes), "--table", "vizzes",
            "--columns", len(ctx.copy_cols.split(", "))]
@@ -673,8 +679,7 @@ def run_sqlite_limit(ctx, name):
         r.update(ok=False, note=f"verification failed: {e}")
     if r["rc"] != 0:
         r.update(ok=False, note=f"exit {r['rc']}")
-    for p in path.parent.glob(path.name + "*"):
-        p.unlink()
+    remove_sqlite(path)
     return r
 
 

@@ -4,16 +4,17 @@
 # largest size, for docs/s against docs/s.
 #
 #   bench/sqlite_scaling.sh [--sizes 20000,50000,200000] [--bin PATH] [--seed 7] [--no-postgres]
-#                           [-- KEY=VALUE ...]   (extra environment for every tidemark run)
+#                           [--source-prefix P] [-- KEY=VALUE ...]   (extra environment for every run)
 #
 # Each size's demo data set is seeded once into the source database <BENCH_PREFIX>_scale_<N>
-# (kept; a marker file under state/bench/ remembers it) and copied by `tidemark run` into a
+# (or <P><N> with --source-prefix; kept; a marker file under state/bench/ remembers it) and copied by `tidemark run` into a
 # fresh SQLite file under state/bench/scaling/. Prints one markdown line per run: wall, user,
 # system seconds and peak RSS from GNU time, documents read, docs/s. Times are printed, never
 # asserted; the machine should be otherwise idle. Environment as bench/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=20000,50000,200000
+SRC_PREFIX=
 BIN=
 SEED=7
 PG=1
@@ -24,11 +25,13 @@ while [[ $# -gt 0 ]]; do
     --bin) BIN="$2"; shift 2 ;;
     --seed) SEED="$2"; shift 2 ;;
     --no-postgres) PG=0; shift ;;
+    --source-prefix) SRC_PREFIX="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "usage: bench/sqlite_scaling.sh [--sizes a,b,c] [--bin PATH] [--seed S] [--no-postgres] [-- K=V ...]" >&2; exit 2 ;;
   esac
 done
 PREFIX="${BENCH_PREFIX:-tm_bench}"
+SRC_PREFIX="${SRC_PREFIX:-${PREFIX}_scale_}"
 BENCH_PG="${BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
 [[ -x /usr/bin/time ]] || { echo "/usr/bin/time (GNU time) is missing: install the 'time' package" >&2; exit 1; }
 if [[ -z $BIN ]]; then
@@ -64,7 +67,7 @@ echo "| run | documents read | wall | user s | sys s | peak RSS MB | docs/s | lo
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 IFS=, read -r -a sizes <<<"$SIZES"
 for n in "${sizes[@]}"; do
-  db="${PREFIX}_scale_$n"
+  db="${SRC_PREFIX}$n"
   marker="state/bench/.seeded-$db-$SEED"
   export TIDEMARK__SOURCE__DATABASE="$db"
   if [[ ! -f $marker ]]; then
@@ -76,7 +79,7 @@ for n in "${sizes[@]}"; do
 done
 if [[ $PG == 1 ]]; then
   n="${sizes[-1]}"
-  export TIDEMARK__SOURCE__DATABASE="${PREFIX}_scale_$n"
+  export TIDEMARK__SOURCE__DATABASE="${SRC_PREFIX}$n"
   pgdb="${PREFIX}_scale_pg_$n"
   psql -q "$BENCH_PG/postgres" -c "DROP DATABASE IF EXISTS $pgdb" -c "CREATE DATABASE $pgdb"
   one "postgres-$n" "$BENCH_PG/$pgdb"
