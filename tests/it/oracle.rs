@@ -87,8 +87,15 @@ fn pick_drive(rng: &mut ChaCha8Rng) -> Drive {
     }
 }
 
-/// The binary with this case's settings (as environment variables, which win).
-fn process(env: &Env, s: &Settings, args: &[&str]) -> Command {
+/// The binary with this case's settings (as environment variables, which win), and the file
+/// its log goes to: a pipe nobody reads until the process ends fills up (64 KiB) and stops a
+/// chatty process mid-write (it hung `oracle_vizhub` once).
+fn process(env: &Env, s: &Settings, args: &[&str]) -> (Command, std::path::PathBuf) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let log = env.dir.path().join(format!(
+        "process-{}.log",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let mut c = Command::new(env!("CARGO_BIN_EXE_tidemark"));
     c.args(args)
         .envs(env.env_vars(&env.target_url))
@@ -109,12 +116,20 @@ fn process(env: &Env, s: &Settings, args: &[&str]) -> Command {
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    c
+        .stderr(std::fs::File::create(&log).expect("process log file"));
+    (c, log)
 }
 
-/// Wait for a child; kill it first after `kill`. Returns its stderr when it failed on its own.
-async fn finish(mut child: std::process::Child, kill: Option<Duration>) -> Option<String> {
+/// Start a prepared process.
+fn spawn((mut c, log): (Command, std::path::PathBuf)) -> (std::process::Child, std::path::PathBuf) {
+    (c.spawn().expect("spawn tidemark"), log)
+}
+
+/// Wait for a child; kill it first after `kill`. Returns its log when it failed on its own.
+async fn finish(
+    (mut child, log): (std::process::Child, std::path::PathBuf),
+    kill: Option<Duration>,
+) -> Option<String> {
     if let Some(d) = kill {
         tokio::time::sleep(d).await;
         let _ = child.kill();
@@ -122,7 +137,7 @@ async fn finish(mut child: std::process::Child, kill: Option<Duration>) -> Optio
     let st = crate::ops_util::wait_exit(&mut child, Duration::from_secs(120))
         .await
         .expect("a tidemark process ran for two minutes");
-    (kill.is_none() && !st.success()).then(|| crate::ops_util::stderr_of(&mut child))
+    (kill.is_none() && !st.success()).then(|| std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 async fn run_in_process(s: &Settings, until: &str, seed: u64) {
@@ -154,15 +169,15 @@ async fn drive(env: &Env, s: &Settings, how: &Drive, until: &str, seed: u64) {
         Drive::Run => run_in_process(s, until, seed).await,
         Drive::Backfill(p) => backfill_in_process(s, until, *p, seed).await,
         Drive::KilledRun(after) => {
-            let child = process(env, s, &["run", "--until", until]).spawn().unwrap();
+            let child = spawn(process(env, s, &["run", "--until", until]));
             finish(child, Some(*after)).await;
             run_in_process(s, until, seed).await;
         }
         Drive::TwoBackfills(kill) => {
             let from = iso(base() - HOUR);
             let args = ["backfill", "--from", &from, "--to", until, "--chunk", "30m"];
-            let a = process(env, s, &args).spawn().unwrap();
-            let b = process(env, s, &args).spawn().unwrap();
+            let a = spawn(process(env, s, &args));
+            let b = spawn(process(env, s, &args));
             let (ea, eb) = tokio::join!(finish(a, *kill), finish(b, None));
             if let Some(e) = ea.or(eb) {
                 panic!("seed {seed}: a backfill process failed: {e}");
