@@ -1,6 +1,6 @@
 //! Documents whose arrays map to more child rows than [`BIG_DOC_ROWS`] ([`BigDoc`]): the
 //! mapper checks every element of their arrays and keeps only their references; their child
-//! rows stay out of the page ([`crate::engine::page::MappedPage::big`]) and the writer maps
+//! rows stay out of the page (`MappedPage::big` (engine/page.rs)) and the writer maps
 //! and writes them in pieces (`sink/pieces.rs`), so that memory follows the document.
 
 use crate::mapping::{child_key_hash, Entity, MapError, Outcome, Value};
@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 /// transaction, instead of all at once (BENCHMARKS.md, "Child rows in pieces").
 pub const BIG_DOC_ROWS: usize = 10_000;
 
-/// A document whose child rows are written in pieces (see [`crate::engine::page::MappedPage::big`]). Mapping
+/// A document whose child rows are written in pieces (see `MappedPage::big` (engine/page.rs)). Mapping
 /// checked every element (a failure dead-letters the document, as for any other) and that
 /// its child keys are distinct, also from the page's other child rows (else it is mapped
 /// whole, for the page's last-version-wins de-duplication).
@@ -97,18 +97,18 @@ pub(crate) fn map_big(
 }
 
 /// Big documents one of whose child keys another row of the page also has are mapped whole
-/// into `parent_children` (indexed like `out.rows`) and taken out of `big`: the page's
+/// into `parent_children` (indexed like the page's rows; `row_docs`: each row's document) and taken out of `big`: the page's
 /// last-version-wins de-duplication then decides, as for any document.
 pub(crate) fn materialize_shared(
     e: &Entity,
     docs: &[bson::RawDocumentBuf],
     big: &mut HashMap<usize, BigDoc>,
-    out: &crate::engine::page::MappedPage,
+    row_docs: &[usize],
     parent_children: &mut [Vec<Vec<Vec<Value>>>],
 ) {
     let mut shared = Vec::new();
     for (ci, c) in e.children.iter().enumerate() {
-        for (pc, di) in parent_children.iter().zip(&out.row_docs) {
+        for (pc, di) in parent_children.iter().zip(row_docs) {
             for r in &pc[ci] {
                 let h = child_key_hash(r, &c.pk);
                 shared.extend(
@@ -129,7 +129,7 @@ pub(crate) fn materialize_shared(
         }
     }
     for di in shared {
-        let Some(at) = out.row_docs.iter().position(|d| *d == di) else {
+        let Some(at) = row_docs.iter().position(|d| *d == di) else {
             continue;
         };
         // Mapping checked every element of the document already: it maps.

@@ -414,7 +414,7 @@ impl LastWins {
         }
         if !big.is_empty() {
             big.retain(|di, _| out.row_docs.contains(di));
-            materialize_shared(e, docs, &mut big, out, &mut parent_children);
+            materialize_shared(e, docs, &mut big, &out.row_docs, &mut parent_children);
             let mut big: Vec<BigDoc> = big.into_values().collect();
             big.sort_by_key(|b| b.di);
             for b in &mut big {
