@@ -78,6 +78,9 @@ pub struct TargetSettings {
     /// Page cache of each SQLite connection a run or backfill writes with, in MiB (SQLite's
     /// own default is 2 MB). Memory apart from tidemark's own; see `sink::sqlite_tuning`.
     pub sqlite_cache_mib: u32,
+    /// SQLite: how much of the database file each connection reads through a memory map, in
+    /// MiB (0 = none, SQLite's default). See `sink::sqlite_tuning`.
+    pub sqlite_mmap_mib: u32,
 }
 
 impl TargetSettings {
@@ -327,6 +330,15 @@ impl Settings {
                 self.target.sqlite_cache_mib
             );
         }
+        // The SQLite tidemark links caps a map at 2 GiB less 64 KiB (SQLITE_MAX_MMAP_SIZE)
+        // and would shorten a larger one without a word.
+        if self.target.sqlite_mmap_mib > 2047 {
+            bail!(
+                "target.sqlite_mmap_mib = {} is out of range: use 0 (no memory map, the default) to 2047, \
+                 the largest map SQLite allows; a map larger than the database file costs nothing",
+                self.target.sqlite_mmap_mib
+            );
+        }
         if !(1..=8).contains(&self.target.batches_in_flight) {
             bail!(
                 "target.batches_in_flight = {} is out of range: use 1 (one batch after the other) to 8; the default is 2",
@@ -516,6 +528,21 @@ mod tests {
         assert_eq!(
             Settings::load(Some(&file)).unwrap().target.sqlite_cache_mib,
             0
+        );
+    }
+
+    #[test]
+    fn the_sqlite_memory_map_is_off_by_default_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        assert_eq!(Settings::load(None).unwrap().target.sqlite_mmap_mib, 0);
+        std::fs::write(&file, "[target]\nsqlite_mmap_mib = 4096\n").unwrap();
+        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        assert!(err.contains("target.sqlite_mmap_mib = 4096"), "{err}");
+        std::fs::write(&file, "[target]\nsqlite_mmap_mib = 2047\n").unwrap();
+        assert_eq!(
+            Settings::load(Some(&file)).unwrap().target.sqlite_mmap_mib,
+            2047
         );
     }
 

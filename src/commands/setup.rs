@@ -4,7 +4,7 @@
 use crate::exit::Failure;
 use crate::mapping::Mapping;
 use crate::settings::Settings;
-use crate::sink::{ddl, Sink};
+use crate::sink::{ddl, Sink, SqliteTuning};
 use anyhow::Result;
 use backon::Retryable;
 use sha2::{Digest, Sha256};
@@ -25,7 +25,7 @@ pub async fn open_sink(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     let sink = Sink::connect_tuned(
         &s.target.url,
         s.target.max_connections,
-        s.target.sqlite_cache_mib,
+        SqliteTuning::of(&s.target),
     )
     .await
     .map_err(Failure::Unavailable)?;
@@ -74,7 +74,7 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     let sink = Sink::connect_tuned(
         &s.target.url,
         s.target.max_connections,
-        s.target.sqlite_cache_mib,
+        SqliteTuning::of(&s.target),
     )
     .await
     .map_err(Failure::Unavailable)?;

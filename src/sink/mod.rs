@@ -264,16 +264,15 @@ impl Sink {
     /// Connect (creating a SQLite file and its directory if needed), with SQLite's own
     /// page cache: for commands that read or write little.
     pub async fn connect(url: &SecretUri, max_connections: u32) -> Result<Self> {
-        Self::connect_tuned(url, max_connections, 0).await
+        Self::connect_tuned(url, max_connections, SqliteTuning::default()).await
     }
 
-    /// Connect for writing batches: on SQLite each connection gets a page cache of
-    /// `sqlite_cache_mib` (`target.sqlite_cache_mib`; 0 = SQLite's own) and the settings of
-    /// [`sqlite_tuning`]. PostgreSQL ignores it.
+    /// Connect for writing batches: on SQLite each connection gets the page cache and memory
+    /// map of `tuning` and the settings of [`sqlite_tuning`]. PostgreSQL ignores it.
     pub async fn connect_tuned(
         url: &SecretUri,
         max_connections: u32,
-        sqlite_cache_mib: u32,
+        tuning: SqliteTuning,
     ) -> Result<Self> {
         let raw = url.expose();
         // What happened and what to do (authentication, refused, missing database, TLS…).
@@ -305,7 +304,7 @@ impl Sink {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .foreign_keys(true)
                 .busy_timeout(std::time::Duration::from_secs(30));
-            let opts = sqlite_tuning(opts, sqlite_cache_mib);
+            let opts = sqlite_tuning(opts, tuning);
             // Switching a new file to WAL needs an exclusive lock and SQLite answers "database
             // is locked" at once, without its busy timeout, while another process holds one
             // (two backfill workers starting together on a new target: found by the oracle
@@ -532,17 +531,52 @@ impl Sink {
 /// - `temp_store = memory`: each multi-row upsert opens a statement journal (it may fail
 ///   halfway and must undo only itself); in memory instead of a temporary file, which took
 ///   12 % of the demo job's samples in `pwrite` (perf, 20,000 vizzes).
-/// - `wal_autocheckpoint = 10000` pages (40 MB of WAL, SQLite's default 1,000): a page that
-///   several batches change between two checkpoints is copied into the database once.
-pub(crate) fn sqlite_tuning(opts: SqliteConnectOptions, cache_mib: u32) -> SqliteConnectOptions {
-    let opts = opts
+/// - `wal_autocheckpoint = 100000` pages (SQLite's default 1,000): a page that several
+///   batches change between two checkpoints is copied into the database once, and the
+///   checkpoint's `fsync` comes a hundred times less often. At 200,000 vizzes 10,000 pages
+///   (40 MB) left the checkpoint 21 % of all CPU samples; 100,000 took the run from 236 s to
+///   193 s and 180 to 156 CPU-s, and the 20,000-viz demo job from 10.2 s to 9.1 s; 1,000,000
+///   (no checkpoint until the end) was slower than both (every read searches a larger WAL
+///   index). BENCHMARKS.md, "Session 19".
+/// - `journal_size_limit` 64 MiB: a WAL of up to 100,000 pages is 400 MB on disk; after a
+///   checkpoint lets it start over, SQLite cuts the file back to this size, so a long-lived
+///   connection (the daemon) does not keep the largest WAL a first load needed.
+/// - `mmap_size`: `mmap_mib` MiB (`target.sqlite_mmap_mib`, off by default; see there).
+pub(crate) fn sqlite_tuning(opts: SqliteConnectOptions, t: SqliteTuning) -> SqliteConnectOptions {
+    let mut opts = opts
         .pragma("temp_store", "memory")
-        .pragma("wal_autocheckpoint", "10000");
-    if cache_mib == 0 {
+        .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+        .pragma("journal_size_limit", (64u64 << 20).to_string());
+    if t.mmap_mib > 0 {
+        opts = opts.pragma("mmap_size", (u64::from(t.mmap_mib) << 20).to_string());
+    }
+    if t.cache_mib == 0 {
         return opts;
     }
     // A negative cache_size is in KiB.
-    opts.pragma("cache_size", format!("-{}", u64::from(cache_mib) * 1024))
+    opts.pragma("cache_size", format!("-{}", u64::from(t.cache_mib) * 1024))
+}
+
+/// [`sqlite_tuning`]'s checkpoint interval, in WAL pages.
+pub(crate) const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
+
+/// The memory a SQLite connection that writes batches may use beside tidemark's own
+/// (`target.sqlite_cache_mib`, `target.sqlite_mmap_mib`); zero for both is SQLite's own
+/// defaults (2 MB of cache, no map), which the light commands use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SqliteTuning {
+    pub cache_mib: u32,
+    pub mmap_mib: u32,
+}
+
+impl SqliteTuning {
+    /// The tuning `target.*` asks for.
+    pub fn of(t: &crate::settings::TargetSettings) -> Self {
+        Self {
+            cache_mib: t.sqlite_cache_mib,
+            mmap_mib: t.sqlite_mmap_mib,
+        }
+    }
 }
 
 /// Table operations inside an open transaction; one impl per backend.
@@ -682,14 +716,22 @@ mod tests {
     async fn a_tuned_sqlite_connection_has_its_cache_memory_journals_and_checkpoint() {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = SecretUri::new(format!("sqlite://{}/t.db", dir.path().display()));
-        let tuned = Sink::connect_tuned(&url, 1, 64).await.expect("connect");
+        let tuning = SqliteTuning {
+            cache_mib: 64,
+            mmap_mib: 256,
+        };
+        let tuned = Sink::connect_tuned(&url, 1, tuning).await.expect("connect");
         assert_eq!(pragma(&tuned, "cache_size").await, -64 * 1024);
         assert_eq!(pragma(&tuned, "temp_store").await, 2, "2 = memory");
-        assert_eq!(pragma(&tuned, "wal_autocheckpoint").await, 10_000);
+        assert_eq!(pragma(&tuned, "wal_autocheckpoint").await, 100_000);
+        assert_eq!(pragma(&tuned, "journal_size_limit").await, 64 << 20);
+        assert_eq!(pragma(&tuned, "mmap_size").await, 256 << 20);
         tuned.close().await;
-        // 0 keeps SQLite's own cache (-2000 = 2,000 KiB); the light commands use that.
+        // Zero keeps SQLite's own cache (-2000 = 2,000 KiB) and no map; the light commands
+        // use that.
         let plain = Sink::connect(&url, 1).await.expect("connect");
         assert_eq!(pragma(&plain, "cache_size").await, -2000);
+        assert_eq!(pragma(&plain, "mmap_size").await, 0);
         plain.close().await;
     }
 }
