@@ -533,11 +533,13 @@ impl Sink {
 ///   12 % of the demo job's samples in `pwrite` (perf, 20,000 vizzes).
 /// - `wal_autocheckpoint = 100000` pages (SQLite's default 1,000): a page that several
 ///   batches change between two checkpoints is copied into the database once, and the
-///   checkpoint's `fsync` comes a hundred times less often. At 200,000 vizzes 10,000 pages
-///   (40 MB) left the checkpoint 21 % of all CPU samples; 100,000 took the run from 236 s to
-///   193 s and 180 to 156 CPU-s, and the 20,000-viz demo job from 10.2 s to 9.1 s; 1,000,000
-///   (no checkpoint until the end) was slower than both (every read searches a larger WAL
-///   index). BENCHMARKS.md, "Session 19".
+///   checkpoint's `fsync` comes ten times less often than with 10,000. At 200,000 vizzes
+///   10,000 pages (40 MB) left the checkpoint 21 % of all CPU samples; 100,000 cut the bytes
+///   written through system calls by 25 % (39.2 → 29.2 GiB) and read by 33 % at 200k, by 20 %
+///   and 61–70 % at 20k (exact counts, `/proc/PID/io`); the times, six alternating runs each
+///   on a machine whose speed varied up to 2×, moved within that noise (median wall 214 s
+///   against 236 s, CPU 172 against 180 s). 1,000,000 (no checkpoint until the end) was
+///   slower (every read searches a larger WAL index). BENCHMARKS.md, "Session 19".
 /// - `journal_size_limit` 64 MiB: a WAL of up to 100,000 pages is 400 MB on disk; after a
 ///   checkpoint lets it start over, SQLite cuts the file back to this size, so a long-lived
 ///   connection (the daemon) does not keep the largest WAL a first load needed.
