@@ -516,33 +516,44 @@ mod tests {
         assert!(err.contains("older"), "{err}");
     }
 
-    #[test]
-    fn the_sqlite_cache_is_64_mib_by_default_and_bounded() {
+    /// `target.<key>`: `default` when unset, `too_big` refused with the key named, `edge`
+    /// accepted.
+    fn check_bounded_target_key(
+        key: &str,
+        get: fn(&Settings) -> u32,
+        default: u32,
+        too_big: u32,
+        edge: u32,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s.toml");
-        assert_eq!(Settings::load(None).unwrap().target.sqlite_cache_mib, 64);
-        std::fs::write(&file, "[target]\nsqlite_cache_mib = 20000\n").unwrap();
+        assert_eq!(get(&Settings::load(None).unwrap()), default);
+        std::fs::write(&file, format!("[target]\n{key} = {too_big}\n")).unwrap();
         let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
-        assert!(err.contains("target.sqlite_cache_mib = 20000"), "{err}");
-        std::fs::write(&file, "[target]\nsqlite_cache_mib = 0\n").unwrap();
-        assert_eq!(
-            Settings::load(Some(&file)).unwrap().target.sqlite_cache_mib,
-            0
+        assert!(err.contains(&format!("target.{key} = {too_big}")), "{err}");
+        std::fs::write(&file, format!("[target]\n{key} = {edge}\n")).unwrap();
+        assert_eq!(get(&Settings::load(Some(&file)).unwrap()), edge);
+    }
+
+    #[test]
+    fn the_sqlite_cache_is_64_mib_by_default_and_bounded() {
+        check_bounded_target_key(
+            "sqlite_cache_mib",
+            |s| s.target.sqlite_cache_mib,
+            64,
+            20000,
+            0,
         );
     }
 
     #[test]
     fn the_sqlite_memory_map_is_off_by_default_and_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("s.toml");
-        assert_eq!(Settings::load(None).unwrap().target.sqlite_mmap_mib, 0);
-        std::fs::write(&file, "[target]\nsqlite_mmap_mib = 4096\n").unwrap();
-        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
-        assert!(err.contains("target.sqlite_mmap_mib = 4096"), "{err}");
-        std::fs::write(&file, "[target]\nsqlite_mmap_mib = 2047\n").unwrap();
-        assert_eq!(
-            Settings::load(Some(&file)).unwrap().target.sqlite_mmap_mib,
-            2047
+        check_bounded_target_key(
+            "sqlite_mmap_mib",
+            |s| s.target.sqlite_mmap_mib,
+            0,
+            4096,
+            2047,
         );
     }
 

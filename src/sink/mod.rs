@@ -560,7 +560,7 @@ pub(crate) fn sqlite_tuning(opts: SqliteConnectOptions, t: SqliteTuning) -> Sqli
 }
 
 /// [`sqlite_tuning`]'s checkpoint interval, in WAL pages.
-pub(crate) const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
 
 /// The memory a SQLite connection that writes batches may use beside tidemark's own
 /// (`target.sqlite_cache_mib`, `target.sqlite_mmap_mib`); zero for both is SQLite's own
