@@ -81,6 +81,9 @@ pub struct TargetSettings {
     /// SQLite: how much of the database file each connection reads through a memory map, in
     /// MiB (0 = none, SQLite's default). See `sink::sqlite_tuning`.
     pub sqlite_mmap_mib: u32,
+    /// SQLite: how long the batches of a run may share one transaction, in milliseconds
+    /// (0 = a commit per batch). See `sink::group`.
+    pub sqlite_group_commit_ms: u32,
 }
 
 impl TargetSettings {
@@ -339,6 +342,15 @@ impl Settings {
                 self.target.sqlite_mmap_mib
             );
         }
+        // Another process writing the same file waits for a group up to SQLite's busy
+        // timeout (30 s): the bound keeps a group well inside it.
+        if self.target.sqlite_group_commit_ms > 10_000 {
+            bail!(
+                "target.sqlite_group_commit_ms = {} is out of range: use 0 (a commit per batch, the default) \
+                 to 10000",
+                self.target.sqlite_group_commit_ms
+            );
+        }
         if !(1..=8).contains(&self.target.batches_in_flight) {
             bail!(
                 "target.batches_in_flight = {} is out of range: use 1 (one batch after the other) to 8; the default is 2",
@@ -554,6 +566,17 @@ mod tests {
             0,
             4096,
             2047,
+        );
+    }
+
+    #[test]
+    fn sqlite_group_commits_are_off_by_default_and_bounded() {
+        check_bounded_target_key(
+            "sqlite_group_commit_ms",
+            |s| s.target.sqlite_group_commit_ms,
+            0,
+            10_001,
+            10_000,
         );
     }
 

@@ -10,7 +10,7 @@ use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
 use crate::mapping::Mapping;
 use crate::settings::Settings;
-use crate::sink::Sink;
+use crate::sink::{GroupCommit, Sink};
 use crate::source::Source;
 use crate::telemetry::metrics;
 use crate::timearg;
@@ -130,6 +130,14 @@ fn run_pool(s: &Settings) -> Settings {
     pool
 }
 
+/// Whether the run's batches share SQLite transactions (`target.sqlite_group_commit_ms`,
+/// `sink::group`): on the one connection of a SQLite run that writes.
+fn group_commits(pool: &Settings, dry_run: bool) -> Option<GroupCommit> {
+    let ms = pool.target.sqlite_group_commit_ms;
+    (pool.target.is_sqlite() && pool.target.max_connections == 1 && ms > 0 && !dry_run)
+        .then(|| GroupCommit::new(std::time::Duration::from_millis(u64::from(ms))))
+}
+
 /// `tidemark run` from the command line: run, write the metrics textfile when asked, print
 /// the report.
 pub async fn execute(s: Settings, args: RunArgs, stop: Arc<AtomicBool>) -> Result<i32> {
@@ -243,8 +251,10 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     let log = RunLog::start(&s, &sink, kind, opts.dry_run, &mapping.version, started_at).await?;
     let run_id = log.id().to_owned();
     info!(run_id = %run_id, dry_run = opts.dry_run, target_url = %s.target.url, source_uri = %s.source.uri, "run started");
+    let group = group_commits(&pool, opts.dry_run);
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id, stop);
     ctx.dry_run = opts.dry_run;
+    ctx.group = group;
     let ctx = Arc::new(ctx);
     let mut done = catch_up_each(&ctx, &names, &opts.ids, until, lease.as_ref()).await?;
     if let Some(lease) = lease.as_ref().filter(|l| l.is_lost()) {
@@ -337,6 +347,11 @@ async fn catch_up_each(
             crate::commands::record::migrate_records(ctx, e, ids).await
         };
         ctx.set_fence(None);
+        // The entity's last batches are durable before the next entity (or the report).
+        let r = match (r, ctx.commit_group().await) {
+            (Ok(_), Err(e)) => Err(e),
+            (r, _) => r,
+        };
         match r {
             Ok(r) => {
                 if !ctx.dry_run {

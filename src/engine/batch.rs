@@ -236,6 +236,9 @@ pub async fn commit_batch(
     let big = big_parents(&mapped.big, &mapped.row_docs, docs);
     let mut dead = mapped.dead;
     dead.extend(res.dead);
+    if let Some(g) = &ctx.group {
+        ctx.sink.begin_group(g).await?;
+    }
     let out = ctx
         .sink
         .write_batch(&BatchWrite {
@@ -271,6 +274,9 @@ pub async fn commit_batch(
             fence: ctx.fence().as_deref(),
         })
         .await?;
+    if let Some(g) = &ctx.group {
+        ctx.sink.end_batch_in_group(g).await?;
+    }
     Ok(Counts {
         read,
         written: out.written,

@@ -45,6 +45,9 @@ pub struct Ctx {
     /// chunk: [`crate::sink::lease::Fence`]). A lock because the worker sets it per chunk
     /// while the lane's context is shared with its tasks; held only to copy the Arc.
     pub fence: std::sync::RwLock<Option<Arc<crate::sink::lease::Fence>>>,
+    /// The batches of this run share SQLite transactions ([`crate::sink::GroupCommit`]): set
+    /// by `tidemark run` on its one SQLite connection; None elsewhere (each batch commits).
+    pub group: Option<crate::sink::GroupCommit>,
 }
 
 impl Ctx {
@@ -69,6 +72,8 @@ impl Ctx {
             dry_run: self.dry_run,
             provenance: self.provenance,
             fence: std::sync::RwLock::new(self.fence()),
+            // Lanes at once (a backfill's chunks) write on connections of their own.
+            group: None,
         }
     }
 
@@ -121,6 +126,7 @@ impl Ctx {
             dry_run: false,
             provenance: settings.sync.provenance,
             fence: Default::default(),
+            group: None,
             settings,
         }
     }
@@ -269,4 +275,11 @@ impl EntityReport {
 /// The nightly lane of an entity.
 pub fn nightly_lane(entity: &str) -> String {
     format!("nightly:{entity}")
+}
+
+impl Ctx {
+    /// Commit this run's open group of batches, if any ([`crate::sink::GroupCommit`]).
+    pub async fn commit_group(&self) -> anyhow::Result<()> {
+        self.sink.commit_group(self.group.as_ref()).await
+    }
 }

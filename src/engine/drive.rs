@@ -545,6 +545,8 @@ async fn close_window(ctx: &Ctx, e: &Entity, job: &WindowJob<'_>) -> Result<()> 
     };
     if !ctx.dry_run {
         ctx.sink.save_checkpoint(&done).await?;
+        // A finished window is durable: its batches' group commits with its checkpoint.
+        ctx.commit_group().await?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod checkpoint;
 pub mod chunks;
 pub mod ddl;
 pub mod dead_letters;
+mod group;
 pub mod lease;
 pub mod monitor;
 pub mod order;
@@ -41,6 +42,7 @@ use sqlx::{
 };
 use std::str::FromStr;
 
+pub use group::GroupCommit;
 pub use retriable::is_retriable_error;
 
 /// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
@@ -60,8 +62,18 @@ impl BeginWrite for PgPool {
 
 impl BeginWrite for SqlitePool {
     type Db = sqlx::Sqlite;
+    /// Inside a group of batches ([`group`]) the connection already holds the write lock:
+    /// the transaction becomes a savepoint of the group (its commit a `RELEASE`, durable when
+    /// the group commits).
     async fn begin_write(&self) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.begin_with("BEGIN IMMEDIATE").await
+        use sqlx::TransactionManager;
+        let conn = self.acquire().await?;
+        let in_group =
+            <sqlx::Sqlite as sqlx::Database>::TransactionManager::get_transaction_depth(&conn) > 0;
+        // `Transaction::begin` is public but hidden from sqlx's docs; it is what
+        // `Pool::begin_with` does with a connection from the pool, and keeping the connection
+        // in hand is what makes the depth read above still true when the statement runs.
+        sqlx::Transaction::begin(conn, (!in_group).then_some("BEGIN IMMEDIATE".into())).await
     }
 }
 
@@ -317,6 +329,10 @@ impl Sink {
                     // stage waits while a batch commits, which may take longer than sqlx's
                     // 30 s default on a loaded machine or a document of 500,000 child rows.
                     .acquire_timeout(std::time::Duration::from_secs(600))
+                    // Never closed behind tidemark's back: a connection may hold a group of
+                    // batches not committed yet (`group`), which closing would undo.
+                    .idle_timeout(None)
+                    .max_lifetime(None)
                     .connect_with(opts.clone())
                     .await
             })
@@ -410,7 +426,10 @@ impl Sink {
         Ok(with_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             let rows = tx.select_rows(t, by, keys).await?;
-            tx.rollback().await?;
+            // Read only: a commit ends it as a rollback would, and inside a group of batches
+            // it releases the savepoint (a rolled-back one would stay open until the group
+            // commits, and SQLite journals every page written under it).
+            tx.commit().await?;
             rows
         }))
     }
@@ -428,7 +447,10 @@ impl Sink {
         Ok(with_pool!(self, p => {
             let mut tx = p.begin_write().await?;
             let rows = tx.scan_rows(t, order, after, range, limit).await?;
-            tx.rollback().await?;
+            // Read only: a commit ends it as a rollback would, and inside a group of batches
+            // it releases the savepoint (a rolled-back one would stay open until the group
+            // commits, and SQLite journals every page written under it).
+            tx.commit().await?;
             rows
         }))
     }
@@ -449,7 +471,8 @@ impl Sink {
         let found = with_pool!(self, p => {
             let mut tx = p.begin().await?;
             let found = tx.select_keys(probe, &[col], &keys).await?;
-            tx.rollback().await?;
+            // Read only: committed for the reason `select_rows` gives.
+            tx.commit().await?;
             found
         });
         Ok(found.into_iter().map(|k| key_text(&k)).collect())
@@ -515,6 +538,10 @@ impl Sink {
     }
 
     pub async fn close(&self) {
+        // A group of batches still open commits first: closing the connection would undo it.
+        if let Err(e) = self.commit_group(None).await {
+            tracing::error!(error = %format!("{e:#}"), "the last group of batches did not commit");
+        }
         with_pool!(self, p => p.close().await)
     }
 }

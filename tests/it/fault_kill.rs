@@ -131,7 +131,8 @@ async fn table_rows(env: &Env) -> usize {
     n
 }
 
-async fn kill_at_random_instants(backend: Backend) {
+/// `extra`: more settings for every run (as environment variables).
+async fn kill_at_random_instants(backend: Backend, extra: &[(&str, &str)]) {
     let kills = env_usize("TIDEMARK_FAULT_KILLS", 20);
     let vizzes = env_usize("TIDEMARK_FAULT_VIZZES", 2000);
     let seed = fault_seed();
@@ -168,7 +169,10 @@ async fn kill_at_random_instants(backend: Backend) {
     let mut states = std::collections::BTreeSet::new();
     for _ in 0..kills {
         let at = (startup.mul_f64(0.5) + span.mul_f64(rng.gen::<f64>())).mul_f64(scale);
-        let mut child = run_cmd(&env, &env.target_url).spawn().expect("spawn");
+        let mut child = run_cmd(&env, &env.target_url)
+            .envs(extra.iter().copied())
+            .spawn()
+            .expect("spawn");
         tokio::time::sleep(at).await;
         if child.try_wait().unwrap().is_none() {
             mid_run += 1;
@@ -181,6 +185,7 @@ async fn kill_at_random_instants(backend: Backend) {
     }
     let log = env.dir.path().join("final.log");
     let mut last = run_cmd(&env, &env.target_url)
+        .envs(extra.iter().copied())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("spawn");
@@ -234,10 +239,21 @@ async fn kill_at_random_instants(backend: Backend) {
 
 #[tokio::test]
 async fn sigkill_at_random_instants_sqlite() {
-    kill_at_random_instants(Backend::Sqlite).await;
+    kill_at_random_instants(Backend::Sqlite, &[]).await;
+}
+
+/// The same with the batches grouped into transactions of up to 300 ms (`sink::group`):
+/// a kill loses whole groups only, and the checkpoint goes back with them.
+#[tokio::test]
+async fn sigkill_at_random_instants_sqlite_grouped_batches() {
+    kill_at_random_instants(
+        Backend::Sqlite,
+        &[("TIDEMARK__TARGET__SQLITE_GROUP_COMMIT_MS", "300")],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn sigkill_at_random_instants_postgres() {
-    kill_at_random_instants(Backend::Postgres).await;
+    kill_at_random_instants(Backend::Postgres, &[]).await;
 }

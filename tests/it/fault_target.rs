@@ -223,9 +223,28 @@ async fn read_only_sqlite_target_is_a_clear_error() {
 
 #[tokio::test]
 async fn full_sqlite_target_fails_cleanly_and_rerun_completes() {
+    full_sqlite_target("fullsqlite", None).await;
+}
+
+/// The same with the batches grouped into one transaction (`target.sqlite_group_commit_ms`,
+/// as `tidemark run` does on SQLite): the full disk fails the group, SQLite may roll all of
+/// it back, and still no partial batch stays, the checkpoint goes back with the rows, and a
+/// rerun completes with the uninterrupted run's target.
+#[tokio::test]
+async fn full_sqlite_target_with_grouped_batches_fails_cleanly_and_rerun_completes() {
+    full_sqlite_target(
+        "fullgroup",
+        Some(tidemark::sink::GroupCommit::new(
+            std::time::Duration::from_secs(60),
+        )),
+    )
+    .await;
+}
+
+async fn full_sqlite_target(name: &str, group: Option<tidemark::sink::GroupCommit>) {
     // Arrange: a pre-created target whose file may not grow past a few pages beyond what
     // the tool's tables and a first batches need.
-    let (env, reference, _mongo) = arrange("fullsqlite", Backend::Sqlite).await;
+    let (env, reference, _mongo) = arrange(name, Backend::Sqlite).await;
     let mut s = env.settings();
     s.target.max_connections = 1; // max_page_count is per connection
     env.run({
@@ -258,18 +277,22 @@ async fn full_sqlite_target_fails_cleanly_and_rerun_completes() {
     }
     let mapping = tidemark::mapping::Mapping::load(&s.sync.mapping).unwrap();
     let source = tidemark::source::Source::connect(&s.source).await.unwrap();
-    let ctx = std::sync::Arc::new(tidemark::engine::pipeline::Ctx::new(
+    let mut ctx = tidemark::engine::pipeline::Ctx::new(
         s.clone(),
         mapping.clone(),
         source,
         sink,
         "run-full".into(),
         Default::default(),
-    ));
+    );
+    ctx.group = group;
+    let ctx = std::sync::Arc::new(ctx);
     let e = mapping.entity("items").unwrap();
     let err = tidemark::engine::pipeline::catch_up(&ctx, e, None)
         .await
         .expect_err("the file fills up");
+    // As `tidemark run` does after an entity: what of the group is still open commits.
+    let _ = ctx.commit_group().await;
     ctx.sink.close().await;
 
     // Assert: a clear error, whole batches only, and a rerun without the limit completes.

@@ -9,6 +9,7 @@ mod deps;
 mod encodings;
 mod exact_edges;
 mod exact_fates;
+mod exact_group;
 mod exact_ids;
 mod exact_parallel;
 mod exact_softdelete;
