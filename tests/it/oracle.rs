@@ -113,6 +113,10 @@ fn process(env: &Env, s: &Settings, args: &[&str]) -> (Command, std::path::PathB
         // Slow enough for a kill to land mid-run on a small source.
         .env("TIDEMARK__SOURCE__RATE_LIMIT", "300")
         .env("TIDEMARK__LOCK__LEASE", "1s")
+        .env(
+            "TIDEMARK__TARGET__SQLITE_GROUP_COMMIT_MS",
+            s.target.sqlite_group_commit_ms.to_string(),
+        )
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -188,6 +192,11 @@ async fn drive(env: &Env, s: &Settings, how: &Drive, until: &str, seed: u64) {
 }
 
 async fn one_case(seed: u64, backend: Backend) {
+    one_case_grouped(seed, backend, 0).await;
+}
+
+/// A case whose runs group their SQLite batches for up to `group_ms` (`sink::group`).
+async fn one_case_grouped(seed: u64, backend: Backend, group_ms: u32) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let env = Env::new("oracle", backend, MAPPING).await;
     env.index("accounts", doc! { "t": 1, "_id": 1 }).await;
@@ -201,6 +210,7 @@ async fn one_case(seed: u64, backend: Backend) {
     s.sync.start = Utc.timestamp_millis_opt(base() - HOUR).unwrap();
     s.sync.error_budget = 1_000_000;
     s.lock.lease = Duration::from_secs(1);
+    s.target.sqlite_group_commit_ms = group_ms;
     let mut how = Vec::new();
     for k in 0..steps {
         let from = base() + k as i64 * HOUR;
@@ -380,6 +390,19 @@ fn cases(offset: u64) -> Vec<u64> {
 async fn oracle_sqlite() {
     for seed in cases(0) {
         one_case(seed, Backend::Sqlite).await;
+    }
+}
+
+/// A quarter as many cases again on SQLite with the batches of each run grouped into
+/// transactions of up to 1, 20 or 200 ms (by seed: commits after each batch, every few
+/// batches, at window ends): the same model, the same kills and backfills.
+#[tokio::test]
+async fn oracle_sqlite_grouped_batches() {
+    for seed in cases(50_000)
+        .into_iter()
+        .filter(|s| s % 4 == 1 || std::env::var("TIDEMARK_ORACLE_SEED").is_ok())
+    {
+        one_case_grouped(seed, Backend::Sqlite, [1, 20, 200][(seed % 3) as usize]).await;
     }
 }
 
