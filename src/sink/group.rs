@@ -144,6 +144,10 @@ impl Sink {
         if let Some(g) = g {
             g.set_opened(None);
         }
+        // A group lives on an open connection: none open (or the pool closed), none to commit.
+        if p.is_closed() || p.size() == 0 {
+            return Ok(());
+        }
         let mut conn = p.acquire().await?;
         if Manager::get_transaction_depth(&conn) == 0 {
             return Ok(());
