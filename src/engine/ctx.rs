@@ -77,6 +77,11 @@ impl Ctx {
         }
     }
 
+    /// Commit this run's open group of batches, if any ([`crate::sink::GroupCommit`]).
+    pub async fn commit_group(&self) -> anyhow::Result<()> {
+        self.sink.commit_group(self.group.as_ref()).await
+    }
+
     /// The fence the batches of this lane check now (see [`Ctx::fence`]).
     pub fn fence(&self) -> Option<Arc<crate::sink::lease::Fence>> {
         self.fence.read().map(|f| f.clone()).unwrap_or_default()
@@ -275,11 +280,4 @@ impl EntityReport {
 /// The nightly lane of an entity.
 pub fn nightly_lane(entity: &str) -> String {
     format!("nightly:{entity}")
-}
-
-impl Ctx {
-    /// Commit this run's open group of batches, if any ([`crate::sink::GroupCommit`]).
-    pub async fn commit_group(&self) -> anyhow::Result<()> {
-        self.sink.commit_group(self.group.as_ref()).await
-    }
 }

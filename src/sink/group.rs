@@ -14,8 +14,9 @@
 //! the group stay); a group that fails to commit is rolled back whole and the error ends the
 //! run (the run stops at its first error, `commands::run`), so nothing this process believes
 //! written is built upon. While a group is open, another process writing the same file waits
-//! (SQLite's busy timeout, 30 s): a group commits when it is older than the interval after a
-//! batch, when a window ends, after each entity and before the run's report.
+//! (SQLite's busy timeout, 30 s): a group commits after the batch that finds it older than
+//! the interval or finds SQLite's cache spilled, when a window ends, after each entity and
+//! before the sink closes.
 //!
 //! SQLite only, and only on a pool of one connection (`tidemark run` and the daemon): with
 //! several connections (a backfill's chunks) each batch keeps its own transaction.
