@@ -329,7 +329,7 @@ impl Settings {
         }
         if self.target.sqlite_cache_mib > 16_384 {
             bail!(
-                "target.sqlite_cache_mib = {} is out of range: use 0 (SQLite's own 2 MB) to 16384; the default is 64",
+                "target.sqlite_cache_mib = {} is out of range: use 0 (SQLite's own 2 MB) to 16384; the default is 512",
                 self.target.sqlite_cache_mib
             );
         }
@@ -346,8 +346,8 @@ impl Settings {
         // timeout (30 s): the bound keeps a group well inside it.
         if self.target.sqlite_group_commit_ms > 10_000 {
             bail!(
-                "target.sqlite_group_commit_ms = {} is out of range: use 0 (a commit per batch, the default) \
-                 to 10000",
+                "target.sqlite_group_commit_ms = {} is out of range: use 0 (a commit per batch) to 10000; \
+                 the default is 5000",
                 self.target.sqlite_group_commit_ms
             );
         }
@@ -548,11 +548,11 @@ mod tests {
     }
 
     #[test]
-    fn the_sqlite_cache_is_64_mib_by_default_and_bounded() {
+    fn the_sqlite_cache_is_512_mib_by_default_and_bounded() {
         check_bounded_target_key(
             "sqlite_cache_mib",
             |s| s.target.sqlite_cache_mib,
-            64,
+            512,
             20000,
             0,
         );
@@ -570,11 +570,11 @@ mod tests {
     }
 
     #[test]
-    fn sqlite_group_commits_are_off_by_default_and_bounded() {
+    fn sqlite_group_commits_are_5_s_by_default_and_bounded() {
         check_bounded_target_key(
             "sqlite_group_commit_ms",
             |s| s.target.sqlite_group_commit_ms,
-            0,
+            5000,
             10_001,
             10_000,
         );

@@ -1,12 +1,14 @@
 //! Group commits on SQLite: the batches a run writes on its one connection share a
-//! transaction for up to `target.sqlite_group_commit_ms`, each batch in a savepoint of it.
+//! transaction for up to `target.sqlite_group_commit_ms` (5 s by default; 0 = a commit per
+//! batch), each batch in a savepoint of it.
 //!
 //! Why: SQLite writes every page a transaction dirtied to the WAL when it commits, and the
 //! checkpoint copies it again. Rows with random keys (the source's ids) dirty about one page
 //! per row and index once the indexes outgrow what one commit touches, so with a commit per
 //! batch the full VizHub mapping at 200,000 vizzes wrote ~30 GB for a 1.4 GB database, and
 //! 10× the data cost 16–24× the time of 20,000. Batches that commit together share their
-//! pages (BENCHMARKS.md, "Session 20").
+//! pages while the page cache holds them (BENCHMARKS.md, "Session 20", "Session 21": with
+//! the 512 MiB cache, 200,000 vizzes took 1:53 instead of 2:57).
 //!
 //! What stays true: a batch's rows and its checkpoint are in the same transaction as ever,
 //! so whatever a crash undoes, the checkpoint goes back with it and the next run reads those

@@ -9,6 +9,7 @@ pub mod ddl;
 pub mod dead_letters;
 mod group;
 pub mod lease;
+mod memory;
 pub mod monitor;
 pub mod order;
 mod pieces;
@@ -599,10 +600,22 @@ pub struct SqliteTuning {
 }
 
 impl SqliteTuning {
-    /// The tuning `target.*` asks for.
+    /// The tuning `target.*` asks for, the page cache lowered to a quarter of the memory
+    /// this process may use (`sink::memory`; logged when lowered).
     pub fn of(t: &crate::settings::TargetSettings) -> Self {
+        let limit = memory::memory_limit();
+        let cache_mib = memory::cache_within(t.sqlite_cache_mib, limit);
+        if cache_mib < t.sqlite_cache_mib {
+            tracing::info!(
+                asked_mib = t.sqlite_cache_mib,
+                cache_mib,
+                memory_limit_mib = limit.unwrap_or_default() >> 20,
+                "target.sqlite_cache_mib lowered to a quarter of the memory this process may use \
+                 (its cgroup's limit, else the machine's)"
+            );
+        }
         Self {
-            cache_mib: t.sqlite_cache_mib,
+            cache_mib,
             mmap_mib: t.sqlite_mmap_mib,
         }
     }
