@@ -275,6 +275,9 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
             warn!(error = %format!("{e:#}"), "could not release the lane leases; they expire after lock.lease");
         }
     }
+    if !opts.dry_run {
+        ctx.sink.checkpoint_wal().await;
+    }
     ctx.sink.close().await;
     result.map(|_| report)
 }

@@ -12,7 +12,11 @@ fn tidemark(env: &Env, target: &str, rate_limit: u64) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tidemark"));
     c.arg("run")
         .envs(env.env_vars(target))
-        .env("TIDEMARK__SOURCE__RATE_LIMIT", rate_limit.to_string());
+        .env("TIDEMARK__SOURCE__RATE_LIMIT", rate_limit.to_string())
+        // A commit per batch, so that kills within this ~3 s run leave partial targets
+        // behind (the default groups SQLite's batches for 5 s: a kill that early would
+        // only ever find an empty target). Kills with groups: `fault_kill`, the oracle.
+        .env("TIDEMARK__TARGET__SQLITE_GROUP_COMMIT_MS", "0");
     c.stdout(Stdio::null()).stderr(Stdio::null());
     c
 }

@@ -66,6 +66,9 @@ async fn server_killed_and_restarted(backend: Backend) {
     let mut s = env.settings();
     s.source.rate_limit = 10_000; // about 3 s for the whole run
     s.source.connect_timeout = Duration::from_secs(5);
+    // A commit per batch, so that rows show mid-run (SQLite's default 5 s groups would keep
+    // them out of sight for longer than this run lasts).
+    s.target.sqlite_group_commit_ms = 0;
 
     // Act: kill -9 the server a second into the run, bring it back a second later.
     let mut before = 0;
@@ -152,6 +155,7 @@ async fn source_down_fails_clearly_then_rerun_resumes() {
     s.source.rate_limit = 10_000;
     s.source.retry_attempts = 2;
     s.source.connect_timeout = Duration::from_secs(1);
+    s.target.sqlite_group_commit_ms = 0; // rows show mid-run, as above
 
     // Act
     let result = tokio::time::timeout(
