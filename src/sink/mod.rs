@@ -636,22 +636,29 @@ impl SqliteTuning {
     /// The tuning `target.*` asks for, the page cache lowered to a quarter of the memory
     /// this process may use (`sink::memory`; logged when lowered).
     pub fn of(t: &crate::settings::TargetSettings) -> Self {
-        let limit = memory::memory_limit();
-        let cache_mib = memory::cache_within(t.sqlite_cache_mib, limit);
-        if cache_mib < t.sqlite_cache_mib {
-            tracing::info!(
-                asked_mib = t.sqlite_cache_mib,
-                cache_mib,
-                memory_limit_mib = limit.unwrap_or_default() >> 20,
-                "target.sqlite_cache_mib lowered to a quarter of the memory this process may use \
-                 (its cgroup's limit, else the machine's)"
-            );
-        }
         Self {
-            cache_mib,
+            cache_mib: sqlite_cache_budget(t.sqlite_cache_mib),
             mmap_mib: t.sqlite_mmap_mib,
         }
     }
+}
+
+/// The SQLite page cache `asked` MiB may have: at most a quarter of the memory this process
+/// may use (`sink::memory`), logged when lowered. A backfill asks once for its whole pool,
+/// then shares the budget among the pool's connections.
+pub fn sqlite_cache_budget(asked: u32) -> u32 {
+    let limit = memory::memory_limit();
+    let cache_mib = memory::cache_within(asked, limit);
+    if cache_mib < asked {
+        tracing::info!(
+            asked_mib = asked,
+            cache_mib,
+            memory_limit_mib = limit.unwrap_or_default() >> 20,
+            "target.sqlite_cache_mib lowered to a quarter of the memory this process may use \
+             (its cgroup's limit, else the machine's)"
+        );
+    }
+    cache_mib
 }
 
 /// Table operations inside an open transaction; one impl per backend.
