@@ -19,7 +19,7 @@ const MIN_CACHE_MIB: u32 = 2;
 
 /// `cache_mib` lowered to a quarter of `limit` bytes (at least [`MIN_CACHE_MIB`]); 0 (SQLite's
 /// own default) and an unknown limit leave it as it is.
-pub(crate) fn cache_within(cache_mib: u32, limit: Option<u64>) -> u32 {
+fn cache_within(cache_mib: u32, limit: Option<u64>) -> u32 {
     let Some(limit) = limit else { return cache_mib };
     if cache_mib == 0 {
         return 0;
@@ -28,10 +28,28 @@ pub(crate) fn cache_within(cache_mib: u32, limit: Option<u64>) -> u32 {
     cache_mib.min(u32::try_from(share).unwrap_or(u32::MAX).max(MIN_CACHE_MIB))
 }
 
+/// The SQLite page cache `asked` MiB may have: at most a quarter of the memory this process
+/// may use, logged when lowered. A run asks for its one connection; a backfill asks once for
+/// its whole pool, then shares the budget among the pool's connections.
+pub fn sqlite_cache_budget(asked: u32) -> u32 {
+    let limit = memory_limit();
+    let cache_mib = cache_within(asked, limit);
+    if cache_mib < asked {
+        tracing::info!(
+            asked_mib = asked,
+            cache_mib,
+            memory_limit_mib = limit.unwrap_or_default() >> 20,
+            "target.sqlite_cache_mib lowered to a quarter of the memory this process may use \
+             (its cgroup's limit, else the machine's)"
+        );
+    }
+    cache_mib
+}
+
 /// The memory this process may use, in bytes: the smallest limit of its cgroup and the
 /// cgroups above it (v2 `memory.max`, v1 `memory.limit_in_bytes`), else the machine's
 /// (`MemTotal`); None where none can be read (not Linux).
-pub(crate) fn memory_limit() -> Option<u64> {
+fn memory_limit() -> Option<u64> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let machine = mem_total(&meminfo);

@@ -44,6 +44,7 @@ use sqlx::{
 use std::str::FromStr;
 
 pub use group::GroupCommit;
+pub use memory::sqlite_cache_budget;
 pub use retriable::is_retriable_error;
 
 /// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
@@ -538,21 +539,32 @@ impl Sink {
         Ok(false)
     }
 
+    /// Commit a group of batches still open (closing its connection would undo it); false,
+    /// with the error logged, if that commit failed.
+    async fn commit_last_group(&self) -> bool {
+        match self.commit_group(None).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the last group of batches did not commit");
+                false
+            }
+        }
+    }
+
     /// SQLite, at the end of a run: copy the whole WAL into the database file and empty it
     /// (`wal_checkpoint(TRUNCATE)`), so that the file alone holds everything the run
     /// committed. Closing the last connection should do the same, yet 16 of 27 large runs
     /// left a WAL of up to 400 MB beside the file (why was not pinned down; BENCHMARKS.md,
-    /// "Session 21"), and a copy of the file alone then missed the run's last rows. A reader or writer of another process keeps part of the WAL
-    /// (SQLite waits for it up to its busy timeout, then leaves the rest for later); nothing
-    /// is lost either way, so a failure is only logged. No-op on PostgreSQL and on a pool
-    /// with no open connection.
+    /// "Session 21"), and a copy of the file alone then missed the run's last rows. A reader
+    /// or writer of another process keeps part of the WAL (SQLite waits for it up to its busy
+    /// timeout, then leaves the rest for later); nothing is lost either way, so a failure is
+    /// only logged. No-op on PostgreSQL and on a pool with no open connection.
     pub async fn checkpoint_wal(&self) {
         let Sink::Sqlite(p) = self else { return };
         if p.is_closed() || p.size() == 0 {
             return;
         }
-        if let Err(e) = self.commit_group(None).await {
-            tracing::error!(error = %format!("{e:#}"), "the last group of batches did not commit");
+        if !self.commit_last_group().await {
             return;
         }
         match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -573,9 +585,7 @@ impl Sink {
 
     pub async fn close(&self) {
         // A group of batches still open commits first: closing the connection would undo it.
-        if let Err(e) = self.commit_group(None).await {
-            tracing::error!(error = %format!("{e:#}"), "the last group of batches did not commit");
-        }
+        self.commit_last_group().await;
         with_pool!(self, p => p.close().await)
     }
 }
@@ -634,31 +644,13 @@ pub struct SqliteTuning {
 
 impl SqliteTuning {
     /// The tuning `target.*` asks for, the page cache lowered to a quarter of the memory
-    /// this process may use (`sink::memory`; logged when lowered).
+    /// this process may use ([`sqlite_cache_budget`]; logged when lowered).
     pub fn of(t: &crate::settings::TargetSettings) -> Self {
         Self {
             cache_mib: sqlite_cache_budget(t.sqlite_cache_mib),
             mmap_mib: t.sqlite_mmap_mib,
         }
     }
-}
-
-/// The SQLite page cache `asked` MiB may have: at most a quarter of the memory this process
-/// may use (`sink::memory`), logged when lowered. A backfill asks once for its whole pool,
-/// then shares the budget among the pool's connections.
-pub fn sqlite_cache_budget(asked: u32) -> u32 {
-    let limit = memory::memory_limit();
-    let cache_mib = memory::cache_within(asked, limit);
-    if cache_mib < asked {
-        tracing::info!(
-            asked_mib = asked,
-            cache_mib,
-            memory_limit_mib = limit.unwrap_or_default() >> 20,
-            "target.sqlite_cache_mib lowered to a quarter of the memory this process may use \
-             (its cgroup's limit, else the machine's)"
-        );
-    }
-    cache_mib
 }
 
 /// Table operations inside an open transaction; one impl per backend.
