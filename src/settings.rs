@@ -69,7 +69,7 @@ pub struct TargetSettings {
     pub url: SecretUri,
     /// Pool size.
     pub max_connections: u32,
-    /// Who checks the foreign keys of the rows a run writes (PostgreSQL).
+    /// Who checks the foreign keys of the rows a run writes.
     #[serde(deserialize_with = "one_of")]
     pub foreign_key_checks: ForeignKeyChecks,
     /// Batches of one window written at once on their own connections, committed in order
@@ -97,13 +97,14 @@ impl TargetSettings {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ForeignKeyChecks {
-    /// PostgreSQL checks every row a batch inserts or updates at commit (the deferred keys).
+    /// The database checks every row a batch inserts or updates at commit (the deferred keys).
     #[default]
     Database,
-    /// A batch's inserts and updates run with `session_replication_role = replica`, so
-    /// PostgreSQL skips the per-row checks; tidemark's own resolution (every reference looked
-    /// up or pulled, the missing-reference policies) keeps them valid. Deletions still run
-    /// with the checks and their `ON DELETE` actions.
+    /// The database skips the per-row checks of a batch's inserts and updates (PostgreSQL:
+    /// `session_replication_role = replica`; SQLite: the writing connections open with
+    /// `foreign_keys = OFF`); tidemark's own resolution (every reference looked up or pulled,
+    /// the missing-reference policies) keeps them valid. Deletions keep their `ON DELETE`
+    /// actions (PostgreSQL: the checks are on around them; SQLite: tidemark runs them).
     Tidemark,
 }
 
@@ -357,12 +358,6 @@ impl Settings {
                 self.target.batches_in_flight
             );
         }
-        if self.target.foreign_key_checks == ForeignKeyChecks::Tidemark && self.target.is_sqlite() {
-            bail!(
-                "target.foreign_key_checks = \"tidemark\" is for PostgreSQL targets; target.url is \
-                 SQLite, whose checks stay on. Remove the key or set it to \"database\""
-            );
-        }
         validate_log_level(&self.log.level)?;
         self.validate_ops()?;
         Ok(())
@@ -589,17 +584,10 @@ mod tests {
     }
 
     #[test]
-    fn tidemark_checking_references_is_refused_on_sqlite() {
+    fn tidemark_may_check_references_on_either_target() {
         let mut s = Settings::load(None).expect("defaults are valid");
         s.target.foreign_key_checks = ForeignKeyChecks::Tidemark;
-        let e = s
-            .validate()
-            .expect_err("SQLite keeps its checks")
-            .to_string();
-        assert!(
-            e.contains("target.foreign_key_checks") && e.contains("SQLite"),
-            "{e}"
-        );
+        s.validate().expect("SQLite takes it");
         s.target.url = SecretUri::new("postgres://u@h/db");
         s.validate().expect("PostgreSQL takes it");
     }

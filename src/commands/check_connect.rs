@@ -219,7 +219,7 @@ async fn check_target(s: &Settings, mapping: &Mapping, checks: &mut Checks) {
         ),
         Err(e) => checks.fail("tidemark's own tables", &e),
     }
-    match ddl::plan(&sink, mapping).await {
+    match ddl::plan(&sink, mapping, s.target.foreign_key_checks).await {
         Ok(plan) if plan.apply.is_empty() && plan.manual.is_empty() => {
             checks.push(Status::Ok, "mapped tables present and up to date")
         }

@@ -15,7 +15,7 @@ pub async fn migrate(s: &Settings, print_only: bool) -> Result<String> {
     if !print_only {
         sink.migrate_tool_tables().await?;
     }
-    let plan = ddl::plan(&sink, &mapping).await?;
+    let plan = ddl::plan(&sink, &mapping, s.target.foreign_key_checks).await?;
     let mut out = String::new();
     for st in &plan.apply {
         out.push_str(st);

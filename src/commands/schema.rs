@@ -29,7 +29,7 @@ pub fn schema(s: &Settings, args: &SchemaArgs) -> Result<String> {
                 Some(SqlDialect::Sqlite) => Dialect::Sqlite,
                 None => Dialect::of_url(s.target.url.expose()),
             };
-            ddl::create_script(&mapping, d)
+            ddl::create_script(&mapping, d, s.target.foreign_key_checks)
         }
     })
 }

@@ -3,7 +3,7 @@
 
 use crate::exit::Failure;
 use crate::mapping::Mapping;
-use crate::settings::Settings;
+use crate::settings::{ForeignKeyChecks, Settings};
 use crate::sink::{ddl, Sink, SqliteTuning};
 use anyhow::Result;
 use backon::Retryable;
@@ -22,13 +22,13 @@ pub fn fingerprint(s: &Settings) -> String {
 
 /// Connect to the target and bring the tool's tables and the mapped tables up to date.
 pub async fn open_sink(s: &Settings, mapping: &Mapping) -> Result<Sink> {
-    let sink = Sink::connect_tuned(
-        &s.target.url,
-        s.target.max_connections,
-        SqliteTuning::of(&s.target),
-    )
-    .await
-    .map_err(Failure::Unavailable)?;
+    let tuning = SqliteTuning {
+        tidemark_checks_references: s.target.foreign_key_checks == ForeignKeyChecks::Tidemark,
+        ..SqliteTuning::of(&s.target)
+    };
+    let sink = Sink::connect_tuned(&s.target.url, s.target.max_connections, tuning)
+        .await
+        .map_err(Failure::Unavailable)?;
     sink.check_foreign_key_checks(s.target.foreign_key_checks)
         .await
         .map_err(Failure::Config)?;
@@ -37,8 +37,9 @@ pub async fn open_sink(s: &Settings, mapping: &Mapping) -> Result<Sink> {
     // race on CREATE TABLE IF NOT EXISTS, which PostgreSQL can fail with a duplicate
     // pg_type key; planning again sees the tables the winner created.
     let target = &sink;
+    let checks = s.target.foreign_key_checks;
     let plan = (|| async move {
-        let plan = ddl::plan(target, mapping).await?;
+        let plan = ddl::plan(target, mapping, checks).await?;
         ddl::apply(target, &plan).await?;
         Ok::<_, anyhow::Error>(plan)
     })
@@ -89,7 +90,7 @@ pub async fn open_sink_dry(s: &Settings, mapping: &Mapping) -> Result<Sink> {
         ))
         .into());
     }
-    let plan = ddl::plan(&sink, mapping).await?;
+    let plan = ddl::plan(&sink, mapping, s.target.foreign_key_checks).await?;
     if !plan.apply.is_empty() {
         sink.close().await;
         return Err(Failure::Config(anyhow::anyhow!(

@@ -5,7 +5,7 @@ use super::spec::{
     ChildSpec, ColumnSpec, DeleteAction, DeletedSpec, EntitySpec, MappingFile, MissingPolicy,
 };
 use super::value::{self, ColumnType};
-use super::{Child, Column, ColumnSource, Deleted, Entity, Mapping};
+use super::{Child, Column, ColumnSource, Deleted, Entity, Mapping, Referrer};
 use anyhow::{anyhow, bail, Context, Result};
 use bson::Document;
 use indexmap::IndexMap;
@@ -82,10 +82,51 @@ impl Mapping {
                 }
             }
         }
+        link_referrers(&mut entities);
         Ok(Mapping {
             version: format!("{}+{hash}", file.version),
             entities,
         })
+    }
+}
+
+/// Fill each entity's `referenced_by`: every table with a column that references it, where
+/// the target carries a foreign key for the reference (the referenced entity's key column is
+/// its whole primary key; the same rule as `sink::ddl::foreign_keys`).
+fn link_referrers(entities: &mut [Entity]) {
+    let mut found: Vec<(usize, Referrer)> = Vec::new();
+    for e in entities.iter() {
+        let tables = std::iter::once((&e.table, &e.columns, &e.pk, &e.children[..])).chain(
+            e.children
+                .iter()
+                .map(|c| (&c.table, &c.columns, &c.pk, &[][..])),
+        );
+        for (table, columns, pk, children) in tables {
+            for (column, c) in columns.iter().enumerate() {
+                let Some(r) = c.references.as_deref() else {
+                    continue;
+                };
+                let Some(i) = entities.iter().position(|x| x.name == r) else {
+                    continue;
+                };
+                let x = &entities[i];
+                if x.key_column.is_some_and(|kc| x.pk == [kc]) {
+                    found.push((
+                        i,
+                        Referrer {
+                            table: table.clone(),
+                            columns: columns.clone(),
+                            pk: pk.clone(),
+                            column,
+                            children: children.to_vec(),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    for (i, r) in found {
+        entities[i].referenced_by.push(r);
     }
 }
 
@@ -191,6 +232,7 @@ fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
         children,
         dependents: spec.dependents.clone(),
         windowed: spec.windowed,
+        referenced_by: Vec::new(),
         batch_size: match spec.batch_size {
             Some(n) if n == 0 || n > 50_000 => bail!(
                 "entity `{name}`: batch_size = {n} is out of range; use a value between 1 and 50000"

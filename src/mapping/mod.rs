@@ -49,6 +49,40 @@ pub struct Entity {
     pub windowed: bool,
     /// Page and batch size of this entity's windows (`batch_size`; None: `source.batch_size`).
     pub batch_size: Option<usize>,
+    /// Every mapped table (the entity's own, other entities', child tables) with a column
+    /// that references this entity through a foreign key: what deleting one of its rows
+    /// does to them (`sink::rows`).
+    pub referenced_by: Vec<Referrer>,
+}
+
+/// A table whose column references an entity through a foreign key (`ON DELETE SET NULL`).
+/// A copy of the table's shape, so the writer can reach it from the referenced entity.
+#[derive(Debug, Clone)]
+pub struct Referrer {
+    pub table: String,
+    pub columns: Vec<Column>,
+    pub pk: Vec<usize>,
+    /// The referencing column, an index into `columns`.
+    pub column: usize,
+    /// The child tables of `table` when it is an entity's.
+    pub children: Vec<Child>,
+}
+
+impl Referrer {
+    pub fn table_ref(&self) -> TableRef<'_> {
+        TableRef {
+            name: &self.table,
+            columns: &self.columns,
+            pk: &self.pk,
+        }
+    }
+
+    /// The referencing column is part of the table's primary key (`NOT NULL`): its rows
+    /// cannot lose the reference, so they go with the row they reference (a viz's content
+    /// row, keyed by the viz's id; a collaborator row keyed by viz and user).
+    pub fn in_key(&self) -> bool {
+        self.pk.contains(&self.column)
+    }
 }
 
 /// A compiled deleted-document rule.

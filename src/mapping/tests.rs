@@ -302,3 +302,43 @@ mod props {
         }
     }
 }
+
+/// Every column that references an entity through a foreign key is listed on that entity:
+/// its own (a fork), other entities' tables and child tables.
+#[test]
+fn entities_know_the_columns_that_reference_them() {
+    let m = Mapping::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/mappings/vizhub.toml"
+    )))
+    .unwrap();
+    let of = |name: &str| -> Vec<String> {
+        let mut v: Vec<String> = m
+            .entity(name)
+            .unwrap()
+            .referenced_by
+            .iter()
+            .map(|r| format!("{}.{}", r.table, r.columns[r.column].name))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        of("vizzes"),
+        [
+            "analytics_events.viz_id",
+            "commits.viz_id",
+            "viz_contents.viz_id",
+            "vizzes.forked_from"
+        ]
+    );
+    let users = of("users");
+    for want in [
+        "vizzes.owner_id",
+        "upvotes.user_id",
+        "permissions.user_id",
+        "commits.author_id",
+    ] {
+        assert!(users.contains(&want.to_owned()), "{want} in {users:?}");
+    }
+}

@@ -3,6 +3,7 @@
 
 use super::{BeginWrite, Sink};
 use crate::mapping::{ColumnType, Entity, Mapping, TableRef};
+use crate::settings::ForeignKeyChecks;
 use anyhow::Result;
 use sqlx::Row;
 
@@ -225,7 +226,7 @@ fn create_statements(
 /// (what [`plan`] plans when no mapped table exists yet), as a script: each `CREATE TABLE`
 /// preceded by a comment naming the entity and the source collection it comes from, then
 /// the foreign keys added late (PostgreSQL) and the indexes. `tidemark schema --format sql`.
-pub fn create_script(mapping: &Mapping, d: Dialect) -> String {
+pub fn create_script(mapping: &Mapping, d: Dialect, checks: ForeignKeyChecks) -> String {
     let mut out = format!(
         "-- The tables of mapping {} ({} dialect), as `tidemark migrate` creates them on an \
          empty target.\n-- tidemark's own tables (tidemark_*) come from its embedded migrations.\n",
@@ -264,7 +265,7 @@ pub fn create_script(mapping: &Mapping, d: Dialect) -> String {
             out.push_str(&format!("{st};\n"));
         }
     }
-    let indexes = fk_indexes(mapping, d == Dialect::Sqlite);
+    let indexes = fk_indexes(mapping, ref_indexes(d, checks));
     if !indexes.is_empty() {
         out.push_str("\n-- Indexes on the columns foreign keys point from.\n");
         for (_, st) in indexes {
@@ -275,7 +276,7 @@ pub fn create_script(mapping: &Mapping, d: Dialect) -> String {
 }
 
 /// Compare the mapping with the target and plan the schema changes.
-pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
+pub async fn plan(sink: &Sink, mapping: &Mapping, checks: ForeignKeyChecks) -> Result<SchemaPlan> {
     let d = Dialect::of(sink);
     let mut plan = SchemaPlan::default();
     let mut late_fks = Vec::new();
@@ -320,12 +321,23 @@ pub async fn plan(sink: &Sink, mapping: &Mapping) -> Result<SchemaPlan> {
         }
     }
     plan.apply.extend(late_fks);
-    for (name, sql) in fk_indexes(mapping, d == Dialect::Sqlite) {
+    for (name, sql) in fk_indexes(mapping, ref_indexes(d, checks)) {
         if !index_exists(sink, &name).await? {
             plan.apply.push(sql);
         }
     }
     Ok(plan)
+}
+
+/// Whether [`fk_indexes`] includes the reference columns' indexes: on SQLite while SQLite
+/// checks the foreign keys of tidemark's writes. With `target.foreign_key_checks =
+/// "tidemark"` nothing searches them during a load (the run's connection checks nothing),
+/// and without them a 200,000-viz load kept pace with PostgreSQL; what they would still
+/// serve, deletions of referenced rows (tidemark's `SET NULL`, another program's deletes),
+/// scans the referencing table instead, as on PostgreSQL by default. An index an earlier
+/// `migrate` created stays.
+fn ref_indexes(d: Dialect, checks: ForeignKeyChecks) -> bool {
+    d == Dialect::Sqlite && checks == ForeignKeyChecks::Database
 }
 
 /// An index on every column set a foreign key points from, unless the table's primary key

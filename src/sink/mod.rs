@@ -316,7 +316,7 @@ impl Sink {
                 // page per row either way and the 2 MB cache holds a quarter as many pages.
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                .foreign_keys(true)
+                .foreign_keys(!tuning.tidemark_checks_references)
                 .busy_timeout(std::time::Duration::from_secs(30));
             let opts = sqlite_tuning(opts, tuning);
             // Switching a new file to WAL needs an exclusive lock and SQLite answers "database
@@ -640,6 +640,13 @@ const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
 pub struct SqliteTuning {
     pub cache_mib: u32,
     pub mmap_mib: u32,
+    /// Open the connections with SQLite's foreign-key enforcement off
+    /// (`target.foreign_key_checks = "tidemark"`; set by the commands that write batches,
+    /// never by `rollback`, which relies on the database's `ON DELETE` actions). SQLite
+    /// cannot switch it inside a transaction, so it is the connection's for its life, and
+    /// the writer runs the `ON DELETE SET NULL` of the rows it deletes itself
+    /// ([`TableOps::runs_delete_actions`]).
+    pub tidemark_checks_references: bool,
 }
 
 impl SqliteTuning {
@@ -649,6 +656,7 @@ impl SqliteTuning {
         Self {
             cache_mib: sqlite_cache_budget(t.sqlite_cache_mib),
             mmap_mib: t.sqlite_mmap_mib,
+            tidemark_checks_references: false,
         }
     }
 }
@@ -745,6 +753,16 @@ pub(crate) trait TableOps {
     async fn fk_checks(&mut self, _on: bool) -> Result<()> {
         Ok(())
     }
+    /// Whether the database runs the foreign keys' `ON DELETE` actions on this connection.
+    /// PostgreSQL always does (its checks are turned back on around deletions); a SQLite
+    /// connection opened for `target.foreign_key_checks = "tidemark"` does not, and the
+    /// writer runs them itself ([`TableOps::set_null`]).
+    async fn runs_delete_actions(&mut self) -> Result<bool> {
+        Ok(true)
+    }
+    /// `UPDATE t SET c = NULL WHERE c IN keys`, `c` being `t`'s one key column (a column
+    /// that references deleted rows: their `ON DELETE SET NULL`).
+    async fn set_null(&mut self, t: TableRef<'_>, keys: &[Vec<Value>]) -> Result<u64>;
     /// Take this batch's advisory lock, which the batch after it waits on ([`order`];
     /// PostgreSQL only: elsewhere batches are written one after the other).
     async fn take_turn_lock(&mut self, _key: i64) -> Result<()> {
@@ -793,6 +811,7 @@ mod tests {
         let tuning = SqliteTuning {
             cache_mib: 64,
             mmap_mib: 256,
+            ..Default::default()
         };
         let tuned = Sink::connect_tuned(&url, 1, tuning).await.expect("connect");
         assert_eq!(pragma(&tuned, "cache_size").await, -64 * 1024);

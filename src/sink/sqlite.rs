@@ -305,6 +305,30 @@ impl TableOps for Transaction<'_, Sqlite> {
         Ok(n)
     }
 
+    async fn runs_delete_actions(&mut self) -> Result<bool> {
+        let on: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut **self)
+            .await?;
+        Ok(on == 1)
+    }
+
+    async fn set_null(&mut self, t: TableRef<'_>, keys: &[Vec<Value>]) -> Result<u64> {
+        let mut n = 0;
+        for chunk in keys.chunks(per_stmt(1)) {
+            let col = quote(&t.columns[t.pk[0]].name);
+            let mut q = QueryBuilder::new(format!("UPDATE {} SET {col} = NULL", quote(t.name)));
+            push_in(&mut q, t, t.pk, chunk);
+            n += q
+                .build()
+                .persistent(false)
+                .execute(&mut **self)
+                .await
+                .with_context(|| format!("setting {}.{col} to NULL", t.name))?
+                .rows_affected();
+        }
+        Ok(n)
+    }
+
     async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()> {
         for chunk in ids.chunks(per_stmt(1)) {
             let mut q = QueryBuilder::new(format!("DELETE FROM {table} WHERE entity = "));

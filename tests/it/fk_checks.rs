@@ -70,11 +70,34 @@ fn with(s: &Settings, url: &str, mode: ForeignKeyChecks) -> Settings {
     s
 }
 
+/// Rows whose foreign key points at nothing: PostgreSQL's constraints queried one by one, or
+/// SQLite's own `PRAGMA foreign_key_check` over every table.
+async fn dangling_on(url: &str) -> Vec<String> {
+    if !url.starts_with("sqlite:") {
+        return dangling(url).await;
+    }
+    use sqlx::{Connection, Row};
+    let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+    sqlx::query("PRAGMA foreign_key_check")
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} row {:?} -> {}",
+                r.get::<String, _>(0),
+                r.get::<Option<i64>, _>(1),
+                r.get::<String, _>(2)
+            )
+        })
+        .collect()
+}
+
 /// The demo data set, every entity, into two targets: the database checking each row, and
 /// tidemark. Same tables, same records, nothing dangling.
-#[tokio::test]
-async fn demo_data_lands_the_same_when_tidemark_checks_references() {
-    let env = demo_env(&mongo_uri(), "fkc_demo", Backend::Postgres, 400, 11).await;
+async fn demo_data_lands_the_same(backend: Backend) {
+    let env = demo_env(&mongo_uri(), "fkc_demo", backend, 400, 11).await;
     let second = env.second_target().await;
     let mut s = env.settings();
     s.sync.start = "2015-01-01T00:00:00Z".parse().unwrap();
@@ -97,6 +120,7 @@ async fn demo_data_lands_the_same_when_tidemark_checks_references() {
     for (a, b) in by_db.entities.iter().zip(&by_tm.entities) {
         assert_eq!(a.counts.written, b.counts.written, "{by_db}\n{by_tm}");
         assert_eq!(a.counts.pulled, b.counts.pulled, "{by_db}\n{by_tm}");
+        assert_eq!(a.counts.deleted, b.counts.deleted, "{by_db}\n{by_tm}");
     }
     assert!(
         scalar_i64(&second, "SELECT COUNT(*) FROM commits").await > 100,
@@ -106,7 +130,22 @@ async fn demo_data_lands_the_same_when_tidemark_checks_references() {
         dump_all(&env, &env.target_url).await,
         dump_all(&env, &second).await
     );
-    assert_eq!(dangling(&second).await, Vec::<String>::new());
+    assert_eq!(dangling_on(&second).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn demo_data_lands_the_same_when_tidemark_checks_references() {
+    demo_data_lands_the_same(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn demo_data_lands_the_same_when_tidemark_checks_references_sqlite() {
+    demo_data_lands_the_same(Backend::Sqlite).await;
+}
+
+/// A viz's content document: one file.
+fn content(id: &str) -> Document {
+    doc! { "id": id, "files": [{ "name": "index.js", "text": "x" }], "lastUpdatedTimestamp": T + 1 }
 }
 
 fn viz(id: &str, at: i64, fork: Option<&str>, upvoters: &[&str]) -> Document {
@@ -170,6 +209,7 @@ fn opts(until: i64) -> RunOptions {
 #[tokio::test]
 async fn deletions_keep_their_actions_when_tidemark_checks_references() {
     let env = vizzes_env("fkc_delete").await;
+    env.insert("documentContent", vec![content("p")]).await;
     let mut s = env.settings();
     s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
     s.target.foreign_key_checks = ForeignKeyChecks::Tidemark;
@@ -223,6 +263,12 @@ async fn deletions_keep_their_actions_when_tidemark_checks_references() {
         0
     );
     assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM viz_contents WHERE viz_id = 'p'").await
+            + scalar_i64(url, "SELECT COUNT(*) FROM files WHERE viz_id = 'p'").await,
+        0,
+        "p's content row (keyed by p's id, so it cannot be set to NULL) went with it"
+    );
+    assert_eq!(
         scalar_i64(url, "SELECT COUNT(*) FROM vizzes WHERE title = 'renamed'").await,
         1
     );
@@ -250,6 +296,116 @@ async fn deletions_keep_their_actions_when_tidemark_checks_references() {
         .await
         .expect("run 3");
     assert!(scalar_i64(url, "SELECT COUNT(*) FROM fired WHERE id = 'q'").await >= 1);
+}
+
+/// On SQLite the run's connection has no foreign-key enforcement at all (SQLite cannot
+/// switch it inside a transaction), so the `ON DELETE` actions of a deleted viz are
+/// tidemark's to run: its child rows go, the fork that named it and the commit that pointed
+/// at it keep their rows with the reference set to NULL, and SQLite's own
+/// `PRAGMA foreign_key_check` finds nothing dangling. Without that step the fork and the
+/// commit would still point at the deleted viz. A rollback of the run (its own connection,
+/// with the checks) restores the viz. With the database's checks the same holds (its own
+/// actions), and the content row keyed by the viz's id no longer fails the batch.
+#[tokio::test]
+async fn deletions_keep_their_actions_when_tidemark_checks_references_sqlite() {
+    deletions_on_sqlite("fkc_delete_sq", ForeignKeyChecks::Tidemark).await;
+}
+
+#[tokio::test]
+async fn deletions_keep_their_actions_with_the_database_checks_sqlite() {
+    deletions_on_sqlite("fkc_delete_sqdb", ForeignKeyChecks::Database).await;
+}
+
+async fn deletions_on_sqlite(name: &str, mode: ForeignKeyChecks) {
+    let env = vizzes_env_on(name, Backend::Sqlite).await;
+    env.insert(
+        "commits",
+        vec![doc! { "id": "c1", "vizId": "p", "authorId": "a", "timestamp": (T + 5) * 1000, "message": "m" }],
+    )
+    .await;
+    env.insert("documentContent", vec![content("p")]).await;
+    let mut s = env.settings();
+    s.sync.start = chrono::DateTime::from_timestamp(T - 3600, 0).unwrap();
+    s.sync.provenance = true;
+    s.target.foreign_key_checks = mode;
+    let until = T + 3600;
+    run(
+        s.clone(),
+        RunOptions {
+            entities: vec!["vizzes".into(), "commits".into()],
+            ..opts(until)
+        },
+        Default::default(),
+    )
+    .await
+    .expect("run 1");
+    let url = &env.target_url;
+    assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM vizzes").await, 3);
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM commits WHERE viz_id = 'p'").await,
+        1,
+        "the commit points at p"
+    );
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM files WHERE viz_id = 'p'").await,
+        1,
+        "p's content arrived"
+    );
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM upvotes WHERE viz_id = 'p'").await,
+        1
+    );
+
+    let coll = env.db.collection::<Document>("documentInfo");
+    coll.insert_one(doc! { "_type": bson::Bson::Null, "id": "p", "lastUpdatedTimestamp": T + 100 })
+        .await
+        .unwrap();
+    let r = run(s.clone(), opts(until), Default::default())
+        .await
+        .expect("run 2");
+    assert_eq!(r.entities[0].counts.deleted, 1, "{r}");
+    assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM vizzes").await, 2);
+    assert_eq!(
+        scalar_i64(
+            url,
+            "SELECT COUNT(*) FROM vizzes WHERE id = 'f' AND forked_from IS NULL"
+        )
+        .await,
+        1,
+        "the fork lost its deleted parent (ON DELETE SET NULL, run by tidemark)"
+    );
+    assert_eq!(
+        scalar_i64(
+            url,
+            "SELECT COUNT(*) FROM commits WHERE id = 'c1' AND viz_id IS NULL"
+        )
+        .await,
+        1,
+        "the commit is kept, its reference set to NULL"
+    );
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM upvotes WHERE viz_id = 'p'").await
+            + scalar_i64(url, "SELECT COUNT(*) FROM permissions WHERE viz_id = 'p'").await,
+        0,
+        "p's child rows went with it"
+    );
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM viz_contents WHERE viz_id = 'p'").await
+            + scalar_i64(url, "SELECT COUNT(*) FROM files WHERE viz_id = 'p'").await,
+        0,
+        "p's content row (keyed by p's id) and its files went with it"
+    );
+    assert_eq!(dangling_on(url).await, Vec::<String>::new());
+
+    let back = tidemark::commands::rollback::rollback(s.clone(), &r.run_id, false, false)
+        .await
+        .expect("rollback of run 2");
+    assert_eq!(back.tables["vizzes"].restored, 1, "{back:?}");
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM vizzes WHERE id = 'p'").await,
+        1
+    );
+    assert_eq!(dangling_on(url).await, Vec::<String>::new());
 }
 
 /// A role that may not set `session_replication_role` gets an error naming the key and the

@@ -112,6 +112,20 @@ async fn reference_indexes_sqlite() {
         .await
         .expect("migrate again");
     assert!(again.contains("applied 0 statement"), "{again}");
+
+    // With `target.foreign_key_checks = "tidemark"` nothing searches the reference columns
+    // during a load: a new target gets the parent links' indexes only.
+    let mut tm = s.clone();
+    tm.target.foreign_key_checks = tidemark::settings::ForeignKeyChecks::Tidemark;
+    let second = env.second_target().await;
+    tm.target.url = tidemark::secret::SecretUri::new(second.clone());
+    tidemark::commands::migrate::migrate(&tm, false)
+        .await
+        .expect("migrate with tidemark's checks");
+    let refs = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'ix\\_%\\_ref\\_%' ESCAPE '\\'";
+    assert_eq!(scalar_i64(&second, refs).await, 0);
+    assert_eq!(scalar_i64(url, refs).await, 9, "the first target has all nine");
+    assert_eq!(scalar_i64(&second, &index("ix_upvotes_parent")).await, 1);
 }
 
 /// Child tables get an index on their link to the parent unless their primary key starts

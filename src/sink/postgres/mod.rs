@@ -522,6 +522,23 @@ impl TableOps for Transaction<'_, Postgres> {
             .rows_affected())
     }
 
+    async fn set_null(&mut self, t: TableRef<'_>, keys: &[Vec<Value>]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let col = quote(&t.columns[t.pk[0]].name);
+        let sql = format!(
+            "UPDATE {} SET {col} = NULL{}",
+            quote(t.name),
+            key_filter(t, t.pk)
+        );
+        Ok(bind_keys(sqlx::query(&sql), t, t.pk, keys)
+            .execute(&mut **self)
+            .await
+            .with_context(|| format!("setting {}.{col} to NULL", t.name))?
+            .rows_affected())
+    }
+
     async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
