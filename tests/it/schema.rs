@@ -124,7 +124,11 @@ async fn reference_indexes_sqlite() {
         .expect("migrate with tidemark's checks");
     let refs = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'ix\\_%\\_ref\\_%' ESCAPE '\\'";
     assert_eq!(scalar_i64(&second, refs).await, 0);
-    assert_eq!(scalar_i64(url, refs).await, 9, "the first target has all nine");
+    assert_eq!(
+        scalar_i64(url, refs).await,
+        9,
+        "the first target has all nine"
+    );
     assert_eq!(scalar_i64(&second, &index("ix_upvotes_parent")).await, 1);
 }
 
