@@ -201,7 +201,7 @@ fn compile_entity(name: &str, spec: &EntitySpec) -> Result<Entity> {
     let deleted = spec
         .deleted
         .as_ref()
-        .map(|d| compile_deleted(d, &columns))
+        .map(|d| compile_deleted(d, &columns, &spec.time_field))
         .transpose()?;
     let skip_when = spec
         .skip_when
@@ -287,7 +287,7 @@ fn entity_columns(spec: &EntitySpec) -> Result<Vec<Column>> {
 
 /// The deleted rule: its condition and, for a soft delete, the index of its marker column
 /// among `columns` (which must be a timestamptz).
-fn compile_deleted(d: &DeletedSpec, columns: &[Column]) -> Result<Deleted> {
+fn compile_deleted(d: &DeletedSpec, columns: &[Column], time_field: &str) -> Result<Deleted> {
     let when = Expr::compile(&d.when).map_err(|e| anyhow!("deleted.when: {e}"))?;
     let column = match (d.action, &d.column) {
         (DeleteAction::SoftDelete, Some(c)) => {
@@ -300,6 +300,15 @@ fn compile_deleted(d: &DeletedSpec, columns: &[Column]) -> Result<Deleted> {
                          give it type = \"timestamptz\" or leave it out of columns (tidemark then adds it)"
                     )
                 })?;
+            // A marker filled from the time field is set on every live row too: each would
+            // read as deleted (a mistake made in session 21 on a domain written to try this).
+            if matches!(&columns[i].source, ColumnSource::Path(p) if p.join(".") == time_field) {
+                bail!(
+                    "deleted.column `{c}` is declared with path = \"{time_field}\", the time field: every live \
+                     document would fill it and look deleted. Leave `{c}` out of columns (tidemark adds it, NULL \
+                     until the rule marks the document), or give it the source's own deletion-time field"
+                );
+            }
             Some(i)
         }
         (DeleteAction::SoftDelete, None) => {

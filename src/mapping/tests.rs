@@ -342,3 +342,37 @@ fn entities_know_the_columns_that_reference_them() {
         assert!(users.contains(&want.to_owned()), "{want} in {users:?}");
     }
 }
+
+/// A soft-delete marker declared with the time field as its path would be filled on every
+/// live row (each would read as deleted): refused, naming the column, the field and the fix.
+/// The same marker from the source's own deletion-time field compiles.
+#[test]
+fn a_soft_delete_marker_read_from_the_time_field_is_refused() {
+    let mapping = |path: &str| {
+        format!(
+            r#"
+version = "t"
+[entities.books]
+collection = "books"
+id_field = "_id"
+time_field = "ts"
+time_encoding = "date"
+table = "books"
+primary_key = ["id"]
+[entities.books.deleted]
+when = 'has(doc.gone)'
+action = "soft_delete"
+column = "deleted_at"
+[entities.books.columns]
+id = {{ path = "_id", type = "text", required = true }}
+deleted_at = {{ path = "{path}", type = "timestamptz", from = "date" }}
+"#
+        )
+    };
+    let err = Mapping::parse(&mapping("ts"), "t").unwrap_err().to_string();
+    assert!(
+        err.contains("deleted_at") && err.contains("\"ts\"") && err.contains("look deleted"),
+        "{err}"
+    );
+    Mapping::parse(&mapping("removedAt"), "t").expect("a marker of its own compiles");
+}
