@@ -200,6 +200,35 @@ fn opts(until: i64) -> RunOptions {
     }
 }
 
+/// Viz p was deleted by the run `r`: the fork lost its reference (`ON DELETE SET NULL`, by
+/// the database or by tidemark), p's child rows went with it, and so did its content row,
+/// keyed by p's id (which cannot be set to NULL).
+async fn p_went_with_its_actions(url: &str, r: &tidemark::commands::run::RunReport) {
+    assert_eq!(r.entities[0].counts.deleted, 1, "{r}");
+    assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM vizzes").await, 2);
+    assert_eq!(
+        scalar_i64(
+            url,
+            "SELECT COUNT(*) FROM vizzes WHERE id = 'f' AND forked_from IS NULL"
+        )
+        .await,
+        1,
+        "the fork lost its deleted parent (ON DELETE SET NULL ran)"
+    );
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM upvotes WHERE viz_id = 'p'").await
+            + scalar_i64(url, "SELECT COUNT(*) FROM permissions WHERE viz_id = 'p'").await,
+        0,
+        "p's child rows went with it"
+    );
+    assert_eq!(
+        scalar_i64(url, "SELECT COUNT(*) FROM viz_contents WHERE viz_id = 'p'").await
+            + scalar_i64(url, "SELECT COUNT(*) FROM files WHERE viz_id = 'p'").await,
+        0,
+        "p's content row (keyed by p's id, so it cannot be set to NULL) went with it"
+    );
+}
+
 /// A deleted viz takes its child rows with it and its forks lose the reference
 /// (`ON DELETE SET NULL`), as with the database's checks: deletions run with them on. The
 /// batch's updates run without them, which an ordinary trigger on the table shows (it does
@@ -246,28 +275,7 @@ async fn deletions_keep_their_actions_when_tidemark_checks_references() {
     let r = run(s.clone(), opts(T + 3600), Default::default())
         .await
         .expect("run 2");
-    assert_eq!(r.entities[0].counts.deleted, 1, "{r}");
-    assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM vizzes").await, 2);
-    assert_eq!(
-        scalar_i64(
-            url,
-            "SELECT COUNT(*) FROM vizzes WHERE id = 'f' AND forked_from IS NULL"
-        )
-        .await,
-        1,
-        "the fork lost its deleted parent (ON DELETE SET NULL ran)"
-    );
-    assert_eq!(
-        scalar_i64(url, "SELECT COUNT(*) FROM upvotes WHERE viz_id = 'p'").await
-            + scalar_i64(url, "SELECT COUNT(*) FROM permissions WHERE viz_id = 'p'").await,
-        0
-    );
-    assert_eq!(
-        scalar_i64(url, "SELECT COUNT(*) FROM viz_contents WHERE viz_id = 'p'").await
-            + scalar_i64(url, "SELECT COUNT(*) FROM files WHERE viz_id = 'p'").await,
-        0,
-        "p's content row (keyed by p's id, so it cannot be set to NULL) went with it"
-    );
+    p_went_with_its_actions(url, &r).await;
     assert_eq!(
         scalar_i64(url, "SELECT COUNT(*) FROM vizzes WHERE title = 'renamed'").await,
         1
@@ -363,17 +371,7 @@ async fn deletions_on_sqlite(name: &str, mode: ForeignKeyChecks) {
     let r = run(s.clone(), opts(until), Default::default())
         .await
         .expect("run 2");
-    assert_eq!(r.entities[0].counts.deleted, 1, "{r}");
-    assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM vizzes").await, 2);
-    assert_eq!(
-        scalar_i64(
-            url,
-            "SELECT COUNT(*) FROM vizzes WHERE id = 'f' AND forked_from IS NULL"
-        )
-        .await,
-        1,
-        "the fork lost its deleted parent (ON DELETE SET NULL, run by tidemark)"
-    );
+    p_went_with_its_actions(url, &r).await;
     assert_eq!(
         scalar_i64(
             url,
@@ -382,18 +380,6 @@ async fn deletions_on_sqlite(name: &str, mode: ForeignKeyChecks) {
         .await,
         1,
         "the commit is kept, its reference set to NULL"
-    );
-    assert_eq!(
-        scalar_i64(url, "SELECT COUNT(*) FROM upvotes WHERE viz_id = 'p'").await
-            + scalar_i64(url, "SELECT COUNT(*) FROM permissions WHERE viz_id = 'p'").await,
-        0,
-        "p's child rows went with it"
-    );
-    assert_eq!(
-        scalar_i64(url, "SELECT COUNT(*) FROM viz_contents WHERE viz_id = 'p'").await
-            + scalar_i64(url, "SELECT COUNT(*) FROM files WHERE viz_id = 'p'").await,
-        0,
-        "p's content row (keyed by p's id) and its files went with it"
     );
     assert_eq!(dangling_on(url).await, Vec::<String>::new());
 
