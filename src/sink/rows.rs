@@ -91,12 +91,7 @@ async fn delete_rows<T: TableOps>(
             .collect();
         if let Some(pos) = links {
             let keys: Vec<Vec<Value>> = deletes.iter().map(|k| key_of(k, &pos)).collect();
-            let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
-            if trk.on {
-                let old = tx.select_rows(c.table_ref(), &by, &keys).await?;
-                trk.deletes(c.table_ref(), &old);
-            }
-            out.child_removed += tx.delete_keys(c.table_ref(), &by, &keys).await?;
+            out.child_removed += delete_children(tx, c, &keys, trk).await?;
         }
     }
     if trk.on {
@@ -150,13 +145,8 @@ async fn delete_referrers<T: TableOps>(
     }
     for c in &r.children {
         let parent_cols: Vec<usize> = c.parent_links.iter().map(|(_, p)| *p).collect();
-        let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
         let keys: Vec<Vec<Value>> = rows.iter().map(|row| key_of(row, &parent_cols)).collect();
-        if trk.on {
-            let old = tx.select_rows(c.table_ref(), &by, &keys).await?;
-            trk.deletes(c.table_ref(), &old);
-        }
-        out.child_removed += tx.delete_keys(c.table_ref(), &by, &keys).await?;
+        out.child_removed += delete_children(tx, c, &keys, trk).await?;
     }
     if trk.on {
         trk.deletes(t, &rows);
@@ -164,6 +154,22 @@ async fn delete_referrers<T: TableOps>(
     let keys: Vec<Vec<Value>> = rows.iter().map(|row| key_of(row, &r.pk)).collect();
     out.child_removed += tx.delete_keys(t, &r.pk, &keys).await?;
     Ok(())
+}
+
+/// The rows of child table `c` whose link to their parent is one of `parent_keys` (values of
+/// the parent columns the links name, in link order), recorded for provenance first.
+async fn delete_children<T: TableOps>(
+    tx: &mut T,
+    c: &Child,
+    parent_keys: &[Vec<Value>],
+    trk: &mut Tracker,
+) -> Result<u64> {
+    let by: Vec<usize> = c.parent_links.iter().map(|(ci, _)| *ci).collect();
+    if trk.on {
+        let old = tx.select_rows(c.table_ref(), &by, parent_keys).await?;
+        trk.deletes(c.table_ref(), &old);
+    }
+    tx.delete_keys(c.table_ref(), &by, parent_keys).await
 }
 
 /// Mark the rows `soft_deletes` names as deleted (column `col`).

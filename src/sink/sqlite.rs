@@ -77,6 +77,29 @@ fn push_in(q: &mut QueryBuilder<'_, Sqlite>, t: TableRef<'_>, cols: &[usize], ke
     q.push(")");
 }
 
+/// `head` (a DELETE or UPDATE of `t`) restricted to the rows whose `by` columns match one of
+/// `keys`, as many statements as SQLite's parameter limit needs; the rows affected.
+async fn keyed(
+    tx: &mut Transaction<'_, Sqlite>,
+    head: &str,
+    t: TableRef<'_>,
+    by: &[usize],
+    keys: &[Vec<Value>],
+) -> Result<u64> {
+    let mut n = 0;
+    for chunk in keys.chunks(per_stmt(by.len())) {
+        let mut q = QueryBuilder::new(head);
+        push_in(&mut q, t, by, chunk);
+        n += q
+            .build()
+            .persistent(false)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+    }
+    Ok(n)
+}
+
 fn decode(row: &sqlx::sqlite::SqliteRow, i: usize, ty: ColumnType) -> Result<Value> {
     Ok(match ty {
         ColumnType::Integer => row
@@ -290,19 +313,10 @@ impl TableOps for Transaction<'_, Sqlite> {
         by: &[usize],
         keys: &[Vec<Value>],
     ) -> Result<u64> {
-        let mut n = 0;
-        for chunk in keys.chunks(per_stmt(by.len())) {
-            let mut q = QueryBuilder::new(format!("DELETE FROM {}", quote(t.name)));
-            push_in(&mut q, t, by, chunk);
-            n += q
-                .build()
-                .persistent(false)
-                .execute(&mut **self)
-                .await
-                .with_context(|| format!("deleting from {}", t.name))?
-                .rows_affected();
-        }
-        Ok(n)
+        let head = format!("DELETE FROM {}", quote(t.name));
+        keyed(self, &head, t, by, keys)
+            .await
+            .with_context(|| format!("deleting from {}", t.name))
     }
 
     async fn runs_delete_actions(&mut self) -> Result<bool> {
@@ -313,20 +327,11 @@ impl TableOps for Transaction<'_, Sqlite> {
     }
 
     async fn set_null(&mut self, t: TableRef<'_>, keys: &[Vec<Value>]) -> Result<u64> {
-        let mut n = 0;
-        for chunk in keys.chunks(per_stmt(1)) {
-            let col = quote(&t.columns[t.pk[0]].name);
-            let mut q = QueryBuilder::new(format!("UPDATE {} SET {col} = NULL", quote(t.name)));
-            push_in(&mut q, t, t.pk, chunk);
-            n += q
-                .build()
-                .persistent(false)
-                .execute(&mut **self)
-                .await
-                .with_context(|| format!("setting {}.{col} to NULL", t.name))?
-                .rows_affected();
-        }
-        Ok(n)
+        let col = quote(&t.columns[t.pk[0]].name);
+        let head = format!("UPDATE {} SET {col} = NULL", quote(t.name));
+        keyed(self, &head, t, t.pk, keys)
+            .await
+            .with_context(|| format!("setting {}.{col} to NULL", t.name))
     }
 
     async fn delete_source_ids(&mut self, table: &str, entity: &str, ids: &[String]) -> Result<()> {
