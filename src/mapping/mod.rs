@@ -467,9 +467,10 @@ impl Entity {
     /// them fails or is null). For a document that maps to a row, it is that row's key: the
     /// same columns read the same input.
     pub fn key_of(&self, doc: &RawDocument) -> Option<Vec<Value>> {
-        let top: Option<Vec<(&str, RawBsonRef<'_>)>> =
-            doc.into_iter().collect::<Result<_, _>>().ok();
-        self.key_from(&Input::document(doc, top.as_deref()))
+        // The key's columns look their fields up one by one (the first match, as with the
+        // fields read once): decoding every field of the document for one or two key
+        // columns was ~5 % of a flat first load's CPU (BENCHMARKS.md, "Session 23").
+        self.key_from(&Input::document(doc, None))
     }
 
     fn key_from(&self, input: &Input<'_>) -> Option<Vec<Value>> {

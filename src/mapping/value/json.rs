@@ -151,22 +151,42 @@ fn write_dual(
             }
             text.push(b'{');
             let base = sorted.len();
-            let mut members = Vec::new();
+            // Per member: its key, where its escaped key lies in `text`, and where its value
+            // lies in `sorted` (relative to `base`). Keys are escaped once, into `text`, and
+            // copied from there; a level whose keys already come in order is written to
+            // `sorted` in place, without the round trip through `scratch`.
+            let mut members: Vec<(std::borrow::Cow<'_, str>, (usize, usize), (usize, usize))> =
+                Vec::new();
+            let mut in_order = true;
+            sorted.push(b'{');
             for (n, el) in d.into_iter().enumerate() {
                 let (k, v) = el.map_err(undecodable)?;
                 let k = sanitized(k);
                 if n > 0 {
                     text.push(b',');
+                    sorted.push(b',');
                 }
+                let key_start = text.len();
                 write_str(&k, text);
+                let key = (key_start, text.len());
+                sorted.extend_from_slice(&text[key.0..key.1]);
                 text.push(b':');
+                sorted.push(b':');
                 let start = sorted.len();
                 if !write_dual(v, levels_left - 1, text, sorted, scratch)? {
                     return Ok(false);
                 }
-                members.push((k, start - base, sorted.len() - base));
+                if let Some(last) = members.last() {
+                    in_order &= last.0 < k;
+                }
+                members.push((k, key, (start - base, sorted.len() - base)));
             }
             text.push(b'}');
+            sorted.push(b'}');
+            if in_order {
+                // Strictly increasing keys: sorted already, and no key repeats.
+                return Ok(true);
+            }
             members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             if members.windows(2).any(|w| w[0].0 == w[1].0) {
                 return Ok(false);
@@ -175,11 +195,11 @@ fn write_dual(
             scratch.extend_from_slice(&sorted[base..]);
             sorted.truncate(base);
             sorted.push(b'{');
-            for (n, (k, start, end)) in members.iter().enumerate() {
+            for (n, (_, key, (start, end))) in members.iter().enumerate() {
                 if n > 0 {
                     sorted.push(b',');
                 }
-                write_str(k, sorted);
+                sorted.extend_from_slice(&text[key.0..key.1]);
                 sorted.push(b':');
                 sorted.extend_from_slice(&scratch[*start..*end]);
             }
@@ -334,6 +354,26 @@ mod tests {
             "upvotes": [{ "userId": "u1", "timestamp": 1_600_000_000i64 }, { "timestamp": 3, "userId": "u2" }],
         };
         assert_text_matches_tree(&bson::RawDocumentBuf::from_document(&d).unwrap());
+        // Levels whose keys already come in order (written in place) around ones that do not.
+        let ordered = bson::doc! {
+            "a": 1, "b": { "d": 1, "c": { "e": 2, "f": [{ "y": 1, "x": 2 }] } }, "c": [{ "x": 1 }, {}], "é": "z",
+        };
+        assert_text_matches_tree(&bson::RawDocumentBuf::from_document(&ordered).unwrap());
+        for keys in [["a", "a"], ["a", "b"], ["b", "a"]] {
+            let mut inner = bson::RawDocumentBuf::new();
+            inner.append(keys[0], 1);
+            inner.append(keys[1], 2);
+            let mut outer = bson::RawDocumentBuf::new();
+            outer.append("a", 0);
+            outer.append("in", inner);
+            let repeats = keys[0] == keys[1];
+            assert_eq!(
+                matches!(raw_to_json_text(RawBsonRef::Document(&outer)).unwrap(), Value::Json(_)),
+                repeats,
+                "{keys:?}: a repeated key, even in order, takes the tree's path"
+            );
+            assert_text_matches_tree(&outer);
+        }
         // Raw BSON may repeat a key (BSON keys cannot hold NUL, so sanitizing never merges two).
         let mut repeated = bson::RawDocumentBuf::new();
         repeated.append("k", 1);
