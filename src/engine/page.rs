@@ -518,7 +518,11 @@ mod tests {
         ];
         for id in ids {
             let raw = RawDocumentBuf::from_document(&doc! { "_id": id.clone(), "x": 1 }).unwrap();
-            assert_eq!(source_id(&raw), id.clone().into_relaxed_extjson().to_string(), "{id:?}");
+            assert_eq!(
+                source_id(&raw),
+                id.clone().into_relaxed_extjson().to_string(),
+                "{id:?}"
+            );
         }
         let none = RawDocumentBuf::from_document(&doc! { "x": 1 }).unwrap();
         assert_eq!(source_id(&none), "<missing _id>");

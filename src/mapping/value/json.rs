@@ -132,6 +132,10 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(out, s).expect("JSON into memory");
 }
 
+/// One member of a document being written by [`write_dual`]: its key, the range of its
+/// escaped key in `text`, the range of its value in `sorted` (from the document's start).
+type Member<'a> = (std::borrow::Cow<'a, str>, (usize, usize), (usize, usize));
+
 /// Writes `v` as compact JSON twice in one walk: to `text` in source order and to `sorted`
 /// with keys sorted. A document's members are first rendered to `sorted` in source order,
 /// then moved into key order through `scratch` (members are finished, so one scratch
@@ -155,8 +159,7 @@ fn write_dual(
             // lies in `sorted` (relative to `base`). Keys are escaped once, into `text`, and
             // copied from there; a level whose keys already come in order is written to
             // `sorted` in place, without the round trip through `scratch`.
-            let mut members: Vec<(std::borrow::Cow<'_, str>, (usize, usize), (usize, usize))> =
-                Vec::new();
+            let mut members: Vec<Member<'_>> = Vec::new();
             let mut in_order = true;
             sorted.push(b'{');
             for (n, el) in d.into_iter().enumerate() {
@@ -368,7 +371,10 @@ mod tests {
             outer.append("in", inner);
             let repeats = keys[0] == keys[1];
             assert_eq!(
-                matches!(raw_to_json_text(RawBsonRef::Document(&outer)).unwrap(), Value::Json(_)),
+                matches!(
+                    raw_to_json_text(RawBsonRef::Document(&outer)).unwrap(),
+                    Value::Json(_)
+                ),
                 repeats,
                 "{keys:?}: a repeated key, even in order, takes the tree's path"
             );
