@@ -134,7 +134,7 @@ async fn reference_indexes_sqlite() {
 
 /// Child tables get an index on their link to the parent unless their primary key starts
 /// with it, once (a second migrate has nothing to apply); and a table tidemark fills is
-/// analyzed once the rows it wrote pass 1,000, so its key lookups are planned on statistics.
+/// analyzed once the rows it wrote pass 1,000 (its JSON columns left out), so its key lookups are planned on statistics.
 #[tokio::test]
 async fn parent_link_indexes_and_statistics_postgres() {
     let (env, s) = vizhub_migrated("schema_parent_ix", Backend::Postgres).await;
@@ -161,12 +161,12 @@ async fn parent_link_indexes_and_statistics_postgres() {
         .expect("migrate again");
     assert!(again.contains("applied 0 statement"), "{again}");
 
-    let items = Env::new(
-        "schema_analyze",
-        Backend::Postgres,
-        &items_mapping("epoch_millis"),
-    )
-    .await;
+    // With a JSON column: no lookup reads it, so tidemark's ANALYZE leaves it out.
+    let mapping = format!(
+        "{}doc = {{ path = \"$\", type = \"json\" }}\n",
+        items_mapping("epoch_millis")
+    );
+    let items = Env::new("schema_analyze", Backend::Postgres, &mapping).await;
     let now = chrono::Utc::now().timestamp_millis();
     items
         .insert(
@@ -187,6 +187,32 @@ async fn parent_link_indexes_and_statistics_postgres() {
     )
     .await;
     assert!((1000..=1500).contains(&tuples), "reltuples {tuples}");
+    let stats = |col: &str| {
+        format!("SELECT COUNT(*) FROM pg_stats WHERE tablename = 'items' AND attname = '{col}'")
+    };
+    assert_eq!(
+        scalar_i64(&items.target_url, &stats("id")).await,
+        1,
+        "the key column has statistics"
+    );
+    // Autovacuum's own ANALYZE (all columns) may come by within its minute; only when it
+    // has not is the JSON column's absence tidemark's doing.
+    let auto = scalar_i64(
+        &items.target_url,
+        "SELECT autoanalyze_count FROM pg_stat_user_tables WHERE relname = 'items'",
+    )
+    .await;
+    if auto == 0 {
+        assert_eq!(
+            scalar_i64(&items.target_url, &stats("doc")).await,
+            0,
+            "the JSON column is not analyzed"
+        );
+    } else {
+        println!(
+            "autovacuum analyzed items meanwhile: the JSON column's statistics are not checked"
+        );
+    }
 }
 
 /// A first load goes into PostgreSQL as binary `COPY` (tidemark's own encoder); an update goes
