@@ -9,7 +9,7 @@ use super::{
     ddl, ms, order, with_pool, BatchOutcome, BatchWrite, BeginWrite, PresumedNewConflict,
     ProvenanceRow, Sink, TableOps,
 };
-use crate::mapping::{Column, ColumnType, Entity, Value};
+use crate::mapping::{ColumnType, Entity, TableRef, Value};
 use anyhow::{Context, Result};
 use chrono::Utc;
 use indexmap::IndexMap;
@@ -233,20 +233,21 @@ impl Sink {
     /// So a table is analyzed when the rows this process has written to it pass 1,000, then
     /// 10,000, 100,000 and so on (ANALYZE samples a bounded number of rows, and does not
     /// block writers). A failed ANALYZE only costs speed: it is logged, never an error.
-    /// JSON columns are left out: no lookup reads them, and their statistics were the
-    /// costly part (a whole document per sampled row; BENCHMARKS.md, "Session 23").
+    /// JSON columns outside the primary key are left out: no lookup reads them, and their
+    /// statistics were the costly part (a whole document per sampled row; BENCHMARKS.md,
+    /// "Session 23").
     async fn analyze_grown(&self, b: &BatchWrite<'_>) {
         let Sink::Postgres(pool) = self else { return };
-        let mut sizes: Vec<(&str, &[Column], u64)> = Vec::new();
+        let mut sizes: Vec<(TableRef<'_>, u64)> = Vec::new();
         fn add<'e>(
-            sizes: &mut Vec<(&'e str, &'e [Column], u64)>,
+            sizes: &mut Vec<(TableRef<'e>, u64)>,
             e: &'e Entity,
             rows: usize,
             children: &[Vec<Vec<Value>>],
         ) {
-            sizes.push((e.table.as_str(), &e.columns, rows as u64));
+            sizes.push((e.table_ref(), rows as u64));
             for (c, rows) in e.children.iter().zip(children) {
-                sizes.push((c.table.as_str(), &c.columns, rows.len() as u64));
+                sizes.push((c.table_ref(), rows.len() as u64));
             }
         }
         if let Some(e) = b.entity {
@@ -262,33 +263,32 @@ impl Sink {
             o.get_port(),
             o.get_database().unwrap_or_default()
         );
-        let due: Vec<(&str, &[Column])> = {
+        let due: Vec<TableRef<'_>> = {
             let mut grown = GROWN.lock().unwrap_or_else(|p| p.into_inner());
             sizes
                 .into_iter()
-                .filter(|(_, _, n)| *n > 0)
-                .filter_map(|(t, cols, n)| {
-                    let total = grown.entry(format!("{target} {t}")).or_default();
+                .filter(|(_, n)| *n > 0)
+                .filter_map(|(t, n)| {
+                    let total = grown.entry(format!("{target} {}", t.name)).or_default();
                     let before = *total;
                     *total += n;
                     let magnitude = |x: u64| if x < 1000 { 0 } else { x.ilog10() };
-                    (magnitude(*total) > magnitude(before)).then_some((t, cols))
+                    (magnitude(*total) > magnitude(before)).then_some(t)
                 })
                 .collect()
         };
-        for (t, cols) in due {
-            let looked_up: Vec<String> = cols
-                .iter()
-                .filter(|c| c.ty != ColumnType::Json)
-                .map(|c| ddl::quote(&c.name))
+        for t in due {
+            let looked_up: Vec<String> = (t.columns.iter().enumerate())
+                .filter(|(i, c)| c.ty != ColumnType::Json || t.pk.contains(i))
+                .map(|(_, c)| ddl::quote(&c.name))
                 .collect();
             let sql = if looked_up.is_empty() {
-                format!("ANALYZE {}", ddl::quote(t))
+                format!("ANALYZE {}", ddl::quote(t.name))
             } else {
-                format!("ANALYZE {} ({})", ddl::quote(t), looked_up.join(", "))
+                format!("ANALYZE {} ({})", ddl::quote(t.name), looked_up.join(", "))
             };
             if let Err(e) = sqlx::query(&sql).execute(pool).await {
-                warn!(table = %t, "ANALYZE failed (key lookups may be slower until autovacuum runs): {e}");
+                warn!(table = %t.name, "ANALYZE failed (key lookups may be slower until autovacuum runs): {e}");
             }
         }
     }
