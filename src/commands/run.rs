@@ -10,7 +10,7 @@ use crate::engine::window::fmt_ts;
 use crate::exit::Failure;
 use crate::mapping::Mapping;
 use crate::settings::Settings;
-use crate::sink::{GroupCommit, Sink};
+use crate::sink::{GroupCommit, Sink, SqliteTuning};
 use crate::source::Source;
 use crate::telemetry::metrics;
 use crate::timearg;
@@ -251,7 +251,19 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     let log = RunLog::start(&s, &sink, kind, opts.dry_run, &mapping.version, started_at).await?;
     let run_id = log.id().to_owned();
     info!(run_id = %run_id, dry_run = opts.dry_run, target_url = %s.target.url, source_uri = %s.source.uri, "run started");
-    let group = group_commits(&pool, opts.dry_run);
+    let group = match group_commits(&pool, opts.dry_run) {
+        // The snapshot reader's page cache: a quarter of the writer's, at most 64 MiB.
+        Some(g) => {
+            let cache = SqliteTuning::of(&pool.target).cache_mib;
+            let cache = if cache == 0 {
+                0
+            } else {
+                (cache / 4).clamp(1, 64)
+            };
+            Some(g.with_reader(&sink, cache).await)
+        }
+        None => None,
+    };
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id, stop);
     ctx.dry_run = opts.dry_run;
     ctx.group = group;
@@ -274,6 +286,9 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
         if let Err(e) = lease.release().await {
             warn!(error = %format!("{e:#}"), "could not release the lane leases; they expire after lock.lease");
         }
+    }
+    if let Some(g) = &ctx.group {
+        g.close_reader().await;
     }
     if !opts.dry_run {
         ctx.sink.checkpoint_wal().await;

@@ -275,6 +275,7 @@ pub async fn commit_batch(
         })
         .await?;
     if let Some(g) = &ctx.group {
+        g.written(res.batch);
         ctx.sink.end_batch_in_group(g).await?;
     }
     Ok(Counts {

@@ -22,22 +22,47 @@
 //!
 //! SQLite only, and only on a pool of one connection (`tidemark run` and the daemon): with
 //! several connections (a backfill's chunks) each batch keeps its own transaction.
+//!
+//! **Snapshot reads.** The resolver asks the target which referenced keys it holds
+//! (`existing_keys`) while the previous batch is written. On the one connection those reads
+//! waited behind the writes, and SQLite's one writing thread was the whole run's critical
+//! path at 200,000 vizzes (BENCHMARKS.md, "Session 24"). A group therefore opens a second,
+//! read-only connection ([`GroupCommit::with_reader`]) that answers them in parallel. It sees
+//! what the last group commit left, not the open group, so:
+//! - a key the open group (or a batch resolved ahead of it) wrote or deleted is answered by
+//!   the run's memo, which keeps every key of a batch not yet committed
+//!   ([`GroupCommit::reader_has_seen`], `engine::memo::Memo::bound`);
+//! - from the resolution of a batch that deletes rows until the group holding it commits,
+//!   lookups go to the writing connection as before ([`GroupCommit::deletes_in`]): an
+//!   `ON DELETE` action reaches rows by reference, which no memo lists, and a row reported
+//!   present after it was deleted would be referenced by a row written after it;
+//! - a key the reader reports absent though the open group wrote it (a row a missing-reference
+//!   policy had the memo forget) is pulled again; the writer reads such a row before writing
+//!   it (SQLite inserts nothing presumed new) and finds it unchanged.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sqlx::sqlite::SqliteConnection;
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqlitePoolOptions};
 use sqlx::{Sqlite, TransactionManager};
 
 use super::Sink;
 
 type Manager = <Sqlite as sqlx::Database>::TransactionManager;
 
-/// The group of one run: when its open transaction began.
+/// The group of one run: when its open transaction began, and its snapshot reader.
 #[derive(Debug)]
 pub struct GroupCommit {
     every: Duration,
     opened: std::sync::Mutex<Option<Instant>>,
+    /// The read-only connection for key lookups, once [`GroupCommit::with_reader`] opened it.
+    reader: Option<SqlitePool>,
+    /// Batches by their resolution's number: the last one written (in its savepoint), the
+    /// last one committed, the last one that deletes rows.
+    written: AtomicU64,
+    committed: AtomicU64,
+    deletes: AtomicU64,
 }
 
 impl GroupCommit {
@@ -46,7 +71,73 @@ impl GroupCommit {
         Self {
             every,
             opened: Default::default(),
+            reader: None,
+            written: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
+            deletes: AtomicU64::new(0),
         }
+    }
+
+    /// Open the snapshot reader on `sink`'s file, with a page cache of `cache_mib` MiB (0:
+    /// SQLite's own 2 MB; a reader's cache is emptied whenever the writer commits, so a
+    /// small one does). If it cannot be opened, the lookups stay on the writing connection
+    /// (slower, nothing else changes) and a warning says why.
+    pub async fn with_reader(mut self, sink: &Sink, cache_mib: u32) -> Self {
+        let Sink::Sqlite(p) = sink else {
+            return self;
+        };
+        let mut opts = (*p.connect_options()).clone().read_only(true);
+        if cache_mib > 0 {
+            opts = opts.pragma("cache_size", format!("-{}", u64::from(cache_mib) * 1024));
+        }
+        match SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(600))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await
+        {
+            Ok(reader) => self.reader = Some(reader),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not open a read-only SQLite connection for the run's key lookups; they wait behind the writes"
+            ),
+        }
+        self
+    }
+
+    /// Close the snapshot reader (before the run's last checkpoint of the WAL).
+    pub async fn close_reader(&self) {
+        if let Some(r) = &self.reader {
+            r.close().await;
+        }
+    }
+
+    /// Batch `batch` (a resolution's number) deletes rows: lookups go to the writing
+    /// connection until it has committed.
+    pub fn deletes_in(&self, batch: u64) {
+        self.deletes.fetch_max(batch, Ordering::SeqCst);
+    }
+
+    /// Batch `batch` is written in the open group (committed with it).
+    pub fn written(&self, batch: u64) {
+        self.written.fetch_max(batch, Ordering::SeqCst);
+    }
+
+    /// With a snapshot reader: the last batch it sees committed (the memo keeps the keys
+    /// of the later ones). None without one.
+    pub fn reader_has_seen(&self) -> Option<u64> {
+        self.reader
+            .as_ref()
+            .map(|_| self.committed.load(Ordering::SeqCst))
+    }
+
+    /// The reader, when it may answer a lookup now: no batch that deletes rows waits for
+    /// its commit.
+    fn reader_for_lookups(&self) -> Option<&SqlitePool> {
+        let r = self.reader.as_ref()?;
+        (self.committed.load(Ordering::SeqCst) >= self.deletes.load(Ordering::SeqCst)).then_some(r)
     }
 
     fn opened(&self) -> Option<Instant> {
@@ -152,7 +243,15 @@ impl Sink {
             return Ok(());
         }
         let mut conn = p.acquire().await?;
+        // Read before the commit: a batch written after it is not in this group.
+        let written = g.map(|g| g.written.load(Ordering::SeqCst));
+        let seen = |g: Option<&GroupCommit>| {
+            if let (Some(g), Some(w)) = (g, written) {
+                g.committed.fetch_max(w, Ordering::SeqCst);
+            }
+        };
         if Manager::get_transaction_depth(&conn) == 0 {
+            seen(g);
             return Ok(());
         }
         if let Err(e) = Manager::commit(&mut conn).await {
@@ -166,6 +265,22 @@ impl Sink {
                  from the last saved checkpoint)",
             ));
         }
+        seen(g);
         Ok(())
+    }
+
+    /// Which of `keys` exist in column `col` of `t`, for the resolution of a run's batch:
+    /// on the group's snapshot reader when it may answer, else as [`Sink::existing_keys`].
+    pub async fn existing_keys_in_run(
+        &self,
+        g: Option<&GroupCommit>,
+        t: super::TableRef<'_>,
+        col: usize,
+        keys: &[crate::mapping::Value],
+    ) -> Result<std::collections::HashSet<String>> {
+        match g.and_then(GroupCommit::reader_for_lookups) {
+            Some(r) => Sink::Sqlite(r.clone()).existing_keys(t, col, keys).await,
+            None => self.existing_keys(t, col, keys).await,
+        }
     }
 }

@@ -172,3 +172,120 @@ async fn a_group_gone_from_the_connection_stops_the_run() {
     assert!(seen_elsewhere(&url).await.is_empty());
     sink.close().await;
 }
+
+/// The run's snapshot reader (`sink::group`, "Snapshot reads"): it answers key lookups from
+/// the last group commit, never from the open group; and from the resolution of a batch that
+/// deletes rows until its group commits, the writing connection answers instead.
+#[tokio::test]
+async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
+    use tidemark::mapping::{Mapping, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, _url) = target(&dir).await;
+    let p = pool(&sink);
+    sqlx::query("CREATE TABLE items (id INTEGER PRIMARY KEY, t TEXT, v TEXT)")
+        .execute(p)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO items (id) VALUES (1)")
+        .execute(p)
+        .await
+        .unwrap();
+    let m = Mapping::parse(&crate::harness::items_mapping("date"), "t").unwrap();
+    let items = m.entity("items").unwrap();
+    let kc = items.key_column.unwrap();
+    let keys = [Value::BigInt(1), Value::BigInt(2)];
+    let g = &GroupCommit::new(Duration::from_secs(3600))
+        .with_reader(&sink, 1)
+        .await;
+    assert_eq!(g.reader_has_seen(), Some(0), "the reader is open");
+    // Batch 1 writes key 2 in the open group: the reader does not see it yet.
+    sink.begin_group(g).await.unwrap();
+    sqlx::query("INSERT INTO items (id) VALUES (2)")
+        .execute(p)
+        .await
+        .unwrap();
+    g.written(1);
+    sink.end_batch_in_group(g).await.unwrap();
+    assert_eq!(
+        lookup(&sink, g, items.table_ref(), kc, &keys).await,
+        ["1"],
+        "the open group is not the reader's"
+    );
+    assert_eq!(
+        sink.existing_keys(items.table_ref(), kc, &keys)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "the writing connection sees its open group"
+    );
+    sink.commit_group(Some(g)).await.unwrap();
+    assert_eq!(g.reader_has_seen(), Some(1));
+    assert_eq!(
+        lookup(&sink, g, items.table_ref(), kc, &keys).await,
+        ["1", "2"],
+        "a commit is the reader's"
+    );
+
+    // Batch 2 deletes key 1 and was resolved: lookups go to the writer, which sees the
+    // deletion, until a commit after batch 2 was written.
+    g.deletes_in(2);
+    sink.begin_group(g).await.unwrap();
+    sqlx::query("DELETE FROM items WHERE id = 1")
+        .execute(p)
+        .await
+        .unwrap();
+    assert_eq!(
+        lookup(&sink, g, items.table_ref(), kc, &keys).await,
+        ["2"],
+        "a deletion not committed is seen"
+    );
+    sink.commit_group(Some(g)).await.unwrap();
+    // Committed, but batch 2 is not reported written yet: still the writer.
+    assert_eq!(g.reader_has_seen(), Some(1));
+    assert_eq!(lookup(&sink, g, items.table_ref(), kc, &keys).await, ["2"]);
+    g.written(2);
+    sink.begin_group(g).await.unwrap();
+    sqlx::query("INSERT INTO items (id) VALUES (1)")
+        .execute(p)
+        .await
+        .unwrap();
+    sink.commit_group(Some(g)).await.unwrap();
+    assert_eq!(g.reader_has_seen(), Some(2));
+    assert_eq!(
+        lookup(&sink, g, items.table_ref(), kc, &keys).await,
+        ["1", "2"],
+        "the reader answers again"
+    );
+    sink.begin_group(g).await.unwrap();
+    sqlx::query("DELETE FROM items WHERE id = 2")
+        .execute(p)
+        .await
+        .unwrap();
+    assert_eq!(
+        lookup(&sink, g, items.table_ref(), kc, &keys).await,
+        ["1", "2"],
+        "a deletion no resolution announced is not seen (the memo covers the run's own)"
+    );
+    sink.commit_group(Some(g)).await.unwrap();
+    g.close_reader().await;
+    sink.close().await;
+}
+
+/// Sorted key texts of `keys` that exist, as a run's resolution asks for them.
+async fn lookup(
+    sink: &Sink,
+    g: &GroupCommit,
+    t: tidemark::mapping::TableRef<'_>,
+    kc: usize,
+    keys: &[tidemark::mapping::Value],
+) -> Vec<String> {
+    let mut found: Vec<String> = sink
+        .existing_keys_in_run(Some(g), t, kc, keys)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    found.sort();
+    found
+}

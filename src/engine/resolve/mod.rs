@@ -45,6 +45,9 @@ pub struct Resolution {
     /// Pulled rows written with every reference resolved, for [`crate::engine::pulled`] once the
     /// batch commits.
     pub fresh: Vec<crate::engine::pulled::Fresh>,
+    /// The batch's number in the run's memo ([`Memo::start_batch`]); the writer reports it
+    /// written to the run's group of batches ([`crate::sink::GroupCommit::written`]).
+    pub batch: u64,
 }
 
 /// A pulled page of one entity at one depth, with its documents (for source ids).
@@ -165,14 +168,18 @@ pub async fn resolve(
     docs: &[RawDocumentBuf],
 ) -> Result<Resolution> {
     let mut res = Resolution::default();
+    let mut memo = ctx.memo.lock().await;
+    res.batch = memo.start_batch();
+    if let (Some(g), false) = (&ctx.group, page.deletes.is_empty()) {
+        // Until this batch has committed, key lookups must see its deletions (and the rows
+        // their `ON DELETE` actions reach): they go to the writing connection.
+        g.deletes_in(res.batch);
+    }
     if !e.has_references() && e.dependents.is_empty() {
-        if !page.deletes.is_empty() {
-            note_deleted(e, page, &mut *ctx.memo.lock().await);
-        }
+        note_deleted(e, page, &mut memo);
         return Ok(res);
     }
-    let mut memo = ctx.memo.lock().await;
-    memo.bound();
+    memo.bound(ctx.group.as_ref().and_then(|g| g.reader_has_seen()));
     note_deleted(e, page, &mut memo);
     if let Some(kc) = e.key_column {
         for row in &page.rows {
@@ -448,7 +455,10 @@ async fn pull(
             if unknown.is_empty() {
                 continue;
             }
-            let present = ctx.sink.existing_keys(r.table_ref(), kc, &unknown).await?;
+            let present = ctx
+                .sink
+                .existing_keys_in_run(ctx.group.as_ref(), r.table_ref(), kc, &unknown)
+                .await?;
             let mut rest = Vec::new();
             for k in unknown {
                 let kt = k.key_text();
