@@ -182,14 +182,12 @@ async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
     let dir = tempfile::tempdir().unwrap();
     let (sink, _url) = target(&dir).await;
     let p = pool(&sink);
-    sqlx::query("CREATE TABLE items (id INTEGER PRIMARY KEY, t TEXT, v TEXT)")
-        .execute(p)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO items (id) VALUES (1)")
-        .execute(p)
-        .await
-        .unwrap();
+    exec(
+        p,
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, t TEXT, v TEXT)",
+    )
+    .await;
+    exec(p, "INSERT INTO items (id) VALUES (1)").await;
     let m = Mapping::parse(&crate::harness::items_mapping("date"), "t").unwrap();
     let items = m.entity("items").unwrap();
     let kc = items.key_column.unwrap();
@@ -200,10 +198,7 @@ async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
     assert_eq!(g.reader_has_seen(), Some(0), "the reader is open");
     // Batch 1 writes key 2 in the open group: the reader does not see it yet.
     sink.begin_group(g).await.unwrap();
-    sqlx::query("INSERT INTO items (id) VALUES (2)")
-        .execute(p)
-        .await
-        .unwrap();
+    exec(p, "INSERT INTO items (id) VALUES (2)").await;
     g.written(1);
     sink.end_batch_in_group(g).await.unwrap();
     assert_eq!(
@@ -231,10 +226,7 @@ async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
     // deletion, until a commit after batch 2 was written.
     g.deletes_in(2);
     sink.begin_group(g).await.unwrap();
-    sqlx::query("DELETE FROM items WHERE id = 1")
-        .execute(p)
-        .await
-        .unwrap();
+    exec(p, "DELETE FROM items WHERE id = 1").await;
     assert_eq!(
         lookup(&sink, g, items.table_ref(), kc, &keys).await,
         ["2"],
@@ -246,10 +238,7 @@ async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
     assert_eq!(lookup(&sink, g, items.table_ref(), kc, &keys).await, ["2"]);
     g.written(2);
     sink.begin_group(g).await.unwrap();
-    sqlx::query("INSERT INTO items (id) VALUES (1)")
-        .execute(p)
-        .await
-        .unwrap();
+    exec(p, "INSERT INTO items (id) VALUES (1)").await;
     sink.commit_group(Some(g)).await.unwrap();
     assert_eq!(g.reader_has_seen(), Some(2));
     assert_eq!(
@@ -258,10 +247,7 @@ async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
         "the reader answers again"
     );
     sink.begin_group(g).await.unwrap();
-    sqlx::query("DELETE FROM items WHERE id = 2")
-        .execute(p)
-        .await
-        .unwrap();
+    exec(p, "DELETE FROM items WHERE id = 2").await;
     assert_eq!(
         lookup(&sink, g, items.table_ref(), kc, &keys).await,
         ["1", "2"],
@@ -288,4 +274,9 @@ async fn lookup(
         .collect();
     found.sort();
     found
+}
+
+/// Run one statement on the writing connection (inside the open group, if one is).
+async fn exec(p: &sqlx::SqlitePool, sql: &str) {
+    sqlx::query(sql).execute(p).await.unwrap();
 }
