@@ -131,14 +131,8 @@ pub async fn backfill(
         .target
         .max_connections
         .max(opts.parallel as u32 * (s.target.batches_in_flight + 1) + 2);
-    // Every SQLite connection keeps a page cache of its own: the pool's share the budget of
-    // `target.sqlite_cache_mib` (itself bounded by the process's memory), so a wide pool
-    // holds no more than a run's one connection.
-    if s.target.is_sqlite() && s.target.sqlite_cache_mib > 0 {
-        s.target.sqlite_cache_mib = crate::sink::sqlite_cache_budget(s.target.sqlite_cache_mib)
-            .div_ceil(s.target.max_connections)
-            .max(2);
-    }
+    // The pool's connections share the budget of `target.sqlite_cache_mib`
+    // (`SqliteTuning::of`), so a wide pool holds no more than a run's one connection.
     let sink = crate::commands::setup::open_sink(&s, &mapping).await?;
     let mut ledger = Ledger {
         sink: sink.clone(),

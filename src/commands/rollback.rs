@@ -18,13 +18,20 @@ use std::time::Instant;
 
 /// `tidemark rollback`.
 pub async fn rollback(
-    s: Settings,
+    mut s: Settings,
     run: &str,
     dry_run: bool,
     force: bool,
 ) -> Result<RollbackReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now();
+    // The undo runs in one transaction on one connection, and the lease's heartbeat needs a
+    // second; on SQLite the pool's connections share the page cache budget
+    // (`SqliteTuning::of`), so a pool of two gives the undo half of it instead of a
+    // quarter (a dry run of a 200,000-viz run: 66 s against 81 s; BENCHMARKS.md, "Session 25").
+    if s.target.is_sqlite() {
+        s.target.max_connections = s.target.max_connections.min(2);
+    }
     let mapping = crate::commands::setup::load_mapping(&s)?;
     let sink = crate::commands::setup::open_sink_dry(&s, &mapping).await?;
     if let Some(p) = crate::sink::retention::pruned(&sink, run).await? {

@@ -252,16 +252,7 @@ async fn run_counted(s: Settings, opts: RunOptions, stop: Arc<AtomicBool>) -> Re
     let run_id = log.id().to_owned();
     info!(run_id = %run_id, dry_run = opts.dry_run, target_url = %s.target.url, source_uri = %s.source.uri, "run started");
     let group = match group_commits(&pool, opts.dry_run) {
-        // The snapshot reader's page cache: a quarter of the writer's, at most 64 MiB.
-        Some(g) => {
-            let cache = SqliteTuning::of(&pool.target).cache_mib;
-            let cache = if cache == 0 {
-                0
-            } else {
-                (cache / 4).clamp(1, 64)
-            };
-            Some(g.with_reader(&sink, cache).await)
-        }
+        Some(g) => Some(g.with_reader(&sink, SqliteTuning::of(&pool.target)).await),
         None => None,
     };
     let mut ctx = Ctx::new(s, mapping, source, sink, run_id, stop);

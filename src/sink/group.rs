@@ -78,13 +78,18 @@ impl GroupCommit {
         }
     }
 
-    /// Open the snapshot reader on `sink`'s file, with a page cache of `cache_mib` MiB (0:
-    /// SQLite's own 2 MB; a reader's cache is emptied whenever the writer commits, so a
-    /// small one does). If it cannot be opened, the lookups stay on the writing connection
+    /// Open the snapshot reader on `sink`'s file, whose writing connection has `writer`'s
+    /// tuning. Its page cache is a quarter of the writer's, at most 64 MiB (SQLite's own 2 MB
+    /// when the writer has that): a reader's cache is emptied whenever the writer commits, so
+    /// a small one does. If it cannot be opened, the lookups stay on the writing connection
     /// (slower, nothing else changes) and a warning says why.
-    pub async fn with_reader(mut self, sink: &Sink, cache_mib: u32) -> Self {
+    pub async fn with_reader(mut self, sink: &Sink, writer: super::SqliteTuning) -> Self {
         let Sink::Sqlite(p) = sink else {
             return self;
+        };
+        let cache_mib = match writer.cache_mib {
+            0 => 0,
+            c => (c / 4).clamp(1, 64),
         };
         let mut opts = (*p.connect_options()).clone().read_only(true);
         if cache_mib > 0 {

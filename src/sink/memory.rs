@@ -29,8 +29,8 @@ fn cache_within(cache_mib: u32, limit: Option<u64>) -> u32 {
 }
 
 /// The SQLite page cache `asked` MiB may have: at most a quarter of the memory this process
-/// may use, logged when lowered. A run asks for its one connection; a backfill asks once for
-/// its whole pool, then shares the budget among the pool's connections.
+/// may use, logged when lowered: the budget of a whole pool, which its connections share
+/// (`SqliteTuning::of`).
 pub fn sqlite_cache_budget(asked: u32) -> u32 {
     let limit = memory_limit();
     let cache_mib = cache_within(asked, limit);

@@ -44,7 +44,7 @@ use sqlx::{
 use std::str::FromStr;
 
 pub use group::GroupCommit;
-pub use memory::sqlite_cache_budget;
+use memory::sqlite_cache_budget;
 pub use retriable::is_retriable_error;
 
 /// Write transactions. On SQLite they start with `BEGIN IMMEDIATE`: a deferred transaction
@@ -650,11 +650,22 @@ pub struct SqliteTuning {
 }
 
 impl SqliteTuning {
-    /// The tuning `target.*` asks for, the page cache lowered to a quarter of the memory
-    /// this process may use ([`sqlite_cache_budget`]; logged when lowered).
+    /// The tuning `target.*` asks for, for each connection of a pool of
+    /// `t.max_connections`: the page cache lowered to a quarter of the memory this process
+    /// may use ([`sqlite_cache_budget`]; logged when lowered), then shared among the pool's
+    /// connections, at least 2 MiB each. Every SQLite connection keeps a cache of its own,
+    /// so `target.sqlite_cache_mib` per connection let `verify` on its pool of four read a
+    /// 200,000-viz target with 2.1 GB resident (BENCHMARKS.md, "Session 25"); and a cache is
+    /// emptied whenever another connection commits, so a pool that writes on several gains
+    /// nothing from large ones. A run writes on a pool of one and keeps the whole budget.
     pub fn of(t: &crate::settings::TargetSettings) -> Self {
+        let budget = sqlite_cache_budget(t.sqlite_cache_mib);
+        let cache_mib = match budget {
+            0 => 0,
+            b => b.div_ceil(t.max_connections.max(1)).max(2),
+        };
         Self {
-            cache_mib: sqlite_cache_budget(t.sqlite_cache_mib),
+            cache_mib,
             mmap_mib: t.sqlite_mmap_mib,
             tidemark_checks_references: false,
         }
@@ -826,5 +837,53 @@ mod tests {
         assert_eq!(pragma(&plain, "cache_size").await, -2000);
         assert_eq!(pragma(&plain, "mmap_size").await, 0);
         plain.close().await;
+    }
+
+    /// `target.sqlite_cache_mib` is the budget of a whole pool: `verify`'s pool of four held
+    /// four full caches (2.1 GB resident at 200,000 vizzes).
+    #[tokio::test]
+    async fn the_connections_of_a_pool_share_the_cache_budget() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = crate::settings::Settings::load(None).expect("default settings");
+        s.target.url = SecretUri::new(format!("sqlite://{}/t.db", dir.path().display()));
+        s.target.sqlite_cache_mib = 64;
+        for (connections, each) in [(1u32, 64i64), (4, 16), (5, 13), (64, 2)] {
+            s.target.max_connections = connections;
+            let tuning = SqliteTuning::of(&s.target);
+            assert_eq!(
+                i64::from(tuning.cache_mib),
+                each,
+                "{connections} connections"
+            );
+            if connections != 4 {
+                continue;
+            }
+            let sink = Sink::connect_tuned(&s.target.url, connections, tuning)
+                .await
+                .expect("connect");
+            let Sink::Sqlite(p) = &sink else {
+                unreachable!("a SQLite url")
+            };
+            // Hold all four at once, so each is a connection of its own.
+            let mut held = Vec::new();
+            for _ in 0..connections {
+                held.push(p.acquire().await.expect("acquire"));
+            }
+            for c in &mut held {
+                let size: i64 = sqlx::query_scalar("PRAGMA cache_size")
+                    .fetch_one(&mut **c)
+                    .await
+                    .expect("pragma");
+                assert_eq!(size, -16 * 1024, "each connection's share, in KiB");
+            }
+            drop(held);
+            sink.close().await;
+        }
+        s.target.sqlite_cache_mib = 0;
+        assert_eq!(
+            SqliteTuning::of(&s.target).cache_mib,
+            0,
+            "0 keeps SQLite's own"
+        );
     }
 }

@@ -9,8 +9,13 @@ use anyhow::{anyhow, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Rows undone per round (one read and one write per table).
+/// Rows undone per round (one read and one write per table), at least: a round ends only
+/// where one batch's records end (below), so it may hold more.
 const CHUNK: usize = 1000;
+
+/// The most rows one round holds to keep a batch's records together; a batch larger than
+/// this (a document with an array of more than ~50,000 child rows) is split.
+const STEP_CAP: usize = 50_000;
 
 /// What a rollback did (or, dry, would do).
 #[derive(Debug, Default, Serialize)]
@@ -74,6 +79,8 @@ impl std::fmt::Display for RollbackReport {
 
 /// One provenance row.
 struct Prov {
+    /// The time of the batch that wrote it (`written_at_ms`; every record of one batch has it).
+    step: i64,
     table: String,
     pk: String,
     before: Option<String>,
@@ -212,7 +219,7 @@ fn later_runs_sql(pg: bool) -> String {
 /// The run's provenance records, newest first, a few at a time: a record of inserted rows
 /// holds a whole batch's keys of one table.
 const PROV_NEWEST_FIRST: &str =
-    "SELECT id, table_name, pk, before_image, after_hash, inserted FROM tidemark_provenance \
+    "SELECT id, table_name, pk, before_image, after_hash, inserted, written_at_ms FROM tidemark_provenance \
     WHERE run_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
 
 /// Provenance records read per round (each may hold a batch's inserted keys).
@@ -225,6 +232,7 @@ type ProvRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    i64,
 );
 pub type LaneRow = (
     String,
@@ -264,7 +272,14 @@ pub async fn undo_run(
         let mut tx = p.begin_write().await?;
         // Undo newest first, each record against the state the newer ones left. A chunk
         // holds each row at most once (undo_chunk reads and writes a chunk per table), so
-        // a row the run touched in two batches closes the chunk.
+        // a row the run touched in two batches closes the chunk. Otherwise a chunk ends
+        // only where a batch's records end: undo_chunk checks every row before it deletes
+        // any, and a row deleted in an earlier chunk than a row of the same batch that
+        // references it would have its `ON DELETE SET NULL` change that row first, which
+        // the check then reports as changed by someone else (a pulled viz and the viz
+        // forked from it, listed in that order in one record and split by the chunk's
+        // end: 2 false conflicts in a 20,000-viz run, 4 at 200,000; BENCHMARKS.md,
+        // "Session 25").
         let mut before = i64::MAX;
         let mut chunk: Vec<Prov> = Vec::new();
         let mut in_chunk: HashSet<(String, String)> = HashSet::new();
@@ -275,7 +290,8 @@ pub async fn undo_run(
             before = last.0;
             for p in expand(rows)? {
                 let key = (p.table.clone(), p.pk.clone());
-                if chunk.len() >= CHUNK || in_chunk.contains(&key) {
+                let step_ends = chunk.last().is_some_and(|l| l.step != p.step);
+                if (chunk.len() >= CHUNK && step_ends) || chunk.len() >= STEP_CAP || in_chunk.contains(&key) {
                     undo_chunk(&mut tx, &tables, &chunk, &mut undo, rep).await?;
                     chunk.clear();
                     in_chunk.clear();
@@ -337,9 +353,10 @@ pub async fn lanes_of_run(sink: &Sink, run: &str) -> Result<Vec<LaneRow>> {
 /// gives its keys in reverse.
 fn expand(rows: Vec<ProvRow>) -> Result<Vec<Prov>> {
     let mut out = Vec::new();
-    for (id, table, pk, before, after, inserted) in rows {
+    for (id, table, pk, before, after, inserted, step) in rows {
         match inserted {
             None => out.push(Prov {
+                step,
                 table,
                 pk,
                 before,
@@ -350,6 +367,7 @@ fn expand(rows: Vec<ProvRow>) -> Result<Vec<Prov>> {
                     anyhow!("provenance record {id} ({table}): its list of inserted rows is not readable: {e}")
                 })?;
                 out.extend(list.into_iter().rev().map(|(pk, h)| Prov {
+                    step,
                     table: table.clone(),
                     pk,
                     before: None,

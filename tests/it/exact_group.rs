@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tidemark::secret::SecretUri;
-use tidemark::sink::{Checkpoint, GroupCommit, Sink};
+use tidemark::sink::{Checkpoint, GroupCommit, Sink, SqliteTuning};
 use tidemark::span::LaneState;
 
 async fn target(dir: &tempfile::TempDir) -> (Sink, String) {
@@ -193,7 +193,13 @@ async fn the_snapshot_reader_sees_commits_and_yields_to_deletions() {
     let kc = items.key_column.unwrap();
     let keys = [Value::BigInt(1), Value::BigInt(2)];
     let g = &GroupCommit::new(Duration::from_secs(3600))
-        .with_reader(&sink, 1)
+        .with_reader(
+            &sink,
+            SqliteTuning {
+                cache_mib: 4,
+                ..Default::default()
+            },
+        )
         .await;
     assert_eq!(g.reader_has_seen(), Some(0), "the reader is open");
     // Batch 1 writes key 2 in the open group: the reader does not see it yet.
