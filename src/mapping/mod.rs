@@ -418,7 +418,9 @@ impl Entity {
         let mut marker = None;
         if let Some(d) = &self.deleted {
             if rule(&d.when, doc, "deleted.when")? {
-                let at = lookup(doc, std::slice::from_ref(&self.time_field))
+                // The time field may be a dotted path (`meta.touched`), like everywhere else.
+                let path: Vec<String> = self.time_field.split('.').map(str::to_owned).collect();
+                let at = lookup(doc, &path)
                     .ok()
                     .flatten()
                     .and_then(|v| value::to_timestamp(&v, Some(self.time_format())).ok());

@@ -376,3 +376,54 @@ deleted_at = {{ path = "{path}", type = "timestamptz", from = "date" }}
     );
     Mapping::parse(&mapping("removedAt"), "t").expect("a marker of its own compiles");
 }
+
+/// A time field at a dotted path (`meta.touched`): a soft-deleted document gets its marker
+/// from it and a deletion carries its time. The marker read the whole path as one field
+/// name, so every soft-deleted document of such an entity became a dead letter (found on a
+/// library domain written for session 25: 595 of 20,000 books, and the loans pointing at
+/// them dead-lettered as "does not exist in the source").
+#[test]
+fn a_nested_time_field_gives_deletions_their_time() {
+    let mapping = |action: &str| {
+        format!(
+            r#"
+version = "t"
+[entities.books]
+collection = "books"
+time_field = "meta.touched"
+time_encoding = "date"
+table = "books"
+primary_key = ["id"]
+[entities.books.deleted]
+when = 'has(doc.gone)'
+action = "{action}"
+{column}
+[entities.books.columns]
+id = {{ path = "_id", type = "text", required = true }}
+"#,
+            column = if action == "soft_delete" {
+                r#"column = "deleted_at""#
+            } else {
+                ""
+            }
+        )
+    };
+    let when = bson::DateTime::from_millis(1_600_000_000_000);
+    let doc = raw(doc! { "_id": "b1", "gone": true, "meta": { "touched": when } });
+    let soft = Mapping::parse(&mapping("soft_delete"), "t").unwrap();
+    let e = &soft.entities[0];
+    let Outcome::Row { row, .. } = e.map(&doc).expect("a soft-deleted row") else {
+        panic!("not a row")
+    };
+    let marker = e
+        .columns
+        .iter()
+        .position(|c| c.name == "deleted_at")
+        .unwrap();
+    assert_eq!(row[marker], Value::Timestamp(when.to_chrono()));
+    let hard = Mapping::parse(&mapping("delete"), "t").unwrap();
+    assert!(matches!(
+        hard.entities[0].map(&doc).unwrap(),
+        Outcome::Deleted { key: Some(_), at: Some(t) } if t == when.to_chrono()
+    ));
+}

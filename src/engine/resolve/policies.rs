@@ -129,7 +129,8 @@ fn main_row_fate(
                 Fate::Write
             }
             (Some(false), MissingPolicy::Skip) => Fate::Dead(format!(
-                "column `{}`: referenced {r} `{kt}` does not exist in the source (on_missing = skip)",
+                "column `{}`: referenced {r} `{kt}` is not in the target and could not be written from the source \
+                 (no such document there, or it is itself dead-lettered or filtered: see its own dead letter) (on_missing = skip)",
                 c.name
             )),
             (Some(false), MissingPolicy::Defer) => Fate::Held(format!(
