@@ -222,6 +222,17 @@ const PROV_NEWEST_FIRST: &str =
     "SELECT id, table_name, pk, before_image, after_hash, inserted, written_at_ms FROM tidemark_provenance \
     WHERE run_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
 
+/// The same in commit order (PostgreSQL: `commit_seq`, numbered at COMMIT by a deferred
+/// trigger, migration 0008): batches of different lanes commit concurrently there, and a
+/// batch may insert its records before, yet commit after, a batch that wrote a row it
+/// references. Undone by id, that row was deleted first and its `ON DELETE SET NULL` made
+/// the referencing row look changed by someone else. Used when every record of the run has
+/// its number (runs written before the migration are undone by id); SQLite has one writer,
+/// so its ids are the commit order.
+const PROV_NEWEST_COMMITTED_FIRST: &str =
+    "SELECT commit_seq, table_name, pk, before_image, after_hash, inserted, written_at_ms FROM tidemark_provenance \
+    WHERE run_id = $1 AND commit_seq < $2 ORDER BY commit_seq DESC LIMIT $3";
+
 /// Provenance records read per round (each may hold a batch's inserted keys).
 const RECORDS: i64 = 50;
 
@@ -284,8 +295,17 @@ pub async fn undo_run(
         let mut chunk: Vec<Prov> = Vec::new();
         let mut in_chunk: HashSet<(String, String)> = HashSet::new();
         let mut undo = Undo { force, conflicted: HashSet::new() };
+        let newest_first = if matches!(sink, Sink::Postgres(_)) {
+            let unnumbered: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tidemark_provenance WHERE run_id = $1 AND commit_seq IS NULL",
+            )
+            .bind(run).fetch_one(&mut *tx).await?;
+            if unnumbered == 0 { PROV_NEWEST_COMMITTED_FIRST } else { PROV_NEWEST_FIRST }
+        } else {
+            PROV_NEWEST_FIRST
+        };
         loop {
-            let rows: Vec<ProvRow> = sqlx::query_as(PROV_NEWEST_FIRST).bind(run).bind(before).bind(RECORDS).fetch_all(&mut *tx).await?;
+            let rows: Vec<ProvRow> = sqlx::query_as(newest_first).bind(run).bind(before).bind(RECORDS).fetch_all(&mut *tx).await?;
             let Some(last) = rows.last() else { break };
             before = last.0;
             for p in expand(rows)? {
