@@ -265,6 +265,39 @@ fn backfill_lane(lane: &str) -> Option<(&str, &str, i64)> {
     Some((id, entity, from.parse().ok()?))
 }
 
+/// On PostgreSQL, indexes for the rollback's own transaction on the reference columns that
+/// have none (`migrate` creates none there: docs/DEPENDENCIES.md), dropped again before it
+/// ends. Deleting an inserted row runs its foreign keys' `ON DELETE SET NULL`, which looks the
+/// row up in every referencing table; without an index each deleted row scanned those
+/// tables: a dry rollback of the 20,000-viz full mapping took 214 s (the load 8 s), and one
+/// batch of 186 vizzes 24 s at 200,000 (BENCHMARKS.md, "Session 25"). Building them takes a
+/// lock that makes writers of those tables wait until the rollback ends.
+fn undo_indexes(m: &Mapping) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut add = |table: &str, t: TableRef<'_>| {
+        for (i, c) in t.columns.iter().enumerate() {
+            if c.references.is_some() && t.pk.first() != Some(&i) {
+                let name = format!("tidemark_undo_{}", out.len());
+                out.push((
+                    format!(
+                        "CREATE INDEX {name} ON {} ({})",
+                        crate::sink::ddl::quote(table),
+                        crate::sink::ddl::quote(&c.name)
+                    ),
+                    format!("DROP INDEX {name}"),
+                ));
+            }
+        }
+    };
+    for e in &m.entities {
+        add(&e.table, e.table_ref());
+        for c in &e.children {
+            add(&c.table, c.table_ref());
+        }
+    }
+    out
+}
+
 /// Undo run `run` in one transaction: its rows newest first (see [`undo_chunk`]), then its
 /// lanes' checkpoints (`lanes_of_run`, from [`lanes_of_run`]) and backfill chunks, then mark
 /// it rolled back. Rolled back instead of committed when `dry_run`, or when rows conflict
@@ -295,6 +328,10 @@ pub async fn undo_run(
         let mut chunk: Vec<Prov> = Vec::new();
         let mut in_chunk: HashSet<(String, String)> = HashSet::new();
         let mut undo = Undo { force, conflicted: HashSet::new() };
+        let indexes = if matches!(sink, Sink::Postgres(_)) { undo_indexes(mapping) } else { Vec::new() };
+        for (create, _) in &indexes {
+            sqlx::query(create).execute(&mut *tx).await?;
+        }
         let newest_first = if matches!(sink, Sink::Postgres(_)) {
             let unnumbered: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM tidemark_provenance WHERE run_id = $1 AND commit_seq IS NULL",
@@ -341,6 +378,9 @@ pub async fn undo_run(
                     .bind(bf).execute(&mut *tx).await?;
             }
             rep.lanes.push(lane.clone());
+        }
+        for (_, drop) in &indexes {
+            sqlx::query(drop).execute(&mut *tx).await?;
         }
         sqlx::query("UPDATE tidemark_runs SET status = 'rolled_back' WHERE id = $1").bind(run).execute(&mut *tx).await?;
         // All or nothing: with conflicts (and no --force) nothing is changed.

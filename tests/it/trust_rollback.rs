@@ -310,6 +310,15 @@ async fn rollback_of_a_batch_that_references_itself(backend: Backend) {
         .expect("rollback");
     assert_eq!(done.conflict_count, 0, "{done}");
     assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM nodes").await, 0);
+    if backend == Backend::Postgres {
+        // The indexes the rollback built for its `ON DELETE` lookups are gone with it.
+        let left = scalar_i64(
+            url,
+            "SELECT COUNT(*) FROM pg_indexes WHERE indexname LIKE 'tidemark_undo%'",
+        )
+        .await;
+        assert_eq!(left, 0);
+    }
 }
 
 #[tokio::test]
