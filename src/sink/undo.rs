@@ -265,20 +265,25 @@ fn backfill_lane(lane: &str) -> Option<(&str, &str, i64)> {
     Some((id, entity, from.parse().ok()?))
 }
 
-/// On PostgreSQL, indexes for the rollback's own transaction on the reference columns that
-/// have none (`migrate` creates none there: docs/DEPENDENCIES.md), dropped again before it
-/// ends. Deleting an inserted row runs its foreign keys' `ON DELETE SET NULL`, which looks the
-/// row up in every referencing table; without an index each deleted row scanned those
-/// tables: a dry rollback of the 20,000-viz full mapping took 214 s (the load 8 s), and one
-/// batch of 186 vizzes 24 s at 200,000 (BENCHMARKS.md, "Session 25"). Building them takes a
-/// lock that makes writers of those tables wait until the rollback ends.
-fn undo_indexes(m: &Mapping) -> Vec<(String, String)> {
+/// Indexes for the rollback's own transaction on the reference columns that have none,
+/// dropped again before it ends: `(table, column, CREATE, DROP)` of every reference column
+/// that does not lead its table's primary key. Deleting an inserted row runs its foreign
+/// keys' `ON DELETE SET NULL`, which looks the row up in every referencing table; without an
+/// index each deleted row scanned those tables. PostgreSQL targets get no reference indexes
+/// (`migrate`: docs/DEPENDENCIES.md) and neither do SQLite targets written with
+/// `foreign_key_checks = "tidemark"`: a dry rollback of the 20,000-viz first load took 214 s
+/// on PostgreSQL and 397 s on such a SQLite file (the load 8–9 s), and one batch of 186
+/// vizzes 24 s at 200,000 (BENCHMARKS.md, "Session 25"). Building them makes writers of those
+/// tables wait until the rollback ends.
+fn undo_indexes(m: &Mapping) -> Vec<(String, String, String, String)> {
     let mut out = Vec::new();
     let mut add = |table: &str, t: TableRef<'_>| {
         for (i, c) in t.columns.iter().enumerate() {
             if c.references.is_some() && t.pk.first() != Some(&i) {
                 let name = format!("tidemark_undo_{}", out.len());
                 out.push((
+                    table.to_owned(),
+                    c.name.clone(),
                     format!(
                         "CREATE INDEX {name} ON {} ({})",
                         crate::sink::ddl::quote(table),
@@ -297,6 +302,13 @@ fn undo_indexes(m: &Mapping) -> Vec<(String, String)> {
     }
     out
 }
+
+/// How many indexes of table `$1` begin with column `$2`.
+const LEADING_INDEXES_PG: &str = "SELECT COUNT(*) FROM pg_index x JOIN pg_attribute a \
+    ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0] \
+    WHERE x.indrelid = to_regclass(quote_ident($1)) AND a.attname = $2";
+const LEADING_INDEXES_SQLITE: &str = "SELECT COUNT(*) FROM pragma_index_list($1) l, \
+    pragma_index_info(l.name) i WHERE i.seqno = 0 AND i.name = $2";
 
 /// Undo run `run` in one transaction: its rows newest first (see [`undo_chunk`]), then its
 /// lanes' checkpoints (`lanes_of_run`, from [`lanes_of_run`]) and backfill chunks, then mark
@@ -328,9 +340,14 @@ pub async fn undo_run(
         let mut chunk: Vec<Prov> = Vec::new();
         let mut in_chunk: HashSet<(String, String)> = HashSet::new();
         let mut undo = Undo { force, conflicted: HashSet::new() };
-        let indexes = if matches!(sink, Sink::Postgres(_)) { undo_indexes(mapping) } else { Vec::new() };
-        for (create, _) in &indexes {
-            sqlx::query(create).execute(&mut *tx).await?;
+        let leading = if matches!(sink, Sink::Postgres(_)) { LEADING_INDEXES_PG } else { LEADING_INDEXES_SQLITE };
+        let mut indexes = Vec::new();
+        for (table, column, create, drop) in undo_indexes(mapping) {
+            let n: i64 = sqlx::query_scalar(leading).bind(&table).bind(&column).fetch_one(&mut *tx).await?;
+            if n == 0 {
+                sqlx::query(&create).execute(&mut *tx).await?;
+                indexes.push(drop);
+            }
         }
         let newest_first = if matches!(sink, Sink::Postgres(_)) {
             let unnumbered: i64 = sqlx::query_scalar(
@@ -379,7 +396,7 @@ pub async fn undo_run(
             }
             rep.lanes.push(lane.clone());
         }
-        for (_, drop) in &indexes {
+        for drop in &indexes {
             sqlx::query(drop).execute(&mut *tx).await?;
         }
         sqlx::query("UPDATE tidemark_runs SET status = 'rolled_back' WHERE id = $1").bind(run).execute(&mut *tx).await?;

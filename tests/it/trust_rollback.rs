@@ -276,7 +276,7 @@ up = { path = "up", type = "bigint", references = "nodes", on_missing = "null" }
 /// VizHub demo: 2 false conflicts at 20,000 vizzes, 4 at 200,000 — a fork listed before
 /// the viz it was forked from). Here 500 nodes point at nodes 1,000 places after them in
 /// one batch of 1,500: every one of them was a false conflict.
-async fn rollback_of_a_batch_that_references_itself(backend: Backend) {
+async fn rollback_of_a_batch_that_references_itself(backend: Backend, tidemark_checks: bool) {
     let env = Env::new("rbtree", backend, TREE).await;
     let docs = (0..1500i64)
         .map(|i| {
@@ -290,6 +290,10 @@ async fn rollback_of_a_batch_that_references_itself(backend: Backend) {
     env.insert("nodes", docs).await;
     let mut s = env.settings();
     s.source.batch_size = 2000;
+    if tidemark_checks {
+        // No reference indexes: the rollback builds its own for the `ON DELETE` lookups.
+        s.target.foreign_key_checks = tidemark::settings::ForeignKeyChecks::Tidemark;
+    }
     let run = run_until(s.clone(), "2019-01-03", false)
         .await
         .expect("run");
@@ -310,25 +314,32 @@ async fn rollback_of_a_batch_that_references_itself(backend: Backend) {
         .expect("rollback");
     assert_eq!(done.conflict_count, 0, "{done}");
     assert_eq!(scalar_i64(url, "SELECT COUNT(*) FROM nodes").await, 0);
-    if backend == Backend::Postgres {
-        // The indexes the rollback built for its `ON DELETE` lookups are gone with it.
-        let left = scalar_i64(
-            url,
-            "SELECT COUNT(*) FROM pg_indexes WHERE indexname LIKE 'tidemark_undo%'",
-        )
-        .await;
-        assert_eq!(left, 0);
-    }
+    // The indexes the rollback built for its `ON DELETE` lookups are gone with it.
+    let left = scalar_i64(
+        url,
+        if backend == Backend::Postgres {
+            "SELECT COUNT(*) FROM pg_indexes WHERE indexname LIKE 'tidemark_undo%'"
+        } else {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'tidemark_undo%'"
+        },
+    )
+    .await;
+    assert_eq!(left, 0);
 }
 
 #[tokio::test]
 async fn rollback_of_a_batch_that_references_itself_sqlite() {
-    rollback_of_a_batch_that_references_itself(Backend::Sqlite).await;
+    rollback_of_a_batch_that_references_itself(Backend::Sqlite, false).await;
+}
+
+#[tokio::test]
+async fn rollback_of_a_batch_that_references_itself_sqlite_tidemark_checks() {
+    rollback_of_a_batch_that_references_itself(Backend::Sqlite, true).await;
 }
 
 #[tokio::test]
 async fn rollback_of_a_batch_that_references_itself_postgres() {
-    rollback_of_a_batch_that_references_itself(Backend::Postgres).await;
+    rollback_of_a_batch_that_references_itself(Backend::Postgres, false).await;
 }
 
 /// On PostgreSQL, batches of different lanes commit concurrently: a batch may record its
