@@ -303,12 +303,16 @@ fn undo_indexes(m: &Mapping) -> Vec<(String, String, String, String)> {
     out
 }
 
-/// How many indexes of table `$1` begin with column `$2`.
-const LEADING_INDEXES_PG: &str = "SELECT COUNT(*) FROM pg_index x JOIN pg_attribute a \
+/// 1 when table `$1` has a column `$2` (the mapping may name one not migrated yet) and no
+/// index begins with it, else 0.
+const NEEDS_INDEX_PG: &str = "SELECT (CASE WHEN EXISTS (SELECT 1 FROM pg_attribute \
+    WHERE attrelid = to_regclass(quote_ident($1)) AND attname = $2 AND NOT attisdropped) \
+    AND NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a \
     ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0] \
-    WHERE x.indrelid = to_regclass(quote_ident($1)) AND a.attname = $2";
-const LEADING_INDEXES_SQLITE: &str = "SELECT COUNT(*) FROM pragma_index_list($1) l, \
-    pragma_index_info(l.name) i WHERE i.seqno = 0 AND i.name = $2";
+    WHERE x.indrelid = to_regclass(quote_ident($1)) AND a.attname = $2) THEN 1 ELSE 0 END)::int8";
+const NEEDS_INDEX_SQLITE: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pragma_table_info($1) \
+    WHERE name = $2) AND NOT EXISTS (SELECT 1 FROM pragma_index_list($1) l, \
+    pragma_index_info(l.name) i WHERE i.seqno = 0 AND i.name = $2) THEN 1 ELSE 0 END";
 
 /// Undo run `run` in one transaction: its rows newest first (see [`undo_chunk`]), then its
 /// lanes' checkpoints (`lanes_of_run`, from [`lanes_of_run`]) and backfill chunks, then mark
@@ -340,11 +344,11 @@ pub async fn undo_run(
         let mut chunk: Vec<Prov> = Vec::new();
         let mut in_chunk: HashSet<(String, String)> = HashSet::new();
         let mut undo = Undo { force, conflicted: HashSet::new() };
-        let leading = if matches!(sink, Sink::Postgres(_)) { LEADING_INDEXES_PG } else { LEADING_INDEXES_SQLITE };
+        let needs = if matches!(sink, Sink::Postgres(_)) { NEEDS_INDEX_PG } else { NEEDS_INDEX_SQLITE };
         let mut indexes = Vec::new();
         for (table, column, create, drop) in undo_indexes(mapping) {
-            let n: i64 = sqlx::query_scalar(leading).bind(&table).bind(&column).fetch_one(&mut *tx).await?;
-            if n == 0 {
+            let n: i64 = sqlx::query_scalar(needs).bind(&table).bind(&column).fetch_one(&mut *tx).await?;
+            if n == 1 {
                 sqlx::query(&create).execute(&mut *tx).await?;
                 indexes.push(drop);
             }
