@@ -266,8 +266,8 @@ fn backfill_lane(lane: &str) -> Option<(&str, &str, i64)> {
 }
 
 /// Indexes for the rollback's own transaction on the reference columns that have none,
-/// dropped again before it ends: `(table, column, CREATE, DROP)` of every reference column
-/// that does not lead its table's primary key. Deleting an inserted row runs its foreign
+/// dropped again before it ends: `(table, column)` of every reference column that does not
+/// lead its table's primary key. Deleting an inserted row runs its foreign
 /// keys' `ON DELETE SET NULL`, which looks the row up in every referencing table; without an
 /// index each deleted row scanned those tables. PostgreSQL targets get no reference indexes
 /// (`migrate`: docs/DEPENDENCIES.md) and neither do SQLite targets written with
@@ -275,22 +275,12 @@ fn backfill_lane(lane: &str) -> Option<(&str, &str, i64)> {
 /// on PostgreSQL and 397 s on such a SQLite file (the load 8–9 s), and one batch of 186
 /// vizzes 24 s at 200,000 (BENCHMARKS.md, "Session 25"). Building them makes writers of those
 /// tables wait until the rollback ends.
-fn undo_indexes(m: &Mapping) -> Vec<(String, String, String, String)> {
+fn undo_indexes(m: &Mapping) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut add = |table: &str, t: TableRef<'_>| {
         for (i, c) in t.columns.iter().enumerate() {
             if c.references.is_some() && t.pk.first() != Some(&i) {
-                let name = format!("tidemark_undo_{}", out.len());
-                out.push((
-                    table.to_owned(),
-                    c.name.clone(),
-                    format!(
-                        "CREATE INDEX {name} ON {} ({})",
-                        crate::sink::ddl::quote(table),
-                        crate::sink::ddl::quote(&c.name)
-                    ),
-                    format!("DROP INDEX {name}"),
-                ));
+                out.push((table.to_owned(), c.name.clone()));
             }
         }
     };
@@ -330,6 +320,28 @@ pub async fn undo_run(
     let tables = tables(mapping);
     with_pool!(sink, p => {
         let mut tx = p.begin_write().await?;
+        let pg = matches!(sink, Sink::Postgres(_));
+        let needs = if pg { NEEDS_INDEX_PG } else { NEEDS_INDEX_SQLITE };
+        let mut indexes = Vec::new();
+        for (table, column) in undo_indexes(mapping) {
+            let n: i64 = sqlx::query_scalar(needs).bind(&table).bind(&column).fetch_one(&mut *tx).await?;
+            if n == 1 {
+                let name = format!("tidemark_undo_{}", indexes.len());
+                sqlx::query(&format!("CREATE INDEX {name} ON {} ({})",
+                    crate::sink::ddl::quote(&table), crate::sink::ddl::quote(&column)))
+                    .execute(&mut *tx).await?;
+                indexes.push(name);
+            }
+        }
+        let newest_first = if pg {
+            let unnumbered: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tidemark_provenance WHERE run_id = $1 AND commit_seq IS NULL",
+            )
+            .bind(run).fetch_one(&mut *tx).await?;
+            if unnumbered == 0 { PROV_NEWEST_COMMITTED_FIRST } else { PROV_NEWEST_FIRST }
+        } else {
+            PROV_NEWEST_FIRST
+        };
         // Undo newest first, each record against the state the newer ones left. A chunk
         // holds each row at most once (undo_chunk reads and writes a chunk per table), so
         // a row the run touched in two batches closes the chunk. Otherwise a chunk ends
@@ -344,24 +356,6 @@ pub async fn undo_run(
         let mut chunk: Vec<Prov> = Vec::new();
         let mut in_chunk: HashSet<(String, String)> = HashSet::new();
         let mut undo = Undo { force, conflicted: HashSet::new() };
-        let needs = if matches!(sink, Sink::Postgres(_)) { NEEDS_INDEX_PG } else { NEEDS_INDEX_SQLITE };
-        let mut indexes = Vec::new();
-        for (table, column, create, drop) in undo_indexes(mapping) {
-            let n: i64 = sqlx::query_scalar(needs).bind(&table).bind(&column).fetch_one(&mut *tx).await?;
-            if n == 1 {
-                sqlx::query(&create).execute(&mut *tx).await?;
-                indexes.push(drop);
-            }
-        }
-        let newest_first = if matches!(sink, Sink::Postgres(_)) {
-            let unnumbered: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM tidemark_provenance WHERE run_id = $1 AND commit_seq IS NULL",
-            )
-            .bind(run).fetch_one(&mut *tx).await?;
-            if unnumbered == 0 { PROV_NEWEST_COMMITTED_FIRST } else { PROV_NEWEST_FIRST }
-        } else {
-            PROV_NEWEST_FIRST
-        };
         loop {
             let rows: Vec<ProvRow> = sqlx::query_as(newest_first).bind(run).bind(before).bind(RECORDS).fetch_all(&mut *tx).await?;
             let Some(last) = rows.last() else { break };
@@ -400,8 +394,8 @@ pub async fn undo_run(
             }
             rep.lanes.push(lane.clone());
         }
-        for drop in &indexes {
-            sqlx::query(drop).execute(&mut *tx).await?;
+        for name in &indexes {
+            sqlx::query(&format!("DROP INDEX {name}")).execute(&mut *tx).await?;
         }
         sqlx::query("UPDATE tidemark_runs SET status = 'rolled_back' WHERE id = $1").bind(run).execute(&mut *tx).await?;
         // All or nothing: with conflicts (and no --force) nothing is changed.

@@ -134,6 +134,19 @@ async fn rollback_restores_prior_state_postgres() {
 }
 
 /// One batch of `run` writing `docs` (mapped like a window would) and deleting `deletes`.
+/// Record run `run` as started, for batches written by hand.
+async fn start_run(sink: &tidemark::sink::Sink, run: &str, mapping_version: &str) {
+    sink.start_run(&tidemark::sink::RunRecord {
+        id: run.into(),
+        kind: "run".into(),
+        dry_run: false,
+        settings_fingerprint: "test".into(),
+        mapping_version: mapping_version.into(),
+    })
+    .await
+    .unwrap();
+}
+
 async fn batch(
     sink: &tidemark::sink::Sink,
     e: &tidemark::mapping::Entity,
@@ -183,15 +196,7 @@ async fn rollback_undoes_rows_touched_by_several_batches(backend: Backend) {
         .await
         .unwrap();
     let run = "run-touching-rows-twice";
-    sink.start_run(&tidemark::sink::RunRecord {
-        id: run.into(),
-        kind: "run".into(),
-        dry_run: false,
-        settings_fingerprint: "test".into(),
-        mapping_version: "trust".into(),
-    })
-    .await
-    .unwrap();
+    start_run(&sink, run, "trust").await;
     let it = crate::trust_util::item;
     // Batch 1 inserts 100 and changes 3; 2 deletes 100 and changes 3 again; 3 inserts 100
     // again; 4 changes 100 (with other tags) and deletes 4.
@@ -360,15 +365,7 @@ async fn rollback_follows_the_commit_order_of_concurrent_batches_postgres() {
         .await
         .unwrap();
     let run = "run-with-concurrent-batches";
-    sink.start_run(&tidemark::sink::RunRecord {
-        id: run.into(),
-        kind: "run".into(),
-        dry_run: false,
-        settings_fingerprint: "test".into(),
-        mapping_version: "tree".into(),
-    })
-    .await
-    .unwrap();
+    start_run(&sink, run, "tree").await;
     let t = mapping.entity("nodes").unwrap().table_ref();
     let at = chrono::DateTime::parse_from_rfc3339("2019-01-01T00:00:00Z")
         .unwrap()
